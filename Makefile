@@ -1,0 +1,50 @@
+# `make test` is the project's test command (README.md); `make demo` the first thing to run.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CUDA_HOME ?= $(shell tools/cuda_home.sh)
+# CUDA architectures built when nvcc is present; override for your GPU (e.g. "8.0;8.6").
+TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= 2
+
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
+DEPS_STAMP := $(VENV)/.deps-stamp
+BUILD_STAMP := build/.ext-stamp
+
+.PHONY: venv build test test-fast bench demo clean
+
+venv: $(DEPS_STAMP)
+$(DEPS_STAMP): constraints.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch torchvision
+	$(PIP) install -q -c constraints.txt -r requirements-dev.txt
+	touch $@
+
+# CUDA kernels are compiled whenever a toolkit is found (FORCE_CUDA=1: no GPU is needed to build).
+build: $(BUILD_STAMP)
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	@if [ -n "$(CUDA_HOME)" ]; then \
+	  echo "building CPU + CUDA operators (CUDA_HOME=$(CUDA_HOME), TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST))"; \
+	  FORCE_CUDA=1 CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" \
+	    $(PIP) install -q --no-build-isolation --no-deps -c constraints.txt -e . ; \
+	else \
+	  echo "no CUDA toolkit found: building CPU operators only"; \
+	  $(PIP) install -q --no-build-isolation --no-deps -c constraints.txt -e . ; \
+	fi
+	$(PY) -c "import scop_ext; print('scop_ext build:', scop_ext.build_info())"
+	mkdir -p build && touch $@
+
+test: build
+	$(PY) -m pytest -q -ra
+
+bench: build
+	$(PY) benchmarks/ops.py --write benchmarks/README.md
+
+demo: build
+	$(VENV)/bin/scop demo --out runs/demo
+
+clean:
+	rm -rf build scop_ext/_C*.so *.egg-info

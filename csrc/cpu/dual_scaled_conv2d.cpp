@@ -1,0 +1,217 @@
+// CPU kernels of the fused dual-branch scaled convolution: at::parallel_for over planes (NCHW)
+// or pixel rows (NHWC), at::vec for the inner loop in float32/float64, scalar opmath for bf16.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "../scop.h"
+
+namespace scop {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+constexpr bool kVectorize = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+
+// Elements per parallel task: enough work to amortise scheduling, small enough to balance.
+constexpr int64_t kGrainElems = 32768;
+
+// out_r = k + beta (r - k) is beta (Y_r + b) + (1 - beta)(Y_k + b~) with one multiply.
+// `beta`, `sr`, `sk` are either one value per row (stride 0) or one per element (stride 1).
+template <typename scalar_t, typename opmath_t>
+void mix_forward_row(scalar_t* yr, scalar_t* yk, scalar_t* d, int64_t len, const opmath_t* beta,
+                     const opmath_t* sr, const opmath_t* sk, int64_t stride) {
+  int64_t i = 0;
+  if constexpr (kVectorize<scalar_t>) {
+    using Vec = Vectorized<scalar_t>;
+    for (; i + Vec::size() <= len; i += Vec::size()) {
+      const Vec vb = stride ? Vec::loadu(beta + i) : Vec(beta[0]);
+      const Vec vsr = stride ? Vec::loadu(sr + i) : Vec(sr[0]);
+      const Vec vsk = stride ? Vec::loadu(sk + i) : Vec(sk[0]);
+      const Vec r = Vec::loadu(yr + i) + vsr;
+      const Vec k = Vec::loadu(yk + i) + vsk;
+      const Vec diff = r - k;
+      (k + vb * diff).store(yr + i);
+      k.store(yk + i);
+      if (d) diff.store(d + i);
+    }
+  }
+  for (; i < len; ++i) {
+    const int64_t j = i * stride;
+    const opmath_t r = static_cast<opmath_t>(yr[i]) + sr[j];
+    const opmath_t k = static_cast<opmath_t>(yk[i]) + sk[j];
+    yr[i] = static_cast<scalar_t>(k + beta[j] * (r - k));
+    yk[i] = static_cast<scalar_t>(k);
+    if (d) d[i] = static_cast<scalar_t>(r - k);
+  }
+}
+
+// grad_Y_r = beta g_r, grad_Y_k = (1 - beta) g_r + g_k; accumulates sum(g_r d) and the two
+// spatial sums into acc_p / acc_r / acc_k (per element when stride is 1, one value otherwise).
+template <typename scalar_t, typename opmath_t>
+void mix_backward_row(const scalar_t* gr, const scalar_t* gk, const scalar_t* d, scalar_t* gyr,
+                      scalar_t* gyk, int64_t len, const opmath_t* beta, int64_t stride,
+                      opmath_t* acc_p, opmath_t* acc_r, opmath_t* acc_k) {
+  int64_t i = 0;
+  if constexpr (kVectorize<scalar_t>) {
+    using Vec = Vectorized<scalar_t>;
+    if (stride == 0) {
+      const Vec vb(beta[0]), one(1);
+      Vec vp(0), vr(0), vk(0);
+      for (; i + Vec::size() <= len; i += Vec::size()) {
+        const Vec g = Vec::loadu(gr + i);
+        const Vec a = vb * g;
+        const Vec b = (one - vb) * g + Vec::loadu(gk + i);
+        a.store(gyr + i);
+        b.store(gyk + i);
+        vr = vr + a;
+        vk = vk + b;
+        if (d) vp = vp + g * Vec::loadu(d + i);
+      }
+      acc_p[0] += at::vec::vec_reduce_all<scalar_t>(std::plus<Vec>(), vp);
+      acc_r[0] += at::vec::vec_reduce_all<scalar_t>(std::plus<Vec>(), vr);
+      acc_k[0] += at::vec::vec_reduce_all<scalar_t>(std::plus<Vec>(), vk);
+    } else {
+      const Vec one(1);
+      for (; i + Vec::size() <= len; i += Vec::size()) {
+        const Vec vb = Vec::loadu(beta + i);
+        const Vec g = Vec::loadu(gr + i);
+        const Vec a = vb * g;
+        const Vec b = (one - vb) * g + Vec::loadu(gk + i);
+        a.store(gyr + i);
+        b.store(gyk + i);
+        (Vec::loadu(acc_r + i) + a).store(acc_r + i);
+        (Vec::loadu(acc_k + i) + b).store(acc_k + i);
+        if (d) (Vec::loadu(acc_p + i) + g * Vec::loadu(d + i)).store(acc_p + i);
+      }
+    }
+  }
+  for (; i < len; ++i) {
+    const int64_t j = i * stride;
+    const opmath_t g = static_cast<opmath_t>(gr[i]);
+    const opmath_t a = beta[j] * g;
+    const opmath_t b = (opmath_t(1) - beta[j]) * g + static_cast<opmath_t>(gk[i]);
+    gyr[i] = static_cast<scalar_t>(a);
+    gyk[i] = static_cast<scalar_t>(b);
+    acc_r[j] += a;
+    acc_k[j] += b;
+    if (d) acc_p[j] += g * static_cast<opmath_t>(d[i]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> dual_scaled_conv2d_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& beta, const std::optional<at::Tensor>& noise, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_diff) {
+  check_dual_conv_args(input, weight, bias, beta, noise, groups);
+  const auto fmt = dual_memory_format(input);
+  // The convolution's output is private to this call, so the fused pass writes into it.
+  at::Tensor y = paired_convolution(input, weight, stride, padding, dilation, groups);
+  const int64_t n = y.size(0) / 2, c = y.size(1), hw = y.size(2) * y.size(3);
+  at::Tensor diff = save_diff ? at::empty({n, c, y.size(2), y.size(3)}, y.options().memory_format(fmt))
+                              : at::empty({0}, y.options());
+  const at::Tensor shifts = branch_shifts(bias, noise, n, c, y);
+  const at::Tensor beta_op = beta.to(shifts.scalar_type()).contiguous();
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "dual_scaled_conv2d_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* dp = save_diff ? diff.data_ptr<scalar_t>() : nullptr;
+    const opmath_t* bp = beta_op.data_ptr<opmath_t>();
+    const opmath_t* sr = shifts.data_ptr<opmath_t>();
+    const opmath_t* sk = sr + n * c;
+    const int64_t half = n * c * hw;
+    if (!channels_last) {
+      at::parallel_for(0, n * c, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(hw, 1)),
+                       [&](int64_t begin, int64_t end) {
+                         for (int64_t p = begin; p < end; ++p) {
+                           mix_forward_row(yp + p * hw, yp + half + p * hw, dp ? dp + p * hw : nullptr,
+                                           hw, bp + p % c, sr + p, sk + p, /*stride=*/0);
+                         }
+                       });
+    } else {
+      at::parallel_for(0, n * hw, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(c, 1)),
+                       [&](int64_t begin, int64_t end) {
+                         for (int64_t row = begin; row < end; ++row) {
+                           const int64_t s = row / hw;
+                           mix_forward_row(yp + row * c, yp + half + row * c,
+                                           dp ? dp + row * c : nullptr, c, bp, sr + s * c,
+                                           sk + s * c, /*stride=*/1);
+                         }
+                       });
+    }
+  });
+  return {y, diff};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_mix_backward_cpu(
+    const at::Tensor& grad_out_, const at::Tensor& beta, const at::Tensor& diff_, bool need_beta,
+    bool need_sums) {
+  check_mix_backward_args(grad_out_, beta, diff_, need_beta);
+  const auto fmt = dual_memory_format(grad_out_);
+  const at::Tensor grad_out = grad_out_.contiguous(fmt);
+  const at::Tensor diff = need_beta ? diff_.contiguous(fmt) : at::Tensor();
+  const int64_t n = grad_out.size(0) / 2, c = grad_out.size(1);
+  const int64_t hw = grad_out.size(2) * grad_out.size(3);
+  at::Tensor grad_y = at::empty_like(grad_out, fmt);
+  const auto opmath = at::toOpMathType(grad_out.scalar_type());
+  const auto acc_opts = grad_out.options().dtype(opmath);
+  // Per-(sample, channel) partial sums; reduced over samples afterwards, so no atomics and the
+  // result does not depend on the thread count.
+  at::Tensor part_p = at::zeros({n, c}, acc_opts);
+  at::Tensor part_s = at::zeros({2 * n, c}, acc_opts);
+  const at::Tensor beta_op = beta.to(opmath).contiguous();
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "dual_mix_backward_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = grad_out.data_ptr<scalar_t>();
+    const scalar_t* dp = need_beta ? diff.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = grad_y.data_ptr<scalar_t>();
+    const opmath_t* bp = beta_op.data_ptr<opmath_t>();
+    opmath_t* pp = part_p.data_ptr<opmath_t>();
+    opmath_t* sp = part_s.data_ptr<opmath_t>();
+    const int64_t half = n * c * hw;
+    if (!channels_last) {
+      at::parallel_for(0, n * c, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(hw, 1)),
+                       [&](int64_t begin, int64_t end) {
+                         for (int64_t p = begin; p < end; ++p) {
+                           mix_backward_row(gp + p * hw, gp + half + p * hw, dp ? dp + p * hw : nullptr,
+                                            op + p * hw, op + half + p * hw, hw, bp + p % c, 0,
+                                            pp + p, sp + p, sp + n * c + p);
+                         }
+                       });
+    } else {
+      at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t s = begin; s < end; ++s) {
+          for (int64_t q = 0; q < hw; ++q) {
+            const int64_t row = s * hw + q;
+            mix_backward_row(gp + row * c, gp + half + row * c, dp ? dp + row * c : nullptr,
+                             op + row * c, op + half + row * c, c, bp, 1, pp + s * c, sp + s * c,
+                             sp + (n + s) * c);
+          }
+        }
+      });
+    }
+  });
+  at::Tensor grad_beta = need_beta ? part_p.sum(0).to(beta.scalar_type()) : at::empty({0}, beta.options());
+  at::Tensor sums = need_sums ? part_s.to(grad_out.scalar_type()) : at::empty({0}, grad_out.options());
+  return {grad_y, grad_beta, sums};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(scop, CPU, m) {
+  m.impl("dual_scaled_conv2d", &dual_scaled_conv2d_cpu);
+  m.impl("dual_mix_backward", &dual_mix_backward_cpu);
+}
+
+}  // namespace scop

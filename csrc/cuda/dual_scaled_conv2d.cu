@@ -1,0 +1,215 @@
+// CUDA kernels of the fused dual-branch scaled convolution. Launched on the current stream
+// under a device guard; float32/float16/bfloat16 with opmath (float) accumulation.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../scop.h"
+
+namespace scop {
+namespace {
+
+constexpr int kThreads = 256;
+
+// One thread per real-half element; the knockoff element sits `half` further on in both
+// layouts because the batch dimension is outermost in NCHW and NHWC alike.
+template <typename scalar_t, typename opmath_t, bool kChannelsLast>
+__global__ void mix_forward_kernel(scalar_t* __restrict__ y, scalar_t* __restrict__ diff,
+                                   const opmath_t* __restrict__ beta,
+                                   const opmath_t* __restrict__ shifts, int64_t n, int64_t c,
+                                   int64_t hw) {
+  const int64_t half = n * c * hw;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < half;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t ch = kChannelsLast ? i % c : (i / hw) % c;
+    const int64_t s = kChannelsLast ? i / (hw * c) : i / (hw * c);
+    const opmath_t r = static_cast<opmath_t>(y[i]) + shifts[s * c + ch];
+    const opmath_t k = static_cast<opmath_t>(y[i + half]) + shifts[(n + s) * c + ch];
+    y[i] = static_cast<scalar_t>(k + beta[ch] * (r - k));
+    y[i + half] = static_cast<scalar_t>(k);
+    if (diff) diff[i] = static_cast<scalar_t>(r - k);
+  }
+}
+
+template <typename T>
+__device__ T warp_sum(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// NCHW: one block per (sample, channel) plane; the three sums are block reductions.
+template <typename scalar_t, typename opmath_t>
+__global__ void mix_backward_planes(const scalar_t* __restrict__ go, const scalar_t* __restrict__ d,
+                                    scalar_t* __restrict__ gy, const opmath_t* __restrict__ beta,
+                                    opmath_t* __restrict__ part_p, opmath_t* __restrict__ part_s,
+                                    int64_t n, int64_t c, int64_t hw) {
+  const int64_t plane = blockIdx.x;
+  const int64_t half = n * c * hw;
+  const opmath_t b = beta[plane % c];
+  opmath_t p = 0, sr = 0, sk = 0;
+  for (int64_t q = threadIdx.x; q < hw; q += blockDim.x) {
+    const int64_t i = plane * hw + q;
+    const opmath_t g = static_cast<opmath_t>(go[i]);
+    const opmath_t a = b * g;
+    const opmath_t k = (opmath_t(1) - b) * g + static_cast<opmath_t>(go[i + half]);
+    gy[i] = static_cast<scalar_t>(a);
+    gy[i + half] = static_cast<scalar_t>(k);
+    sr += a;
+    sk += k;
+    if (d) p += g * static_cast<opmath_t>(d[i]);
+  }
+  __shared__ opmath_t smem[3][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  p = warp_sum(p);
+  sr = warp_sum(sr);
+  sk = warp_sum(sk);
+  if (lane == 0) {
+    smem[0][warp] = p;
+    smem[1][warp] = sr;
+    smem[2][warp] = sk;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x / 32;
+    p = lane < warps ? smem[0][lane] : opmath_t(0);
+    sr = lane < warps ? smem[1][lane] : opmath_t(0);
+    sk = lane < warps ? smem[2][lane] : opmath_t(0);
+    p = warp_sum(p);
+    sr = warp_sum(sr);
+    sk = warp_sum(sk);
+    if (lane == 0) {
+      part_p[plane] = p;
+      part_s[plane] = sr;
+      part_s[n * c + plane] = sk;
+    }
+  }
+}
+
+// NHWC: block (32 channels x 8 pixel lanes) per (sample, channel tile); loads are coalesced
+// along channels and the 8 pixel lanes are reduced through shared memory.
+template <typename scalar_t, typename opmath_t>
+__global__ void mix_backward_rows(const scalar_t* __restrict__ go, const scalar_t* __restrict__ d,
+                                  scalar_t* __restrict__ gy, const opmath_t* __restrict__ beta,
+                                  opmath_t* __restrict__ part_p, opmath_t* __restrict__ part_s,
+                                  int64_t n, int64_t c, int64_t hw) {
+  const int64_t ch = blockIdx.x * 32 + threadIdx.x;
+  const int64_t s = blockIdx.y;
+  const int64_t half = n * c * hw;
+  opmath_t p = 0, sr = 0, sk = 0;
+  if (ch < c) {
+    const opmath_t b = beta[ch];
+    for (int64_t q = threadIdx.y; q < hw; q += blockDim.y) {
+      const int64_t i = (s * hw + q) * c + ch;
+      const opmath_t g = static_cast<opmath_t>(go[i]);
+      const opmath_t a = b * g;
+      const opmath_t k = (opmath_t(1) - b) * g + static_cast<opmath_t>(go[i + half]);
+      gy[i] = static_cast<scalar_t>(a);
+      gy[i + half] = static_cast<scalar_t>(k);
+      sr += a;
+      sk += k;
+      if (d) p += g * static_cast<opmath_t>(d[i]);
+    }
+  }
+  __shared__ opmath_t smem[3][8][32];
+  smem[0][threadIdx.y][threadIdx.x] = p;
+  smem[1][threadIdx.y][threadIdx.x] = sr;
+  smem[2][threadIdx.y][threadIdx.x] = sk;
+  __syncthreads();
+  if (threadIdx.y == 0 && ch < c) {
+    for (int j = 1; j < blockDim.y; ++j) {
+      p += smem[0][j][threadIdx.x];
+      sr += smem[1][j][threadIdx.x];
+      sk += smem[2][j][threadIdx.x];
+    }
+    part_p[s * c + ch] = p;
+    part_s[s * c + ch] = sr;
+    part_s[(n + s) * c + ch] = sk;
+  }
+}
+
+int grid_for(int64_t elems) {
+  const int64_t blocks = (elems + kThreads - 1) / kThreads;
+  const int64_t cap = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
+  return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
+}
+
+std::tuple<at::Tensor, at::Tensor> dual_scaled_conv2d_cuda(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& beta, const std::optional<at::Tensor>& noise, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_diff) {
+  check_dual_conv_args(input, weight, bias, beta, noise, groups);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto fmt = dual_memory_format(input);
+  at::Tensor y = paired_convolution(input, weight, stride, padding, dilation, groups);
+  const int64_t n = y.size(0) / 2, c = y.size(1), hw = y.size(2) * y.size(3);
+  at::Tensor diff = save_diff ? at::empty({n, c, y.size(2), y.size(3)}, y.options().memory_format(fmt))
+                              : at::empty({0}, y.options());
+  const at::Tensor shifts = branch_shifts(bias, noise, n, c, y);
+  const at::Tensor beta_op = beta.to(shifts.scalar_type()).contiguous();
+  const int64_t half = n * c * hw;
+  if (half == 0) return {y, diff};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "dual_scaled_conv2d_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    scalar_t* dp = save_diff ? diff.data_ptr<scalar_t>() : nullptr;
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      mix_forward_kernel<scalar_t, opmath_t, true><<<grid_for(half), kThreads, 0, stream>>>(
+          y.data_ptr<scalar_t>(), dp, beta_op.data_ptr<opmath_t>(), shifts.data_ptr<opmath_t>(), n, c, hw);
+    } else {
+      mix_forward_kernel<scalar_t, opmath_t, false><<<grid_for(half), kThreads, 0, stream>>>(
+          y.data_ptr<scalar_t>(), dp, beta_op.data_ptr<opmath_t>(), shifts.data_ptr<opmath_t>(), n, c, hw);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, diff};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_mix_backward_cuda(
+    const at::Tensor& grad_out_, const at::Tensor& beta, const at::Tensor& diff_, bool need_beta,
+    bool need_sums) {
+  check_mix_backward_args(grad_out_, beta, diff_, need_beta);
+  const c10::cuda::CUDAGuard guard(grad_out_.device());
+  const auto fmt = dual_memory_format(grad_out_);
+  const at::Tensor grad_out = grad_out_.contiguous(fmt);
+  const at::Tensor diff = need_beta ? diff_.contiguous(fmt) : at::Tensor();
+  const int64_t n = grad_out.size(0) / 2, c = grad_out.size(1);
+  const int64_t hw = grad_out.size(2) * grad_out.size(3);
+  at::Tensor grad_y = at::empty_like(grad_out, fmt);
+  const auto opmath = at::toOpMathType(grad_out.scalar_type());
+  at::Tensor part_p = at::zeros({n, c}, grad_out.options().dtype(opmath));
+  at::Tensor part_s = at::zeros({2 * n, c}, grad_out.options().dtype(opmath));
+  const at::Tensor beta_op = beta.to(opmath).contiguous();
+  if (n * c * hw > 0) {
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "dual_mix_backward_cuda", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const scalar_t* dp = need_beta ? diff.data_ptr<scalar_t>() : nullptr;
+      if (fmt == at::MemoryFormat::ChannelsLast) {
+        const dim3 block(32, 8), grid(static_cast<unsigned>((c + 31) / 32), static_cast<unsigned>(n));
+        mix_backward_rows<scalar_t, opmath_t><<<grid, block, 0, stream>>>(
+            grad_out.data_ptr<scalar_t>(), dp, grad_y.data_ptr<scalar_t>(), beta_op.data_ptr<opmath_t>(),
+            part_p.data_ptr<opmath_t>(), part_s.data_ptr<opmath_t>(), n, c, hw);
+      } else {
+        const int threads = hw >= 256 ? 256 : (hw >= 128 ? 128 : 64);
+        mix_backward_planes<scalar_t, opmath_t><<<static_cast<unsigned>(n * c), threads, 0, stream>>>(
+            grad_out.data_ptr<scalar_t>(), dp, grad_y.data_ptr<scalar_t>(), beta_op.data_ptr<opmath_t>(),
+            part_p.data_ptr<opmath_t>(), part_s.data_ptr<opmath_t>(), n, c, hw);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  at::Tensor grad_beta = need_beta ? part_p.sum(0).to(beta.scalar_type()) : at::empty({0}, beta.options());
+  at::Tensor sums = need_sums ? part_s.to(grad_out.scalar_type()) : at::empty({0}, grad_out.options());
+  return {grad_y, grad_beta, sums};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(scop, CUDA, m) {
+  m.impl("dual_scaled_conv2d", &dual_scaled_conv2d_cuda);
+  m.impl("dual_mix_backward", &dual_mix_backward_cuda);
+}
+
+}  // namespace scop

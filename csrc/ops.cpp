@@ -1,0 +1,128 @@
+// Operator schemas of the `scop` namespace and the device-agnostic pieces every backend
+// shares. Kernels live in cpu/ and cuda/ and register themselves with TORCH_LIBRARY_IMPL.
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "scop.h"
+
+namespace scop {
+
+at::MemoryFormat dual_memory_format(const at::Tensor& t) {
+  if (t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+void check_dual_conv_args(const at::Tensor& input, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& beta,
+                          const std::optional<at::Tensor>& noise, int64_t groups) {
+  TORCH_CHECK(input.dim() == 4, "scop: input must be 4-D (2N, C_in, H, W), got ", input.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 4, "scop: weight must be 4-D (C_out, C_in/groups, kH, kW), got ",
+              weight.dim(), "-D");
+  TORCH_CHECK(input.size(0) % 2 == 0, "scop: input batch must be 2N (real then knockoff), got ",
+              input.size(0));
+  TORCH_CHECK(groups > 0 && input.size(1) == weight.size(1) * groups,
+              "scop: input has ", input.size(1), " channels but weight expects ",
+              weight.size(1) * groups);
+  const int64_t c_out = weight.size(0);
+  TORCH_CHECK(beta.dim() == 1 && beta.size(0) == c_out, "scop: beta must have shape (", c_out,
+              ",), got ", beta.sizes());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type() && beta.scalar_type() == input.scalar_type(),
+              "scop: input, weight and beta must share a dtype");
+  TORCH_CHECK(weight.device() == input.device() && beta.device() == input.device(),
+              "scop: input, weight and beta must be on one device");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == c_out, "scop: bias must have shape (", c_out,
+                ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type() && bias->device() == input.device(),
+                "scop: bias must match input's dtype and device");
+  }
+  if (noise.has_value()) {
+    TORCH_CHECK(noise->dim() == 3 && noise->size(0) == input.size(0) / 2 && noise->size(1) == 2 &&
+                    noise->size(2) == c_out,
+                "scop: knockoff bias must have shape (", input.size(0) / 2, ", 2, ", c_out,
+                "), got ", noise->sizes());
+    TORCH_CHECK(noise->scalar_type() == input.scalar_type() && noise->device() == input.device(),
+                "scop: knockoff bias must match input's dtype and device");
+  }
+}
+
+at::Tensor paired_convolution(const at::Tensor& input, const at::Tensor& weight,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t groups) {
+  // The conv bias is left to the fused pass, which adds it together with [b, b~].
+  at::Tensor y = at::convolution(input, weight, std::nullopt, stride, padding, dilation,
+                                 /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+  return y.contiguous(dual_memory_format(input));
+}
+
+at::Tensor branch_shifts(const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& noise, int64_t n, int64_t c,
+                         const at::Tensor& like) {
+  const auto opmath = at::toOpMathType(like.scalar_type());
+  at::Tensor shifts = at::zeros({2, n, c}, like.options().dtype(opmath));
+  if (bias.has_value()) {
+    shifts.add_(bias->to(opmath));
+  }
+  if (noise.has_value()) {
+    shifts.add_(noise->to(opmath).permute({1, 0, 2}));
+  }
+  return shifts;
+}
+
+void check_mix_backward_args(const at::Tensor& grad_out, const at::Tensor& beta,
+                             const at::Tensor& diff, bool need_beta) {
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) % 2 == 0,
+              "scop: grad_out must be 4-D with an even batch, got ", grad_out.sizes());
+  TORCH_CHECK(beta.dim() == 1 && beta.size(0) == grad_out.size(1),
+              "scop: beta must have shape (", grad_out.size(1), ",), got ", beta.sizes());
+  TORCH_CHECK(beta.device() == grad_out.device(), "scop: beta and grad_out must share a device");
+  if (need_beta) {
+    TORCH_CHECK(diff.dim() == 4 && diff.size(0) == grad_out.size(0) / 2 &&
+                    diff.sizes().slice(1) == grad_out.sizes().slice(1),
+                "scop: diff must have shape (N, C, H, W) matching grad_out's real half, got ",
+                diff.sizes());
+    TORCH_CHECK(diff.device() == grad_out.device() && diff.scalar_type() == grad_out.scalar_type(),
+                "scop: diff must match grad_out's dtype and device");
+  }
+}
+
+at::Tensor lemma2_combine(const at::Tensor& z, const at::Tensor& R, double gamma) {
+  const at::Tensor shared = z.select(1, 0) * std::sqrt(gamma);
+  const at::Tensor rotated = at::matmul(z.select(1, 1), R.t());
+  return at::stack({shared + rotated, shared - rotated}, 1);
+}
+
+void check_lemma2_args(const at::Tensor& R, double gamma, int64_t n, const at::Tensor& seed) {
+  TORCH_CHECK(R.dim() == 2 && R.size(0) == R.size(1), "scop: R must be square (C, C), got ",
+              R.sizes());
+  TORCH_CHECK(at::isFloatingType(R.scalar_type()), "scop: R must be floating point");
+  TORCH_CHECK(gamma >= 0.0, "scop: gamma must be >= 0, got ", gamma);
+  TORCH_CHECK(n >= 0, "scop: n must be >= 0, got ", n);
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+              "scop: seed must be a one-element int64 CPU tensor");
+}
+
+uint64_t seed_from_tensor(const at::Tensor& seed) {
+  return static_cast<uint64_t>(seed.item<int64_t>());
+}
+
+}  // namespace scop
+
+TORCH_LIBRARY(scop, m) {
+  // Fused dual-branch scaled convolution (DESIGN.md §1 stage 2). Returns (out, diff): out is the
+  // mixed paired batch; diff = (Y_r + b) - (Y_k + b~) is kept for grad_beta when save_diff.
+  m.def(
+      "dual_scaled_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor beta, "
+      "Tensor? noise, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "bool save_diff) -> (Tensor, Tensor)");
+  // One fused pass of the backward: (grad of the conv output, grad_beta, per-(sample, channel)
+  // spatial sums of that grad, from which the bias and knockoff-bias grads follow).
+  m.def(
+      "dual_mix_backward(Tensor grad_out, Tensor beta, Tensor diff, bool need_beta, "
+      "bool need_sums) -> (Tensor, Tensor, Tensor)");
+  // Lemma 2 bias sampler (DESIGN.md §2): [b, b~] of shape (n, 2, C) from Philox normals keyed
+  // on `seed` (a one-element int64 CPU tensor, so compiled graphs do not specialise on it).
+  m.def("lemma2_sample(Tensor R, float gamma, SymInt n, Tensor seed) -> Tensor");
+}

@@ -1,0 +1,312 @@
+"""Python face of the compiled operators: argument checks, fake kernels and autograd.
+
+Each operator has a documented wrapper that checks its arguments (the error names the argument
+and what was expected), a fake kernel so ``torch.compile`` and ``torch.export`` can trace it,
+and, where it is differentiable, an autograd formula.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _loader  # noqa: F401  (loads the library that defines the ops)
+
+__all__ = ["dual_scaled_conv2d", "lemma2_sample", "draw_seed"]
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _pair(value, name: str, minimum: int) -> list[int]:
+    if isinstance(value, int):
+        value = (value, value)
+    if not (isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
+    return [int(v) for v in value]
+
+
+def _require_tensor(name: str, t, dim: int | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _same_dtype_device(ref_name: str, ref: Tensor, **others: Tensor | None) -> None:
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.dtype != ref.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
+
+
+def _holds_data(t: Tensor) -> bool:
+    # Value checks need real data: skip them while tracing (fake/meta tensors, compile, export).
+    return not torch.compiler.is_compiling() and type(t) in (Tensor, torch.nn.Parameter) and t.device.type != "meta"
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    """The layout the kernels compute in (mirrors ``scop::dual_memory_format`` in csrc/ops.cpp)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _conv_out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+# --------------------------------------------------------------- fused dual-branch convolution
+
+
+def dual_scaled_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    beta: Tensor,
+    knockoff_bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> Tensor:
+    """SCOP's dual-branch scaled convolution over a paired batch (DESIGN.md §1, stage 2).
+
+    With ``Y = conv(input, weight)`` split into its real half ``Y_r`` and knockoff half ``Y_k``,
+    conv bias ``c`` and knockoff bias pair ``[b, b~]``::
+
+        out[:N] = beta * (Y_r + c + b) + (1 - beta) * (Y_k + c + b~)
+        out[N:] = Y_k + c + b~
+
+    One ATen convolution over all 2N images, then one fused pass. The backward never computes
+    a weight gradient unless ``weight`` requires grad.
+
+    Args:
+        input: (2N, C_in, H, W); images 0..N-1 are real, N..2N-1 their knockoffs.
+        weight: (C_out, C_in / groups, kH, kW).
+        bias: (C_out,) or None.
+        beta: (C_out,) per-filter scale of the real branch; the knockoff branch gets 1 - beta.
+        knockoff_bias: (N, 2, C_out) or None: ``[:, 0]`` is b, ``[:, 1]`` is b~ (see
+            :func:`lemma2_sample`), broadcast over H x W.
+        stride, padding, dilation, groups: as in :func:`torch.nn.functional.conv2d`
+            (numeric padding only).
+
+    Returns:
+        (2N, C_out, H_out, W_out), channels_last when ``input`` is.
+    """
+    _require_tensor("input", input)
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D (2N, C_in, H, W), got shape {tuple(input.shape)}")
+    if input.shape[0] % 2:
+        raise ValueError(
+            f"input batch must be 2N (N real images then their N knockoffs), got odd size {input.shape[0]}"
+        )
+    _require_tensor("weight", weight, 4)
+    _require_tensor("beta", beta, 1)
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    c_out = weight.shape[0]
+    if weight.shape[1] * groups != input.shape[1]:
+        raise ValueError(
+            f"input has {input.shape[1]} channels but weight of shape {tuple(weight.shape)} with "
+            f"groups={groups} expects {weight.shape[1] * groups}"
+        )
+    if c_out % groups:
+        raise ValueError(f"weight's {c_out} output channels are not divisible by groups={groups}")
+    if beta.shape != (c_out,):
+        raise ValueError(f"beta must have shape ({c_out},) (one per output channel), got {tuple(beta.shape)}")
+    if bias is not None:
+        _require_tensor("bias", bias)
+        if bias.shape != (c_out,):
+            raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
+    n = input.shape[0] // 2
+    if knockoff_bias is not None:
+        _require_tensor("knockoff_bias", knockoff_bias)
+        if knockoff_bias.shape != (n, 2, c_out):
+            raise ValueError(
+                f"knockoff_bias must have shape (N, 2, C_out) = ({n}, 2, {c_out}), got {tuple(knockoff_bias.shape)}"
+            )
+    _same_dtype_device("input", input, weight=weight, bias=bias, beta=beta, knockoff_bias=knockoff_bias)
+    for dim, name in ((2, "height"), (3, "width")):
+        k = weight.shape[dim]
+        size = _conv_out_size(input.shape[dim], k, stride[dim - 2], padding[dim - 2], dilation[dim - 2])
+        if size < 1:
+            raise ValueError(
+                f"input {name} {input.shape[dim]} is too small for a kernel of {k} with "
+                f"padding {padding[dim - 2]} and dilation {dilation[dim - 2]}"
+            )
+    if _holds_data(beta) and not bool(torch.isfinite(beta).all()):
+        raise ValueError("beta contains NaN or Inf")
+    save_diff = torch.is_grad_enabled() and beta.requires_grad
+    out, _ = torch.ops.scop.dual_scaled_conv2d.default(
+        input, weight, bias, beta, knockoff_bias, stride, padding, dilation, groups, save_diff
+    )
+    return out
+
+
+@torch.library.register_fake("scop::dual_scaled_conv2d")
+def _dual_scaled_conv2d_fake(input, weight, bias, beta, noise, stride, padding, dilation, groups, save_diff):
+    torch._check(input.dim() == 4 and weight.dim() == 4, lambda: "input and weight must be 4-D")
+    torch._check(input.shape[0] % 2 == 0, lambda: "input batch must be 2N")
+    torch._check(input.shape[1] == weight.shape[1] * groups, lambda: "input channels do not match weight")
+    torch._check(beta.shape == (weight.shape[0],), lambda: "beta must have one entry per output channel")
+    n2, _, h, w = input.shape
+    c_out, _, kh, kw = weight.shape
+    h_out = _conv_out_size(h, kh, stride[0], padding[0], dilation[0])
+    w_out = _conv_out_size(w, kw, stride[1], padding[1], dilation[1])
+    fmt = _memory_format(input)
+    out = torch.empty((n2, c_out, h_out, w_out), dtype=input.dtype, device=input.device, memory_format=fmt)
+    if save_diff:
+        diff = torch.empty((n2 // 2, c_out, h_out, w_out), dtype=input.dtype, device=input.device, memory_format=fmt)
+    else:
+        diff = input.new_empty((0,))
+    return out, diff
+
+
+@torch.library.register_fake("scop::dual_mix_backward")
+def _dual_mix_backward_fake(grad_out, beta, diff, need_beta, need_sums):
+    torch._check(grad_out.dim() == 4 and grad_out.shape[0] % 2 == 0, lambda: "grad_out must be (2N, C, H, W)")
+    n2, c = grad_out.shape[:2]
+    grad_y = torch.empty_like(grad_out, memory_format=_memory_format(grad_out))
+    grad_beta = beta.new_empty((c,) if need_beta else (0,))
+    sums = grad_out.new_empty((n2, c) if need_sums else (0,))
+    return grad_y, grad_beta, sums
+
+
+def _dual_setup_context(ctx, inputs, output):
+    input, weight, _bias, _beta, _noise, stride, padding, dilation, groups, _save = inputs
+    _, diff = output
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.input_shape = input.shape
+    ctx.batch, ctx.channels = input.shape[0] // 2, weight.shape[0]
+    need_input, need_weight, _, need_beta = ctx.needs_input_grad[:4]
+    # Keep only what the requested gradients read: the input only for a weight gradient, the
+    # branch difference only for grad_beta.
+    ctx.save_for_backward(
+        input if need_weight else None,
+        weight if (need_input or need_weight) else None,
+        inputs[3],
+        diff if need_beta else None,
+    )
+    ctx.mark_non_differentiable(diff)
+
+
+def _dual_backward(ctx, grad_out, _grad_diff):
+    input, weight, beta, diff = ctx.saved_tensors
+    need_input, need_weight, need_bias, need_beta, need_noise = ctx.needs_input_grad[:5]
+    if need_beta and diff.numel() == 0:
+        raise RuntimeError(
+            "beta requires grad but scop::dual_scaled_conv2d was called with save_diff=False; "
+            "call scop_ext.dual_scaled_conv2d, which sets it"
+        )
+    stride, padding, dilation, groups = ctx.conv_args
+    grad_y, grad_beta, sums = torch.ops.scop.dual_mix_backward.default(
+        grad_out, beta, diff if need_beta else grad_out.new_empty((0,)), need_beta, need_bias or need_noise
+    )
+    grad_input = grad_weight = None
+    if need_input or need_weight:
+        if input is None:  # only the input's shape is needed for grad_input
+            input = grad_out.new_empty((1,)).expand(ctx.input_shape)
+        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward.default(
+            grad_y, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [need_input, need_weight, False],
+        )
+    grad_bias = sums.sum(0) if need_bias else None
+    grad_noise = sums.view(2, ctx.batch, ctx.channels).transpose(0, 1) if need_noise else None
+    return grad_input, grad_weight, grad_bias, (grad_beta if need_beta else None), grad_noise, None, None, None, None, None
+
+
+torch.library.register_autograd("scop::dual_scaled_conv2d", _dual_backward, setup_context=_dual_setup_context)
+
+
+# ----------------------------------------------------------------------- Lemma 2 bias sampler
+
+
+def draw_seed(generator: torch.Generator | None = None) -> Tensor:
+    """A fresh 62-bit Philox key drawn from ``generator`` (torch's default CPU generator if None).
+
+    Returned as a one-element int64 CPU tensor, which is what the sampler takes, so compiled
+    graphs do not specialise on its value.
+    """
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=generator, device=device).cpu()
+
+
+def lemma2_sample(
+    R: Tensor,
+    gamma: float,
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    seed: int | Tensor | None = None,
+) -> Tensor:
+    """Draws knockoff bias pairs ``[b, b~]`` with the joint covariance of Lemma 2 (seed eq. S.1).
+
+    ``b = sqrt(gamma) z1 + R z2`` and ``b~ = sqrt(gamma) z1 - R z2`` with z1, z2 ~ N(0, I_C), so
+    ``cov(b) = cov(b~) = gamma I + R R^T`` and ``cov(b, b~) = gamma I - R R^T``. With ``R`` and
+    ``gamma`` from :func:`scop_ext.lemma2.solve` that is exactly (S.1).
+
+    Normals come from Philox4x32-10 keyed on ``seed``; the same seed gives the same draws run to
+    run and on every device. Without ``seed`` a key is drawn from ``generator``.
+
+    Args:
+        R: (C, C) floating point, on the device the result should be on.
+        gamma: shared variance, >= 0.
+        n: number of sample pairs (the real batch size N).
+
+    Returns:
+        (n, 2, C) with ``[:, 0] = b`` and ``[:, 1] = b~``, R's dtype and device.
+    """
+    _require_tensor("R", R, 2)
+    if R.shape[0] != R.shape[1]:
+        raise ValueError(f"R must be square (C, C), got shape {tuple(R.shape)}")
+    gamma = float(gamma)
+    if not (gamma >= 0.0 and gamma != float("inf")):
+        raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
+    if not isinstance(n, (int, torch.SymInt)) or (isinstance(n, int) and n < 0):
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if seed is None:
+        seed = draw_seed(generator)
+    elif isinstance(seed, int):
+        seed = torch.tensor([seed], dtype=torch.int64)
+    if not (isinstance(seed, Tensor) and seed.numel() == 1 and seed.dtype == torch.int64 and seed.device.type == "cpu"):
+        raise ValueError("seed must be an int or a one-element int64 CPU tensor")
+    return torch.ops.scop.lemma2_sample.default(R, gamma, n, seed)
+
+
+@torch.library.register_fake("scop::lemma2_sample")
+def _lemma2_sample_fake(R, gamma, n, seed):
+    torch._check(R.dim() == 2 and R.shape[0] == R.shape[1], lambda: "R must be square")
+    return R.new_empty((n, 2, R.shape[0]))
+
+
+def _lemma2_setup_context(ctx, inputs, output):
+    _, _, n, seed = inputs
+    ctx.n = n
+    ctx.save_for_backward(seed)
+
+
+def _lemma2_backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    c = grad.shape[2]
+    # With R = I and gamma = 0 the sampler returns [z2, -z2]: the same z2 as the forward drew.
+    eye = torch.eye(c, dtype=grad.dtype, device=grad.device)
+    z2 = torch.ops.scop.lemma2_sample.default(eye, 0.0, ctx.n, seed)[:, 0]
+    return (grad[:, 0] - grad[:, 1]).T @ z2, None, None, None
+
+
+torch.library.register_autograd("scop::lemma2_sample", _lemma2_backward, setup_context=_lemma2_setup_context)

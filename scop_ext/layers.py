@@ -1,0 +1,268 @@
+"""``ScopConv2d``: a drop-in ``nn.Conv2d`` that can run SCOP's knockoff-controlled forward."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import lemma2
+from ._ops import dual_scaled_conv2d, lemma2_sample
+
+__all__ = ["ScopConv2d", "convert", "restore", "scop_layers"]
+
+
+class ScopConv2d(nn.Conv2d):
+    r"""``nn.Conv2d`` with a SCOP mode (DESIGN.md §1, stage 2).
+
+    The constructor, parameters and ``state_dict`` keys are those of ``nn.Conv2d``; outside SCOP
+    mode the forward *is* ``nn.Conv2d.forward``, bit for bit. :meth:`enable_scop` adds the
+    per-filter scale ``beta`` (a Parameter, initialised to 0.5) and switches the forward to the
+    paired batch: the real half becomes ``beta * real + (1 - beta) * knockoff`` per filter and the
+    knockoff half passes through, each with its Lemma 2 knockoff bias once :meth:`fit_knockoff_bias`
+    (or :meth:`set_knockoff_bias`) has run. ``beta``, ``knockoff_R`` and ``knockoff_gamma`` join
+    the state_dict only once they exist, and loading a state_dict that has them creates them.
+
+    Shape (SCOP mode):
+        - Input: :math:`(2N, C_{in}, H, W)`, the N real images first, then their N knockoffs.
+        - Output: :math:`(2N, C_{out}, H_{out}, W_{out})`, in the same order.
+
+    Attributes:
+        beta: (C_out,) Parameter in [0, 1], or None before :meth:`enable_scop`.
+        knockoff_R: (C_out, C_out) buffer, the Lemma 2 factor, or None.
+        knockoff_gamma: 0-d buffer, the Lemma 2 gamma, or None.
+        knockoff_bias: whether the forward adds the Lemma 2 biases (when fitted).
+        generator: optional ``torch.Generator`` the bias keys are drawn from.
+
+    Example::
+
+        >>> conv = ScopConv2d(16, 32, 3, padding=1).enable_scop()
+        >>> out = conv(torch.randn(2 * 8, 16, 32, 32))  # 8 real images + 8 knockoffs
+        >>> conv.importance().shape
+        torch.Size([32])
+    """
+
+    beta: nn.Parameter | None
+    knockoff_R: Tensor | None
+    knockoff_gamma: Tensor | None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_parameter("beta", None)
+        self.register_buffer("knockoff_R", None)
+        self.register_buffer("knockoff_gamma", None)
+        self.scop_enabled = False
+        self.knockoff_bias = True
+        self.generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> ScopConv2d:
+        """A ScopConv2d sharing ``conv``'s weight and bias Parameters (no copy)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+            dtype=conv.weight.dtype,
+        )
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.train(conv.training)
+        return new
+
+    def to_conv(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` sharing this layer's weight and bias (SCOP state is dropped)."""
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
+        conv.weight = self.weight
+        conv.bias = self.bias
+        conv.train(self.training)
+        return conv
+
+    # ------------------------------------------------------------------ SCOP state
+
+    def enable_scop(self, beta_init: float = 0.5) -> ScopConv2d:
+        """Switch to SCOP mode, creating ``beta`` (filled with ``beta_init``) if it is missing."""
+        if not 0.0 <= beta_init <= 1.0:
+            raise ValueError(f"beta_init must be in [0, 1], got {beta_init}")
+        if self.beta is None:
+            self.beta = nn.Parameter(
+                torch.full((self.out_channels,), float(beta_init), dtype=self.weight.dtype, device=self.weight.device)
+            )
+        self.scop_enabled = True
+        return self
+
+    def disable_scop(self) -> ScopConv2d:
+        """Back to the plain ``nn.Conv2d`` forward; ``beta`` and the Lemma 2 state are kept."""
+        self.scop_enabled = False
+        return self
+
+    def fit_knockoff_bias(self, s_in: Tensor, gamma: float | None = None) -> lemma2.Lemma2Solution:
+        """Solve Lemma 2 for this layer's (frozen) weight and store ``R`` and ``gamma``.
+
+        Args:
+            s_in: (C_in,) knockoff diagonal at this layer's input (:func:`scop_ext.lemma2.estimate_s`).
+            gamma: see :func:`scop_ext.lemma2.solve`.
+
+        Returns:
+            The :class:`~scop_ext.lemma2.Lemma2Solution` (M, lambda_max, S', Sigma_b, R, margin).
+        """
+        solution = lemma2.solve(self.weight, s_in, gamma, self.groups)
+        self.set_knockoff_bias(solution.R, solution.gamma)
+        return solution
+
+    def set_knockoff_bias(self, R: Tensor, gamma: float) -> None:
+        """Store a Lemma 2 factor ``R`` (C_out, C_out) and ``gamma`` for the forward to sample from."""
+        if R.shape != (self.out_channels, self.out_channels):
+            raise ValueError(f"R must have shape ({self.out_channels}, {self.out_channels}), got {tuple(R.shape)}")
+        if not float(gamma) >= 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        opts = dict(dtype=self.weight.dtype, device=self.weight.device)
+        self.knockoff_R = R.detach().to(**opts).clone()
+        self.knockoff_gamma = torch.tensor(float(gamma), **opts)
+
+    def clear_knockoff_bias(self) -> None:
+        self.knockoff_R = None
+        self.knockoff_gamma = None
+
+    @torch.no_grad()
+    def clamp_beta_(self) -> None:
+        """Project ``beta`` back onto [0, 1] (call after every optimiser step)."""
+        if self.beta is not None:
+            self.beta.clamp_(0.0, 1.0)
+
+    def importance(self) -> Tensor:
+        """Per-filter importance ``beta - beta~ = 2 beta - 1`` in [-1, 1], detached, shape (C_out,)."""
+        if self.beta is None:
+            raise RuntimeError("importance() needs beta: call enable_scop() and learn the scales first")
+        return (2 * self.beta - 1).detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Materialise SCOP state the checkpoint carries, so a converted model reloads its beta.
+        ref = dict(dtype=self.weight.dtype, device=self.weight.device)
+        if self.beta is None and prefix + "beta" in state_dict:
+            self.beta = nn.Parameter(torch.empty(self.out_channels, **ref))
+        if self.knockoff_R is None and prefix + "knockoff_R" in state_dict:
+            self.knockoff_R = torch.empty(self.out_channels, self.out_channels, **ref)
+        if self.knockoff_gamma is None and prefix + "knockoff_gamma" in state_dict:
+            self.knockoff_gamma = torch.empty((), **ref)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.scop_enabled:
+            return super().forward(input)
+        padding = self.padding
+        if isinstance(padding, str) or self.padding_mode != "zeros":
+            # 'same' may need uneven padding and non-zero modes need F.pad, exactly as nn.Conv2d does.
+            if padding != "valid":
+                mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+                input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)
+            padding = 0
+        noise = None
+        if self.knockoff_bias and self.knockoff_R is not None:
+            if input.dim() != 4 or input.shape[0] % 2:
+                raise ValueError(
+                    f"input must be a paired batch (2N, C, H, W) in SCOP mode, got shape {tuple(input.shape)}"
+                )
+            noise = lemma2_sample(
+                self.knockoff_R, float(self.knockoff_gamma), input.shape[0] // 2, generator=self.generator
+            )
+        return dual_scaled_conv2d(
+            input, self.weight, self.bias, self.beta, noise, self.stride, padding, self.dilation, self.groups
+        )
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if not self.scop_enabled and self.beta is None:
+            return s
+        s += f", scop={'on' if self.scop_enabled else 'off'}"
+        if self.beta is not None:
+            s += f", beta=({self.beta.shape[0]},)"
+        if self.knockoff_R is not None:
+            s += f", knockoff_bias={'on' if self.knockoff_bias else 'off'}(gamma={float(self.knockoff_gamma):.3g})"
+        return s
+
+
+# ---------------------------------------------------------------------- model conversion
+
+
+def _matcher(skip: Iterable[str] | Callable[[str, nn.Module], bool] | None) -> Callable[[str, nn.Module], bool]:
+    if skip is None:
+        return lambda name, module: False
+    if callable(skip):
+        return skip
+    if isinstance(skip, str):
+        raise ValueError("skip must be a list of module names/patterns, not a single string")
+    patterns = list(skip)
+    return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def convert(
+    model: nn.Module,
+    skip: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
+    enable: bool = True,
+) -> nn.Module:
+    """Replace every ``nn.Conv2d`` in ``model`` (in place) with a :class:`ScopConv2d` sharing its weights.
+
+    Args:
+        model: any module tree.
+        skip: qualified module names or ``fnmatch`` patterns (``"conv1"``, ``"*.downsample.0"``),
+            or a predicate ``(name, module) -> bool``, naming convolutions to leave alone.
+        enable: also switch the new layers to SCOP mode.
+
+    Returns:
+        ``model``.
+    """
+    skipped = _matcher(skip)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Conv2d and not skipped(name, module):
+            new = ScopConv2d.from_conv(module)
+            if enable:
+                new.enable_scop()
+            _swap(model, name, new)
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Replace every :class:`ScopConv2d` in ``model`` (in place) by a plain ``nn.Conv2d`` sharing its weights."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ScopConv2d):
+            _swap(model, name, module.to_conv())
+    return model
+
+
+def scop_layers(model: nn.Module) -> dict[str, ScopConv2d]:
+    """The :class:`ScopConv2d` layers of ``model`` by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ScopConv2d)}
