@@ -57,6 +57,9 @@ class ScopConv2d(nn.Conv2d):
         self.scop_enabled = False
         self.knockoff_bias = True
         self.generator: torch.Generator | None = None
+        # gamma mirrored as a Python float: reading the buffer in forward would be a
+        # data-dependent scalar that torch.compile cannot trace without a graph break.
+        self._gamma = 0.0
 
     # ------------------------------------------------------------------ construction
 
@@ -144,6 +147,7 @@ class ScopConv2d(nn.Conv2d):
         opts = dict(dtype=self.weight.dtype, device=self.weight.device)
         self.knockoff_R = R.detach().to(**opts).clone()
         self.knockoff_gamma = torch.tensor(float(gamma), **opts)
+        self._gamma = float(gamma)
 
     def clear_knockoff_bias(self) -> None:
         self.knockoff_R = None
@@ -171,6 +175,8 @@ class ScopConv2d(nn.Conv2d):
         if self.knockoff_gamma is None and prefix + "knockoff_gamma" in state_dict:
             self.knockoff_gamma = torch.empty((), **ref)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.knockoff_gamma is not None:
+            self._gamma = float(self.knockoff_gamma)
 
     # ------------------------------------------------------------------ forward
 
@@ -191,7 +197,7 @@ class ScopConv2d(nn.Conv2d):
                     f"input must be a paired batch (2N, C, H, W) in SCOP mode, got shape {tuple(input.shape)}"
                 )
             noise = lemma2_sample(
-                self.knockoff_R, float(self.knockoff_gamma), input.shape[0] // 2, generator=self.generator
+                self.knockoff_R, self._gamma, input.shape[0] // 2, generator=self.generator
             )
         return dual_scaled_conv2d(
             input, self.weight, self.bias, self.beta, noise, self.stride, padding, self.dilation, self.groups
@@ -205,7 +211,7 @@ class ScopConv2d(nn.Conv2d):
         if self.beta is not None:
             s += f", beta=({self.beta.shape[0]},)"
         if self.knockoff_R is not None:
-            s += f", knockoff_bias={'on' if self.knockoff_bias else 'off'}(gamma={float(self.knockoff_gamma):.3g})"
+            s += f", knockoff_bias={'on' if self.knockoff_bias else 'off'}(gamma={self._gamma:.3g})"
         return s
 
 

@@ -1,0 +1,285 @@
+"""Model zoo: the CIFAR ResNets of He et al. (2016), a small ResNet for the bundled 8x8 digits,
+and any torchvision classification model by name, with weights read only from a local file.
+
+Shortcuts. He et al. train their CIFAR ResNets with option A shortcuts (identity plus zero
+padding on downsampling), which has no parameters and pads channels with zeros. We use option B
+(a 1x1 convolution + BatchNorm projection where the shape changes, identity elsewhere): it adds
+three small layers per network (~1% of ResNet-20's FLOPs) but makes every residual add a
+plain ``a + b`` of two conv/BN outputs, which torch-pruning's dependency graph couples exactly,
+so the channels of a stage can be pruned together and the FLOPs saving is real.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BasicBlock",
+    "CifarResNet",
+    "resnet20",
+    "resnet32",
+    "resnet56",
+    "resnet110",
+    "resnet_digits",
+    "build_model",
+    "model_names",
+    "example_input",
+]
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers and a residual add (He et al. 2016, Fig. 2 left).
+
+    The shortcut is the identity when the shape is kept and a 1x1 conv + BN projection
+    (option B) when ``stride != 1`` or the width changes.
+
+    Shape:
+        - Input: (N, in_planes, H, W)
+        - Output: (N, planes, H_out, W_out) with H_out = ceil(H / stride).
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """A ResNet for small images: a 3x3 stem, stages of :class:`BasicBlock`, global pooling, a linear head.
+
+    Stage ``i`` has ``depths[i]`` blocks of width ``widths[i]``; every stage after the first
+    halves the spatial size in its first block.
+
+    Args:
+        depths: blocks per stage, e.g. ``(3, 3, 3)`` for ResNet-20.
+        widths: channels per stage, e.g. ``(16, 32, 64)``; the stem has ``widths[0]``.
+        num_classes: outputs of the classifier.
+        in_channels: channels of the input images.
+
+    Shape:
+        - Input: (N, in_channels, H, W)
+        - Output: (N, num_classes)
+    """
+
+    def __init__(
+        self, depths: Sequence[int], widths: Sequence[int], num_classes: int = 10, in_channels: int = 3
+    ) -> None:
+        super().__init__()
+        if len(depths) != len(widths) or not depths or min(depths) < 1 or min(widths) < 1:
+            raise ValueError(
+                f"depths and widths must be non-empty sequences of positive ints of equal length, "
+                f"got depths={tuple(depths)}, widths={tuple(widths)}"
+            )
+        _check_positive(num_classes=num_classes, in_channels=in_channels)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU()
+        stages = []
+        in_planes = widths[0]
+        for i, (depth, planes) in enumerate(zip(depths, widths)):
+            blocks = []
+            for j in range(depth):
+                blocks.append(BasicBlock(in_planes, planes, stride=2 if i > 0 and j == 0 else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layers = nn.Sequential(*stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layers(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _cifar_resnet(depth: int, num_classes: int, in_channels: int) -> CifarResNet:
+    n = (depth - 2) // 6
+    return CifarResNet((n, n, n), (16, 32, 64), num_classes, in_channels)
+
+
+def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """ResNet-20 for 32x32 images (3 stages x 3 blocks, 16/32/64 channels, ~0.27M parameters)."""
+    return _cifar_resnet(20, num_classes, in_channels)
+
+
+def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """ResNet-32 for 32x32 images (3 stages x 5 blocks, 16/32/64 channels, ~0.47M parameters)."""
+    return _cifar_resnet(32, num_classes, in_channels)
+
+
+def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """ResNet-56 for 32x32 images (3 stages x 9 blocks, 16/32/64 channels, ~0.86M parameters)."""
+    return _cifar_resnet(56, num_classes, in_channels)
+
+
+def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """ResNet-110 for 32x32 images (3 stages x 18 blocks, 16/32/64 channels, ~1.7M parameters)."""
+    return _cifar_resnet(110, num_classes, in_channels)
+
+
+def resnet_digits(num_classes: int = 10, in_channels: int = 1) -> CifarResNet:
+    """A small ResNet for 8x8 digits: 2 stages x 1 block of 16/32 channels (~20k parameters).
+
+    Stage 2 downsamples 8x8 to 4x4 and carries a projection shortcut, so the network has
+    both kinds of residual coupling a pruner must handle.
+    """
+    return CifarResNet((1, 1), (16, 32), num_classes, in_channels)
+
+
+_BUILDERS = {
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "resnet_digits": resnet_digits,
+}
+
+# Input sizes a model is built and traced at (rebuilding a pruned model needs a forward pass).
+_IMAGE_SIZES = {"resnet_digits": 8, "torchvision:inception_v3": 299}
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def model_names() -> list[str]:
+    """Every name :func:`build_model` accepts: our builders, then ``torchvision:<name>`` for
+    torchvision's classification models."""
+    return list(_BUILDERS) + [TORCHVISION_PREFIX + n for n in _torchvision_names()]
+
+
+def example_input(name: str, in_channels: int = 3, batch_size: int = 1) -> Tensor:
+    """A random input of the size ``name`` is built for: 8x8 for ``resnet_digits``, 32x32 for
+    the CIFAR ResNets, 224x224 for torchvision models (299x299 for inception_v3).
+
+    Returns:
+        (batch_size, in_channels, S, S) float32 on the CPU.
+    """
+    if name in _IMAGE_SIZES:
+        size = _IMAGE_SIZES[name]
+    elif name in _BUILDERS:
+        size = 32
+    elif name.startswith(TORCHVISION_PREFIX):
+        size = 224
+    else:
+        raise ValueError(f"unknown model name {name!r}; see scop_ext.models.model_names()")
+    return torch.randn(batch_size, in_channels, size, size)
+
+
+def build_model(name: str, num_classes: int, in_channels: int, weights: str | os.PathLike | None = None) -> nn.Module:
+    """Build a model by name, randomly initialised or with weights from a local file.
+
+    Args:
+        name: one of :func:`model_names`: ``"resnet20"`` … ``"resnet110"``, ``"resnet_digits"``,
+            or ``"torchvision:<name>"`` (e.g. ``"torchvision:resnet18"``), which is created with
+            ``weights=None`` and ``num_classes``; when ``in_channels != 3`` its first convolution
+            is replaced by one taking ``in_channels``. Nothing is ever downloaded.
+        num_classes: outputs of the classifier.
+        in_channels: channels of the input images.
+        weights: optional path to a state_dict, either a ``torch.save`` file (read with
+            ``torch.load(weights_only=True)``) or a ``.safetensors`` file.
+
+    Returns:
+        The model, in training mode.
+
+    Raises:
+        ValueError: an unknown name, or a weights file that is missing, unreadable, not a
+            state_dict, or does not match the architecture (the message names the file).
+    """
+    _check_positive(num_classes=num_classes, in_channels=in_channels)
+    if name in _BUILDERS:
+        model = _BUILDERS[name](num_classes=num_classes, in_channels=in_channels)
+    elif name.startswith(TORCHVISION_PREFIX):
+        model = _build_torchvision(name[len(TORCHVISION_PREFIX) :], num_classes, in_channels)
+    else:
+        raise ValueError(f"unknown model name {name!r}; expected one of {list(_BUILDERS)} or 'torchvision:<name>'")
+    if weights is not None:
+        _load_weights(model, name, weights)
+    return model
+
+
+def _build_torchvision(tv_name: str, num_classes: int, in_channels: int) -> nn.Module:
+    import torchvision
+
+    if tv_name not in _torchvision_names():
+        raise ValueError(
+            f"unknown torchvision model {tv_name!r}; expected one of torchvision.models.list_models()"
+        )
+    kwargs = {"weights": None, "num_classes": num_classes}
+    if tv_name in ("googlenet", "inception_v3"):
+        kwargs["aux_logits"] = False  # the auxiliary heads only exist for training from scratch
+        kwargs["init_weights"] = True
+    model = torchvision.models.get_model(tv_name, **kwargs)
+    if in_channels != 3:
+        # torchvision registers the stem first: its first convolution is the one reading the image.
+        name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        if conv.in_channels != 3 or conv.groups != 1:
+            raise ValueError(f"cannot adapt torchvision:{tv_name} to in_channels={in_channels}: its first conv {name!r} is not a 3-channel stem")
+        new = nn.Conv2d(
+            in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+        )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+def _load_weights(model: nn.Module, name: str, path: str | os.PathLike) -> None:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"weights file {path!r} does not exist (expected a state_dict saved with torch.save or safetensors)")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the readers raise many types for a corrupt file
+        raise ValueError(f"weights file {path!r} could not be read as a state_dict: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"weights file {path!r} does not hold a state_dict (a dict of str -> Tensor)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"weights file {path!r} does not match the architecture {name!r}: {exc}") from exc
