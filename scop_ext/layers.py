@@ -36,6 +36,7 @@ class ScopConv2d(nn.Conv2d):
         knockoff_gamma: 0-d buffer, the Lemma 2 gamma, or None.
         knockoff_bias: whether the forward adds the Lemma 2 biases (when fitted).
         generator: optional ``torch.Generator`` the bias keys are drawn from.
+        bias_shard: ``(rank, world)`` for data-parallel runs (see the comment in ``__init__``).
 
     Example::
 
@@ -60,6 +61,10 @@ class ScopConv2d(nn.Conv2d):
         # gamma mirrored as a Python float: reading the buffer in forward would be a
         # data-dependent scalar that torch.compile cannot trace without a graph break.
         self._gamma = 0.0
+        # (rank, world): under data parallelism every process draws the biases of the global
+        # batch from an identically seeded generator and keeps its own rows, so the numbers do
+        # not depend on how many processes share the batch.
+        self.bias_shard = (0, 1)
 
     # ------------------------------------------------------------------ construction
 
@@ -196,9 +201,11 @@ class ScopConv2d(nn.Conv2d):
                 raise ValueError(
                     f"input must be a paired batch (2N, C, H, W) in SCOP mode, got shape {tuple(input.shape)}"
                 )
-            noise = lemma2_sample(
-                self.knockoff_R, self._gamma, input.shape[0] // 2, generator=self.generator
-            )
+            n = input.shape[0] // 2
+            rank, world = self.bias_shard
+            noise = lemma2_sample(self.knockoff_R, self._gamma, n * world, generator=self.generator)
+            if world > 1:
+                noise = noise[rank * n : (rank + 1) * n]
         return dual_scaled_conv2d(
             input, self.weight, self.bias, self.beta, noise, self.stride, padding, self.dilation, self.groups
         )

@@ -1,0 +1,95 @@
+"""Crash-safe, pickle-free checkpoints.
+
+Every file is written to a temporary name in the same folder, flushed to disk, then renamed over
+the target, so a killed process leaves either the old file or the new one, never half of one.
+Loading uses ``torch.load(weights_only=True)``: tensors and plain containers only, so a file
+carrying a pickled payload is refused rather than executed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import tempfile
+from typing import Any
+
+import torch
+
+__all__ = ["FORMAT_VERSION", "CheckpointError", "save", "load", "atomic_write_bytes", "atomic_write_text", "write_json"]
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, corrupt, unsafe, or of the wrong kind/version."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def save(path: str | os.PathLike, kind: str, payload: dict) -> None:
+    """Atomically write ``payload`` (tensors, numbers, strings, lists, dicts) as a ``kind`` checkpoint."""
+    buffer = io.BytesIO()
+    torch.save({"format": "scop", "version": FORMAT_VERSION, "kind": kind, "payload": payload}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load(path: str | os.PathLike, kind: str, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint written by :func:`save`, checking it is safe, whole, and of ``kind``.
+
+    Raises:
+        CheckpointError: with one line saying which file and what is wrong.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: refused: it holds objects other than tensors and plain containers ({first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__})") from None
+    if not (isinstance(blob, dict) and blob.get("format") == "scop" and "payload" in blob):
+        raise CheckpointError(f"{path}: not a scop checkpoint")
+    if blob.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: written in checkpoint format version {blob.get('version')!r}; this scop reads version {FORMAT_VERSION}"
+        )
+    if blob.get("kind") != kind:
+        raise CheckpointError(f"{path}: holds a {blob.get('kind')!r} checkpoint, expected {kind!r}")
+    return blob["payload"]

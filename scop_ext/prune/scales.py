@@ -1,0 +1,242 @@
+"""Stage 2 of DESIGN.md §1: learn the per-filter scales beta with the weights frozen, on batches
+of real images paired with their knockoffs, plus the Lemma 2 bias fit that precedes it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from .. import checkpoint, lemma2
+from ..layers import ScopConv2d, scop_layers
+from . import distributed
+from .train import NonFiniteError, set_epoch
+
+__all__ = ["pair_dataset", "PairedDataset", "fit_knockoff_biases", "learn_scales", "ScaleHistory"]
+
+Sampler = Callable[..., Tensor]  # (x, generator=...) -> x~ with x's shape
+
+
+@torch.no_grad()
+def pair_dataset(dataset: Dataset, sample: Sampler, *, seed: int = 0, batch_size: int = 256) -> TensorDataset:
+    """Draw one knockoff per image, once: a ``TensorDataset`` of (x, x~, y).
+
+    Model-X knockoffs are one draw per sample, paired with it; drawing them once also makes
+    stage 2 independent of batch order and of how many processes share the work.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    gen = torch.Generator().manual_seed(seed)
+    xs, ks, ys = [], [], []
+    for x, y in loader:
+        xs.append(x)
+        ks.append(sample(x, generator=gen).to(x.dtype))
+        ys.append(y)
+    return TensorDataset(torch.cat(xs), torch.cat(ks), torch.cat(ys))
+
+
+class PairedDataset(Dataset):
+    """(x, x~, y) drawn on the fly, for datasets too large to pair up front.
+
+    The knockoff of item i comes from a generator keyed on (seed, i), so it is the same every
+    epoch and in every worker or process.
+    """
+
+    def __init__(self, dataset: Dataset, sample: Sampler, seed: int = 0):
+        self.dataset, self.sample, self.seed = dataset, sample, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @torch.no_grad()
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return x, self.sample(x[None], generator=gen)[0].to(x.dtype), y
+
+
+@torch.no_grad()
+def fit_knockoff_biases(model: nn.Module, pairs: DataLoader, device: torch.device | str, *, batches: int = 4,
+                        gamma: float | None = None) -> dict[str, dict]:
+    """Fit every ScopConv2d's Lemma 2 bias from the measured knockoff diagonal at its input.
+
+    Real and knockoff images go through the network separately (SCOP mode off, eval mode), the
+    inputs of each ScopConv2d are recorded, and ``s_j = Var(X_j) - Cov(X_j, X~_j)`` per input
+    channel feeds :func:`scop_ext.lemma2.solve`. Measuring s at every layer handles BN, ReLU,
+    pooling and residual adds, which the lemma's linear map does not cover.
+
+    Returns, per layer: measured ``s_in`` (C_in,), ``lambda_max``, ``gamma``, the (S.5)
+    ``margin`` and the lemma's own ``s_out`` (one value: S' is a multiple of I), for diagnostics.
+    """
+    device = torch.device(device)
+    layers = scop_layers(model)
+    if not layers:
+        raise ValueError("model has no ScopConv2d layers: call scop_ext.convert(model) first")
+    modes = {name: layer.scop_enabled for name, layer in layers.items()}
+    was_training = model.training
+    model.eval()
+    feats: dict[str, list[Tensor]] = {name: [] for name in layers}
+    hooks = [layer.register_forward_pre_hook(lambda m, args, name=name: feats[name].append(args[0].detach().cpu()))
+             for name, layer in layers.items()]
+    try:
+        for layer in layers.values():
+            layer.disable_scop()
+        real = {name: [] for name in layers}
+        knock = {name: [] for name in layers}
+        for i, (x, xk, _) in enumerate(pairs):
+            if i >= batches:
+                break
+            for batch, store in ((x, real), (xk, knock)):
+                model(batch.to(device))
+                for name in layers:
+                    store[name].append(feats[name].pop())
+    finally:
+        for h in hooks:
+            h.remove()
+        for name, layer in layers.items():
+            layer.scop_enabled = modes[name]
+        model.train(was_training)
+    report = {}
+    for name, layer in layers.items():
+        s_in = lemma2.estimate_s(torch.cat(real[name]), torch.cat(knock[name]))
+        sol = layer.fit_knockoff_bias(s_in, gamma)
+        report[name] = {"s_in": s_in, "lambda_max": sol.lambda_max, "gamma": sol.gamma, "margin": sol.margin,
+                        "s_out": float(sol.s_out[0])}
+    return report
+
+
+@dataclass
+class ScaleHistory:
+    """Per-epoch record of stage 2: mean loss and each layer's mean beta."""
+
+    loss: list[float] = field(default_factory=list)
+    beta_mean: dict[str, list[float]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "beta_mean": self.beta_mean}
+
+
+def _bn_layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def learn_scales(
+    model: nn.Module,
+    pairs: DataLoader,
+    device: torch.device | str,
+    *,
+    epochs: int = 20,
+    lr: float = 0.004,
+    betas: tuple[float, float] = (0.5, 0.9),
+    knockoff_bias: bool = True,
+    bn: str = "batch",
+    seed: int = 0,
+    checkpoint_path: str | None = None,
+    progress: bool = True,
+) -> ScaleHistory:
+    """Train only the ScopConv2d scales beta on [real; knockoff] batches (DESIGN.md §1, stage 2).
+
+    Every other parameter is frozen for the duration. Each step: logits of the 2N batch, cross
+    entropy on the real half, Adam step, beta clamped to [0, 1].
+
+    Args:
+        pairs: yields (x, x~, y) with x, x~ of shape (N, C, H, W) (see :func:`pair_dataset`).
+        knockoff_bias: add the Lemma 2 biases fitted by :func:`fit_knockoff_biases`.
+        bn: ``"batch"`` normalises over the 2N batch as the authors do (running statistics are
+            restored afterwards, so the pretrained model is unchanged); ``"frozen"`` uses the
+            stored statistics.
+        seed: keys the Lemma 2 bias draws; together with the loader's order it fixes the result.
+        checkpoint_path: after each epoch the betas, optimizer and history are written there
+            atomically; a later call with the same path resumes after the last complete epoch.
+
+    Raises:
+        NonFiniteError: naming the step and the layer when the loss, a beta or its gradient is
+            not finite. Nothing is written for that epoch, so the last checkpoint stays good.
+    """
+    from tqdm.auto import tqdm
+
+    if bn not in ("batch", "frozen"):
+        raise ValueError(f"bn must be 'batch' or 'frozen', got {bn!r}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    device = torch.device(device)
+    layers = scop_layers(model)
+    if not layers:
+        raise ValueError("model has no ScopConv2d layers: call scop_ext.convert(model) first")
+    model.to(device)
+    rank, world = distributed.rank(), distributed.world_size()
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    bn_state = {i: {k: v.clone() for k, v in m.state_dict().items()} for i, m in enumerate(_bn_layers(model))}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        layer.enable_scop()
+        layer.beta.requires_grad_(True)
+        layer.knockoff_bias = knockoff_bias
+        layer.generator = torch.Generator(device="cpu").manual_seed(seed)
+        layer.bias_shard = (rank, world)
+    named_betas = {name: layer.beta for name, layer in layers.items()}
+    optimizer = torch.optim.Adam(named_betas.values(), lr=lr, betas=betas)
+    history, start = ScaleHistory(beta_mean={name: [] for name in layers}), 0
+    if checkpoint_path and os.path.exists(checkpoint_path):
+        state = checkpoint.load(checkpoint_path, kind="scales-progress", map_location=device)
+        with torch.no_grad():
+            for name, beta in named_betas.items():
+                beta.copy_(state["betas"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        for name, layer in layers.items():
+            layer.generator.set_state(state["generators"][name])
+        history = ScaleHistory(loss=list(state["loss"]), beta_mean={k: list(v) for k, v in state["beta_mean"].items()})
+        start = int(state["epoch"]) + 1
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    model.eval()
+    for m in _bn_layers(model):
+        m.train(bn == "batch")
+    try:
+        for epoch in range(start, epochs):
+            set_epoch(pairs, epoch)
+            loss_sum, seen = 0.0, 0
+            bar = tqdm(pairs, desc=f"scales {epoch + 1}/{epochs}", disable=not (progress and distributed.is_main()), leave=False)
+            for step, (x, xk, y) in enumerate(bar):
+                x, xk, y = x.to(device), xk.to(device), y.to(device)
+                logits = ddp(torch.cat([x, xk]))[: x.shape[0]]
+                loss = F.cross_entropy(logits, y)
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"learn_scales: loss became {loss.item()} at epoch {epoch}, step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for name, beta in named_betas.items():
+                    if beta.grad is not None and not torch.isfinite(beta.grad).all():
+                        raise NonFiniteError(f"learn_scales: gradient of beta in layer {name!r} is not finite at epoch {epoch}, step {step}")
+                optimizer.step()
+                for layer in layers.values():
+                    layer.clamp_beta_()
+                loss_sum += loss.item() * y.numel()
+                seen += y.numel()
+                means = [float(b.detach().mean()) for b in named_betas.values()]
+                bar.set_postfix(loss=f"{loss.item():.3f}", beta=f"{min(means):.2f}/{sum(means) / len(means):.2f}/{max(means):.2f}")
+            totals = distributed.all_reduce_sum(torch.tensor([loss_sum, float(seen)], dtype=torch.float64))
+            history.loss.append(totals[0].item() / max(totals[1].item(), 1.0))
+            for name, beta in named_betas.items():
+                history.beta_mean[name].append(float(beta.detach().mean()))
+            if checkpoint_path and distributed.is_main():
+                checkpoint.save(checkpoint_path, "scales-progress", {
+                    "betas": {name: beta.detach().cpu() for name, beta in named_betas.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "generators": {name: layer.generator.get_state() for name, layer in layers.items()},
+                    "loss": history.loss, "beta_mean": history.beta_mean, "epoch": epoch,
+                })
+            distributed.barrier()
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+        for i, m in enumerate(_bn_layers(model)):
+            m.load_state_dict(bn_state[i])
+        for layer in layers.values():
+            layer.bias_shard = (0, 1)
+        model.eval()
+    return history

@@ -1,0 +1,220 @@
+"""Training, evaluation and BN recalibration shared by baseline training and fine-tuning
+(DESIGN.md §1, stage 4), with per-epoch crash-safe checkpoints and NaN detection."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .. import checkpoint
+from . import distributed
+
+__all__ = ["NonFiniteError", "make_loader", "evaluate", "recalibrate_bn", "fit", "FitResult"]
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf appeared; the message names the stage, step and tensor where it was found."""
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                num_workers: int = 0, evaluation: bool = False) -> DataLoader:
+    """A DataLoader whose order depends only on ``seed`` and the epoch (see ``set_epoch``).
+
+    Training loaders split every global batch across processes under torchrun; evaluation loaders
+    give each index to exactly one process.
+    """
+    if evaluation:
+        return DataLoader(dataset, batch_size=batch_size, sampler=distributed.ShardSampler(len(dataset)),
+                          num_workers=num_workers)
+    sampler = distributed.ShardedBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if not amp:
+        return nullcontext()
+    dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def default_amp(device: torch.device) -> bool:
+    """Mixed precision where it pays: on CUDA. CPU autocast is usually slower for convs."""
+    return torch.device(device).type == "cuda"
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str, *, amp: bool = False) -> dict:
+    """Loss, top-1 and (with more than 5 classes) top-5 accuracy over the whole loader.
+
+    Under torchrun each process evaluates its shard and the sums are all-reduced, so the figures
+    are exact for the full dataset.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, count
+    classes = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            logits = model(x)
+        logits = logits.float()
+        classes = logits.shape[1]
+        totals[0] += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, classes), dim=1).indices
+        totals[1] += (top[:, 0] == y).sum().item()
+        totals[2] += (top == y[:, None]).any(1).sum().item()
+        totals[3] += y.numel()
+    model.train(was_training)
+    totals = distributed.all_reduce_sum(totals)
+    count = max(totals[3].item(), 1.0)
+    result = {"loss": totals[0].item() / count, "top1": totals[1].item() / count, "count": int(totals[3].item())}
+    if classes > 5:
+        result["top5"] = totals[2].item() / count
+    return result
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device | str, batches: int = 50) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` training batches.
+
+    After physical pruning the stored statistics no longer describe the smaller network's
+    activations. Uses a cumulative average (momentum None), then restores each layer's momentum.
+    Returns the number of batches used.
+    """
+    device = torch.device(device)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    was_training = model.training
+    model.train()
+    used = 0
+    for x, _ in loader:
+        model(x.to(device))
+        used += 1
+        if used >= batches:
+            break
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    model.train(was_training)
+    return used
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_top1: float = -1.0
+    best_epoch: int = -1
+
+
+def _check_finite(loss: torch.Tensor, model: nn.Module, stage: str, epoch: int, step: int) -> None:
+    if torch.isfinite(loss).all():
+        return
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    where = f"; non-finite parameters: {', '.join(bad[:5])}" if bad else ""
+    raise NonFiniteError(f"{stage}: loss became {loss.item()} at epoch {epoch}, step {step}{where}")
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None,
+    *,
+    epochs: int,
+    lr: float,
+    device: torch.device | str,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    nesterov: bool = True,
+    amp: bool | None = None,
+    checkpoint_path: str | None = None,
+    stage: str = "finetune",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> FitResult:
+    """Train all parameters with SGD (Nesterov) and a cosine schedule; keep the best-on-validation weights.
+
+    At the end ``model`` holds the best epoch's weights (the last epoch's without ``val_loader``).
+    With ``checkpoint_path`` the state after every epoch (weights, optimizer, schedule, best
+    weights, history) is written atomically, and a later call with the same path resumes after
+    the last complete epoch, giving the same result as an uninterrupted run.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    amp = default_amp(device) if amp is None else amp
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    steps_per_epoch = max(len(train_loader), 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / (epochs * steps_per_epoch), 1.0)))
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if distributed.world_size() > 1 else model
+    result, best_state, start = FitResult(), None, 0
+    if checkpoint_path and os.path.exists(checkpoint_path):
+        state = checkpoint.load(checkpoint_path, kind=f"{stage}-progress", map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        best_state, start = state["best_model"], int(state["epoch"]) + 1
+        result = FitResult(history=list(state["history"]), best_top1=float(state["best_top1"]), best_epoch=int(state["best_epoch"]))
+    for epoch in range(start, epochs):
+        set_epoch(train_loader, epoch)
+        model.train()
+        loss_sum, hits, seen = 0.0, 0, 0
+        bar = tqdm(train_loader, desc=f"{stage} {epoch + 1}/{epochs}", disable=not (progress and distributed.is_main()), leave=False)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device, amp):
+                logits = ddp(x)
+                loss = F.cross_entropy(logits.float(), y)
+            _check_finite(loss, model, stage, epoch, step)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.item() * y.numel()
+            hits += (logits.argmax(1) == y).sum().item()
+            seen += y.numel()
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2g}")
+        record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_top1": hits / max(seen, 1)}
+        if val_loader is not None:
+            record.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device, amp=amp).items()})
+            if record["val_top1"] > result.best_top1:
+                result.best_top1, result.best_epoch = record["val_top1"], epoch
+                best_state = copy.deepcopy(model.state_dict())
+        result.history.append(record)
+        if log is not None and distributed.is_main():
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if checkpoint_path and distributed.is_main():
+            checkpoint.save(checkpoint_path, f"{stage}-progress", {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "best_model": best_state, "epoch": epoch, "history": result.history,
+                "best_top1": result.best_top1, "best_epoch": result.best_epoch,
+            })
+        distributed.barrier()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result
