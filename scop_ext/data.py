@@ -1,15 +1,20 @@
 """Datasets: scikit-learn's bundled digits (the default, nothing to download), CIFAR-10 in its
-python format and ImageFolder trees, both from a local path the user gives."""
+python format and ImageFolder trees, both from a local path the user gives. Nothing here ever
+downloads anything."""
 
 from __future__ import annotations
 
+import os
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["DatasetInfo", "digits"]
+__all__ = ["DatasetInfo", "digits", "cifar10", "image_folder", "load_dataset"]
 
 
 @dataclass(frozen=True)
@@ -46,3 +51,177 @@ def digits(split: str = "train", *, test_fraction: float = 0.25, seed: int = 0) 
     )
     idx = train_idx if split == "train" else test_idx
     return TensorDataset(torch.from_numpy(images[idx]), torch.from_numpy(labels[idx]))
+
+
+CIFAR10_INFO = DatasetInfo("cifar10", num_classes=10, in_channels=3, image_size=32)
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2470, 0.2435, 0.2616)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_CIFAR_FOLDER = "cifar-10-batches-py"
+_CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    # The CIFAR batches are pickles: resolve only what a dict of numpy arrays needs, so a
+    # hostile file cannot run code.
+    _allowed = {
+        ("_codecs", "encode"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch")
+        import codecs
+
+        core = np._core if hasattr(np, "_core") else np.core
+        return {
+            "encode": codecs.encode,
+            "ndarray": np.ndarray,
+            "dtype": np.dtype,
+            "_reconstruct": core.multiarray._reconstruct,
+            "_frombuffer": core.numeric._frombuffer,
+        }[name]
+
+
+def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="latin1").load()
+    except Exception as exc:  # unpickling a corrupt file raises many types
+        raise ValueError(f"{path!r} is not a CIFAR-10 python batch (a pickled dict): {exc}") from exc
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+        raise ValueError(f"{path!r} is not a CIFAR-10 python batch: expected a dict with 'data' and 'labels'")
+    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
+        raise ValueError(
+            f"{path!r} holds data of shape {data.shape} ({data.dtype}) and {labels.size} labels; "
+            f"expected uint8 (N, 3072) and N labels"
+        )
+    if labels.size and not (0 <= labels.min() and labels.max() < 10):
+        raise ValueError(f"{path!r} has labels outside 0..9")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+class _ImageTensors(Dataset):
+    """uint8 images (N, C, H, W) and int64 labels, turned into float tensors by ``transform``."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor]) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def _check_split(split: str, allowed: tuple[str, ...]) -> None:
+    if split not in allowed:
+        raise ValueError(f"split must be one of {allowed}, got {split!r}")
+
+
+def cifar10(root: str | os.PathLike, split: str = "train") -> Dataset:
+    """CIFAR-10 from its standard python-format folder; nothing is downloaded.
+
+    ``root`` is the ``cifar-10-batches-py`` folder (``data_batch_1`` .. ``data_batch_5``,
+    ``test_batch``) or the folder containing it. Items are ``(image, label)`` with image float32
+    (3, 32, 32), normalised with the CIFAR-10 channel mean/std; the ``"train"`` split adds the
+    standard augmentation (random 32x32 crop of the 4-pixel zero-padded image, horizontal flip).
+
+    Raises:
+        FileNotFoundError: no batch files under ``root``.
+        ValueError: a batch file that is not in the CIFAR-10 python format.
+    """
+    import torchvision.transforms.v2 as T
+
+    _check_split(split, ("train", "test"))
+    root = os.fspath(root)
+    names = _CIFAR_FILES["train"] + _CIFAR_FILES["test"]
+    inside = any(os.path.isfile(os.path.join(root, name)) for name in names)
+    folder = root if inside else os.path.join(root, _CIFAR_FOLDER)
+    files = [os.path.join(folder, name) for name in _CIFAR_FILES[split]]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-10 not found at {root!r}: expected the python-format folder {_CIFAR_FOLDER!r} "
+            f"(data_batch_1..5, test_batch) there or inside it; missing {missing}. Nothing is downloaded."
+        )
+    batches = [_read_cifar_batch(f) for f in files]
+    images = torch.from_numpy(np.concatenate([b[0] for b in batches]))
+    labels = torch.from_numpy(np.concatenate([b[1] for b in batches]))
+    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if split == "train" else []
+    transform = T.Compose(steps + [T.ToDtype(torch.float32, scale=True), T.Normalize(_CIFAR_MEAN, _CIFAR_STD)])
+    return _ImageTensors(images, labels, transform)
+
+
+def image_folder(root: str | os.PathLike, split: str = "train", image_size: int = 224) -> Dataset:
+    """An ImageFolder tree (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``), ImageNet style.
+
+    Items are ``(image, label)`` with image float32 (3, image_size, image_size) normalised with
+    the ImageNet mean/std. ``"train"``: random-resized crop + horizontal flip; ``"val"``: resize
+    the short side to ``image_size / 0.875``, then centre crop.
+
+    Raises:
+        FileNotFoundError: ``root/split`` is not a folder.
+        ValueError: it has no class folders with images.
+    """
+    import torchvision.transforms.v2 as T
+    from torchvision.datasets import ImageFolder
+
+    _check_split(split, ("train", "val"))
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    folder = os.path.join(os.fspath(root), split)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"image folder split not found: {folder!r} (expected {os.fspath(root)!r} to hold train/ and val/, "
+            f"each with one sub-folder of images per class)"
+        )
+    if split == "train":
+        steps = [T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(round(image_size / 0.875), antialias=True), T.CenterCrop(image_size)]
+    transform = T.Compose(
+        [T.ToImage(), *steps, T.ToDtype(torch.float32, scale=True), T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)]
+    )
+    try:
+        return ImageFolder(folder, transform=transform)
+    except FileNotFoundError as exc:  # ImageFolder's word for "no classes" / "no images"
+        raise ValueError(f"{folder!r} is not an image folder tree: {exc}") from exc
+
+
+def load_dataset(
+    name: str, root: str | os.PathLike | None = None, split: str = "train", *, image_size: int = 224
+) -> tuple[Dataset, DatasetInfo]:
+    """One entry point for every dataset: ``(dataset, info)``.
+
+    Args:
+        name: ``"digits"`` (bundled with scikit-learn; ``root`` must be None), ``"cifar10"``
+            (``root``: see :func:`cifar10`) or ``"imagefolder"`` (``root``: see :func:`image_folder`).
+        root: local path of the data; nothing is ever downloaded.
+        split: ``"train"`` or ``"test"`` (for ``"imagefolder"`` the test split is ``root/val``).
+        image_size: crop size for ``"imagefolder"`` (ignored by the others, whose size is fixed).
+
+    Returns:
+        The dataset of ``(image, label)`` pairs and its :class:`DatasetInfo`.
+    """
+    _check_split(split, ("train", "test"))
+    if name == "digits":
+        if root is not None:
+            raise ValueError(f"root must be None for 'digits' (bundled with scikit-learn), got {root!r}")
+        return digits(split), DIGITS_INFO
+    if name in ("cifar10", "imagefolder") and root is None:
+        raise ValueError(f"root is required for {name!r}: the local folder holding the data")
+    if name == "cifar10":
+        return cifar10(root, split), CIFAR10_INFO
+    if name == "imagefolder":
+        dataset = image_folder(root, "val" if split == "test" else "train", image_size)
+        return dataset, DatasetInfo("imagefolder", len(dataset.classes), 3, image_size)
+    raise ValueError(f"unknown dataset {name!r}; expected 'digits', 'cifar10' or 'imagefolder'")

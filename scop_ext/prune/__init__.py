@@ -1,0 +1,58 @@
+"""Stages 3-4 of SCOP (DESIGN.md §1): score channels, select which to remove, remove them.
+
+- :mod:`.importance`: criteria, ``criterion(model) -> {conv name: (C_out,) scores}``.
+- :mod:`.select`: :class:`PruningSpace` (coupled channel groups + FLOPs prediction) and the
+  policies ``uniform``, ``global_ranking``, ``flops_target``, ``fdr`` returning a plan
+  ``{conv name: [channel indices to remove]}``.
+- :mod:`.surgery`: ``apply_plan`` (physical removal with torch-pruning), ``channel_widths``
+  and ``rebuild`` (re-create a pruned architecture from JSON widths).
+- :mod:`.flops`: FLOPs (= 2 x MACs), MACs and parameter counts.
+"""
+
+from .flops import count_flops, count_macs, count_params, flops_by_module
+from .importance import (
+    BNScaleImportance,
+    L1Importance,
+    L2Importance,
+    RandomImportance,
+    ScopImportance,
+    following_batchnorm,
+    make_importance,
+)
+from .select import (
+    PruningSpace,
+    fdr,
+    flops_target,
+    global_ranking,
+    knockoff_threshold,
+    select,
+    uniform,
+)
+from .surgery import ChannelGroup, Plan, apply_plan, channel_groups, channel_widths, rebuild
+
+__all__ = [
+    "count_flops",
+    "count_macs",
+    "count_params",
+    "flops_by_module",
+    "ScopImportance",
+    "L1Importance",
+    "L2Importance",
+    "BNScaleImportance",
+    "RandomImportance",
+    "make_importance",
+    "following_batchnorm",
+    "PruningSpace",
+    "uniform",
+    "global_ranking",
+    "flops_target",
+    "fdr",
+    "knockoff_threshold",
+    "select",
+    "Plan",
+    "ChannelGroup",
+    "channel_groups",
+    "apply_plan",
+    "channel_widths",
+    "rebuild",
+]

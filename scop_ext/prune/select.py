@@ -1,0 +1,488 @@
+"""Selection policies: from per-channel scores to a pruning plan (DESIGN.md §1, stage 3).
+
+A :class:`PruningSpace` holds what can be pruned: the coupled channel groups of the model
+(:func:`~scop_ext.prune.surgery.channel_groups`), minus ignored layers, and the per-layer FLOPs
+needed to predict the pruned network's FLOPs without pruning it. A policy takes the space and
+the scores of an importance criterion and returns a plan, ``{conv name: [channel indices to
+remove]}`` (:data:`~scop_ext.prune.surgery.Plan`), which :func:`~scop_ext.prune.surgery.apply_plan`
+executes.
+
+**Coupled groups.** Channels that must go together (residual adds, depthwise convs,
+concatenations) are decided together: a group's score for channel ``k`` is the **mean** of the
+scores its member convs give channel ``k``; members without a score (e.g. convs SCOP did not
+wrap) are left out of the mean, and a group none of whose members has a score is not pruned.
+The mean keeps SCOP's statistic on its scale (in [-1, 1], symmetric about 0 for null channels)
+so the FDR threshold applies to groups unchanged.
+
+**Common constraints** (keyword arguments of every policy):
+
+- ``min_channels``: a group never keeps fewer channels (default 1; its top-scored ones).
+- ``round_to``: the kept count of every pruned group is rounded *up* to a multiple of
+  ``round_to`` (capped at the group's size), so pruned layers keep hardware-friendly widths;
+  rounding keeps the next best channels, never removes more than the policy chose.
+
+Ties between equal scores go to the lower channel index (it is kept).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .flops import flops_by_module
+from .surgery import ChannelGroup, Plan, _is_depthwise, _plain_forward, channel_groups
+
+__all__ = [
+    "PruningSpace",
+    "knockoff_threshold",
+    "uniform",
+    "global_ranking",
+    "flops_target",
+    "fdr",
+    "select",
+]
+
+
+class PruningSpace:
+    """The channel groups of ``model`` a policy may prune, and the FLOPs to predict the result.
+
+    Args:
+        model: the network (ScopConv2d layers are traced in plain mode; the model is not changed).
+        example_input: a plain (N, C, H, W) batch; FLOPs are counted on it.
+        ignored_layers: conv names or ``fnmatch`` patterns (``"conv1"``, ``"*.shortcut.0"``); a
+            group containing a matching conv is not pruned. The classifier (any linear layer's
+            outputs, and anything feeding the model output) is never pruned.
+        keep_block_width: leave out the groups coupled through a residual add or a
+            concatenation (the authors' behaviour); pass the same flag to
+            :func:`~scop_ext.prune.surgery.apply_plan`.
+
+    Attributes:
+        groups: the prunable :class:`~scop_ext.prune.surgery.ChannelGroup` s.
+        base_flops: FLOPs (= 2 x MACs) of the unpruned model on ``example_input``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: Tensor,
+        *,
+        ignored_layers: Iterable[str] = (),
+        keep_block_width: bool = False,
+    ) -> None:
+        if isinstance(ignored_layers, str):
+            raise ValueError("ignored_layers must be a list of names/patterns, not a single string")
+        patterns = list(ignored_layers)
+        self.groups: list[ChannelGroup] = [
+            g
+            for g in channel_groups(model, example_input)
+            if not (keep_block_width and g.residual)
+            and not any(fnmatch.fnmatchcase(c, p) for c in g.convs for p in patterns)
+        ]
+        with _plain_forward(model), torch.no_grad():
+            self._layer_flops = flops_by_module(model, example_input)
+        self.base_flops = sum(self._layer_flops.values())
+        # Shapes are copied, not referenced: the model may be pruned in place afterwards.
+        self._shapes = {}  # name: (C_in, C_out, groups, depthwise) of every conv and linear layer
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d):
+                self._shapes[name] = (m.in_channels, m.out_channels, m.groups, _is_depthwise(m))
+            elif isinstance(m, nn.Linear):
+                self._shapes[name] = (m.in_features, m.out_features, 1, False)
+
+    def group_scores(self, scores: Mapping[str, Tensor]) -> list[Tensor | None]:
+        """Per group, the (size,) mean of its members' scores (None when no member is scored)."""
+        result = []
+        for g in self.groups:
+            total = torch.zeros(g.size, dtype=torch.float64)
+            count = torch.zeros(g.size, dtype=torch.float64)
+            for conv in g.convs:
+                if conv not in scores:
+                    continue
+                s = torch.as_tensor(scores[conv]).detach().to("cpu", torch.float64).flatten()
+                width = self._shapes[conv][1]
+                if s.numel() != width:
+                    raise ValueError(
+                        f"scores[{conv!r}] has {s.numel()} entries, expected {width} (one per output channel)"
+                    )
+                k = torch.tensor(list(g.index[conv]))
+                total[k] += s[torch.tensor(list(g.index[conv].values()))]
+                count[k] += 1
+            result.append(total / count if bool((count > 0).all()) else None)
+        return result
+
+    def _to_plan(self, removed: Mapping[int, Iterable[int]]) -> Plan:
+        """The plan removing, per group number, the given group channels."""
+        plan = {}
+        for i, channels in removed.items():
+            g = self.groups[i]
+            channels = sorted(set(channels))
+            if not channels:
+                continue
+            for conv in g.convs:
+                plan[conv] = sorted(g.index[conv][k] for k in channels if k in g.index[conv])
+        return plan
+
+    def flops(self, plan: Mapping[str, Iterable[int]]) -> int:
+        """FLOPs (= 2 x MACs) the model will have on ``example_input`` after ``apply_plan(plan)``.
+
+        ``plan`` is one made for this space (entries outside its groups are not counted). Exact
+        for networks whose counted FLOPs are all in convs and linear layers (CNNs): each such
+        layer costs ``base * (C_in'/groups') * C_out' / ((C_in/groups) * C_out)``.
+        """
+        lost_out, lost_in = {}, {}
+        for g in self.groups:
+            channels = None
+            for conv in g.convs:
+                if conv in plan:
+                    inverse = {c: k for k, c in g.index[conv].items()}
+                    channels = {inverse[c] for c in plan[conv]}
+                    break
+            if not channels:
+                continue
+            for layer, kind, group_channels in g.shrinks:
+                n = sum(1 for k in group_channels if k in channels)
+                if kind in ("out", "depthwise"):
+                    lost_out[layer] = lost_out.get(layer, 0) + n
+                if kind == "in":
+                    lost_in[layer] = lost_in.get(layer, 0) + n
+        total = self.base_flops
+        for name in set(lost_out) | set(lost_in):
+            if name not in self._layer_flops:
+                continue  # a layer that did not run in the traced forward costs nothing
+            c_in, c_out, groups, depthwise = self._shapes[name]
+            per_in = c_in // groups
+            # A depthwise conv keeps one input channel per group; other convs keep `groups` and
+            # (C_in') // groups input channels per group, as torch-pruning does.
+            new_per_in = per_in if depthwise else (c_in - lost_in.get(name, 0)) // groups
+            new_out = c_out - lost_out.get(name, 0)
+            base = self._layer_flops[name]
+            total += base // (per_in * c_out) * (new_per_in * new_out) - base
+        return total
+
+    def reduction(self, plan: Mapping[str, Iterable[int]]) -> float:
+        """Fraction of FLOPs ``plan`` removes: ``1 - flops(plan) / base_flops``."""
+        return 1.0 - self.flops(plan) / self.base_flops
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _check_common(min_channels: int, round_to: int) -> None:
+    if not isinstance(min_channels, int) or min_channels < 1:
+        raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+
+
+def _n_keep(size: int, wanted: int, min_channels: int, round_to: int) -> int:
+    keep = max(wanted, min(min_channels, size))
+    if keep < size and round_to > 1:
+        keep = min(size, math.ceil(keep / round_to) * round_to)
+    return keep
+
+
+def _lowest(score: Tensor, n_remove: int) -> list[int]:
+    # Sort on (score, -index) so that among equal scores the lower index is kept.
+    values = score.tolist()
+    order = sorted(range(len(values)), key=lambda k: (values[k], -k))
+    return order[:n_remove]
+
+
+def _plan_from_keep(
+    space: PruningSpace, group_scores: list[Tensor | None], keep: Mapping[int, int], min_channels: int, round_to: int
+) -> Plan:
+    removed = {}
+    for i, wanted in keep.items():
+        score = group_scores[i]
+        size = space.groups[i].size
+        n = _n_keep(size, wanted, min_channels, round_to)
+        removed[i] = _lowest(score, size - n)
+    return space._to_plan(removed)
+
+
+def _scored(space: PruningSpace, scores: Mapping[str, Tensor]) -> list[Tensor | None]:
+    group_scores = space.group_scores(scores)
+    if all(s is None for s in group_scores):
+        raise ValueError("scores name no conv of any prunable group")
+    return group_scores
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+
+
+# --------------------------------------------------------------------------- policies
+
+
+def _uniform_keep(space: PruningSpace, group_scores: list[Tensor | None], ratio: float) -> dict[int, int]:
+    return {
+        i: g.size - math.floor(ratio * g.size + 1e-9)
+        for i, (g, s) in enumerate(zip(space.groups, group_scores))
+        if s is not None
+    }
+
+
+def uniform(
+    space: PruningSpace, scores: Mapping[str, Tensor], ratio: float, *, min_channels: int = 1, round_to: int = 1
+) -> Plan:
+    """Remove the same fraction of channels from every group (the authors' choice).
+
+    Each scored group of ``C`` channels loses its ``floor(ratio * C)`` lowest-scored channels
+    (then ``min_channels`` and ``round_to`` apply).
+    """
+    _check_ratio(ratio)
+    _check_common(min_channels, round_to)
+    group_scores = _scored(space, scores)
+    return _plan_from_keep(space, group_scores, _uniform_keep(space, group_scores, ratio), min_channels, round_to)
+
+
+def _global_order(
+    space: PruningSpace, group_scores: list[Tensor | None], normalize: str | None, min_channels: int
+) -> list[int]:
+    """The group of each removable channel, lowest normalised score first (floors excluded)."""
+    if normalize not in ("max", None):
+        raise ValueError(f"normalize must be 'max' or None, got {normalize!r}")
+    candidates = []
+    for i, (g, s) in enumerate(zip(space.groups, group_scores)):
+        if s is None:
+            continue
+        ns = (s if normalize is None or not bool(s.abs().max() > 0) else s / s.abs().max()).tolist()
+        for k in _lowest(s, g.size - min(min_channels, g.size)):
+            candidates.append((ns[k], i, -k))
+    return [i for _, i, _ in sorted(candidates)]
+
+
+def _global_keep(
+    space: PruningSpace, group_scores: list[Tensor | None], order: list[int], ratio: float
+) -> dict[int, int]:
+    keep = {i: g.size for i, (g, s) in enumerate(zip(space.groups, group_scores)) if s is not None}
+    total = sum(keep.values())
+    for i in order[: math.floor(ratio * total + 1e-9)]:
+        keep[i] -= 1
+    return keep
+
+
+def global_ranking(
+    space: PruningSpace,
+    scores: Mapping[str, Tensor],
+    ratio: float,
+    *,
+    normalize: str | None = "max",
+    min_channels: int = 1,
+    round_to: int = 1,
+) -> Plan:
+    """Remove the ``floor(ratio * total)`` lowest-ranked channels across all scored groups.
+
+    Args:
+        ratio: fraction of all channels of the scored groups to remove.
+        normalize: ``"max"`` divides each group's scores by their largest absolute value, so every
+            group's best channel scores 1 (or -1) and criteria whose scale differs from layer to
+            layer (weight norms, |gamma|) become comparable; ``None`` ranks raw scores, the right
+            choice for SCOP's ``2 beta - 1``, already on one scale in [-1, 1].
+        min_channels, round_to: see the module docstring; a group at its floor loses no more
+            channels and the next lowest channel elsewhere goes instead.
+    """
+    _check_ratio(ratio)
+    _check_common(min_channels, round_to)
+    group_scores = _scored(space, scores)
+    order = _global_order(space, group_scores, normalize, min_channels)
+    return _plan_from_keep(space, group_scores, _global_keep(space, group_scores, order, ratio), min_channels, round_to)
+
+
+def flops_target(
+    space: PruningSpace,
+    scores: Mapping[str, Tensor],
+    reduction: float,
+    *,
+    search: str = "uniform",
+    normalize: str | None = "max",
+    tolerance: float = 0.01,
+    min_channels: int = 1,
+    round_to: int = 1,
+) -> Plan:
+    """Prune with :func:`uniform` or :func:`global_ranking` to a target FLOPs reduction.
+
+    The pruned network's FLOPs are predicted exactly by :meth:`PruningSpace.flops` (nothing is
+    pruned during the search). The reduction grows with the ratio, so the ratio is bisected;
+    it is a step function, and where one step jumps over the target the last channels are
+    taken one group at a time, skipping any that would overshoot:
+
+    - ``"uniform"``: at the ratio where the reduction jumps past the target, groups take the
+      next step (one channel each) largest FLOPs saving first, so the groups' ratios differ
+      by at most one step;
+    - ``"global_ranking"``: channels keep being removed in ranking order, except from a group
+      whose next channel would overshoot.
+
+    The result is within ``tolerance`` (absolute, as a fraction of the original FLOPs:
+    0.01 = 1 percentage point) of ``reduction``.
+
+    Args:
+        reduction: target fraction of FLOPs removed, in (0, 1).
+        search: ``"uniform"`` or ``"global_ranking"``.
+        normalize: for ``"global_ranking"``, see :func:`global_ranking`.
+        tolerance: allowed absolute error of the reduction.
+        min_channels, round_to: see the module docstring.
+
+    Raises:
+        ValueError: when no plan gets within ``tolerance`` (the target is beyond what the
+            prunable groups allow, or ``round_to`` makes the steps too coarse); the message gives
+            the closest reduction found.
+    """
+    if not 0.0 < reduction < 1.0:
+        raise ValueError(f"reduction must be in (0, 1), got {reduction}")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    if search not in ("uniform", "global_ranking"):
+        raise ValueError(f"search must be 'uniform' or 'global_ranking', got {search!r}")
+    _check_common(min_channels, round_to)
+    group_scores = _scored(space, scores)
+    order = _global_order(space, group_scores, normalize, min_channels) if search == "global_ranking" else []
+
+    def keep_at(ratio: float) -> dict[int, int]:
+        if search == "uniform":
+            return _uniform_keep(space, group_scores, ratio)
+        return _global_keep(space, group_scores, order, ratio)
+
+    def evaluate(keep: dict[int, int]) -> tuple[Plan, float]:
+        plan = _plan_from_keep(space, group_scores, keep, min_channels, round_to)
+        return plan, space.reduction(plan)
+
+    def on_target(achieved: float) -> bool:
+        return abs(achieved - reduction) <= tolerance
+
+    lo, hi = 0.0, 1.0
+    plan, most = evaluate(keep_at(hi))
+    if most < reduction - tolerance:
+        raise ValueError(
+            f"a FLOPs reduction of {reduction:.4f} is out of reach: pruning every group to its floor removes "
+            f"{most:.4f} (lower min_channels or remove entries from ignored_layers)"
+        )
+    if on_target(most):
+        return plan
+    while hi - lo > 1e-9:  # bisection: reduction(lo) < target - tolerance < target + tolerance < reduction(hi)
+        mid = (lo + hi) / 2
+        plan, achieved = evaluate(keep_at(mid))
+        if on_target(achieved):
+            return plan
+        lo, hi = (mid, hi) if achieved < reduction else (lo, mid)
+    # One step of the ratio jumps over the target: finish group by group from the lower side.
+    keep, below = keep_at(lo), evaluate(keep_at(lo))[1]
+    upper = keep_at(hi)
+    if search == "uniform":
+        steps = [i for i in keep if upper[i] < keep[i]]
+        saving = {i: evaluate({**keep, i: upper[i]})[1] - below for i in steps}
+        moves = [(i, upper[i]) for i in sorted(steps, key=lambda i: -saving[i])]
+    else:
+        removed = sum(space.groups[i].size - keep[i] for i in keep)
+        moves, taken = [], dict(keep)
+        for i in order[removed:]:
+            taken[i] -= 1
+            moves.append((i, taken[i]))
+    closest, blocked = below, set()
+    for i, count in moves:
+        if i in blocked:
+            continue
+        plan, achieved = evaluate({**keep, i: count})
+        if achieved > reduction + tolerance:
+            blocked.add(i)  # a group's later channels would overshoot as well
+            continue
+        keep[i] = count
+        closest = achieved
+        if on_target(achieved):
+            return plan
+    raise ValueError(
+        f"no {search} plan reaches a FLOPs reduction of {reduction:.4f} within {tolerance}: the closest from "
+        f"below is {closest:.4f} (loosen min_channels/round_to/ignored_layers, or the tolerance)"
+    )
+
+
+def knockoff_threshold(W: Tensor, q: float, *, offset: int = 1) -> float:
+    """The knockoff+ threshold of model-X knockoffs (Candès et al. 2018) at FDR level ``q``.
+
+    ``T = min{t in {|W_j|} \\ {0} : (offset + #{j : W_j <= -t}) / max(1, #{j : W_j >= t}) <= q}``,
+    ``+inf`` when no ``t`` qualifies (nothing is selected). ``offset=1`` is knockoff+ (controls
+    the FDR), ``offset=0`` the original knockoff filter (controls a modified FDR).
+
+    Args:
+        W: (p,) statistics, large positive = real feature beats its knockoff.
+        q: target FDR in (0, 1].
+    """
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"q must be in (0, 1], got {q}")
+    if offset not in (0, 1):
+        raise ValueError(f"offset must be 0 or 1, got {offset}")
+    w = torch.as_tensor(W).detach().to("cpu", torch.float64).flatten()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("W contains NaN or Inf")
+    ts = torch.unique(w.abs()[w != 0])  # sorted ascending
+    if ts.numel() == 0:
+        return math.inf
+    sorted_w = torch.sort(w).values
+    negatives = torch.searchsorted(sorted_w, -ts, right=True)  # #{W <= -t}
+    positives = w.numel() - torch.searchsorted(sorted_w, ts, right=False)  # #{W >= t}
+    fdp = (offset + negatives).double() / positives.clamp(min=1).double()
+    ok = torch.nonzero(fdp <= q)
+    return float(ts[ok[0, 0]]) if ok.numel() else math.inf
+
+
+def fdr(
+    space: PruningSpace,
+    scores: Mapping[str, Tensor],
+    q: float,
+    *,
+    scope: str = "layer",
+    min_channels: int = 1,
+    round_to: int = 1,
+) -> Plan:
+    """Keep the channels the knockoff+ filter selects at FDR level ``q``; remove the rest.
+
+    The statistic is each channel's (group-mean) score ``W_j``, SCOP's ``I_j = 2 beta_j - 1``,
+    symmetric about 0 for a channel whose real feature is no better than its knockoff. Channels
+    with ``W_j >= T`` (:func:`knockoff_threshold`) are kept; a group left with fewer than
+    ``min_channels`` keeps its top-scored ``min_channels`` (so a group where nothing is selected,
+    ``T = inf``, keeps exactly that many).
+
+    Args:
+        q: target false discovery rate in (0, 1].
+        scope: ``"layer"`` computes one threshold per group; ``"global"`` one over all channels.
+        min_channels, round_to: see the module docstring.
+    """
+    _check_common(min_channels, round_to)
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    group_scores = _scored(space, scores)
+    if scope == "global":
+        t = knockoff_threshold(torch.cat([s for s in group_scores if s is not None]), q)
+    keep = {}
+    for i, s in enumerate(group_scores):
+        if s is None:
+            continue
+        threshold = knockoff_threshold(s, q) if scope == "layer" else t
+        keep[i] = int((s >= threshold).sum())
+    return _plan_from_keep(space, group_scores, keep, min_channels, round_to)
+
+
+_POLICIES: dict[str, Callable[..., Plan]] = {
+    "uniform": uniform,
+    "global_ranking": global_ranking,
+    "flops_target": flops_target,
+    "fdr": fdr,
+}
+
+
+def select(space: PruningSpace, scores: Mapping[str, Tensor], policy: str, **params) -> Plan:
+    """Run the policy called ``policy`` ("uniform", "global_ranking", "flops_target", "fdr") with ``params``.
+
+    Example::
+
+        >>> space = PruningSpace(model, torch.randn(1, 3, 32, 32))
+        >>> plan = select(space, ScopImportance()(model), "fdr", q=0.1, min_channels=4)
+    """
+    if policy not in _POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; expected one of {sorted(_POLICIES)}")
+    return _POLICIES[policy](space, scores, **params)

@@ -1,0 +1,267 @@
+"""Physical pruning: remove output channels of convolutions, and everything coupled to them.
+
+Couplings come from torch-pruning's ``DependencyGraph``: removing output channel ``k`` of a conv
+also removes input channel ``k`` of every layer that reads it, entry ``k`` of the BatchNorm after
+it, and, where the conv's output meets other convs' outputs in a residual add (or feeds a
+concatenation, a depthwise conv, ...), the matching channels of those convs. One such set is a
+:class:`ChannelGroup`; a pruning **plan** says which channels to remove per conv::
+
+    plan = {"layers.0.0.conv1": [3, 7], "layers.1.0.conv1": [0, 5, 9]}   # dict[str, list[int]]
+
+Every conv of a coupled group appears in the plan with the channels it loses (for residual
+couplings, the same indices), so the plan is plain JSON and reads without the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from .. import models
+from ..layers import ScopConv2d, restore
+from .flops import _modes_kept
+
+__all__ = ["ChannelGroup", "channel_groups", "apply_plan", "channel_widths", "rebuild", "Plan"]
+
+Plan = dict[str, list[int]]
+
+
+@dataclass(eq=False, frozen=True)
+class ChannelGroup:
+    """Output channels of one or more convolutions that can only be removed together.
+
+    Channel ``k`` of the group (``0 <= k < size``) is output channel ``index[conv][k]`` of each
+    member conv (for a residual add that is channel ``k`` of every member).
+
+    Attributes:
+        convs: the convs whose output channels the group removes; ``convs[0]`` is the root the
+            dependency graph grew the group from.
+        size: number of channels in the group.
+        index: per member conv, ``{group channel: conv channel}``.
+        residual: the channels meet in a residual add/subtract or a concatenation (the
+            block-output widths that ``keep_block_width=True`` keeps).
+        shrinks: ``(layer, kind, group channels)`` for every conv/linear layer the group shrinks:
+            kind ``"out"`` (output channels), ``"in"`` (input channels; a flatten before a linear
+            layer repeats a channel once per spatial position) or ``"depthwise"`` (both at once).
+    """
+
+    convs: tuple[str, ...]
+    size: int
+    index: dict[str, dict[int, int]]
+    residual: bool
+    shrinks: tuple[tuple[str, str, tuple[int, ...]], ...]
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return tp.ops.module2type(module) == tp.ops.OPTYPE.DEPTHWISE_CONV
+
+
+def _couples_blocks(node) -> bool:
+    if node.type == tp.ops.OPTYPE.CONCAT:
+        return True
+    if node.type == tp.ops.OPTYPE.ELEMENTWISE and node.grad_fn is not None:
+        return node.grad_fn.name().startswith(("AddBackward", "SubBackward"))
+    return False
+
+
+@contextmanager
+def _plain_forward(model: nn.Module) -> Iterator[None]:
+    # The graph is traced with an ordinary forward: SCOP mode would need a paired batch and
+    # hides the convolution inside a custom operator. Tracing also switches to eval mode.
+    scop_on = [m for m in model.modules() if isinstance(m, ScopConv2d) and m.scop_enabled]
+    for m in scop_on:
+        m.disable_scop()
+    try:
+        with _modes_kept(model), torch.enable_grad():
+            yield
+    finally:
+        for m in scop_on:
+            m.enable_scop()
+
+
+def _dependency_graph(model: nn.Module, example_input: Tensor) -> tp.DependencyGraph:
+    if not isinstance(example_input, Tensor):
+        raise ValueError(f"example_input must be a Tensor, got {type(example_input).__name__}")
+    with _plain_forward(model):
+        return tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+
+
+def _graph_groups(
+    graph: tp.DependencyGraph, model: nn.Module
+) -> list[tuple[ChannelGroup, tp.dependency.Dependency]]:
+    """The prunable channel groups, each with its root dependency (root module and handler)."""
+    names = {m: n for n, m in model.named_modules()}
+    result = []
+    for group in graph.get_all_groups(root_module_types=(nn.Conv2d,)):
+        index, shrinks, residual, prunable = {}, [], False, True
+        for item in group:
+            dep, node = item.dep, item.dep.target
+            module = node.module
+            residual |= _couples_blocks(node)
+            if node.type == tp.ops.OPTYPE.OUTPUT:
+                prunable = False  # these channels are the model's output
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                continue
+            out = graph.is_out_channel_pruning_fn(dep.handler)
+            if isinstance(module, nn.Linear) and out:
+                prunable = False  # a linear layer's outputs: the classifier's, or a hidden layer's we do not score
+                continue
+            kind = "depthwise" if _is_depthwise(module) else ("out" if out else "in")
+            shrinks.append((names[module], kind, tuple(item.root_idxs)))
+            if kind != "in":
+                index[names[module]] = dict(zip(item.root_idxs, item.idxs))
+        if not prunable:
+            continue
+        root = group[0].dep.target.module
+        convs = (names[root],) + tuple(n for n in index if n != names[root])
+        info = ChannelGroup(convs, len(group[0].idxs), index, residual, tuple(shrinks))
+        result.append((info, group[0].dep))
+    return result
+
+
+def channel_groups(model: nn.Module, example_input: Tensor) -> list[ChannelGroup]:
+    """The prunable channel groups of ``model``, traced on ``example_input``.
+
+    Every conv appears in at most one group. Groups whose channels reach a linear layer's
+    outputs or the model's output (the classifier) are not prunable and are left out.
+
+    Args:
+        model: any CNN; :class:`~scop_ext.layers.ScopConv2d` layers are traced in plain mode.
+        example_input: a plain (N, C, H, W) batch the model accepts.
+    """
+    graph = _dependency_graph(model, example_input)
+    return [g for g, _ in _graph_groups(graph, model)]
+
+
+def _group_channels(group: ChannelGroup, plan: Mapping[str, Sequence[int]]) -> list[int] | None:
+    """The group channels ``plan`` removes, or None when it does not touch the group."""
+    chosen = None
+    for conv in group.convs:
+        if conv not in plan:
+            continue
+        inverse = {c: k for k, c in group.index[conv].items()}
+        idxs = list(plan[conv])
+        bad = [i for i in idxs if i not in inverse]
+        if bad or len(set(idxs)) != len(idxs):
+            raise ValueError(
+                f"plan[{conv!r}] must hold distinct channel indices of {conv!r} in the group "
+                f"(0..{len(inverse) - 1} for a full group); got {sorted(idxs)}"
+            )
+        channels = sorted(inverse[i] for i in idxs)
+        if chosen is not None and channels != chosen:
+            raise ValueError(
+                f"plan removes different channels from coupled convs {group.convs}: they must be removed together"
+            )
+        chosen = channels
+    if chosen is not None:
+        missing = [c for c in group.convs if c not in plan]
+        if missing:
+            raise ValueError(f"plan must list every conv of the coupled group {group.convs}; missing {missing}")
+        if len(chosen) >= group.size:
+            raise ValueError(f"plan removes all {group.size} channels of {group.convs}; at least one must stay")
+    return chosen
+
+
+def apply_plan(
+    model: nn.Module, example_input: Tensor, plan: Mapping[str, Sequence[int]], keep_block_width: bool = False
+) -> nn.Module:
+    """Remove the planned output channels from ``model``, in place, with everything coupled to them.
+
+    :class:`~scop_ext.layers.ScopConv2d` layers end up as ``nn.Conv2d``
+    (:func:`scop_ext.layers.restore`; their ``beta`` and knockoff state are dropped), so the
+    result holds only ordinary torch layers and runs without scop_ext. The plan is checked in
+    full before anything changes: on an error the model is untouched.
+
+    Args:
+        model: the network to prune.
+        example_input: a plain (N, C, H, W) batch the model accepts (used for tracing only).
+        plan: ``{conv name: [output channel indices to remove]}``; every conv of a coupled group
+            must be listed with the same channels (what :mod:`scop_ext.prune.select` produces).
+        keep_block_width: the authors' behaviour: plan entries for convs whose outputs meet in a
+            residual add or a concatenation are skipped, so block output widths are kept and only
+            block-internal convs shrink. Build the plan from a
+            ``PruningSpace(..., keep_block_width=True)`` so FLOPs targets account for this.
+
+    Returns:
+        ``model``, pruned (every module in the train/eval mode it was in).
+
+    Raises:
+        ValueError: a plan entry names no prunable conv, has out-of-range or duplicate indices,
+            treats coupled convs differently, or would remove every channel of a group.
+    """
+    graph = _dependency_graph(model, example_input)
+    groups = _graph_groups(graph, model)
+    known = {conv for g, _ in groups for conv in g.convs}
+    unknown = sorted(set(plan) - known)
+    if unknown:
+        raise ValueError(f"plan names {unknown}, which are not prunable convs of this model (or not convs)")
+    # Decide every group against the unpruned graph first; groups never share output channels,
+    # so pruning one leaves the others' indices valid.
+    todo = []
+    for group, root_dep in groups:
+        channels = _group_channels(group, plan)
+        if channels and not (keep_block_width and group.residual):
+            todo.append((root_dep, channels))
+    with _modes_kept(model):
+        for root_dep, channels in todo:
+            graph.get_pruning_group(root_dep.target.module, root_dep.handler, channels).prune()
+    # torch-pruning shrinks a ScopConv2d's weight like any conv's (its beta is left stale);
+    # restoring keeps the pruned weight and drops the SCOP state.
+    return restore(model)
+
+
+def channel_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels of every ``nn.Conv2d`` of ``model``, by qualified name (JSON-ready)."""
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def rebuild(
+    model_name: str, widths: Mapping[str, int], num_classes: int, in_channels: int
+) -> nn.Module:
+    """Re-create a pruned model's architecture from its name and :func:`channel_widths`.
+
+    Builds the dense model with :func:`scop_ext.models.build_model`, then shrinks each coupled
+    group to the recorded width; load the pruned model's state_dict (e.g. from safetensors)
+    into the result to get the pruned network back without pickle.
+
+    Args:
+        model_name: the name the dense model was built with (``"resnet20"``, ``"torchvision:resnet18"``).
+        widths: ``{conv name: output channels}`` for every conv.
+        num_classes, in_channels: as given to :func:`~scop_ext.models.build_model`.
+
+    Returns:
+        The pruned architecture, randomly initialised.
+
+    Raises:
+        ValueError: widths that do not name every conv, exceed the dense widths, differ between
+            coupled convs, or change a conv that cannot be pruned.
+    """
+    model = models.build_model(model_name, num_classes, in_channels)
+    dense = channel_widths(model)
+    if set(widths) != set(dense):
+        raise ValueError(
+            f"widths must name exactly the convs of {model_name!r}: missing {sorted(set(dense) - set(widths))}, "
+            f"unknown {sorted(set(widths) - set(dense))}"
+        )
+    x = models.example_input(model_name, in_channels)
+    plan = {}
+    for group in channel_groups(model, x):
+        kept = {widths[c] for c in group.convs}
+        if len(kept) > 1:
+            raise ValueError(f"coupled convs {group.convs} must have one width, got {sorted(kept)}")
+        (width,) = kept
+        if not 1 <= width <= group.size:
+            raise ValueError(f"width of {group.convs[0]!r} must be in 1..{group.size}, got {width}")
+        removed = range(width, group.size)  # which channels does not matter: weights are loaded after
+        for conv in group.convs:
+            plan[conv] = [group.index[conv][k] for k in removed if k in group.index[conv]]
+    apply_plan(model, x, {k: v for k, v in plan.items() if v})
+    wrong = {n: (w, widths[n]) for n, w in channel_widths(model).items() if w != widths[n]}
+    if wrong:
+        raise ValueError(f"these convs cannot take the requested widths (have, requested): {wrong}")
+    return model
