@@ -127,13 +127,14 @@ def _check_split(split: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"split must be one of {allowed}, got {split!r}")
 
 
-def cifar10(root: str | os.PathLike, split: str = "train") -> Dataset:
+def cifar10(root: str | os.PathLike, split: str = "train", *, augment: bool | None = None) -> Dataset:
     """CIFAR-10 from its standard python-format folder; nothing is downloaded.
 
     ``root`` is the ``cifar-10-batches-py`` folder (``data_batch_1`` .. ``data_batch_5``,
     ``test_batch``) or the folder containing it. Items are ``(image, label)`` with image float32
     (3, 32, 32), normalised with the CIFAR-10 channel mean/std; the ``"train"`` split adds the
-    standard augmentation (random 32x32 crop of the 4-pixel zero-padded image, horizontal flip).
+    standard augmentation (random 32x32 crop of the 4-pixel zero-padded image, horizontal flip)
+    unless ``augment=False`` (``augment`` defaults to ``split == "train"``).
 
     Raises:
         FileNotFoundError: no batch files under ``root``.
@@ -156,17 +157,20 @@ def cifar10(root: str | os.PathLike, split: str = "train") -> Dataset:
     batches = [_read_cifar_batch(f) for f in files]
     images = torch.from_numpy(np.concatenate([b[0] for b in batches]))
     labels = torch.from_numpy(np.concatenate([b[1] for b in batches]))
-    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if split == "train" else []
+    augment = split == "train" if augment is None else augment
+    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
     transform = T.Compose(steps + [T.ToDtype(torch.float32, scale=True), T.Normalize(_CIFAR_MEAN, _CIFAR_STD)])
     return _ImageTensors(images, labels, transform)
 
 
-def image_folder(root: str | os.PathLike, split: str = "train", image_size: int = 224) -> Dataset:
+def image_folder(root: str | os.PathLike, split: str = "train", image_size: int = 224, *,
+                 augment: bool | None = None) -> Dataset:
     """An ImageFolder tree (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``), ImageNet style.
 
     Items are ``(image, label)`` with image float32 (3, image_size, image_size) normalised with
     the ImageNet mean/std. ``"train"``: random-resized crop + horizontal flip; ``"val"``: resize
-    the short side to ``image_size / 0.875``, then centre crop.
+    the short side to ``image_size / 0.875``, then centre crop (also for "train" with
+    ``augment=False``; ``augment`` defaults to ``split == "train"``).
 
     Raises:
         FileNotFoundError: ``root/split`` is not a folder.
@@ -184,7 +188,8 @@ def image_folder(root: str | os.PathLike, split: str = "train", image_size: int 
             f"image folder split not found: {folder!r} (expected {os.fspath(root)!r} to hold train/ and val/, "
             f"each with one sub-folder of images per class)"
         )
-    if split == "train":
+    augment = split == "train" if augment is None else augment
+    if augment:
         steps = [T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()]
     else:
         steps = [T.Resize(round(image_size / 0.875), antialias=True), T.CenterCrop(image_size)]
@@ -198,7 +203,8 @@ def image_folder(root: str | os.PathLike, split: str = "train", image_size: int 
 
 
 def load_dataset(
-    name: str, root: str | os.PathLike | None = None, split: str = "train", *, image_size: int = 224
+    name: str, root: str | os.PathLike | None = None, split: str = "train", *, image_size: int = 224,
+    augment: bool | None = None,
 ) -> tuple[Dataset, DatasetInfo]:
     """One entry point for every dataset: ``(dataset, info)``.
 
@@ -208,6 +214,8 @@ def load_dataset(
         root: local path of the data; nothing is ever downloaded.
         split: ``"train"`` or ``"test"`` (for ``"imagefolder"`` the test split is ``root/val``).
         image_size: crop size for ``"imagefolder"`` (ignored by the others, whose size is fixed).
+        augment: random training augmentation; defaults to ``split == "train"`` (digits never
+            augments). Stage 2 and BN recalibration use ``augment=False``.
 
     Returns:
         The dataset of ``(image, label)`` pairs and its :class:`DatasetInfo`.
@@ -220,8 +228,8 @@ def load_dataset(
     if name in ("cifar10", "imagefolder") and root is None:
         raise ValueError(f"root is required for {name!r}: the local folder holding the data")
     if name == "cifar10":
-        return cifar10(root, split), CIFAR10_INFO
+        return cifar10(root, split, augment=augment), CIFAR10_INFO
     if name == "imagefolder":
-        dataset = image_folder(root, "val" if split == "test" else "train", image_size)
+        dataset = image_folder(root, "val" if split == "test" else "train", image_size, augment=augment)
         return dataset, DatasetInfo("imagefolder", len(dataset.classes), 3, image_size)
     raise ValueError(f"unknown dataset {name!r}; expected 'digits', 'cifar10' or 'imagefolder'")

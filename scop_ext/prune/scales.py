@@ -200,7 +200,7 @@ def learn_scales(
         for epoch in range(start, epochs):
             set_epoch(pairs, epoch)
             loss_sum, seen = 0.0, 0
-            bar = tqdm(pairs, desc=f"scales {epoch + 1}/{epochs}", disable=not (progress and distributed.is_main()), leave=False)
+            bar = tqdm(pairs, desc=f"scales {epoch + 1}/{epochs}", disable=None if (progress and distributed.is_main()) else True, leave=False)
             for step, (x, xk, y) in enumerate(bar):
                 x, xk, y = x.to(device), xk.to(device), y.to(device)
                 logits = ddp(torch.cat([x, xk]))[: x.shape[0]]

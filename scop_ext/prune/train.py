@@ -183,7 +183,7 @@ def fit(
         set_epoch(train_loader, epoch)
         model.train()
         loss_sum, hits, seen = 0.0, 0, 0
-        bar = tqdm(train_loader, desc=f"{stage} {epoch + 1}/{epochs}", disable=not (progress and distributed.is_main()), leave=False)
+        bar = tqdm(train_loader, desc=f"{stage} {epoch + 1}/{epochs}", disable=None if (progress and distributed.is_main()) else True, leave=False)
         for step, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device, amp):

@@ -1,0 +1,346 @@
+"""The ``scop`` command: train a baseline, prune it with SCOP, inspect knockoffs, export.
+
+Every sub-command takes ``--device``, ``--seed`` and ``--out`` and has ``--help``. Errors in the
+user's input (paths, configs, checkpoints) end with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ["main"]
+
+
+def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order, knockoffs and biases (default 0)")
+    p.add_argument("--out", default=out_default, required=out_default is None, help="output folder")
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: not a device name: {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here")
+    return name
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _key_values(pairs: list[str], flag: str) -> dict:
+    values = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        values[key.replace("-", "_")] = _parse_value(value)
+    return values
+
+
+# ---------------------------------------------------------------------------------- train
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .checkpoint import write_json
+    from .data import load_dataset
+    from .models import build_model
+    from .prune.export import save_model
+    from .prune.train import evaluate, fit, make_loader
+
+    device = _device(args.device)
+    torch.manual_seed(args.seed)
+    train, info = load_dataset(args.dataset, args.data_root, "train")
+    test, _ = load_dataset(args.dataset, args.data_root, "test")
+    model = build_model(args.model, info.num_classes, info.in_channels)
+    result = fit(model, make_loader(train, args.batch_size, shuffle=True, seed=args.seed),
+                 make_loader(test, 256, shuffle=False, evaluation=True), epochs=args.epochs, lr=args.lr,
+                 device=device, weight_decay=args.weight_decay, stage="train",
+                 checkpoint_path=os.path.join(args.out, "train-progress.pt"), log=print)
+    metrics = evaluate(model, make_loader(test, 256, shuffle=False, evaluation=True), device)
+    paths = save_model(model, os.path.join(args.out, "model"), model_name=args.model,
+                       num_classes=info.num_classes, in_channels=info.in_channels)
+    write_json(os.path.join(args.out, "metrics.json"), {"test": metrics, "history": result.history})
+    print(f"trained {args.model} on {args.dataset}: test top-1 {100 * metrics['top1']:.2f}% -> {paths['weights']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- prune
+
+PRUNE_FLAGS = {
+    # flag: (config key, type, help)
+    "model": (str, "model name (see `scop models`)"),
+    "weights": (str, "trained weights: a .safetensors/state_dict file or a `scop train` model stem"),
+    "dataset": (str, "digits (bundled), cifar10 or imagefolder"),
+    "data_root": (str, "local folder of cifar10 / imagefolder data"),
+    "batch_size": (int, "images per batch (real images; stage 2 adds as many knockoffs)"),
+    "knockoffs": (str, "knockoff generator: gaussian, gan, permutation"),
+    "scales_epochs": (int, "stage 2 epochs"),
+    "bn": (str, "batch (authors) or frozen"),
+    "importance": (str, "scop, l1, l2, bn_scale, random"),
+    "policy": (str, "uniform, global_ranking, flops_target, fdr"),
+    "ratio": (float, "fraction of channels removed (uniform / global_ranking)"),
+    "flops_reduction": (float, "target FLOPs reduction (flops_target)"),
+    "fdr_q": (float, "target false discovery rate (fdr)"),
+    "min_channels": (int, "fewest channels a layer keeps"),
+    "round_to": (int, "kept channels rounded up to a multiple of this"),
+    "finetune_epochs": (int, "fine-tuning epochs"),
+    "finetune_lr": (float, "fine-tuning learning rate"),
+}
+
+
+def _prune_config(args):
+    from .prune.pipeline import PruneConfig
+
+    values = PruneConfig.from_file(args.config).to_dict() if args.config else {}
+    for key in PRUNE_FLAGS:
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.no_knockoff_bias:
+        values["knockoff_bias"] = False
+    if args.keep_block_width:
+        values["keep_block_width"] = True
+    values.update(_key_values(args.set, "--set"))
+    values["device"] = _device(args.device or values.get("device"))
+    values["seed"] = args.seed if args.seed is not None else values.get("seed", 0)
+    return PruneConfig.from_dict(values)
+
+
+def cmd_prune(args) -> int:
+    from .prune import distributed
+    from .prune.pipeline import ScopPruner
+    from .prune.report import format_table
+
+    config = _prune_config(args)
+    distributed.setup(config.device)
+    try:
+        pruner = ScopPruner(config, args.out, progress=not args.quiet)
+        results = pruner.run(resume=args.resume)
+    finally:
+        distributed.teardown()
+    if distributed.is_main():
+        print(format_table(results.get("before", {}), results.get("after", {})))
+        print(f"report: {os.path.join(args.out, 'report.md')}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ knockoffs
+
+def cmd_knockoffs_fit(args) -> int:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .data import load_dataset
+    from .knockoffs import make_generator
+
+    torch.manual_seed(args.seed)
+    train, _ = load_dataset(args.dataset, args.data_root, "train", augment=False)
+    gen = make_generator(args.kind, **_key_values(args.option, "--option"))
+    gen.fit(DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)))
+    path = os.path.join(args.out, "knockoffs.pt")
+    gen.save(path)
+    print(f"fitted {args.kind} knockoffs on {args.dataset} -> {path}")
+    return 0
+
+
+def cmd_knockoffs_check(args) -> int:
+    from .data import load_dataset
+    from .knockoffs import check, load
+    from .prune.export import load_model
+
+    gen = load(args.knockoffs)
+    test, _ = load_dataset(args.dataset, args.data_root, "test")
+    model, layers = None, None
+    if args.model:
+        model, _ = load_model(args.model)
+        layers = args.layers or None
+    report = check(gen, test, args.out, model=model, layers=layers, seed=args.seed, n=args.n)
+    print(json.dumps({k: report[k] for k in ("exchangeability", "power", "leakage") if k in report}, indent=2, default=str))
+    print(f"report and figures in {args.out}")
+    return 0
+
+
+# -------------------------------------------------------------------------- report / export
+
+def cmd_report(args) -> int:
+    from .prune.report import format_table, write_report
+
+    path = os.path.join(args.run, "state.json")
+    try:
+        with open(path) as f:
+            results = json.load(f)["results"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise ValueError(f"{path}: not a readable scop run state ({exc})") from None
+    out = args.out or args.run
+    paths = write_report(out, results)
+    print(format_table(results.get("before", {}), results.get("after", {})))
+    print(f"report: {paths['md']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .prune.export import export_onnx, export_torchscript, load_model, save_model
+
+    model, arch = load_model(args.model)
+    example = torch.randn(1, arch["in_channels"], args.image_size, args.image_size)
+    os.makedirs(args.out, exist_ok=True)
+    formats = ["safetensors", "torchscript", "onnx"] if args.format == "all" else [args.format]
+    for fmt in formats:
+        if fmt == "safetensors":
+            paths = save_model(model, os.path.join(args.out, "model"), model_name=arch["model"],
+                               num_classes=arch["num_classes"], in_channels=arch["in_channels"])
+            print(f"safetensors: {paths['weights']} + {paths['arch']}")
+        elif fmt == "torchscript":
+            export_torchscript(model, example, os.path.join(args.out, "model.ts"))
+            print(f"torchscript: {os.path.join(args.out, 'model.ts')}")
+        else:
+            export_onnx(model, example, os.path.join(args.out, "model.onnx"))
+            print(f"onnx: {os.path.join(args.out, 'model.onnx')}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import scop_ext
+
+    from .models import model_names
+
+    print(json.dumps({"build": scop_ext.build_info(), "models": model_names()}, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- demo
+
+def cmd_demo(args) -> int:
+    """Baseline on digits, SCOP to about half the FLOPs, fine-tune, print the table."""
+    import time
+
+    from .prune.pipeline import PruneConfig, ScopPruner
+    from .prune.report import format_table
+
+    start = time.time()
+    device = _device(args.device)
+    base = os.path.join(args.out, "baseline")
+    if not os.path.exists(os.path.join(base, "model.json")):
+        cmd_train(argparse.Namespace(model="resnet_digits", dataset="digits", data_root=None, epochs=args.train_epochs,
+                                     lr=0.1, batch_size=64, weight_decay=5e-4, device=device, seed=args.seed, out=base))
+    config = PruneConfig(model="resnet_digits", weights=os.path.join(base, "model"), dataset="digits",
+                         scales_epochs=args.scales_epochs, finetune_epochs=args.finetune_epochs, finetune_lr=0.02,
+                         policy="flops_target", flops_reduction=0.5, device=device, seed=args.seed)
+    results = ScopPruner(config, os.path.join(args.out, "prune")).run(resume=True)
+    print()
+    print(format_table(results["before"], results["after"]))
+    print(f"\nFLOPs reduction {100 * results.get('flops_reduction', 0):.1f}%, "
+          f"top-1 right after pruning {100 * results['after_prune']['top1']:.2f}%; "
+          f"report: {os.path.join(args.out, 'prune', 'report.md')}; {time.time() - start:.0f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scop", description="Knockoff-controlled filter pruning (SCOP) for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a baseline model", description="Train a baseline (SGD Nesterov, cosine).")
+    p.add_argument("--model", default="resnet_digits")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prune", help="run the SCOP pipeline",
+                       description="Prune a trained model with SCOP: knockoffs, scales, selection, surgery, "
+                                   "fine-tuning, report. Settings come from --config (YAML/JSON), then flags, "
+                                   "then --set KEY=VALUE (any PruneConfig key).")
+    p.add_argument("--config", help="YAML or JSON file of PruneConfig keys")
+    for key, (kind, text) in PRUNE_FLAGS.items():
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=text)
+    p.add_argument("--no-knockoff-bias", action="store_true", help="turn the Lemma 2 biases off")
+    p.add_argument("--keep-block-width", action="store_true", help="the authors' behaviour: keep residual widths")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any PruneConfig key (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last complete stage")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("knockoffs", help="fit or check knockoff generators")
+    ksub = p.add_subparsers(dest="knockoffs_command", required=True)
+    k = ksub.add_parser("fit", help="fit a knockoff generator", description="Fit a knockoff generator on training images.")
+    k.add_argument("--kind", default="gaussian", help="gaussian, gan or permutation")
+    k.add_argument("--dataset", default="digits")
+    k.add_argument("--data-root", default=None)
+    k.add_argument("--batch-size", type=int, default=256)
+    k.add_argument("--option", action="append", metavar="KEY=VALUE", help="generator constructor argument")
+    _common(k)
+    k.set_defaults(func=cmd_knockoffs_fit)
+    k = ksub.add_parser("check", help="measure knockoff quality",
+                        description="Exchangeability, power, label leakage, s0 and figures (seed Fig. S1/S2).")
+    k.add_argument("--knockoffs", required=True, help="file written by `scop knockoffs fit`")
+    k.add_argument("--dataset", default="digits")
+    k.add_argument("--data-root", default=None)
+    k.add_argument("--model", help="model stem (`scop train` output) to measure features of")
+    k.add_argument("--layers", nargs="*", help="module names of --model to measure at")
+    k.add_argument("-n", type=int, default=1000, help="images to use")
+    _common(k)
+    k.set_defaults(func=cmd_knockoffs_check)
+
+    p = sub.add_parser("report", help="rewrite the report of a run", description="Rewrite report.md/JSON/PNGs of a run.")
+    p.add_argument("--run", required=True, help="the --out folder of `scop prune`")
+    p.add_argument("--out", default=None, help="where to write (default: the run folder)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="export a model", description="Export a saved model (no pickle needed to reload).")
+    p.add_argument("--model", required=True, help="model stem, e.g. runs/prune/final")
+    p.add_argument("--format", default="all", choices=["safetensors", "torchscript", "onnx", "all"])
+    p.add_argument("--image-size", type=int, default=8, help="example input size for tracing (8 for digits)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="the end-to-end demo on the bundled digits",
+                       description="Train a small ResNet on digits, prune ~50%% of its FLOPs with SCOP, fine-tune.")
+    p.add_argument("--train-epochs", type=int, default=15)
+    p.add_argument("--scales-epochs", type=int, default=10)
+    p.add_argument("--finetune-epochs", type=int, default=10)
+    _common(p, out_default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="what was built and which models exist")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        print(f"scop {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Saving and loading pruned models without pickle, and exports for deployment.
+
+A model is stored as ``<stem>.safetensors`` (its state_dict) beside ``<stem>.json`` (model name,
+classes, input channels and every conv's output width), so a pruned architecture is re-created
+by :func:`~scop_ext.prune.surgery.rebuild` and nothing executable is ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from .. import checkpoint
+from .surgery import channel_widths, rebuild
+
+__all__ = ["ARCH_VERSION", "save_model", "load_model", "export_torchscript", "export_onnx"]
+
+ARCH_VERSION = 1
+
+
+def save_model(model: nn.Module, stem: str | os.PathLike, *, model_name: str, num_classes: int, in_channels: int,
+               extra: dict | None = None) -> dict[str, str]:
+    """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically; returns their paths."""
+    from safetensors.torch import save
+
+    stem = os.fspath(stem)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    arch = {"format": "scop-model", "version": ARCH_VERSION, "model": model_name, "num_classes": num_classes,
+            "in_channels": in_channels, "widths": channel_widths(model), **(extra or {})}
+    paths = {"weights": stem + ".safetensors", "arch": stem + ".json"}
+    checkpoint.atomic_write_bytes(paths["weights"], save(state))
+    checkpoint.write_json(paths["arch"], arch)
+    return paths
+
+
+def read_arch(stem: str | os.PathLike) -> dict:
+    """The architecture record ``<stem>.json`` written by :func:`save_model`, validated."""
+    path = os.fspath(stem) + ".json"
+    try:
+        with open(path) as f:
+            arch = json.load(f)
+    except FileNotFoundError:
+        raise checkpoint.CheckpointError(f"{path}: no such model description") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise checkpoint.CheckpointError(f"{path}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+    if not isinstance(arch, dict) or arch.get("format") != "scop-model":
+        raise checkpoint.CheckpointError(f"{path}: not a scop model description")
+    if arch.get("version") != ARCH_VERSION:
+        raise checkpoint.CheckpointError(f"{path}: model description version {arch.get('version')!r}; this scop reads {ARCH_VERSION}")
+    missing = [k for k in ("model", "num_classes", "in_channels", "widths") if k not in arch]
+    if missing:
+        raise checkpoint.CheckpointError(f"{path}: model description lacks {missing}")
+    return arch
+
+
+def load_model(stem: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Re-create a model saved by :func:`save_model`: ``(model in eval mode, architecture dict)``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    arch = read_arch(stem)
+    weights = os.fspath(stem) + ".safetensors"
+    if not os.path.isfile(weights):
+        raise checkpoint.CheckpointError(f"{weights}: no such weights file")
+    try:
+        state = load_file(weights, device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise checkpoint.CheckpointError(f"{weights}: truncated or corrupt safetensors file ({exc})") from None
+    model = rebuild(arch["model"], arch["widths"], arch["num_classes"], arch["in_channels"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise checkpoint.CheckpointError(f"{weights}: does not match the architecture in {os.fspath(stem)}.json ({first})") from None
+    return model.to(map_location).eval(), arch
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> None:
+    """A traced TorchScript file (torch.jit is deprecated upstream but still what many C++ servers load)."""
+    model = model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(model, example)
+        tmp = os.fspath(path) + ".tmp"
+        traced.save(tmp)
+    os.replace(tmp, path)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> None:
+    """An ONNX file with a dynamic batch dimension (needs the ``onnx`` package)."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise RuntimeError("ONNX export needs the onnx package: pip install onnx onnxscript") from None
+    model = model.eval()
+    tmp = os.fspath(path) + ".tmp.onnx"
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(model, (example,), tmp, input_names=["input"], output_names=["logits"],
+                      dynamic_shapes=({0: batch},), dynamo=True, external_data=False)
+    os.replace(tmp, path)

@@ -1,0 +1,417 @@
+"""The whole SCOP run as one object with plain steps (DESIGN.md §1, stages 1-4).
+
+    fit_knockoffs -> convert -> learn_scales -> select -> prune -> recalibrate_bn -> finetune
+    -> evaluate -> report
+
+:class:`ScopPruner` holds the model, data and configuration; each step can be called on its own,
+and :meth:`ScopPruner.run` calls them in order, writing every stage's result atomically into
+``out_dir`` so an interrupted run resumes from its last complete stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import checkpoint
+from ..data import load_dataset
+from ..layers import convert as convert_layers
+from ..layers import scop_layers
+from ..models import build_model
+from . import distributed
+from .export import load_model, save_model
+from .flops import count_flops, count_params
+from .importance import make_importance
+from .report import measure_latency, write_report
+from .scales import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
+from .select import PruningSpace, select
+from .surgery import apply_plan, channel_widths
+from .train import evaluate, fit, make_loader, recalibrate_bn
+
+__all__ = ["PruneConfig", "ScopPruner", "STAGES"]
+
+STAGES = ("knockoffs", "scales", "select", "prune", "finetune", "report")
+
+
+@dataclass
+class PruneConfig:
+    """Every setting of a run; plain values only, so it round-trips through JSON and YAML.
+
+    Stage 2 defaults are the authors' (Adam 0.004, betas (0.5, 0.9), beta from 0.5); fine-tuning
+    is SGD Nesterov with momentum 0.9, weight decay 1e-4 and a cosine schedule.
+    """
+
+    model: str = "resnet_digits"
+    weights: str | None = None  # trained baseline: .safetensors / state_dict file, or a save_model stem
+    dataset: str = "digits"
+    data_root: str | None = None
+    image_size: int = 224  # imagefolder only
+    batch_size: int = 64
+    # stage 1
+    knockoffs: str = "gaussian"
+    knockoff_options: dict = field(default_factory=dict)
+    pair_cache: bool = True  # draw one knockoff per image up front (False: on the fly, for big data)
+    # stage 2
+    skip: list = field(default_factory=list)  # conv names/patterns left unwrapped
+    scales_epochs: int = 20
+    scales_lr: float = 0.004
+    scales_betas: tuple = (0.5, 0.9)
+    knockoff_bias: bool = True
+    bias_gamma: float | None = None
+    bn: str = "batch"
+    # stage 3
+    importance: str = "scop"
+    multiply_bn_gamma: bool = False
+    policy: str = "flops_target"
+    ratio: float = 0.5  # uniform / global_ranking
+    flops_reduction: float = 0.5  # flops_target
+    fdr_q: float = 0.1  # fdr
+    fdr_scope: str = "layer"
+    min_channels: int = 1
+    round_to: int = 1
+    ignored_layers: list = field(default_factory=list)
+    keep_block_width: bool = False
+    # stage 4
+    bn_batches: int = 50
+    finetune_epochs: int = 10
+    finetune_lr: float = 0.01
+    weight_decay: float = 1e-4
+    amp: bool | None = None
+    # run
+    device: str = "cpu"
+    seed: int = 0
+    latency: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PruneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> PruneConfig:
+        """Read a YAML or JSON config (by extension; YAML also reads JSON)."""
+        path = os.fspath(path)
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read config ({exc.strerror})") from None
+        try:
+            if path.endswith(".json"):
+                values = json.loads(text)
+            else:
+                import yaml
+
+                values = yaml.safe_load(text)
+        except Exception as exc:  # the parsers' own error types vary; one clear line either way
+            raise ValueError(f"{path}: malformed config ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a config must be a mapping of keys to values, got {type(values).__name__}")
+        try:
+            return cls.from_dict(values)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["scales_betas"] = list(self.scales_betas)
+        return d
+
+    def validate(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.scales_epochs >= 1, "scales_epochs must be >= 1"),
+            (self.finetune_epochs >= 0, "finetune_epochs must be >= 0"),
+            (self.bn in ("batch", "frozen"), "bn must be 'batch' or 'frozen'"),
+            (self.policy in ("uniform", "global_ranking", "flops_target", "fdr"),
+             "policy must be one of uniform, global_ranking, flops_target, fdr"),
+            (0.0 <= self.ratio < 1.0, "ratio must be in [0, 1)"),
+            (0.0 <= self.flops_reduction < 1.0, "flops_reduction must be in [0, 1)"),
+            (0.0 < self.fdr_q < 1.0, "fdr_q must be in (0, 1)"),
+            (self.min_channels >= 1 and self.round_to >= 1, "min_channels and round_to must be >= 1"),
+            (len(self.scales_betas) == 2, "scales_betas must be a pair"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def policy_params(self) -> dict[str, Any]:
+        common = {"min_channels": self.min_channels, "round_to": self.round_to}
+        specific = {
+            "uniform": {"ratio": self.ratio},
+            "global_ranking": {"ratio": self.ratio},
+            "flops_target": {"reduction": self.flops_reduction},
+            "fdr": {"q": self.fdr_q, "scope": self.fdr_scope},
+        }[self.policy]
+        return {**common, **specific}
+
+
+def _load_weights(model_name: str, info, weights: str | None) -> nn.Module:
+    if weights and os.path.isfile(str(weights) + ".json"):
+        model, _ = load_model(weights)  # a save_model stem (e.g. the output of `scop train`)
+        return model
+    return build_model(model_name, info.num_classes, info.in_channels, weights=weights)
+
+
+class ScopPruner:
+    """One SCOP run: from a trained model to a smaller, fine-tuned one.
+
+    Args:
+        config: a :class:`PruneConfig`.
+        out_dir: where every stage writes its result (``state.json`` lists the completed stages).
+        model: the trained network; built from ``config.model`` / ``config.weights`` if None.
+
+    Example::
+
+        >>> pruner = ScopPruner(PruneConfig(weights="runs/base/model"), "runs/prune")
+        >>> results = pruner.run()          # or call the steps one by one:
+        >>> pruner.fit_knockoffs(); pruner.convert(); pruner.learn_scales(); ...
+    """
+
+    def __init__(self, config: PruneConfig, out_dir: str | os.PathLike, model: nn.Module | None = None,
+                 progress: bool = True, log=print):
+        config.validate()
+        self.config, self.out_dir, self.progress = config, os.fspath(out_dir), progress
+        self.log = log if distributed.is_main() else (lambda *a, **k: None)
+        self.device = torch.device(config.device)
+        self.train_set, self.info = load_dataset(config.dataset, config.data_root, "train",
+                                                 image_size=config.image_size, augment=False)
+        self.train_aug, _ = load_dataset(config.dataset, config.data_root, "train", image_size=config.image_size)
+        self.test_set, _ = load_dataset(config.dataset, config.data_root, "test", image_size=config.image_size)
+        self.model = model if model is not None else _load_weights(config.model, self.info, config.weights)
+        self.model.to(self.device)
+        self.example = self.train_set[0][0][None]
+        self.knockoffs = None
+        self.plan: dict[str, list[int]] | None = None
+        self.results: dict[str, Any] = {"config": config.to_dict(), "notes": []}
+        self.completed: list[str] = []
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
+
+    def _loader(self, dataset, *, shuffle: bool, evaluation: bool = False, batch_size: int | None = None):
+        return make_loader(dataset, batch_size or self.config.batch_size, shuffle=shuffle, seed=self.config.seed,
+                           evaluation=evaluation)
+
+    def _finish(self, stage: str) -> None:
+        self.completed.append(stage)
+        if distributed.is_main():
+            checkpoint.write_json(self._path("state.json"), {"completed": self.completed, "results": self.results})
+        distributed.barrier()
+
+    def _metrics(self, model: nn.Module) -> dict[str, Any]:
+        model.eval()
+        m = evaluate(model, self._loader(self.test_set, shuffle=False, evaluation=True, batch_size=256), self.device)
+        example = self.example.to(self.device)
+        metrics = {"params": count_params(model), "flops": count_flops(model, example), **m}
+        if self.config.latency and distributed.is_main():
+            metrics["latency_ms_b1"] = measure_latency(model, example, 1, self.device)
+            metrics["latency_ms_b64"] = measure_latency(model, example, 64, self.device)
+        return metrics
+
+    # ------------------------------------------------------------------ the steps
+
+    def fit_knockoffs(self):
+        """Stage 1: fit the knockoff generator on the (unaugmented) training images."""
+        from ..knockoffs import make_generator
+
+        torch.manual_seed(self.config.seed)
+        gen = make_generator(self.config.knockoffs, **self.config.knockoff_options)
+        gen.fit(self._loader(self.train_set, shuffle=True))
+        self.knockoffs = gen
+        if distributed.is_main():
+            gen.save(self._path("knockoffs.pt"))
+        return gen
+
+    def convert(self) -> dict[str, nn.Module]:
+        """Wrap the convolutions (all but ``config.skip``) as ScopConv2d in SCOP mode."""
+        self.results.setdefault("before", self._metrics(self.model))
+        self.results.setdefault("widths_before", channel_widths(self.model))
+        convert_layers(self.model, skip=self.config.skip)
+        return scop_layers(self.model)
+
+    def _pairs(self):
+        sample = self.knockoffs.sample
+        if self.config.pair_cache:
+            return pair_dataset(self.train_set, sample, seed=self.config.seed)
+        return PairedDataset(self.train_set, sample, seed=self.config.seed)
+
+    def learn_scales(self):
+        """Stage 2: Lemma 2 bias fit, then beta trained with the weights frozen."""
+        cfg = self.config
+        pairs = self._pairs()
+        if cfg.knockoff_bias:
+            report = fit_knockoff_biases(self.model, self._loader(pairs, shuffle=False), self.device, gamma=cfg.bias_gamma)
+            self.results["lemma2"] = {name: {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()}
+                                      for name, r in report.items()}
+        history = learn_scales(
+            self.model, self._loader(pairs, shuffle=True), self.device, epochs=cfg.scales_epochs, lr=cfg.scales_lr,
+            betas=tuple(cfg.scales_betas), knockoff_bias=cfg.knockoff_bias, bn=cfg.bn, seed=cfg.seed,
+            checkpoint_path=self._path("scales-progress.pt"), progress=self.progress,
+        )
+        self.results["scales_history"] = history.as_dict()
+        self.results["betas"] = {n: l.beta.detach().cpu().tolist() for n, l in scop_layers(self.model).items()}
+        if distributed.is_main():
+            checkpoint.save(self._path("scales.pt"), "scales", {"model": self.model.state_dict()})
+        return history
+
+    def select(self) -> dict[str, list[int]]:
+        """Stage 3: score every filter and choose what to remove."""
+        cfg = self.config
+        kw = {"multiply_bn_gamma": cfg.multiply_bn_gamma} if cfg.importance == "scop" else {}
+        if cfg.importance == "random":
+            kw = {"seed": cfg.seed}
+        scores = make_importance(cfg.importance, **kw)(self.model)
+        space = PruningSpace(self.model, self.example.to(self.device), ignored_layers=cfg.ignored_layers,
+                             keep_block_width=cfg.keep_block_width)
+        self.plan = select(space, scores, cfg.policy, **cfg.policy_params())
+        self.results["importance"] = {n: s.detach().cpu().tolist() for n, s in scores.items()}
+        self.results["removed"] = self.plan
+        self.results["predicted_flops_reduction"] = space.reduction(self.plan)
+        if distributed.is_main():
+            checkpoint.write_json(self._path("plan.json"), self.plan)
+        return self.plan
+
+    def prune(self) -> nn.Module:
+        """Stage 4a: remove the planned filters physically; the model becomes plain nn.Conv2d layers."""
+        if self.plan is None:
+            raise RuntimeError("prune() needs a plan: call select() first")
+        apply_plan(self.model, self.example.to(self.device), self.plan, keep_block_width=self.config.keep_block_width)
+        self.results["widths_after"] = channel_widths(self.model)
+        return self.model
+
+    def recalibrate_bn(self) -> int:
+        """Stage 4b: re-estimate BN statistics of the pruned network on training data."""
+        used = recalibrate_bn(self.model, self._loader(self.train_set, shuffle=True), self.device,
+                              batches=self.config.bn_batches)
+        self.results["after_prune"] = self._metrics(self.model)
+        if distributed.is_main():
+            self._save_model("pruned")
+        return used
+
+    def finetune(self):
+        """Stage 4c: fine-tune all weights; the best epoch on the test split is kept."""
+        cfg = self.config
+        if cfg.finetune_epochs > 0:
+            result = fit(self.model, self._loader(self.train_aug, shuffle=True),
+                         self._loader(self.test_set, shuffle=False, evaluation=True, batch_size=256),
+                         epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, device=self.device,
+                         weight_decay=cfg.weight_decay, amp=cfg.amp, stage="finetune",
+                         checkpoint_path=self._path("finetune-progress.pt"), progress=self.progress)
+            self.results["finetune_history"] = result.history
+        if distributed.is_main():
+            self._save_model("final")
+        return self.model
+
+    def evaluate(self) -> dict[str, Any]:
+        self.results["after"] = self._metrics(self.model)
+        return self.results["after"]
+
+    def report(self) -> dict[str, str]:
+        """Write report.md, report.json and the plots into out_dir."""
+        before, after = self.results.get("before", {}), self.results.get("after", {})
+        if before.get("flops") and after.get("flops"):
+            self.results["flops_reduction"] = 1 - after["flops"] / before["flops"]
+        paths = write_report(self.out_dir, self.results) if distributed.is_main() else {}
+        return paths
+
+    def _save_model(self, stem: str) -> None:
+        save_model(self.model, self._path(stem), model_name=self.config.model, num_classes=self.info.num_classes,
+                   in_channels=self.info.in_channels)
+
+    # ------------------------------------------------------------------ the whole run
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """All steps in order; with ``resume`` completed stages are loaded from out_dir instead of rerun."""
+        os.makedirs(self.out_dir, exist_ok=True)
+        state = self._resume_state() if resume else None
+        done = set(state["completed"]) if state else set()
+        if state:
+            self.results.update(state["results"])
+        elif distributed.is_main():
+            for name in os.listdir(self.out_dir):  # a fresh run must not resume stale progress files
+                if name.endswith("-progress.pt"):
+                    os.unlink(self._path(name))
+        if distributed.is_main():
+            checkpoint.write_json(self._path("config.json"), self.config.to_dict())
+        start = time.time()
+        steps = {
+            "knockoffs": (self.fit_knockoffs, self._load_knockoffs),
+            "scales": (self._stage_scales, self._load_scales),
+            "select": (self.select, self._load_plan),
+            "prune": (self._stage_prune, lambda: self._load_model_stage("pruned")),
+            "finetune": (self.finetune, lambda: self._load_model_stage("final")),
+            "report": (self._stage_report, lambda: None),
+        }
+        for stage in STAGES:
+            compute, load = steps[stage]
+            if stage in done:
+                load()
+                self.completed.append(stage)
+                self.log(f"[{stage}] loaded from {self.out_dir}")
+                continue
+            t = time.time()
+            compute()
+            self._finish(stage)
+            self.log(f"[{stage}] done in {time.time() - t:.1f} s")
+        self.results["seconds"] = self.results.get("seconds", 0.0) + (time.time() - start)
+        return self.results
+
+    def _stage_scales(self):
+        self.convert()
+        return self.learn_scales()
+
+    def _stage_prune(self):
+        self.prune()
+        self.recalibrate_bn()
+
+    def _stage_report(self):
+        self.evaluate()
+        self.report()
+
+    def _resume_state(self) -> dict | None:
+        path = self._path("state.json")
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path) as f:
+                state = json.load(f)
+            with open(self._path("config.json")) as f:
+                saved = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise checkpoint.CheckpointError(f"{self.out_dir}: cannot resume, run state unreadable ({exc})") from None
+        if saved != self.config.to_dict():
+            changed = sorted(k for k in set(saved) | set(self.config.to_dict()) if saved.get(k) != self.config.to_dict().get(k))
+            raise ValueError(f"{self.out_dir}: cannot resume: the config differs from the interrupted run's in {changed}")
+        return state
+
+    def _load_knockoffs(self):
+        from ..knockoffs import load
+
+        self.knockoffs = load(self._path("knockoffs.pt"))
+
+    def _load_scales(self):
+        convert_layers(self.model, skip=self.config.skip)
+        self.model.load_state_dict(checkpoint.load(self._path("scales.pt"), "scales")["model"])
+        self.model.to(self.device)
+
+    def _load_plan(self):
+        with open(self._path("plan.json")) as f:
+            self.plan = json.load(f)
+
+    def _load_model_stage(self, stem: str):
+        self.model, _ = load_model(self._path(stem), map_location=self.device)

@@ -1,0 +1,173 @@
+"""The before/after report of a pruning run: report.md, report.json and PNG plots."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .. import checkpoint
+
+__all__ = ["measure_latency", "format_table", "plot_betas", "plot_importance", "plot_channels", "write_report"]
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, example: torch.Tensor, batch: int, device: torch.device | str,
+                    min_run_time: float = 0.5) -> float:
+    """Median forward latency in milliseconds for a batch of ``batch`` inputs shaped like ``example``."""
+    from torch.utils import benchmark
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    x = example[:1].expand(batch, *example.shape[1:]).contiguous().to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run():
+        model(x)
+        sync()
+
+    for _ in range(3):
+        run()
+    timer = benchmark.Timer(stmt="run()", globals={"run": run})
+    ms = timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    model.train(was_training)
+    return ms
+
+
+def _fmt(value, kind: str) -> str:
+    if value is None:
+        return "–"
+    if kind == "count":
+        return f"{value / 1e6:.3f} M" if value >= 1e5 else f"{value / 1e3:.1f} k"
+    if kind == "pct":
+        return f"{100 * value:.2f}%"
+    return f"{value:.3f}"
+
+
+ROWS = [
+    ("params", "parameters", "count"),
+    ("flops", "FLOPs (2 x MACs, one image)", "count"),
+    ("top1", "top-1 accuracy", "pct"),
+    ("top5", "top-5 accuracy", "pct"),
+    ("latency_ms_b1", "latency batch 1 (ms)", "ms"),
+    ("latency_ms_b64", "latency batch 64 (ms)", "ms"),
+]
+
+
+def format_table(before: dict, after: dict) -> str:
+    """Markdown before/after table with ratios (after ÷ before)."""
+    lines = ["| | before | after | after ÷ before |", "|---|---|---|---|"]
+    for key, label, kind in ROWS:
+        b, a = before.get(key), after.get(key)
+        if b is None and a is None:
+            continue
+        ratio = f"{a / b:.3f}" if (a is not None and b) else "–"
+        lines.append(f"| {label} | {_fmt(b, kind)} | {_fmt(a, kind)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_betas(betas: dict[str, list[float]], path: str) -> None:
+    """One box per layer: the distribution of learned beta."""
+    plt = _figure()
+    names = list(betas)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
+    ax.boxplot([betas[n] for n in names], showfliers=True)
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=90, fontsize=7)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="initial 0.5 (real = knockoff)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("beta (real-branch scale)")
+    ax.set_title("Learned scales per layer")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_importance(importance: dict[str, list[float]], removed: dict[str, list[int]], path: str) -> None:
+    """Histogram of all filters' importance, kept and removed stacked, so the cut is visible."""
+    plt = _figure()
+    kept, cut = [], []
+    for name, values in importance.items():
+        gone = set(removed.get(name, []))
+        for j, v in enumerate(values):
+            (cut if j in gone else kept).append(v)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist([kept, cut], bins=40, stacked=True, label=[f"kept ({len(kept)})", f"removed ({len(cut)})"],
+            color=["tab:blue", "tab:red"])
+    ax.axvline(0.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("importance")
+    ax.set_ylabel("filters")
+    ax.set_title("Filter importance and the cut")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_channels(widths_before: dict[str, int], widths_after: dict[str, int], path: str) -> None:
+    """Output channels per conv layer before and after pruning."""
+    plt = _figure()
+    names = list(widths_before)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
+    xs = range(len(names))
+    ax.bar(xs, [widths_before[n] for n in names], color="lightgrey", label="before")
+    ax.bar(xs, [widths_after.get(n, 0) for n in names], color="tab:blue", label="after")
+    ax.set_xticks(list(xs), names, rotation=90, fontsize=7)
+    ax.set_ylabel("output channels")
+    ax.set_title("Channels kept per layer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out_dir: str, results: dict) -> dict[str, str]:
+    """Write report.json, report.md and the plots into ``out_dir``; returns their paths.
+
+    ``results`` holds ``before`` / ``after`` metric dicts (keys of :data:`ROWS`), optionally
+    ``after_prune`` (metrics right after pruning, before fine-tuning), ``widths_before`` /
+    ``widths_after``, ``betas`` and ``importance`` (per layer lists), ``removed`` (the plan),
+    and free-form ``config`` and ``notes``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md")}
+    checkpoint.write_json(paths["json"], results)
+    if results.get("betas"):
+        paths["betas_png"] = os.path.join(out_dir, "betas.png")
+        plot_betas(results["betas"], paths["betas_png"])
+    if results.get("importance"):
+        paths["importance_png"] = os.path.join(out_dir, "importance.png")
+        plot_importance(results["importance"], results.get("removed", {}), paths["importance_png"])
+    if results.get("widths_before"):
+        paths["channels_png"] = os.path.join(out_dir, "channels.png")
+        plot_channels(results["widths_before"], results.get("widths_after", {}), paths["channels_png"])
+    md = ["# SCOP pruning report", ""]
+    cfg = results.get("config", {})
+    if cfg:
+        md += [f"Model `{cfg.get('model')}` on `{cfg.get('dataset')}`, criterion `{cfg.get('importance')}`, "
+               f"policy `{cfg.get('policy')}`.", ""]
+    md += [format_table(results.get("before", {}), results.get("after", {})), ""]
+    if results.get("after_prune"):
+        md += [f"Right after pruning, before fine-tuning: top-1 {_fmt(results['after_prune'].get('top1'), 'pct')}.", ""]
+    if results.get("widths_before"):
+        md += ["| layer | channels before | after |", "|---|---|---|"]
+        md += [f"| {n} | {w} | {results.get('widths_after', {}).get(n, '–')} |" for n, w in results["widths_before"].items()]
+        md.append("")
+    for key, title in (("betas_png", "Learned scales"), ("importance_png", "Importance and cut"), ("channels_png", "Channels per layer")):
+        if key in paths:
+            md += [f"![{title}]({os.path.basename(paths[key])})", ""]
+    for note in results.get("notes", []):
+        md.append(f"- {note}")
+    checkpoint.atomic_write_text(paths["md"], "\n".join(md) + "\n")
+    return paths
