@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .. import checkpoint
 from ..data import load_dataset
@@ -255,7 +256,9 @@ class ScopPruner:
         cfg = self.config
         pairs = self._pairs()
         if cfg.knockoff_bias:
-            report = fit_knockoff_biases(self.model, self._loader(pairs, shuffle=False), self.device, gamma=cfg.bias_gamma)
+            # every process measures s on the same images, so all hold the same Lemma 2 factors
+            calibration = DataLoader(pairs, batch_size=cfg.batch_size, shuffle=False)
+            report = fit_knockoff_biases(self.model, calibration, self.device, gamma=cfg.bias_gamma)
             self.results["lemma2"] = {name: {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()}
                                       for name, r in report.items()}
         history = learn_scales(

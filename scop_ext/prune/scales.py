@@ -69,6 +69,9 @@ def fit_knockoff_biases(model: nn.Module, pairs: DataLoader, device: torch.devic
     channel feeds :func:`scop_ext.lemma2.solve`. Measuring s at every layer handles BN, ReLU,
     pooling and residual adds, which the lemma's linear map does not cover.
 
+    Under torchrun, give every process the same ``pairs`` (a plain, unsharded loader) so all
+    processes fit the same factors.
+
     Returns, per layer: measured ``s_in`` (C_in,), ``lambda_max``, ``gamma``, the (S.5)
     ``margin`` and the lemma's own ``s_out`` (one value: S' is a multiple of I), for diagnostics.
     """

@@ -1,0 +1,245 @@
+"""The pruning pipeline and the `scop` command end to end on the bundled digits (tiny settings)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import scop_ext
+from scop_ext import convert, scop_layers
+from scop_ext.checkpoint import CheckpointError
+from scop_ext.prune import PruningSpace, apply_plan, count_flops, make_importance, select
+from scop_ext.prune.export import export_onnx, export_torchscript, load_model
+from scop_ext.prune.pipeline import PruneConfig, ScopPruner
+
+TINY = dict(scales_epochs=1, finetune_epochs=1, bn_batches=2, latency=False, batch_size=128)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def scop(*args, check=True, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "scop_ext.cli", *args], capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"scop {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory):
+    """A resnet_digits trained for a few epochs by `scop train` (the model stem)."""
+    out = tmp_path_factory.mktemp("baseline")
+    scop("train", "--epochs", "4", "--out", str(out))
+    return str(out / "model")
+
+
+def test_api_end_to_end(baseline, tmp_path):
+    config = PruneConfig(weights=baseline, flops_reduction=0.4, **TINY)
+    results = ScopPruner(config, tmp_path, progress=False).run()
+    assert results["flops_reduction"] == pytest.approx(0.4, abs=0.01)
+    assert results["after"]["flops"] < results["before"]["flops"]
+    assert results["after"]["top1"] > 0.5  # well above the 10% of chance after one epoch of fine-tuning
+    for name in ("report.md", "report.json", "betas.png", "importance.png", "channels.png", "final.safetensors",
+                 "final.json", "pruned.safetensors", "plan.json", "knockoffs.pt", "scales.pt", "state.json"):
+        assert (tmp_path / name).exists(), name
+    model, arch = load_model(tmp_path / "final")
+    assert all(type(m) is nn.Conv2d for m in model.modules() if isinstance(m, nn.Conv2d))
+    x = torch.randn(4, 1, 8, 8)
+    assert count_flops(model, x[:1]) == results["after"]["flops"]
+    # exported copies agree with the reloaded model
+    export_torchscript(model, x, tmp_path / "m.ts")
+    torch.testing.assert_close(torch.jit.load(str(tmp_path / "m.ts"))(x), model(x))
+    ort = pytest.importorskip("onnxruntime")
+    export_onnx(model, x, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "policy,params,check",
+    [
+        ("uniform", dict(ratio=0.5), lambda r: r["widths_after"]["layers.1.0.conv1"] == 16),
+        ("global_ranking", dict(ratio=0.3), lambda r: sum(len(v) for v in r["removed"].values()) > 0),
+        ("fdr", dict(fdr_q=0.2, min_channels=2), lambda r: all(w >= 2 for w in r["widths_after"].values())),
+    ],
+)
+def test_policies_through_the_pipeline(baseline, policy, params, check):
+    pruner = ScopPruner(PruneConfig(weights=baseline, policy=policy, **params, **TINY), "/tmp/unused", progress=False)
+    pruner.knockoffs = scop_ext.knockoffs.make_generator("gaussian").fit(pruner._loader(pruner.train_set, shuffle=False))
+    pruner.convert()
+    pruner.learn_scales()
+    pruner.select()
+    pruner.prune()
+    assert check(pruner.results)
+    pruner.model(torch.randn(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_models_convert_prune_and_run(name):
+    torch.manual_seed(0)
+    model = scop_ext.models.build_model(f"torchvision:{name}", num_classes=10, in_channels=3).eval()
+    convert(model)
+    x = torch.randn(4, 3, 32, 32)
+    out = model(x)  # paired batch through every ScopConv2d
+    assert out.shape == (4, 10)
+    out[:2].sum().backward()
+    assert all(layer.beta.grad is not None for layer in scop_layers(model).values())
+    scores = make_importance("scop")(model)
+    space = PruningSpace(model, x[:1])
+    plan = select(space, scores, "uniform", ratio=0.25)
+    before = space.base_flops
+    apply_plan(model, x[:1], plan)
+    assert count_flops(model, x[:1]) == pytest.approx(before * (1 - space.reduction(plan)), rel=1e-6)
+    assert model(x).shape == (4, 10)
+
+
+def _run_prune(baseline, out, *extra):
+    return ["prune", "--weights", baseline, "--scales-epochs", "2", "--finetune-epochs", "2", "--batch-size", "128",
+            "--set", "latency=false", "--set", "bn_batches=2", "--quiet", "--out", str(out), *extra]
+
+
+def test_resume_after_kill_mid_stage(baseline, tmp_path):
+    """SIGKILL during fine-tuning, then --resume: same final weights as a run never interrupted."""
+    whole = tmp_path / "whole"
+    scop(*_run_prune(baseline, whole))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "scop_ext.cli", *_run_prune(baseline, killed)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "finetune-progress.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final.safetensors").exists(), "the run finished before it could be killed"
+    scop(*_run_prune(baseline, killed), "--resume")
+    a, _ = load_model(whole / "final")
+    b, _ = load_model(killed / "final")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_resume_refuses_a_changed_config(baseline, tmp_path):
+    scop(*_run_prune(baseline, tmp_path))
+    proc = scop(*_run_prune(baseline, tmp_path, "--fdr-q", "0.3"), "--resume", check=False)
+    assert proc.returncode == 2 and "config differs" in proc.stderr and "fdr_q" in proc.stderr
+
+
+def test_cli_commands(baseline, tmp_path):
+    kn = tmp_path / "kn"
+    scop("knockoffs", "fit", "--kind", "gaussian", "--out", str(kn))
+    proc = scop("knockoffs", "check", "--knockoffs", str(kn / "knockoffs.pt"), "-n", "300", "--out", str(kn / "check"))
+    assert "exchangeability" in proc.stdout and (kn / "check" / "report.json").exists()
+    run = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"weights: {baseline}\npolicy: uniform\nratio: 0.25\nscales_epochs: 1\nfinetune_epochs: 1\n"
+                   "latency: false\nbn_batches: 2\n")
+    proc = scop("prune", "--config", str(cfg), "--quiet", "--out", str(run))
+    assert "FLOPs (2 x MACs" in proc.stdout
+    scop("report", "--run", str(run), "--out", str(tmp_path / "rep"))
+    assert (tmp_path / "rep" / "report.md").exists()
+    scop("export", "--model", str(run / "final"), "--format", "torchscript", "--out", str(tmp_path / "exp"))
+    assert (tmp_path / "exp" / "model.ts").exists()
+
+
+def test_cli_help_on_every_command(capsys):
+    from scop_ext.cli import main
+
+    for cmd in (["--help"], ["train", "--help"], ["prune", "--help"], ["knockoffs", "fit", "--help"],
+                ["knockoffs", "check", "--help"], ["report", "--help"], ["export", "--help"], ["demo", "--help"],
+                ["info", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(cmd)
+        assert exit_info.value.code == 0
+        assert "usage: scop" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("policy: [unclosed", "malformed config"),
+        ("- just\n- a list\n", "must be a mapping"),
+        ("polcy: fdr\n", "unknown config keys \\['polcy'\\]"),
+        ("fdr_q: 2.0\n", "fdr_q must be in \\(0, 1\\)"),
+    ],
+)
+def test_malformed_configs_give_one_line(tmp_path, content, match):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(content)
+    proc = scop("prune", "--config", str(cfg), "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(cfg) in lines[0]
+    import re
+
+    assert re.search(match, lines[0]), lines[0]
+
+
+def test_missing_paths_are_reported(tmp_path):
+    proc = scop("prune", "--weights", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "nope.safetensors" in proc.stderr
+    proc = scop("train", "--dataset", "cifar10", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
+                check=False)
+    assert proc.returncode == 2 and "missing" in proc.stderr
+    with pytest.raises(CheckpointError, match="no such model description"):
+        load_model(tmp_path / "absent")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_SCRIPT = r"""
+import sys, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from scop_ext import convert, scop_layers
+from scop_ext.prune import distributed
+from scop_ext.prune.scales import learn_scales, fit_knockoff_biases
+from scop_ext.prune.train import make_loader, evaluate
+torch.set_num_threads(1)
+distributed.setup("cpu")
+gen = torch.Generator().manual_seed(0)
+x = torch.randn(128, 2, 6, 6, generator=gen); y = torch.randint(0, 3, (128,), generator=gen)
+x[:, 0] += y[:, None, None]
+pairs = TensorDataset(x, torch.randn(x.shape, generator=gen), y)
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1),
+                    nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+convert(net)
+fit_knockoff_biases(net, DataLoader(pairs, 64), "cpu", batches=1)  # same data on every rank
+per_rank = int(sys.argv[2]) // distributed.world_size()
+learn_scales(net, make_loader(pairs, per_rank, shuffle=True, seed=3), "cpu", epochs=2, bn="frozen", progress=False)
+for layer in scop_layers(net).values():
+    layer.disable_scop()  # evaluate the plain network
+metrics = evaluate(net, make_loader(TensorDataset(x, y), 50, shuffle=False, evaluation=True), "cpu")
+if distributed.is_main():
+    torch.save({"betas": {n: l.beta.detach() for n, l in scop_layers(net).items()}, "metrics": metrics}, sys.argv[1])
+distributed.teardown()
+"""
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    single = tmp_path / "single.pt"
+    subprocess.run([sys.executable, str(script), str(single), "32"], check=True, env=ENV, timeout=300)
+    double = tmp_path / "double.pt"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                    str(_free_port()), str(script), str(double), "32"], check=True, env=ENV, timeout=300,
+                   capture_output=True)
+    a, b = torch.load(single), torch.load(double)
+    for name, beta in a["betas"].items():
+        assert not torch.equal(beta, torch.full_like(beta, 0.5))
+        torch.testing.assert_close(b["betas"][name], beta, atol=1e-5, rtol=1e-4)
+    assert a["metrics"] == pytest.approx(b["metrics"])
+    assert b["metrics"]["count"] == 128
