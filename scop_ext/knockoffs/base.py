@@ -1,0 +1,198 @@
+"""The knockoff-generator interface, the pixel-block groups it swaps over, and its file format.
+
+A generator maps a batch of real inputs ``x`` to paired knockoffs ``x~`` (DESIGN.md §1, stage 1).
+Files written by :meth:`KnockoffGenerator.save` are scop checkpoints (:mod:`scop_ext.checkpoint`:
+atomic, read with ``weights_only=True``) of kind ``"knockoff-generator"`` whose payload is::
+
+    {"kind": "gaussian", "class": "GaussianKnockoffs",
+     "config": "<JSON of the constructor arguments>", "state": <state_dict>}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .. import checkpoint
+
+__all__ = [
+    "FILE_KIND",
+    "KnockoffGenerator",
+    "load",
+    "make_generator",
+    "pixel_groups",
+    "default_block",
+    "draw_normal",
+    "images_of",
+    "working_hw",
+    "resize",
+]
+
+FILE_KIND = "knockoff-generator"
+
+_REGISTRY: dict[str, type[KnockoffGenerator]] = {}
+
+
+def default_block(size: int) -> int:
+    """Edge in pixels of the swap blocks at a working resolution of ``size``: 2 up to 32 pixels,
+    then ``size // 16`` so that large images keep a 16 x 16 grid of blocks."""
+    return 2 if size <= 32 else size // 16
+
+
+def pixel_groups(shape: tuple[int, ...], block: int) -> Tensor:
+    """The group index of every coordinate of a flattened input, (prod(shape),) int64.
+
+    For an image shape ``(C, H, W)`` a group is a ``block x block`` pixel square with all its
+    channels ("multiple pixels as a whole", seed §S2), numbered row-major over the block grid.
+    For a vector shape ``(d,)`` a group is ``block`` consecutive coordinates.
+    """
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    if len(shape) == 1:
+        (d,) = shape
+        if d % block:
+            raise ValueError(f"block={block} does not divide the {d} coordinates")
+        return torch.arange(d) // block
+    if len(shape) != 3:
+        raise ValueError(f"shape must be (C, H, W) or (d,), got {tuple(shape)}")
+    c, h, w = shape
+    if h % block or w % block:
+        raise ValueError(f"block={block} does not divide the image size {h}x{w}")
+    rows = torch.arange(h) // block
+    cols = torch.arange(w) // block
+    grid = rows[:, None] * (w // block) + cols[None, :]
+    return grid.expand(c, h, w).reshape(-1).clone()
+
+
+def working_hw(hw: tuple[int, int], working_size: int | None) -> tuple[int, int]:
+    """The (h, w) a (H, W) image is generated at: unchanged when ``working_size`` is None or the
+    longer edge already fits, else scaled so the longer edge is ``working_size`` (seed §S2
+    generates ImageNet knockoffs at 64 x 64 and upsamples them)."""
+    h, w = hw
+    if working_size is None or max(h, w) <= working_size:
+        return h, w
+    scale = working_size / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def resize(x: Tensor, hw: tuple[int, int]) -> Tensor:
+    """(N, C, H, W) -> (N, C, h, w): area averaging to go down, bilinear to go up."""
+    if tuple(x.shape[-2:]) == tuple(hw):
+        return x
+    if hw[0] <= x.shape[-2] and hw[1] <= x.shape[-1]:
+        return torch.nn.functional.interpolate(x, size=hw, mode="area")
+    return torch.nn.functional.interpolate(x, size=hw, mode="bilinear", align_corners=False)
+
+
+def images_of(batch: Any) -> Tensor:
+    """The input tensor of a loader batch: ``x`` itself or the first item of ``(x, y, ...)``."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, Tensor):
+        raise ValueError(f"loader batches must be tensors or (x, y) pairs, got {type(x).__name__}")
+    return x
+
+
+class KnockoffGenerator(nn.Module):
+    """Base class: maps real inputs to paired knockoffs.
+
+    Subclasses set ``kind`` (the name :func:`make_generator` knows them by), implement
+    :meth:`sample` and, when they learn anything, :meth:`fit` and :meth:`config`.
+
+    Shape:
+        - Input: :math:`(N, *shape)`, usually :math:`(N, C, H, W)`.
+        - Output: the same shape, dtype and device; row ``i`` is the knockoff of ``x[i]``.
+
+    Attributes:
+        swap_block: edge in pixels, at the input resolution, of the pixel blocks the knockoffs
+            are meant to be exchangeable over (what diagnostics should swap).
+    """
+
+    kind: ClassVar[str] = ""
+    swap_block: int = 1
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            _REGISTRY[cls.kind] = cls
+
+    def fit(self, loader: Iterable) -> KnockoffGenerator:
+        """Learn from a loader of ``x`` or ``(x, y)`` batches; returns ``self``. The base
+        generator has nothing to learn."""
+        return self
+
+    def sample(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Knockoffs of ``x``: (N, ...) -> (N, ...), deterministic given ``generator``."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments that rebuild this generator's structure."""
+        return {}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write config and ``state_dict`` to ``path`` atomically (see the module docstring)."""
+        config = json.dumps(self.config())
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        checkpoint.save(
+            path, FILE_KIND, {"kind": self.kind, "class": type(self).__name__, "config": config, "state": state}
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: Any = "cpu", **kwargs) -> KnockoffGenerator:
+        """Rebuild a generator saved by :meth:`save`.
+
+        Called on the base class it returns whichever kind the file holds; called on a subclass
+        the file must hold that kind. ``kwargs`` go to the constructor beside the saved config
+        (e.g. ``fn=`` for :class:`~scop_ext.knockoffs.ExternalKnockoffs`).
+
+        Raises:
+            ValueError: naming the file when it is unreadable, of another format version, of
+                another kind, or its state does not fit the config.
+        """
+        obj = checkpoint.load(path, FILE_KIND, map_location)
+        kind = obj.get("kind")
+        if kind not in _REGISTRY:
+            raise ValueError(f"{path}: unknown generator kind {kind!r}; known: {sorted(_REGISTRY)}")
+        if cls.kind and kind != cls.kind:
+            raise ValueError(f"{path}: holds a {kind!r} generator, not {cls.kind!r}")
+        try:
+            config = json.loads(obj["config"])
+            gen = _REGISTRY[kind](**config, **kwargs)
+            gen.load_state_dict(obj["state"])
+        except (KeyError, TypeError, RuntimeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: {kind!r} generator state does not fit its config ({exc})") from None
+        return gen.to(map_location) if map_location is not None else gen
+
+    def _check_input(self, x: Tensor, shape: tuple[int, ...] | None) -> None:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"x must be a Tensor, got {type(x).__name__}")
+        if shape is None:
+            raise ValueError(f"{type(self).__name__} is not fitted: call fit() (or load()) first")
+        if tuple(x.shape[1:]) != tuple(shape) or x.dim() != len(shape) + 1:
+            raise ValueError(f"x must have shape (N, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be floating point, got {x.dtype}")
+
+
+def draw_normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Standard normals drawn on ``generator``'s device (so the numbers depend on the generator
+    alone, not on where the model lives), then moved to ``device``. float32."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where).to(device)
+
+
+def load(path: str | os.PathLike, map_location: Any = "cpu", **kwargs) -> KnockoffGenerator:
+    """Load any generator saved by :meth:`KnockoffGenerator.save`."""
+    return KnockoffGenerator.load(path, map_location=map_location, **kwargs)
+
+
+def make_generator(name: str, **kwargs) -> KnockoffGenerator:
+    """A generator by name: ``"gaussian"``, ``"gan"``, ``"permutation"`` or ``"external"``;
+    ``kwargs`` go to its constructor."""
+    if name not in _REGISTRY:
+        raise ValueError(f"name must be one of {sorted(_REGISTRY)}, got {name!r}")
+    return _REGISTRY[name](**kwargs)

@@ -1,0 +1,496 @@
+"""KnockoffGAN (Jordon et al. 2019) for images, as seed §S2 describes it.
+
+A generator ``G(x, z) -> x~`` and a swap discriminator ``D`` are trained alternately with Adam.
+``D`` sees ``[x, x~]_swap(S)`` (``S``: each pixel block swapped with probability 1/2) and, as in
+KnockoffGAN, a hint revealing the swap state of a random ``hint_rate`` share of the blocks; it
+predicts, for the other blocks, whether they were swapped. ``G`` minimises
+
+    swap      cross-entropy of D's per-block predictions against the uninformative target 1/2
+              (the non-saturating form of "maximise D's loss": its minimum is D at chance)
+    + decorrelation_weight * mean_j corr(x_j, x~_j)^2
+              (power: KnockoffGAN penalises the mutual information of x_j and x~_j with a MINE
+              estimator; for Gaussians that information is about corr^2 / 2, so we use corr^2)
+    + moment_weight * second-order knockoff loss
+              (Deep Knockoffs, Romano et al. 2019: ``|mean(x~) - mean(x)|^2 / d`` plus
+              ``(|G_x~x~ - G_xx|_F^2 + |off-group(G_xx - G_xx~)|_F^2) / |G_xx|_F^2`` with batch
+              covariances ``G``, i.e. the covariance form ``[[Sigma, Sigma - S], [Sigma - S, Sigma]]``)
+
+The networks work at a working resolution (seed: ImageNet at 64 x 64, then upsampled): stacked
+convolutions / transposed convolutions up to 32 pixels, ResNet-like blocks above. ``fit`` reads
+the loader once into memory at the working resolution (``max_images`` caps it) and draws batches,
+noise and swap masks from its own seeded ``torch.Generator``, so a run depends only on the data,
+its order and the config, and a checkpointed run resumes bit-identically on the CPU (on CUDA as
+far as cuDNN is deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .. import checkpoint
+from .base import KnockoffGenerator, default_block, draw_normal, images_of, resize, working_hw
+
+__all__ = ["KnockoffGAN", "SwapDiscriminator", "swap_blocks", "hidden_bce", "CHECKPOINT_KIND"]
+
+CHECKPOINT_KIND = "knockoff-gan-progress"
+
+# keys of config() a checkpoint may differ in and still be resumed
+_RESUMABLE_CHANGES = {"iterations", "checkpoint_every"}
+
+
+def swap_blocks(x: Tensor, xk: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``[x, x~]_swap(S)``: exchange the pixel blocks where ``mask`` is 1.
+
+    Args:
+        x, xk: (N, C, H, W).
+        mask: (N, 1, H / b, W / b) of 0/1, one entry per b x b block.
+    """
+    b = x.shape[-1] // mask.shape[-1]
+    full = mask.repeat_interleave(b, -2).repeat_interleave(b, -1).bool()
+    return torch.where(full, xk, x), torch.where(full, x, xk)
+
+
+def _downsamplings(hw: tuple[int, int], floor: int = 4) -> int:
+    """How many times (h, w) can be halved exactly while staying above ``floor``."""
+    h, w = hw
+    n = 0
+    while h % 2 == 0 and w % 2 == 0 and min(h, w) > floor:
+        h, w, n = h // 2, w // 2, n + 1
+    return n
+
+
+class _ResBlock(nn.Module):
+    """conv3-act-conv3 plus identity. Input/Output: (N, width, H, W)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(width, width, 3, padding=1)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.leaky_relu(x + self.body(x), 0.2)
+
+
+class _Generator(nn.Module):
+    """``G(x, z)``: encoder to at most 4 x 4, decoder back, then an output conv that sees the
+    decoded features beside ``x`` and ``z`` again (a U-Net-style skip, so G need not squeeze what
+    it keeps of x through the bottleneck). ``resnet=True`` adds a residual block at each scale.
+
+    Shape:
+        - Input: x (N, C, H, W), z (N, Z, H, W).
+        - Output: (N, C, H, W).
+    """
+
+    def __init__(self, channels: int, noise_channels: int, hw: tuple[int, int], width: int, resnet: bool) -> None:
+        super().__init__()
+        act = nn.LeakyReLU(0.2)
+        downs = _downsamplings(hw)
+        widths = [min(width * 2**i, 256) for i in range(downs + 1)]
+        enc: list[nn.Module] = [nn.Conv2d(channels + noise_channels, widths[0], 3, padding=1), act]
+        for i in range(downs):
+            enc += [nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1), act]
+            enc += [_ResBlock(widths[i + 1])] if resnet else []
+        dec: list[nn.Module] = [_ResBlock(widths[-1])] if resnet else [nn.Conv2d(widths[-1], widths[-1], 3, padding=1), act]
+        for i in reversed(range(downs)):
+            dec += [nn.ConvTranspose2d(widths[i + 1], widths[i], 4, stride=2, padding=1), act]
+            dec += [_ResBlock(widths[i])] if resnet else []
+        self.encode = nn.Sequential(*enc)
+        self.decode = nn.Sequential(*dec)
+        self.out = nn.Sequential(
+            nn.Conv2d(widths[0] + channels + noise_channels, widths[0], 3, padding=1),
+            act,
+            nn.Conv2d(widths[0], channels, 3, padding=1),
+        )
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        xz = torch.cat([x, z], 1)
+        return self.out(torch.cat([self.decode(self.encode(xz)), xz], 1))
+
+
+class SwapDiscriminator(nn.Module):
+    """Predicts which pixel blocks of ``[x, x~]`` were swapped, given a hint.
+
+    Without a hint the task is blind to some failures: for an ``x~`` independent of ``x`` with
+    the same law (a permutation), ``[x, x~]`` and ``[x~, x]`` are equally likely, so D could only
+    tell which blocks belong together, never which side is which. As in KnockoffGAN (after GAIN)
+    D is therefore told the true swap state of a random part of the blocks and scored on the rest.
+
+    A conv stem, a ``block``-strided patchify conv to the block grid, three 3 x 3 convs (residual
+    blocks when ``resnet``) on that grid, then a 1 x 1 head that sees each block's features next
+    to their image-wide mean, so a block can be judged against the rest of the image.
+
+    Shape:
+        - Input: pair (N, 2C, H, W), ``cat([x_swapped, x~_swapped], 1)``; hint
+          (N, 1, H / block, W / block): +1 swapped, -1 not swapped, 0 not revealed.
+        - Output: (N, 1, H / block, W / block) logits, > 0 meaning "swapped".
+    """
+
+    def __init__(self, channels: int, block: int, width: int, resnet: bool = False) -> None:
+        super().__init__()
+        act = nn.LeakyReLU(0.2)
+        grid: list[nn.Module] = (
+            [_ResBlock(width) for _ in range(2)] if resnet else [m for _ in range(2) for m in (nn.Conv2d(width, width, 3, padding=1), act)]
+        )
+        self.features = nn.Sequential(
+            nn.Conv2d(2 * channels + 1, width, 3, padding=1),
+            act,
+            nn.Conv2d(width, width, block, stride=block),
+            act,
+            *grid,
+        )
+        self.head = nn.Sequential(nn.Conv2d(2 * width, width, 1), act, nn.Conv2d(width, 1, 1))
+
+    def forward(self, pair: Tensor, hint: Tensor) -> Tensor:
+        b = pair.shape[-1] // hint.shape[-1]
+        hint = hint.repeat_interleave(b, -2).repeat_interleave(b, -1)
+        f = self.features(torch.cat([pair, hint], 1))
+        context = f.mean((2, 3), keepdim=True).expand_as(f)
+        return self.head(torch.cat([f, context], 1))
+
+
+def hidden_bce(logits: Tensor, target: Tensor, revealed: Tensor) -> Tensor:
+    """Mean binary cross-entropy over the blocks whose swap state was not revealed."""
+    hidden = 1 - revealed
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (loss * hidden).sum() / hidden.sum().clamp_min(1)
+
+
+def _batch_corr2(x: Tensor, xk: Tensor) -> Tensor:
+    """mean_j corr(x_j, x~_j)^2 over a batch; x, xk: (B, d). Constant coordinates count as 0."""
+    xc, kc = x - x.mean(0), xk - xk.mean(0)
+    cov = (xc * kc).mean(0)
+    return (cov * cov / ((xc * xc).mean(0) * (kc * kc).mean(0) + 1e-8)).mean()
+
+
+def _group_view(flat: Tensor, layout: tuple[int, int, int, int]) -> Tensor:
+    """(B, C*H*W) -> (B, G, C*b*b): each b x b block group's coordinates together.
+    ``layout`` is (C, H, W, b)."""
+    c, h, w, b = layout
+    x = flat.reshape(-1, c, h // b, b, w // b, b)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(flat.shape[0], (h // b) * (w // b), c * b * b)
+
+
+def _second_order_loss(x: Tensor, xk: Tensor, layout: tuple[int, int, int, int]) -> Tensor:
+    """The Deep Knockoffs moment loss (module docstring) through B x B Gram matrices, so the
+    cost is O(B^2 d) rather than O(B d^2). x, xk: (B, d) flattened (C, H, W) images; ``layout``
+    (C, H, W, b) gives the block groups whose within-group cross-covariance is left free."""
+    d = x.shape[1]
+    mean_term = (xk.mean(0) - x.mean(0)).pow(2).sum() / d
+    xc, kc = x - x.mean(0), xk - xk.mean(0)
+    gram_x, gram_k, cross = xc @ xc.T, kc @ kc.T, kc @ xc.T
+    norm_x = gram_x.pow(2).sum()
+    cov_term = gram_k.pow(2).sum() + norm_x - 2 * cross.pow(2).sum()  # |G_kk - G_xx|_F^2, times B^2
+    diff = xc - kc
+    full = (gram_x * (diff @ diff.T)).sum()  # |xc^T (xc - kc)|_F^2 = |G_xx - G_xk|_F^2, times B^2
+    within = torch.einsum("bga,bgc->gac", _group_view(xc, layout), _group_view(diff, layout)).pow(2).sum()
+    return mean_term + (cov_term + full - within) / norm_x.clamp_min(1e-12)
+
+
+class KnockoffGAN(KnockoffGenerator):
+    r"""KnockoffGAN with pixel-block swaps (module docstring).
+
+    Args:
+        shape: input ``(C, H, W)``; set by :meth:`fit`.
+        block: swap-block edge in pixels at the working resolution (default 2 up to 32 pixels,
+            ``size // 16`` above).
+        working_size: longer edge the networks work at (seed: 64 for ImageNet); None: input size.
+        iterations, batch_size: default from the seed by working size: up to 16 pixels (the
+            bundled 8 x 8 digits) 1500 and 128; up to 32 (CIFAR-10) 20000 and 128; above, 30000
+            and 512. The batch is capped at the number of images.
+        lr, betas: Adam's, for both networks (seed: lr 0.001).
+        noise_channels: channels of the noise image z.
+        width: base channel width; default 32 up to 16 pixels, else 64.
+        arch: ``"conv"`` or ``"resnet"``; default conv up to 32 pixels, resnet above (seed §S2).
+        decorrelation_weight, moment_weight: weights of the generator's extra terms.
+        hint_rate: share of blocks whose swap state D is told (see :class:`SwapDiscriminator`);
+            both networks are scored on the other blocks only.
+        checkpoint_every: iterations between checkpoints when ``fit`` is given a path.
+        seed: seeds network initialisation and the training generator.
+        max_images: read at most this many images from the loader.
+
+    Shape:
+        - Input: :math:`(N, C, H, W)`.
+        - Output: :math:`(N, C, H, W)`, same dtype and device.
+    """
+
+    kind = "gan"
+
+    def __init__(
+        self,
+        shape: tuple[int, ...] | list[int] | None = None,
+        block: int | None = None,
+        working_size: int | None = 64,
+        iterations: int | None = None,
+        batch_size: int | None = None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] | list[float] = (0.5, 0.999),
+        noise_channels: int = 4,
+        width: int | None = None,
+        arch: str | None = None,
+        decorrelation_weight: float = 1.0,
+        moment_weight: float = 1.0,
+        hint_rate: float = 0.5,
+        checkpoint_every: int = 1000,
+        seed: int = 0,
+        max_images: int | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("iterations", iterations), ("batch_size", batch_size), ("max_images", max_images)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if arch not in (None, "conv", "resnet"):
+            raise ValueError(f"arch must be 'conv', 'resnet' or None, got {arch!r}")
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.block = block
+        self.working_size = working_size
+        self.iterations = iterations
+        self.batch_size = batch_size
+        self.lr = float(lr)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.noise_channels = noise_channels
+        self.width = width
+        self.arch = arch
+        self.decorrelation_weight = float(decorrelation_weight)
+        self.moment_weight = float(moment_weight)
+        if not 0 <= hint_rate < 1:
+            raise ValueError(f"hint_rate must be in [0, 1), got {hint_rate}")
+        self.hint_rate = float(hint_rate)
+        self.checkpoint_every = checkpoint_every
+        self.seed = seed
+        self.max_images = max_images
+        self.shape: tuple[int, ...] | None = None
+        if shape is not None:
+            self._build(tuple(shape))
+
+    # ------------------------------------------------------------------ structure
+
+    def _build(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 3:
+            raise ValueError(f"KnockoffGAN needs image inputs (C, H, W), got shape {shape}")
+        c, h, w = shape
+        self.work_hw = working_hw((h, w), self.working_size)
+        size = max(self.work_hw)
+        self.block = self.block or default_block(size)
+        if self.work_hw[0] % self.block or self.work_hw[1] % self.block:
+            raise ValueError(f"block={self.block} does not divide the working size {self.work_hw}")
+        self.arch = self.arch or ("conv" if size <= 32 else "resnet")
+        self.width = self.width or (32 if size <= 16 else 64)
+        if self.iterations is None or self.batch_size is None:
+            iters, batch = (1500, 128) if size <= 16 else (20000, 128) if size <= 32 else (30000, 512)
+            self.iterations = self.iterations or iters
+            self.batch_size = self.batch_size or batch
+        self.shape = shape
+        self.layout = (c, *self.work_hw, self.block)
+        resnet = self.arch == "resnet"
+        with torch.random.fork_rng(devices=[]):  # initialise from our seed, leave the global RNG alone
+            torch.manual_seed(self.seed)
+            self.G = _Generator(c, self.noise_channels, self.work_hw, self.width, resnet)
+            self.D = SwapDiscriminator(c, self.block, self.width, resnet)
+
+    @property
+    def swap_block(self) -> int:
+        if self.shape is None:
+            return self.block or 1
+        return self.block * self.shape[1] // self.work_hw[0]
+
+    def config(self) -> dict:
+        return {
+            "shape": list(self.shape) if self.shape is not None else None,
+            "block": self.block,
+            "working_size": self.working_size,
+            "iterations": self.iterations,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "betas": list(self.betas),
+            "noise_channels": self.noise_channels,
+            "width": self.width,
+            "arch": self.arch,
+            "decorrelation_weight": self.decorrelation_weight,
+            "moment_weight": self.moment_weight,
+            "hint_rate": self.hint_rate,
+            "checkpoint_every": self.checkpoint_every,
+            "seed": self.seed,
+            "max_images": self.max_images,
+        }
+
+    # ------------------------------------------------------------------ training
+
+    def _read(self, loader: Iterable, device: torch.device) -> Tensor:
+        chunks, count = [], 0
+        for batch in loader:
+            x = images_of(batch)
+            if self.shape is None:
+                self._build(tuple(x.shape[1:]))
+            self._check_input(x, self.shape)
+            x = resize(x.to(device, torch.float32), self.work_hw)
+            if self.max_images is not None:
+                x = x[: self.max_images - count]
+            chunks.append(x)
+            count += x.shape[0]
+            if self.max_images is not None and count >= self.max_images:
+                break
+        if count < 2:
+            raise ValueError(f"loader must yield at least 2 images, got {count}")
+        return torch.cat(chunks)
+
+    @staticmethod
+    def _fingerprint(data: Tensor) -> float:
+        """Order-sensitive checksum of the training images (resuming needs the same data)."""
+        weights = torch.arange(1, data.shape[0] + 1, dtype=torch.float64, device=data.device)
+        return float((data.flatten(1).to(torch.float64).sum(1) * weights).sum())
+
+    def fit(
+        self,
+        loader: Iterable,
+        *,
+        device: str | torch.device | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        callback: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> KnockoffGAN:
+        """Train on ``x`` or ``(x, y)`` batches (read once; see the module docstring).
+
+        Args:
+            device: where to train; default where the networks are (CPU before the first fit).
+            checkpoint: path written atomically every ``checkpoint_every`` iterations and at the end.
+            resume: continue from ``checkpoint`` when it exists (same data, order and config but
+                ``iterations`` / ``checkpoint_every``); the result equals an uninterrupted run.
+            progress: show a tqdm bar.
+            callback: called as ``callback(iteration, losses)`` after every iteration.
+
+        Raises:
+            ValueError: for a checkpoint that is unreadable, of another format or version, of
+                another config or other training data.
+        """
+        if device is None:
+            device = next(self.parameters()).device if self.shape is not None else torch.device("cpu")
+        device = torch.device(device)
+        data = self._read(loader, device)
+        self.to(device)
+        batch = min(self.batch_size, data.shape[0])
+        opt_g = torch.optim.Adam(self.G.parameters(), lr=self.lr, betas=self.betas)
+        opt_d = torch.optim.Adam(self.D.parameters(), lr=self.lr, betas=self.betas)
+        rng = torch.Generator().manual_seed(self.seed + 1)
+        fingerprint = self._fingerprint(data)
+        start = 0
+        if resume and checkpoint is not None and os.path.exists(checkpoint):
+            start = self._restore(checkpoint, fingerprint, opt_g, opt_d, rng)
+        self.train()
+        with tqdm(total=self.iterations, initial=start, disable=not progress, desc="KnockoffGAN", leave=False) as bar:
+            for it in range(start, self.iterations):
+                losses = self._step(data, batch, rng, opt_g, opt_d)
+                done = it + 1
+                if checkpoint is not None and (done % self.checkpoint_every == 0 or done == self.iterations):
+                    self._save_checkpoint(checkpoint, done, fingerprint, opt_g, opt_d, rng)
+                bar.update(1)
+                if done % 50 == 0:
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+                if callback is not None:
+                    callback(done, losses)
+        return self.eval()
+
+    def _step(self, data: Tensor, batch: int, rng: torch.Generator, opt_g, opt_d) -> dict[str, float]:
+        dev = data.device
+        grid = (self.work_hw[0] // self.block, self.work_hw[1] // self.block)
+        idx = torch.randint(data.shape[0], (batch,), generator=rng).to(dev)
+        z = torch.randn((batch, self.noise_channels, *self.work_hw), generator=rng).to(dev)
+        masks = (torch.rand((2, batch, 1, *grid), generator=rng) < 0.5).float().to(dev)
+        revealed = (torch.rand((2, batch, 1, *grid), generator=rng) < self.hint_rate).float().to(dev)
+        hints = revealed * (2 * masks - 1)
+        x = data[idx]
+        xk = self.G(x, z)
+
+        self.D.requires_grad_(True)
+        logits = self.D(torch.cat(swap_blocks(x, xk.detach(), masks[0]), 1), hints[0])
+        loss_d = hidden_bce(logits, masks[0], revealed[0])
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+
+        self.D.requires_grad_(False)  # the generator step must not accumulate D gradients
+        logits = self.D(torch.cat(swap_blocks(x, xk, masks[1]), 1), hints[1])
+        swap = hidden_bce(logits, torch.full_like(logits, 0.5), revealed[1]) - math.log(2)
+        flat_x, flat_k = x.reshape(batch, -1), xk.reshape(batch, -1)
+        decor = _batch_corr2(flat_x, flat_k)
+        moments = _second_order_loss(flat_x, flat_k, self.layout)
+        loss_g = swap + self.decorrelation_weight * decor + self.moment_weight * moments
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        self.D.requires_grad_(True)
+        return {"d": loss_d.item(), "swap": swap.item(), "decor": decor.item(), "moments": moments.item()}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, path, iteration: int, fingerprint: float, opt_g, opt_d, rng: torch.Generator) -> None:
+        checkpoint.save(
+            path,
+            CHECKPOINT_KIND,
+            {
+                "config": json.dumps(self.config()),
+                "iteration": iteration,
+                "fingerprint": fingerprint,
+                "model": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(),
+                "rng": rng.get_state(),
+            },
+        )
+
+    def _restore(self, path, fingerprint: float, opt_g, opt_d, rng: torch.Generator) -> int:
+        obj = checkpoint.load(path, CHECKPOINT_KIND)
+        try:
+            saved = json.loads(obj["config"])
+            iteration = int(obj["iteration"])
+            saved_fingerprint = float(obj["fingerprint"])
+            model, state_g, state_d, rng_state = obj["model"], obj["opt_g"], obj["opt_d"], obj["rng"]
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: incomplete KnockoffGAN checkpoint ({exc})") from None
+        ours = self.config()
+        differ = sorted(k for k in set(saved) | set(ours) if k not in _RESUMABLE_CHANGES and saved.get(k) != ours.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs {ours.get(k)!r}" for k in differ)
+            raise ValueError(f"{path}: checkpoint was written with another config ({detail})")
+        if not math.isclose(saved_fingerprint, fingerprint, rel_tol=1e-9, abs_tol=1e-9):
+            raise ValueError(
+                f"{path}: checkpoint was trained on other data or another order "
+                "(resume with the same dataset and a loader that does not shuffle)"
+            )
+        if not 0 <= iteration <= self.iterations:
+            raise ValueError(f"{path}: checkpoint iteration {iteration} is outside [0, {self.iterations}]")
+        try:
+            self.load_state_dict(model)
+            opt_g.load_state_dict(state_g)
+            opt_d.load_state_dict(state_d)
+            rng.set_state(rng_state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: checkpoint state does not fit this KnockoffGAN ({exc})") from None
+        return iteration
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def sample(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``G(x, z)`` at the working resolution, resized back to x's; z from ``generator``."""
+        self._check_input(x, self.shape)
+        device = next(self.G.parameters()).device
+        xw = resize(x.to(device, torch.float32), self.work_hw)
+        z = draw_normal((x.shape[0], self.noise_channels, *self.work_hw), generator, device)
+        xk = self.G(xw, z)
+        return resize(xk, tuple(self.shape[1:])).to(x.device, x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, block={self.block}, arch={self.arch}, iterations={self.iterations}"

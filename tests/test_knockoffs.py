@@ -1,0 +1,487 @@
+"""Knockoff generators and their diagnostics (scop_ext.knockoffs), on known Gaussians and digits."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+from statistics import NormalDist
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from scop_ext import lemma2
+from scop_ext.data import digits
+from scop_ext.knockoffs import (
+    ExternalKnockoffs,
+    GaussianKnockoffs,
+    KnockoffGAN,
+    KnockoffGenerator,
+    PermutationKnockoffs,
+    check,
+    estimate_s0,
+    load,
+    make_generator,
+)
+from scop_ext.knockoffs.base import pixel_groups
+from scop_ext.knockoffs.diagnostics import (
+    exchangeability,
+    feature_exchangeability,
+    label_leakage,
+    power,
+    random_subsets,
+    sample_batched,
+    swap_gaps,
+)
+from scop_ext.knockoffs.gaussian import _Moments, ledoit_wolf
+from scop_ext.knockoffs.plots import embedding_figure, knockoff_grid
+
+
+def ar1(d: int, rho: float, scales: torch.Tensor | None = None) -> torch.Tensor:
+    idx = torch.arange(d)
+    corr = rho ** (idx[:, None] - idx[None, :]).abs().to(torch.float64)
+    if scales is None:
+        return corr
+    return corr * scales[:, None] * scales[None, :]
+
+
+def draw(mean: torch.Tensor, cov: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    chol = torch.linalg.cholesky(cov)
+    z = torch.randn(n, mean.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return mean + z @ chol.T
+
+
+def bonferroni_z(count: int, alpha: float = 1e-3) -> float:
+    """Two-sided normal quantile that keeps the family-wise error of ``count`` tests at alpha."""
+    return NormalDist().inv_cdf(1 - alpha / (2 * count))
+
+
+def max_standardized_deviation(sample_cov: torch.Tensor, cov: torch.Tensor, n: int) -> float:
+    """max_ij |C^_ij - C_ij| / sd(C^_ij), with the Gaussian sd(C^_ij) = sqrt((C_ii C_jj + C_ij^2) / n)."""
+    diag = torch.diagonal(cov)
+    sd = ((diag[:, None] * diag[None, :] + cov * cov) / n).sqrt()
+    return float(((sample_cov - cov).abs() / sd).max())
+
+
+@pytest.fixture(scope="module")
+def digit_data():
+    train, test = digits("train"), digits("test")
+    return DataLoader(train, batch_size=256), train.tensors, test.tensors
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny 8 x 8 convolutions gain nothing from a second thread, and lose many times over when
+    other processes share the cores (OpenMP threads wait on each other at every op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fitted(digit_data):
+    """One fitted generator of every kind on the digits training split."""
+    loader, _, _ = digit_data
+    gaussian = GaussianKnockoffs().fit(loader)
+    with one_thread():
+        gan = KnockoffGAN(iterations=300, width=16, batch_size=64, seed=0).fit(loader, progress=False)
+    return {
+        "gaussian": gaussian,
+        "gaussian-sdp": GaussianKnockoffs(method="sdp").fit(loader),
+        "gan": gan,
+        "permutation": PermutationKnockoffs(),
+        "external": ExternalKnockoffs(gaussian.sample),  # takes generator=, so it is passed through
+    }
+
+
+# ---------------------------------------------------------------------------------- Gaussian, known Sigma
+
+
+def test_ledoit_wolf_matches_sklearn():
+    from sklearn.covariance import ledoit_wolf as sk_ledoit_wolf
+
+    x = torch.randn(400, 25, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = x @ torch.randn(25, 25, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 5.0
+    moments = _Moments()
+    for chunk in x.split(77):  # uneven batches exercise the one-pass sums
+        moments.update(chunk)
+    mean, cov, fourth = moments.finish()
+    shrunk, weight = ledoit_wolf(cov, fourth, x.shape[0])
+    expected, expected_weight = sk_ledoit_wolf(x.numpy())
+    assert torch.allclose(mean, x.mean(0), atol=1e-10)
+    assert weight == pytest.approx(expected_weight, rel=1e-9)
+    assert torch.allclose(shrunk, torch.from_numpy(expected), atol=1e-9)
+
+
+def test_gaussian_joint_covariance_has_knockoff_form():
+    d, n = 20, 100_000
+    cov = ar1(d, 0.6, torch.linspace(0.5, 2.0, d, dtype=torch.float64))
+    mean = torch.linspace(-1, 1, d, dtype=torch.float64)
+    gen = GaussianKnockoffs.from_covariance(mean, cov)
+    x = draw(mean, cov, n, seed=0)
+    xk = gen.sample(x, generator=torch.Generator().manual_seed(1))
+    assert xk.dtype == torch.float64 and xk.shape == x.shape
+
+    s = gen.S
+    expected = torch.cat([torch.cat([cov, cov - s], 1), torch.cat([cov - s, cov], 1)], 0)
+    joint = torch.cat([x, xk], 1)
+    sample_cov = torch.cov(joint.T)
+    z = bonferroni_z((2 * d) ** 2)
+    assert max_standardized_deviation(sample_cov, expected, n) < z
+    mean_sd = (torch.diagonal(cov) / n).sqrt()
+    assert float(((xk.mean(0) - mean).abs() / mean_sd).max()) < bonferroni_z(d)
+    # the same check rejects a form with a slightly wrong S, so it has power at this n
+    wrong = torch.cat([torch.cat([cov, cov - 0.9 * s], 1), torch.cat([cov - 0.9 * s, cov], 1)], 0)
+    assert max_standardized_deviation(sample_cov, wrong, n) > 2 * z
+
+
+@pytest.mark.parametrize("rho", [0.6, 0.2])
+def test_equicorrelated_s_matches_closed_form(rho):
+    d = 20
+    scales = torch.linspace(0.5, 2.0, d, dtype=torch.float64)
+    cov = ar1(d, rho, scales)
+    gen = GaussianKnockoffs.from_covariance(torch.zeros(d), cov)
+    corr = ar1(d, rho)
+    closed = min(1.0, 2 * float(torch.linalg.eigvalsh(corr)[0])) * scales**2
+    assert torch.allclose(torch.diagonal(gen.S), closed, rtol=1e-10)
+    assert bool((gen.S == torch.diag(torch.diagonal(gen.S))).all())
+    assert float(torch.linalg.eigvalsh(2 * cov - gen.S)[0]) > -1e-10
+    if rho == 0.2:  # weak correlation: 2 lambda_min > 1, so s = diag(Sigma) and x~ is independent of x
+        assert torch.allclose(torch.diagonal(gen.S), scales**2)
+
+
+def test_group_equicorrelated_s():
+    d, block = 12, 3
+    cov = ar1(d, 0.7)
+    gen = GaussianKnockoffs.from_covariance(torch.zeros(d), cov, block=block)
+    groups = torch.arange(d) // block
+    same = groups[:, None] == groups[None, :]
+    d_blocks = cov * same
+    evals, evecs = torch.linalg.eigh(d_blocks)
+    inv_half = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    gamma = min(1.0, 2 * float(torch.linalg.eigvalsh(inv_half @ cov @ inv_half)[0]))
+    assert torch.allclose(gen.S, gamma * d_blocks, atol=1e-12)
+    assert float(torch.linalg.eigvalsh(2 * cov - gen.S)[0]) > -1e-10
+    # grouping frees the within-group correlation: more s than the coordinate-wise choice
+    single = GaussianKnockoffs.from_covariance(torch.zeros(d), cov)
+    assert float(torch.diagonal(gen.S).sum()) > float(torch.diagonal(single.S).sum())
+
+
+def test_sdp_is_feasible_and_beats_equicorrelated():
+    d = 20
+    cov = ar1(d, 0.5)
+    sdp = GaussianKnockoffs.from_covariance(torch.zeros(d), cov, method="sdp")
+    equi = GaussianKnockoffs.from_covariance(torch.zeros(d), cov)
+    s = torch.diagonal(sdp.S)
+    assert float(torch.linalg.eigvalsh(2 * cov - sdp.S)[0]) > -1e-9
+    assert bool((s >= 0).all() and (s <= 1 + 1e-12).all())
+    assert float(s.sum()) > float(torch.diagonal(equi.S).sum()) + 0.1
+    # compound symmetry with rho >= 0: the SDP optimum is the equicorrelated 2 (1 - rho)
+    compound = torch.full((d, d), 0.7, dtype=torch.float64).fill_diagonal_(1.0)
+    cs = GaussianKnockoffs.from_covariance(torch.zeros(d), compound, method="sdp")
+    assert torch.allclose(torch.diagonal(cs.S), torch.full((d,), 0.6, dtype=torch.float64), atol=1e-3)
+
+
+def test_working_resolution_and_swap_block():
+    images = torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    images = nn.functional.interpolate(images, size=32, mode="bilinear", align_corners=False)
+    gen = GaussianKnockoffs(working_size=8).fit(DataLoader(TensorDataset(images), batch_size=32))
+    assert gen.work_shape == (3, 8, 8) and gen.cov.shape == (192, 192)
+    assert gen.swap_block == 8  # 2-pixel blocks at 8 x 8 are 8-pixel blocks at 32 x 32
+    xk = gen.sample(images[:5], generator=torch.Generator().manual_seed(0))
+    assert xk.shape == (5, 3, 32, 32) and xk.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------- every generator on digits
+
+
+@pytest.mark.parametrize("name", ["gaussian", "gaussian-sdp", "gan", "permutation", "external"])
+def test_generator_shapes_dtypes(fitted, digit_data, name):
+    _, _, (x, _) = digit_data
+    gen = fitted[name]
+    for dtype in (torch.float32, torch.float64):
+        xk = gen.sample(x[:17].to(dtype), generator=torch.Generator().manual_seed(0))
+        assert xk.shape == (17, 1, 8, 8) and xk.dtype == dtype and xk.device == x.device
+        assert bool(torch.isfinite(xk).all())
+        assert not torch.equal(xk, x[:17].to(dtype))
+    again = gen.sample(x[:17], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, gen.sample(x[:17], generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("name", ["gaussian", "gaussian-sdp", "gan", "external"])
+def test_exchangeability_below_permutation(fitted, digit_data, name):
+    _, _, (x, _) = digit_data
+    gen = fitted[name]
+    xk = sample_batched(gen, x, seed=0)
+    null = PermutationKnockoffs().sample(x, generator=torch.Generator().manual_seed(1))
+    result = exchangeability(x, xk, block=gen.swap_block, n_subsets=20, seed=0, null=null)  # one set of subsets
+    assert result["gap"] < 0.5 * result["null_gap"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["gaussian", "gan", "permutation"])
+def test_sampling_on_cuda_matches_cpu(fitted, digit_data, name):
+    """Noise is drawn from the CPU generator and moved, so the device changes only rounding
+    (cuDNN may use TF32 for the GAN's convolutions)."""
+    _, _, (x, _) = digit_data
+    gen = copy.deepcopy(fitted[name]).to("cuda")
+    xk = gen.sample(x[:32].cuda(), generator=torch.Generator().manual_seed(0))
+    assert xk.device.type == "cuda" and xk.shape == (32, 1, 8, 8) and xk.dtype == torch.float32
+    reference = fitted[name].sample(x[:32], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(xk.cpu(), reference, rtol=1e-3, atol=5e-3)
+
+
+def test_permutation_is_a_derangement():
+    x = torch.arange(10.0)[:, None]
+    for seed in range(20):
+        xk = PermutationKnockoffs().sample(x, generator=torch.Generator().manual_seed(seed))
+        assert sorted(xk[:, 0].tolist()) == x[:, 0].tolist()
+        assert bool((xk != x).all())
+    with pytest.raises(ValueError, match="at least 2"):
+        PermutationKnockoffs().sample(x[:1])
+
+
+def test_label_leakage(fitted, digit_data):
+    """Knockoffs never see y, so x~ can predict y only through x: ``x~ ⊥ y | x``.
+
+    Bound: the classifier on [x, x~] may not beat the one on x by more than 3 standard errors
+    of a difference of two accuracies on n_test samples, 3 sqrt(2 p (1 - p) / n_test). Near-chance
+    accuracy from x~ alone is *not* a property of valid knockoffs of correlated pixels: the
+    equicorrelated s is small for digits, x~ stays close to x and keeps most of its label
+    information (measured: about 0.9 against 0.96 on x). It is a property of an independent copy,
+    which the permutation checks, and of nothing that leaks y, which the planted leak checks.
+    """
+    _, (x, y), _ = digit_data
+    result = label_leakage(x, sample_batched(fitted["gaussian"], x, seed=0), y, seed=0)
+    p, n_test = result["real_acc"], result["n_test"]
+    assert result["excess"] <= 3 * math.sqrt(2 * p * (1 - p) / n_test)
+    assert result["knockoff_acc"] < result["real_acc"]
+    assert result["chance"] == pytest.approx(0.1, abs=0.01)
+
+    shuffled = PermutationKnockoffs().sample(x, generator=torch.Generator().manual_seed(0))
+    independent = label_leakage(x, shuffled, y, seed=0)
+    chance = independent["chance"]
+    # about 1/10 for an independent copy; 4 binomial standard errors of slack
+    assert independent["knockoff_acc"] <= chance + 4 * math.sqrt(chance * (1 - chance) / n_test)
+
+    planted = shuffled.clone()
+    planted[:, 0, :2, :] = 0
+    planted[torch.arange(len(y)), 0, y // 8, y % 8] = 1.0  # the label written into the top rows
+    assert label_leakage(x, planted, y, seed=0)["knockoff_acc"] > 0.9
+
+
+# ---------------------------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize("name", ["gaussian", "gaussian-sdp", "gan", "permutation"])
+def test_save_load_round_trip(fitted, digit_data, tmp_path, name):
+    _, _, (x, _) = digit_data
+    gen = fitted[name]
+    path = tmp_path / f"{name}.pt"
+    gen.save(path)
+    for loaded in (load(path), type(gen).load(path)):
+        assert type(loaded) is type(gen) and loaded.config() == gen.config()
+        a = gen.sample(x[:32], generator=torch.Generator().manual_seed(3))
+        b = loaded.sample(x[:32], generator=torch.Generator().manual_seed(3))
+        assert torch.equal(a, b)
+
+
+def test_external_module_round_trip(digit_data, tmp_path):
+    _, _, (x, _) = digit_data
+
+    class Noisy(nn.Module):  # a stochastic user model that uses torch's global RNG
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(0.0))
+
+        def forward(self, x):
+            return x + self.scale * torch.randn_like(x)
+
+    module = Noisy()
+    with torch.no_grad():
+        module.scale.fill_(0.3)
+    gen = ExternalKnockoffs(module)
+    before = torch.get_rng_state()
+    a = gen.sample(x[:8], generator=torch.Generator().manual_seed(5))
+    assert torch.equal(before, torch.get_rng_state())  # the global RNG is left as it was
+    gen.save(tmp_path / "ext.pt")
+    loaded = ExternalKnockoffs.load(tmp_path / "ext.pt", fn=Noisy())
+    assert float(loaded.fn.scale.detach()) == pytest.approx(0.3)
+    assert torch.equal(a, loaded.sample(x[:8], generator=torch.Generator().manual_seed(5)))
+    with pytest.raises(ValueError, match="fn"):
+        ExternalKnockoffs.load(tmp_path / "ext.pt")
+    with pytest.raises(ValueError, match="shape"):
+        ExternalKnockoffs(lambda t: t[:, :, :4]).sample(x[:8])
+
+
+def test_load_errors(fitted, tmp_path):
+    good = tmp_path / "good.pt"
+    fitted["gaussian"].save(good)
+    blob = good.read_bytes()
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="truncated.pt"):
+        load(truncated)
+
+    obj = torch.load(good, weights_only=True)
+    obj["version"] = 99
+    torch.save(obj, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="version 99"):
+        load(tmp_path / "future.pt")
+
+    with pytest.raises(ValueError, match="holds a 'gaussian' generator, not 'permutation'"):
+        PermutationKnockoffs.load(good)
+
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a scop checkpoint"):
+        load(tmp_path / "other.pt")
+
+    obj = torch.load(good, weights_only=True)
+    obj["payload"]["state"]["cov"] = torch.zeros(3, 3, dtype=torch.float64)
+    torch.save(obj, tmp_path / "mismatch.pt")
+    with pytest.raises(ValueError, match="does not fit its config"):
+        load(tmp_path / "mismatch.pt")
+
+    with pytest.raises(ValueError, match="missing.pt: no such checkpoint file"):
+        load(tmp_path / "missing.pt")
+
+
+def test_interface_errors(digit_data):
+    _, _, (x, _) = digit_data
+    with pytest.raises(ValueError, match="name must be one of"):
+        make_generator("vae")
+    assert isinstance(make_generator("gaussian", method="sdp"), GaussianKnockoffs)
+    with pytest.raises(ValueError, match="not fitted"):
+        GaussianKnockoffs().sample(x[:4])
+    with pytest.raises(ValueError, match="method"):
+        GaussianKnockoffs(method="lasso")
+    gen = GaussianKnockoffs(shape=(1, 8, 8))
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 1, 8, 8\)"):
+        gen.sample(torch.zeros(4, 1, 9, 9))
+    with pytest.raises(ValueError, match="block=3"):
+        GaussianKnockoffs(shape=(1, 8, 8), block=3)
+    assert issubclass(KnockoffGAN, KnockoffGenerator)
+
+
+# ---------------------------------------------------------------------------------- diagnostics
+
+
+def test_swap_gap_matches_explicit_permutation():
+    gen = torch.Generator().manual_seed(0)
+    x, xk = torch.randn(50, 6, generator=gen), torch.randn(50, 6, generator=gen)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    subsets = torch.tensor([[True, False, True], [False, False, False]])
+    gaps = swap_gaps(x, xk, groups, subsets, chunk=5)
+    c = torch.cov(torch.cat([x, xk], 1).T.double())
+    p = torch.eye(12, dtype=torch.float64)
+    for j in (0, 1, 4, 5):
+        p[[j, j + 6]] = p[[j + 6, j]]
+    assert gaps[0] == pytest.approx(float(torch.linalg.matrix_norm(c - p @ c @ p.T) / torch.linalg.matrix_norm(c)))
+    assert gaps[1] == 0.0
+
+
+def test_exchangeability_against_closed_form():
+    """Exact knockoffs: the gap is sampling noise (about the floor of exactly exchangeable pairs);
+    x~ = x: exactly 0 (a valid knockoff without power, which power shows); a permutation breaks
+    every cross-covariance, a reflection 2 mu - x flips them, so it is further still."""
+    d, n = 20, 20_000
+    cov = ar1(d, 0.6)
+    mean = torch.zeros(d, dtype=torch.float64)
+    x = draw(mean, cov, n, seed=0)
+    exact = GaussianKnockoffs.from_covariance(mean, cov).sample(x, generator=torch.Generator().manual_seed(1))
+    good = exchangeability(x, exact, block=1, seed=0)
+    assert good["ratio_to_floor"] < 1.5
+    assert good["gap"] < 0.1 * good["null_gap"]
+
+    same = exchangeability(x, x.clone(), block=1, seed=0)
+    assert same["gap"] < 1e-12
+    assert power(x, x) == pytest.approx(1.0)
+    assert power(x, exact) == pytest.approx(1 - min(1.0, 2 * float(torch.linalg.eigvalsh(cov)[0])), abs=0.02)
+
+    shuffled = PermutationKnockoffs().sample(x, generator=torch.Generator().manual_seed(2))
+    reflected = exchangeability(x, 2 * mean - x, block=1, seed=0, null=shuffled)
+    assert good["null_gap"] > 10 * good["noise_floor"]
+    assert reflected["gap"] > 1.2 * reflected["null_gap"]
+    assert abs(power(x, shuffled)) < 4 / math.sqrt(n)
+
+
+def test_feature_exchangeability():
+    """A per-channel affine map keeps exact knockoffs exchangeable coordinate-wise, so the gap
+    at its output stays at the noise floor while a permutation's does not."""
+    c, n = 4, 5_000
+    shape = (c, 2, 2)
+    d = c * 4
+    cov = ar1(d, 0.5)
+    x = draw(torch.zeros(d, dtype=torch.float64), cov, n, seed=0)
+    gen = GaussianKnockoffs.from_covariance(torch.zeros(d), cov, shape=shape, block=1)
+    images = x.float().reshape(n, *shape)
+    xk = gen.sample(images, generator=torch.Generator().manual_seed(0))
+    model = nn.Sequential(nn.Conv2d(c, c, 1, groups=c), nn.Flatten())
+    result = feature_exchangeability(model, ["0", "1"], images, xk, pool="flatten", seed=0)
+    assert set(result) == {"0", "1"} and result["1"]["dim"] == d
+    for layer in result.values():
+        assert layer["ratio_to_floor"] < 1.5 and layer["gap"] < 0.2 * layer["null_gap"]
+    pooled = feature_exchangeability(model, ["0"], images, xk, seed=0)
+    assert pooled["0"]["dim"] == c
+    with pytest.raises(ValueError, match="not modules"):
+        feature_exchangeability(model, ["conv9"], images, xk)
+
+
+def test_estimate_s0_per_channel():
+    """Independent coordinates: equicorrelated gamma = 1, so s_j = Var(x_j) per channel."""
+    variances = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    per_coord = variances.repeat_interleave(9)
+    n = 4_000
+    gen = GaussianKnockoffs.from_covariance(torch.zeros(18), torch.diag(per_coord), shape=(2, 3, 3))
+    x = (torch.randn(n, 18, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * per_coord.sqrt()).reshape(n, 2, 3, 3)
+    loader = DataLoader(TensorDataset(x.float()), batch_size=500)
+    s0 = estimate_s0(gen, loader, batches=8, seed=0)
+    # s^ = var^ - cov^ over n * 9 pooled values: relative sd about sqrt(3 / (9 n)) each
+    assert torch.allclose(s0, variances, rtol=5 * math.sqrt(3 / (9 * n)))
+    real = x.float()
+    knock = sample_batched(gen, real, seed=0, batch_size=500)
+    assert torch.allclose(estimate_s0(gen, loader, batches=8, seed=0), lemma2.estimate_s(real, knock))
+
+
+def test_check_writes_report(fitted, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+    report = check(fitted["gaussian"], digits("test"), tmp_path / "out", model=model, layers=["1", "3"], n=300, swap_test_steps=30)
+    out = tmp_path / "out"
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    for name in ("embedding.png", "grid.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(report) == sorted(
+        ["generator", "n", "shape", "seed", "block", "exchangeability", "layers", "power", "leakage", "swap_test", "s0", "figures"]
+    )
+    assert report["generator"]["kind"] == "gaussian" and report["n"] == 300 and report["block"] == 2
+    assert set(report["layers"]) == {"1", "3"}
+    assert report["exchangeability"]["gap"] < report["exchangeability"]["null_gap"]
+    assert len(report["s0"]) == 1 and report["s0"][0] > 0
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    with pytest.raises(ValueError, match="model and layers"):
+        check(fitted["gaussian"], digits("test"), tmp_path / "bad", model=model)
+
+
+def test_plots_write_png(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    x, xk = torch.rand(20, 3, 4, 4, generator=gen), torch.rand(20, 3, 4, 4, generator=gen)
+    groups = pixel_groups((3, 4, 4), 2)
+    embedding_figure([("input", x.flatten(1), xk.flatten(1), groups)], tmp_path / "e.png")
+    knockoff_grid(x, xk, tmp_path / "g.png", [("conv", x[:, :2], xk[:, :2])], columns=4)
+    for name in ("e.png", "g.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_random_subsets_are_seeded():
+    assert torch.equal(random_subsets(16, 5, seed=3), random_subsets(16, 5, seed=3))
+    assert random_subsets(1000, 1, seed=0).float().mean() == pytest.approx(0.5, abs=0.06)
