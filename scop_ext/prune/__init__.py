@@ -7,6 +7,9 @@
 - :mod:`.surgery`: ``apply_plan`` (physical removal with torch-pruning), ``channel_widths``
   and ``rebuild`` (re-create a pruned architecture from JSON widths).
 - :mod:`.flops`: FLOPs (= 2 x MACs), MACs and parameter counts.
+- :mod:`.scales` (stage 2), :mod:`.train` (fine-tuning, evaluation, BN recalibration),
+  :mod:`.export` (pickle-free model files), :mod:`.report`, :mod:`.distributed`, and
+  :mod:`.pipeline`: :class:`ScopPruner`, the whole run as one object with plain steps.
 """
 
 from .flops import count_flops, count_macs, count_params, flops_by_module
@@ -29,6 +32,7 @@ from .select import (
     uniform,
 )
 from .surgery import ChannelGroup, Plan, apply_plan, channel_groups, channel_widths, rebuild
+from .pipeline import STAGES, PruneConfig, ScopPruner
 
 __all__ = [
     "count_flops",
@@ -55,4 +59,7 @@ __all__ = [
     "apply_plan",
     "channel_widths",
     "rebuild",
+    "PruneConfig",
+    "ScopPruner",
+    "STAGES",
 ]
