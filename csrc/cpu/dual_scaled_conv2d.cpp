@@ -24,17 +24,19 @@ constexpr bool kVectorize = std::is_same_v<scalar_t, float> || std::is_same_v<sc
 constexpr int64_t kGrainElems = 32768;
 
 // out_r = k + beta (r - k) is beta (Y_r + b) + (1 - beta)(Y_k + b~) with one multiply.
-// `beta`, `sr`, `sk` are either one value per row (stride 0) or one per element (stride 1).
-template <typename scalar_t, typename opmath_t>
+// `beta`, `sr`, `sk` hold one value per element of the row (channels_last rows span channels)
+// or, with kPerElement false, one value for the whole row (an NCHW plane is one channel).
+template <bool kPerElement, typename scalar_t, typename opmath_t>
 void mix_forward_row(scalar_t* yr, scalar_t* yk, scalar_t* d, int64_t len, const opmath_t* beta,
-                     const opmath_t* sr, const opmath_t* sk, int64_t stride) {
+                     const opmath_t* sr, const opmath_t* sk) {
+  constexpr int64_t stride = kPerElement ? 1 : 0;
   int64_t i = 0;
   if constexpr (kVectorize<scalar_t>) {
     using Vec = Vectorized<scalar_t>;
     for (; i + Vec::size() <= len; i += Vec::size()) {
-      const Vec vb = stride ? Vec::loadu(beta + i) : Vec(beta[0]);
-      const Vec vsr = stride ? Vec::loadu(sr + i) : Vec(sr[0]);
-      const Vec vsk = stride ? Vec::loadu(sk + i) : Vec(sk[0]);
+      const Vec vb = kPerElement ? Vec::loadu(beta + i) : Vec(beta[0]);
+      const Vec vsr = kPerElement ? Vec::loadu(sr + i) : Vec(sr[0]);
+      const Vec vsk = kPerElement ? Vec::loadu(sk + i) : Vec(sk[0]);
       const Vec r = Vec::loadu(yr + i) + vsr;
       const Vec k = Vec::loadu(yk + i) + vsk;
       const Vec diff = r - k;
@@ -54,15 +56,16 @@ void mix_forward_row(scalar_t* yr, scalar_t* yk, scalar_t* d, int64_t len, const
 }
 
 // grad_Y_r = beta g_r, grad_Y_k = (1 - beta) g_r + g_k; accumulates sum(g_r d) and the two
-// spatial sums into acc_p / acc_r / acc_k (per element when stride is 1, one value otherwise).
-template <typename scalar_t, typename opmath_t>
+// spatial sums into acc_p / acc_r / acc_k (per element with kPerElement, one value otherwise).
+template <bool kPerElement, typename scalar_t, typename opmath_t>
 void mix_backward_row(const scalar_t* gr, const scalar_t* gk, const scalar_t* d, scalar_t* gyr,
-                      scalar_t* gyk, int64_t len, const opmath_t* beta, int64_t stride,
-                      opmath_t* acc_p, opmath_t* acc_r, opmath_t* acc_k) {
+                      scalar_t* gyk, int64_t len, const opmath_t* beta, opmath_t* acc_p,
+                      opmath_t* acc_r, opmath_t* acc_k) {
+  constexpr int64_t stride = kPerElement ? 1 : 0;
   int64_t i = 0;
   if constexpr (kVectorize<scalar_t>) {
     using Vec = Vectorized<scalar_t>;
-    if (stride == 0) {
+    if constexpr (!kPerElement) {
       const Vec vb(beta[0]), one(1);
       Vec vp(0), vr(0), vk(0);
       for (; i + Vec::size() <= len; i += Vec::size()) {
@@ -133,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor> dual_scaled_conv2d_cpu(
       at::parallel_for(0, n * c, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(hw, 1)),
                        [&](int64_t begin, int64_t end) {
                          for (int64_t p = begin; p < end; ++p) {
-                           mix_forward_row(yp + p * hw, yp + half + p * hw, dp ? dp + p * hw : nullptr,
-                                           hw, bp + p % c, sr + p, sk + p, /*stride=*/0);
+                           mix_forward_row<false>(yp + p * hw, yp + half + p * hw,
+                                                  dp ? dp + p * hw : nullptr, hw, bp + p % c, sr + p, sk + p);
                          }
                        });
     } else {
@@ -142,9 +145,8 @@ std::tuple<at::Tensor, at::Tensor> dual_scaled_conv2d_cpu(
                        [&](int64_t begin, int64_t end) {
                          for (int64_t row = begin; row < end; ++row) {
                            const int64_t s = row / hw;
-                           mix_forward_row(yp + row * c, yp + half + row * c,
-                                           dp ? dp + row * c : nullptr, c, bp, sr + s * c,
-                                           sk + s * c, /*stride=*/1);
+                           mix_forward_row<true>(yp + row * c, yp + half + row * c,
+                                                 dp ? dp + row * c : nullptr, c, bp, sr + s * c, sk + s * c);
                          }
                        });
     }
@@ -184,9 +186,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_mix_backward_cpu(
       at::parallel_for(0, n * c, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(hw, 1)),
                        [&](int64_t begin, int64_t end) {
                          for (int64_t p = begin; p < end; ++p) {
-                           mix_backward_row(gp + p * hw, gp + half + p * hw, dp ? dp + p * hw : nullptr,
-                                            op + p * hw, op + half + p * hw, hw, bp + p % c, 0,
-                                            pp + p, sp + p, sp + n * c + p);
+                           mix_backward_row<false>(gp + p * hw, gp + half + p * hw,
+                                                   dp ? dp + p * hw : nullptr, op + p * hw, op + half + p * hw,
+                                                   hw, bp + p % c, pp + p, sp + p, sp + n * c + p);
                          }
                        });
     } else {
@@ -194,9 +196,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_mix_backward_cpu(
         for (int64_t s = begin; s < end; ++s) {
           for (int64_t q = 0; q < hw; ++q) {
             const int64_t row = s * hw + q;
-            mix_backward_row(gp + row * c, gp + half + row * c, dp ? dp + row * c : nullptr,
-                             op + row * c, op + half + row * c, c, bp, 1, pp + s * c, sp + s * c,
-                             sp + (n + s) * c);
+            mix_backward_row<true>(gp + row * c, gp + half + row * c, dp ? dp + row * c : nullptr,
+                                   op + row * c, op + half + row * c, c, bp, pp + s * c, sp + s * c,
+                                   sp + (n + s) * c);
           }
         }
       });
