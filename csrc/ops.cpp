@@ -14,6 +14,9 @@ at::MemoryFormat dual_memory_format(const at::Tensor& t) {
   return at::MemoryFormat::Contiguous;
 }
 
+namespace {
+
+// Second line of defence behind the Python argument checks.
 void check_dual_conv_args(const at::Tensor& input, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, const at::Tensor& beta,
                           const std::optional<at::Tensor>& noise, int64_t groups) {
@@ -48,15 +51,6 @@ void check_dual_conv_args(const at::Tensor& input, const at::Tensor& weight,
   }
 }
 
-at::Tensor paired_convolution(const at::Tensor& input, const at::Tensor& weight,
-                              at::IntArrayRef stride, at::IntArrayRef padding,
-                              at::IntArrayRef dilation, int64_t groups) {
-  // The conv bias is left to the fused pass, which adds it together with [b, b~].
-  at::Tensor y = at::convolution(input, weight, std::nullopt, stride, padding, dilation,
-                                 /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
-  return y.contiguous(dual_memory_format(input));
-}
-
 at::Tensor branch_shifts(const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& noise, int64_t n, int64_t c,
                          const at::Tensor& like) {
@@ -86,6 +80,60 @@ void check_mix_backward_args(const at::Tensor& grad_out, const at::Tensor& beta,
     TORCH_CHECK(diff.device() == grad_out.device() && diff.scalar_type() == grad_out.scalar_type(),
                 "scop: diff must match grad_out's dtype and device");
   }
+}
+
+}  // namespace
+
+DualForward prepare_dual_forward(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& beta,
+                                 const std::optional<at::Tensor>& noise, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                 bool save_diff) {
+  check_dual_conv_args(input, weight, bias, beta, noise, groups);
+  const auto fmt = dual_memory_format(input);
+  // The conv bias is left to the fused pass, which adds it together with [b, b~].
+  at::Tensor y = at::convolution(input, weight, std::nullopt, stride, padding, dilation,
+                                 /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
+                     .contiguous(fmt);
+  DualForward state;
+  state.n = y.size(0) / 2;
+  state.c = y.size(1);
+  state.hw = y.size(2) * y.size(3);
+  state.channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  state.diff = save_diff ? at::empty({state.n, state.c, y.size(2), y.size(3)}, y.options().memory_format(fmt))
+                         : at::empty({0}, y.options());
+  state.shifts = branch_shifts(bias, noise, state.n, state.c, y);
+  state.beta = beta.to(state.shifts.scalar_type()).contiguous();
+  state.y = std::move(y);
+  return state;
+}
+
+MixBackward prepare_mix_backward(const at::Tensor& grad_out, const at::Tensor& beta,
+                                 const at::Tensor& diff, bool need_beta) {
+  check_mix_backward_args(grad_out, beta, diff, need_beta);
+  const auto fmt = dual_memory_format(grad_out);
+  MixBackward state;
+  state.grad_out = grad_out.contiguous(fmt);
+  state.diff = need_beta ? diff.contiguous(fmt) : at::Tensor();
+  state.grad_y = at::empty_like(state.grad_out, fmt);
+  state.n = grad_out.size(0) / 2;
+  state.c = grad_out.size(1);
+  state.hw = grad_out.size(2) * grad_out.size(3);
+  state.channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const auto acc = grad_out.options().dtype(at::toOpMathType(grad_out.scalar_type()));
+  state.part_p = at::zeros({state.n, state.c}, acc);
+  state.part_s = at::zeros({2 * state.n, state.c}, acc);
+  state.beta = beta.to(acc.dtype()).contiguous();
+  return state;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_mix_backward(const MixBackward& state,
+                                                                   const at::Tensor& beta,
+                                                                   bool need_beta, bool need_sums) {
+  at::Tensor grad_beta = need_beta ? state.part_p.sum(0).to(beta.scalar_type()) : at::empty({0}, beta.options());
+  at::Tensor sums = need_sums ? state.part_s.to(state.grad_out.scalar_type())
+                              : at::empty({0}, state.grad_out.options());
+  return {state.grad_y, grad_beta, sums};
 }
 
 at::Tensor lemma2_combine(const at::Tensor& z, const at::Tensor& R, double gamma) {

@@ -12,24 +12,42 @@ namespace scop {
 // otherwise contiguous NCHW. The Python fake kernels apply the same rule.
 at::MemoryFormat dual_memory_format(const at::Tensor& t);
 
-// Second line of defence behind the Python argument checks.
-void check_dual_conv_args(const at::Tensor& input, const at::Tensor& weight,
-                          const std::optional<at::Tensor>& bias, const at::Tensor& beta,
-                          const std::optional<at::Tensor>& noise, int64_t groups);
+// Everything a backend's fused forward pass needs, prepared the same way for every backend:
+// the checked arguments, the convolution of the whole paired batch (computed by ATen and
+// private to this call, so the fused pass writes the output into it), the diff buffer, and
+// beta and the per-branch shifts in opmath precision.
+struct DualForward {
+  at::Tensor y;       // (2N, C, H, W) conv output, becomes the op's output
+  at::Tensor diff;    // (N, C, H, W) or empty when !save_diff
+  at::Tensor beta;    // (C,) opmath
+  at::Tensor shifts;  // (2, N, C) opmath: bias + b for the real half, bias + b~ for the knockoff half
+  bool channels_last;
+  int64_t n, c, hw;
+};
+DualForward prepare_dual_forward(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& beta,
+                                 const std::optional<at::Tensor>& noise, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                 bool save_diff);
 
-// One ATen convolution over the whole paired batch, returned in dual_memory_format(input).
-at::Tensor paired_convolution(const at::Tensor& input, const at::Tensor& weight,
-                              at::IntArrayRef stride, at::IntArrayRef padding,
-                              at::IntArrayRef dilation, int64_t groups);
-
-// Per-branch additive shifts in opmath precision, shape (2, N, C): row 0 holds
-// bias + b for the real half, row 1 bias + b~ for the knockoff half.
-at::Tensor branch_shifts(const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& noise, int64_t n, int64_t c,
-                         const at::Tensor& like);
-
-void check_mix_backward_args(const at::Tensor& grad_out, const at::Tensor& beta,
-                             const at::Tensor& diff, bool need_beta);
+// The same for the fused backward pass. part_p (N, C) and part_s (2N, C) take per-(sample,
+// channel) partial sums that are reduced over samples afterwards: no atomics, and results do not
+// depend on the thread or block count.
+struct MixBackward {
+  at::Tensor grad_out;  // contiguous in the layout the pass runs in
+  at::Tensor diff;      // same layout, or undefined when !need_beta
+  at::Tensor grad_y;
+  at::Tensor beta;      // (C,) opmath
+  at::Tensor part_p, part_s;
+  bool channels_last;
+  int64_t n, c, hw;
+};
+MixBackward prepare_mix_backward(const at::Tensor& grad_out, const at::Tensor& beta,
+                                 const at::Tensor& diff, bool need_beta);
+// (grad_y, grad_beta or empty, sums or empty): the op's outputs from the filled buffers.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_mix_backward(const MixBackward& state,
+                                                                   const at::Tensor& beta,
+                                                                   bool need_beta, bool need_sums);
 
 // b = sqrt(gamma) z1 + R z2,  b~ = sqrt(gamma) z1 - R z2, from normals z of shape (n, 2, C).
 at::Tensor lemma2_combine(const at::Tensor& z, const at::Tensor& R, double gamma);

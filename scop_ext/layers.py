@@ -73,43 +73,11 @@ class ScopConv2d(nn.Conv2d):
         """A ScopConv2d sharing ``conv``'s weight and bias Parameters (no copy)."""
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device="meta",
-            dtype=conv.weight.dtype,
-        )
-        new.weight = conv.weight
-        new.bias = conv.bias
-        new.train(conv.training)
-        return new
+        return _sharing(cls, conv)
 
     def to_conv(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` sharing this layer's weight and bias (SCOP state is dropped)."""
-        conv = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=self.bias is not None,
-            padding_mode=self.padding_mode,
-            device="meta",
-            dtype=self.weight.dtype,
-        )
-        conv.weight = self.weight
-        conv.bias = self.bias
-        conv.train(self.training)
-        return conv
+        return _sharing(nn.Conv2d, self)
 
     # ------------------------------------------------------------------ SCOP state
 
@@ -223,6 +191,28 @@ class ScopConv2d(nn.Conv2d):
 
 
 # ---------------------------------------------------------------------- model conversion
+
+
+def _sharing(cls: type[nn.Conv2d], conv: nn.Conv2d) -> nn.Conv2d:
+    """A ``cls`` with ``conv``'s hyperparameters holding the very same weight and bias Parameters
+    (built on the meta device first, so nothing is allocated and thrown away)."""
+    new = cls(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device="meta",
+        dtype=conv.weight.dtype,
+    )
+    new.weight = conv.weight
+    new.bias = conv.bias
+    new.train(conv.training)
+    return new
 
 
 def _matcher(skip: Iterable[str] | Callable[[str, nn.Module], bool] | None) -> Callable[[str, nn.Module], bool]:

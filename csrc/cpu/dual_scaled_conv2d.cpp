@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <type_traits>
-#include <vector>
 
 #include "../scop.h"
 
@@ -113,26 +112,18 @@ std::tuple<at::Tensor, at::Tensor> dual_scaled_conv2d_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& beta, const std::optional<at::Tensor>& noise, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_diff) {
-  check_dual_conv_args(input, weight, bias, beta, noise, groups);
-  const auto fmt = dual_memory_format(input);
-  // The convolution's output is private to this call, so the fused pass writes into it.
-  at::Tensor y = paired_convolution(input, weight, stride, padding, dilation, groups);
-  const int64_t n = y.size(0) / 2, c = y.size(1), hw = y.size(2) * y.size(3);
-  at::Tensor diff = save_diff ? at::empty({n, c, y.size(2), y.size(3)}, y.options().memory_format(fmt))
-                              : at::empty({0}, y.options());
-  const at::Tensor shifts = branch_shifts(bias, noise, n, c, y);
-  const at::Tensor beta_op = beta.to(shifts.scalar_type()).contiguous();
-  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
-
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "dual_scaled_conv2d_cpu", [&] {
+  DualForward st = prepare_dual_forward(input, weight, bias, beta, noise, stride, padding, dilation,
+                                        groups, save_diff);
+  const int64_t n = st.n, c = st.c, hw = st.hw;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, st.y.scalar_type(), "dual_scaled_conv2d_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    scalar_t* dp = save_diff ? diff.data_ptr<scalar_t>() : nullptr;
-    const opmath_t* bp = beta_op.data_ptr<opmath_t>();
-    const opmath_t* sr = shifts.data_ptr<opmath_t>();
+    scalar_t* yp = st.y.data_ptr<scalar_t>();
+    scalar_t* dp = save_diff ? st.diff.data_ptr<scalar_t>() : nullptr;
+    const opmath_t* bp = st.beta.data_ptr<opmath_t>();
+    const opmath_t* sr = st.shifts.data_ptr<opmath_t>();
     const opmath_t* sk = sr + n * c;
     const int64_t half = n * c * hw;
-    if (!channels_last) {
+    if (!st.channels_last) {
       at::parallel_for(0, n * c, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(hw, 1)),
                        [&](int64_t begin, int64_t end) {
                          for (int64_t p = begin; p < end; ++p) {
@@ -151,38 +142,24 @@ std::tuple<at::Tensor, at::Tensor> dual_scaled_conv2d_cpu(
                        });
     }
   });
-  return {y, diff};
+  return {st.y, st.diff};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_mix_backward_cpu(
-    const at::Tensor& grad_out_, const at::Tensor& beta, const at::Tensor& diff_, bool need_beta,
+    const at::Tensor& grad_out, const at::Tensor& beta, const at::Tensor& diff, bool need_beta,
     bool need_sums) {
-  check_mix_backward_args(grad_out_, beta, diff_, need_beta);
-  const auto fmt = dual_memory_format(grad_out_);
-  const at::Tensor grad_out = grad_out_.contiguous(fmt);
-  const at::Tensor diff = need_beta ? diff_.contiguous(fmt) : at::Tensor();
-  const int64_t n = grad_out.size(0) / 2, c = grad_out.size(1);
-  const int64_t hw = grad_out.size(2) * grad_out.size(3);
-  at::Tensor grad_y = at::empty_like(grad_out, fmt);
-  const auto opmath = at::toOpMathType(grad_out.scalar_type());
-  const auto acc_opts = grad_out.options().dtype(opmath);
-  // Per-(sample, channel) partial sums; reduced over samples afterwards, so no atomics and the
-  // result does not depend on the thread count.
-  at::Tensor part_p = at::zeros({n, c}, acc_opts);
-  at::Tensor part_s = at::zeros({2 * n, c}, acc_opts);
-  const at::Tensor beta_op = beta.to(opmath).contiguous();
-  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
-
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "dual_mix_backward_cpu", [&] {
+  MixBackward st = prepare_mix_backward(grad_out, beta, diff, need_beta);
+  const int64_t n = st.n, c = st.c, hw = st.hw;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, st.grad_out.scalar_type(), "dual_mix_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = grad_out.data_ptr<scalar_t>();
-    const scalar_t* dp = need_beta ? diff.data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = grad_y.data_ptr<scalar_t>();
-    const opmath_t* bp = beta_op.data_ptr<opmath_t>();
-    opmath_t* pp = part_p.data_ptr<opmath_t>();
-    opmath_t* sp = part_s.data_ptr<opmath_t>();
+    const scalar_t* gp = st.grad_out.data_ptr<scalar_t>();
+    const scalar_t* dp = need_beta ? st.diff.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = st.grad_y.data_ptr<scalar_t>();
+    const opmath_t* bp = st.beta.data_ptr<opmath_t>();
+    opmath_t* pp = st.part_p.data_ptr<opmath_t>();
+    opmath_t* sp = st.part_s.data_ptr<opmath_t>();
     const int64_t half = n * c * hw;
-    if (!channels_last) {
+    if (!st.channels_last) {
       at::parallel_for(0, n * c, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(hw, 1)),
                        [&](int64_t begin, int64_t end) {
                          for (int64_t p = begin; p < end; ++p) {
@@ -204,9 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_mix_backward_cpu(
       });
     }
   });
-  at::Tensor grad_beta = need_beta ? part_p.sum(0).to(beta.scalar_type()) : at::empty({0}, beta.options());
-  at::Tensor sums = need_sums ? part_s.to(grad_out.scalar_type()) : at::empty({0}, grad_out.options());
-  return {grad_y, grad_beta, sums};
+  return finish_mix_backward(st, beta, need_beta, need_sums);
 }
 
 }  // namespace

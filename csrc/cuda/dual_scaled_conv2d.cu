@@ -24,7 +24,7 @@ __global__ void mix_forward_kernel(scalar_t* __restrict__ y, scalar_t* __restric
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < half;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t ch = kChannelsLast ? i % c : (i / hw) % c;
-    const int64_t s = kChannelsLast ? i / (hw * c) : i / (hw * c);
+    const int64_t s = i / (hw * c);
     const opmath_t r = static_cast<opmath_t>(y[i]) + shifts[s * c + ch];
     const opmath_t k = static_cast<opmath_t>(y[i + half]) + shifts[(n + s) * c + ch];
     y[i] = static_cast<scalar_t>(k + beta[ch] * (r - k));
@@ -139,70 +139,57 @@ std::tuple<at::Tensor, at::Tensor> dual_scaled_conv2d_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& beta, const std::optional<at::Tensor>& noise, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_diff) {
-  check_dual_conv_args(input, weight, bias, beta, noise, groups);
   const c10::cuda::CUDAGuard guard(input.device());
-  const auto fmt = dual_memory_format(input);
-  at::Tensor y = paired_convolution(input, weight, stride, padding, dilation, groups);
-  const int64_t n = y.size(0) / 2, c = y.size(1), hw = y.size(2) * y.size(3);
-  at::Tensor diff = save_diff ? at::empty({n, c, y.size(2), y.size(3)}, y.options().memory_format(fmt))
-                              : at::empty({0}, y.options());
-  const at::Tensor shifts = branch_shifts(bias, noise, n, c, y);
-  const at::Tensor beta_op = beta.to(shifts.scalar_type()).contiguous();
-  const int64_t half = n * c * hw;
-  if (half == 0) return {y, diff};
+  DualForward st = prepare_dual_forward(input, weight, bias, beta, noise, stride, padding, dilation,
+                                        groups, save_diff);
+  const int64_t half = st.n * st.c * st.hw;
+  if (half == 0) return {st.y, st.diff};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "dual_scaled_conv2d_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st.y.scalar_type(), "dual_scaled_conv2d_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    scalar_t* dp = save_diff ? diff.data_ptr<scalar_t>() : nullptr;
-    if (fmt == at::MemoryFormat::ChannelsLast) {
-      mix_forward_kernel<scalar_t, opmath_t, true><<<grid_for(half), kThreads, 0, stream>>>(
-          y.data_ptr<scalar_t>(), dp, beta_op.data_ptr<opmath_t>(), shifts.data_ptr<opmath_t>(), n, c, hw);
+    scalar_t* dp = save_diff ? st.diff.data_ptr<scalar_t>() : nullptr;
+    auto launch = [&](auto kernel) {
+      kernel<<<grid_for(half), kThreads, 0, stream>>>(st.y.data_ptr<scalar_t>(), dp, st.beta.data_ptr<opmath_t>(),
+                                                      st.shifts.data_ptr<opmath_t>(), st.n, st.c, st.hw);
+    };
+    if (st.channels_last) {
+      launch(mix_forward_kernel<scalar_t, opmath_t, true>);
     } else {
-      mix_forward_kernel<scalar_t, opmath_t, false><<<grid_for(half), kThreads, 0, stream>>>(
-          y.data_ptr<scalar_t>(), dp, beta_op.data_ptr<opmath_t>(), shifts.data_ptr<opmath_t>(), n, c, hw);
+      launch(mix_forward_kernel<scalar_t, opmath_t, false>);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {y, diff};
+  return {st.y, st.diff};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_mix_backward_cuda(
-    const at::Tensor& grad_out_, const at::Tensor& beta, const at::Tensor& diff_, bool need_beta,
+    const at::Tensor& grad_out, const at::Tensor& beta, const at::Tensor& diff, bool need_beta,
     bool need_sums) {
-  check_mix_backward_args(grad_out_, beta, diff_, need_beta);
-  const c10::cuda::CUDAGuard guard(grad_out_.device());
-  const auto fmt = dual_memory_format(grad_out_);
-  const at::Tensor grad_out = grad_out_.contiguous(fmt);
-  const at::Tensor diff = need_beta ? diff_.contiguous(fmt) : at::Tensor();
-  const int64_t n = grad_out.size(0) / 2, c = grad_out.size(1);
-  const int64_t hw = grad_out.size(2) * grad_out.size(3);
-  at::Tensor grad_y = at::empty_like(grad_out, fmt);
-  const auto opmath = at::toOpMathType(grad_out.scalar_type());
-  at::Tensor part_p = at::zeros({n, c}, grad_out.options().dtype(opmath));
-  at::Tensor part_s = at::zeros({2 * n, c}, grad_out.options().dtype(opmath));
-  const at::Tensor beta_op = beta.to(opmath).contiguous();
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  MixBackward st = prepare_mix_backward(grad_out, beta, diff, need_beta);
+  const int64_t n = st.n, c = st.c, hw = st.hw;
   if (n * c * hw > 0) {
     auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "dual_mix_backward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st.grad_out.scalar_type(), "dual_mix_backward_cuda", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
-      const scalar_t* dp = need_beta ? diff.data_ptr<scalar_t>() : nullptr;
-      if (fmt == at::MemoryFormat::ChannelsLast) {
+      const scalar_t* dp = need_beta ? st.diff.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* gp = st.grad_out.data_ptr<scalar_t>();
+      scalar_t* op = st.grad_y.data_ptr<scalar_t>();
+      const opmath_t* bp = st.beta.data_ptr<opmath_t>();
+      opmath_t* pp = st.part_p.data_ptr<opmath_t>();
+      opmath_t* sp = st.part_s.data_ptr<opmath_t>();
+      if (st.channels_last) {
         const dim3 block(32, 8), grid(static_cast<unsigned>((c + 31) / 32), static_cast<unsigned>(n));
-        mix_backward_rows<scalar_t, opmath_t><<<grid, block, 0, stream>>>(
-            grad_out.data_ptr<scalar_t>(), dp, grad_y.data_ptr<scalar_t>(), beta_op.data_ptr<opmath_t>(),
-            part_p.data_ptr<opmath_t>(), part_s.data_ptr<opmath_t>(), n, c, hw);
+        mix_backward_rows<scalar_t, opmath_t><<<grid, block, 0, stream>>>(gp, dp, op, bp, pp, sp, n, c, hw);
       } else {
         const int threads = hw >= 256 ? 256 : (hw >= 128 ? 128 : 64);
         mix_backward_planes<scalar_t, opmath_t><<<static_cast<unsigned>(n * c), threads, 0, stream>>>(
-            grad_out.data_ptr<scalar_t>(), dp, grad_y.data_ptr<scalar_t>(), beta_op.data_ptr<opmath_t>(),
-            part_p.data_ptr<opmath_t>(), part_s.data_ptr<opmath_t>(), n, c, hw);
+            gp, dp, op, bp, pp, sp, n, c, hw);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  at::Tensor grad_beta = need_beta ? part_p.sum(0).to(beta.scalar_type()) : at::empty({0}, beta.options());
-  at::Tensor sums = need_sums ? part_s.to(grad_out.scalar_type()) : at::empty({0}, grad_out.options());
-  return {grad_y, grad_beta, sums};
+  return finish_mix_backward(st, beta, need_beta, need_sums);
 }
 
 }  // namespace
