@@ -1,0 +1,100 @@
+"""Shared by planted.py, accuracy.py and figures.py: seeded baselines (cached), data, helpers.
+
+A baseline is trained the way ``scop train`` trains one (SGD Nesterov, cosine, lr 0.1, weight
+decay 5e-4, batch 64) but with no selection on the test split: the weights are the last epoch's.
+With a cache folder the state_dict is stored as ``<model>-<dataset>-e<epochs>-s<seed>.safetensors``
+and reused by every script.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+from scop_ext.data import load_dataset
+from scop_ext.models import build_model
+from scop_ext.prune.train import evaluate, fit, make_loader
+
+
+def datasets(name: str = "digits", root: str | None = None):
+    """``(train without augmentation, train with augmentation, test, info)``."""
+    train, info = load_dataset(name, root, "train", augment=False)
+    train_aug, _ = load_dataset(name, root, "train")
+    test, _ = load_dataset(name, root, "test")
+    return train, train_aug, test, info
+
+
+def test_loader(test, batch_size: int = 256):
+    return make_loader(test, batch_size, shuffle=False, evaluation=True)
+
+
+def evaluate_top1(model: nn.Module, test, device: str = "cpu") -> float:
+    """Test top-1 of ``model`` (its train/eval mode is kept)."""
+    return evaluate(model, test_loader(test), device)["top1"]
+
+
+def accuracy(model: nn.Module, test) -> float:
+    return evaluate_top1(model, test, "cpu")
+
+
+def baseline(model_name: str, dataset: str, seed: int, epochs: int, *, root: str | None = None,
+             cache: str | None = None, lr: float = 0.1, weight_decay: float = 5e-4, batch_size: int = 64,
+             device: str = "cpu", log=print) -> nn.Module:
+    """A trained ``model_name`` on ``dataset`` for ``seed`` (from ``cache`` when it is there), in eval mode."""
+    from safetensors.torch import load_file, save_file
+
+    train, train_aug, test, info = datasets(dataset, root)
+    path = None
+    if cache:
+        os.makedirs(cache, exist_ok=True)
+        path = os.path.join(cache, f"{model_name}-{dataset}-e{epochs}-s{seed}.safetensors")
+    torch.manual_seed(seed)
+    model = build_model(model_name, info.num_classes, info.in_channels)
+    if path and os.path.exists(path):
+        model.load_state_dict(load_file(path))
+        return model.to(device).eval()
+    start = time.time()
+    fit(model, make_loader(train_aug, batch_size, shuffle=True, seed=seed), None, epochs=epochs, lr=lr,
+        device=device, weight_decay=weight_decay, stage="train", progress=False)
+    model.eval()
+    log(f"  baseline {model_name} seed {seed}: {epochs} epochs in {time.time() - start:.0f} s, "
+        f"test top-1 {100 * evaluate_top1(model, test, device):.2f}%")
+    if path:
+        tmp = path + ".tmp"
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    return model
+
+
+def mean_std(values) -> tuple[float, float]:
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return float(t.mean()), (float(t.std()) if t.numel() > 1 else 0.0)
+
+
+def pm(values, scale: float = 1.0, digits: int = 2) -> str:
+    """``mean ± std`` of ``values`` (times ``scale``), or "–" when empty."""
+    values = list(values)
+    if not values:
+        return "–"
+    m, s = mean_std(values)
+    return f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
+
+
+def load_line() -> str:
+    """The 1/5/15-minute load averages, for the section text."""
+    try:
+        one, five, fifteen = os.getloadavg()
+        return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min) at the start"
+    except OSError:
+        return "load average unknown"
+
+
+def load_now() -> str:
+    """The 1-minute load average now, for "... at the end"."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "unknown"
