@@ -3,6 +3,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "scop.h"
 
 namespace scop {
@@ -147,6 +149,7 @@ void check_lemma2_args(const at::Tensor& R, double gamma, int64_t n, const at::T
               R.sizes());
   TORCH_CHECK(at::isFloatingType(R.scalar_type()), "scop: R must be floating point");
   TORCH_CHECK(gamma >= 0.0, "scop: gamma must be >= 0, got ", gamma);
+  TORCH_CHECK(std::isfinite(gamma), "scop: gamma must be finite, got ", gamma);
   TORCH_CHECK(n >= 0, "scop: n must be >= 0, got ", n);
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
               "scop: seed must be a one-element int64 CPU tensor");

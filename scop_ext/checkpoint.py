@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "save", "load", "atomic_write_bytes", "atomic_write_text", "write_json"]
+__all__ = ["FORMAT_VERSION", "TEMP_PREFIX", "CheckpointError", "save", "load", "atomic_write_bytes", "atomic_write_text",
+           "write_json"]
 
 FORMAT_VERSION = 1
+TEMP_PREFIX = ".tmp-"  # files being written; a killed writer leaves one behind, never a half target
 
 
 class CheckpointError(ValueError):
@@ -30,7 +32,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -41,6 +43,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    # The rename itself lives in the folder's entry: sync it too, or a power cut can undo it.
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -78,10 +86,14 @@ def load(path: str | os.PathLike, kind: str, map_location: str | torch.device = 
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: refused: it holds objects other than tensors and plain containers ({first})"
-        ) from None
+        # torch wraps the one informative line in paragraphs of advice: keep that line only.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+        if "GLOBAL" in detail:  # a class or function to import: what a code-running payload needs
+            raise CheckpointError(
+                f"{path}: refused: it holds objects other than tensors and plain containers ({detail})"
+            ) from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({detail})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__})") from None
     if not (isinstance(blob, dict) and blob.get("format") == "scop" and "payload" in blob):

@@ -1,7 +1,8 @@
 """The ``scop`` command: train a baseline, prune it with SCOP, inspect knockoffs, export.
 
 Every sub-command takes ``--device``, ``--seed`` and ``--out`` and has ``--help``. Errors in the
-user's input (paths, configs, checkpoints) end with one line on stderr and exit status 2.
+user's input (paths, configs, checkpoints) end with one line on stderr and exit status 2; a run
+stopped by NaN/Inf or by a batch that would not fit in memory, with one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -334,12 +335,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
+    from .prune.resources import ResourceError
+    from .prune.train import NonFiniteError
 
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
-        print(f"scop {args.command}: error: {exc}", file=sys.stderr)
+        _error(args, exc, "")
         return 2
+    except NonFiniteError as exc:
+        _error(args, exc, "; the last complete checkpoint is intact: fix the cause and rerun with --resume"
+               if args.command == "prune" else "")
+        return 1
+    except ResourceError as exc:
+        _error(args, exc, "")
+        return 1
+
+
+def _error(args, exc: BaseException, hint: str) -> None:
+    # One line, whatever the message: deeper errors (e.g. load_state_dict's) span several.
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    print(f"scop {args.command}: error: {text}{hint}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,11 @@ class Lemma2Solution:
         return bias_covariance(self.M, self.s_out, self.sigma_b)
 
 
+# Smallest gamma relative to lambda_max(M). eigh is accurate to ~1e-16 lambda_max; with a smaller
+# gamma rounding could turn (S.1) indefinite and the sampler would draw from another covariance.
+_GAMMA_FLOOR = 1e-10
+
+
 def solve(weight: Tensor, s_in: Tensor, gamma: float | None = None, groups: int = 1) -> Lemma2Solution:
     """Lemma 2 for one conv layer with the seed's choice of ``S'`` and ``Sigma_b``.
 
@@ -104,7 +109,8 @@ def solve(weight: Tensor, s_in: Tensor, gamma: float | None = None, groups: int 
         weight: (C_out, C_in / groups, kH, kW).
         s_in: (C_in,) knockoff diagonal at the layer input (see :func:`estimate_s`); negative
             entries, which only sampling error produces, are clipped to 0.
-        gamma: the small positive constant; default ``1e-3 * lambda_max`` (1e-6 if M is 0).
+        gamma: the small positive constant; default ``1e-3 * lambda_max`` (1e-6 if M is 0), and
+            never below ``1e-10 * lambda_max`` (raised with a warning).
         groups: as in ``nn.Conv2d``.
     """
     s_in = s_in.detach().to(torch.float64).cpu()
@@ -118,11 +124,19 @@ def solve(weight: Tensor, s_in: Tensor, gamma: float | None = None, groups: int 
     m = (m + m.T) / 2
     evals, evecs = torch.linalg.eigh(m)
     lam_max = max(float(evals[-1]), 0.0)
+    if lam_max == 0:
+        warnings.warn("M = W^T diag(s_in) W is zero (all-zero weights, or s_in = 0 as constant pixels give): "
+                      "the knockoff biases reduce to shared noise of variance gamma", stacklevel=2)
     if gamma is None:
         gamma = 1e-3 * lam_max if lam_max > 0 else 1e-6
     gamma = float(gamma)
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
+    if gamma < _GAMMA_FLOOR * lam_max:
+        warnings.warn(f"gamma={gamma:.3g} is below the numerical floor {_GAMMA_FLOOR:g} x lambda_max(M) = "
+                      f"{_GAMMA_FLOOR * lam_max:.3g}, where rounding can make (S.1) indefinite; using the floor",
+                      stacklevel=2)
+        gamma = _GAMMA_FLOOR * lam_max
     c = m.shape[0]
     s_out = torch.full((c,), lam_max + gamma, dtype=torch.float64)
     half_d = ((lam_max + gamma - evals) / 2).clamp_min(0)  # eigenvalues of (S' - M) / 2

@@ -154,8 +154,8 @@ class KnockoffGenerator(nn.Module):
                 another kind, or its state does not fit the config.
         """
         obj = checkpoint.load(path, FILE_KIND, map_location)
-        kind = obj.get("kind")
-        if kind not in _REGISTRY:
+        kind = obj.get("kind") if isinstance(obj, dict) else None
+        if not isinstance(kind, str) or kind not in _REGISTRY:
             raise ValueError(f"{path}: unknown generator kind {kind!r}; known: {sorted(_REGISTRY)}")
         if cls.kind and kind != cls.kind:
             raise ValueError(f"{path}: holds a {kind!r} generator, not {cls.kind!r}")
@@ -163,8 +163,9 @@ class KnockoffGenerator(nn.Module):
             config = json.loads(obj["config"])
             gen = _REGISTRY[kind](**config, **kwargs)
             gen.load_state_dict(obj["state"])
-        except (KeyError, TypeError, RuntimeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: {kind!r} generator state does not fit its config ({exc})") from None
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # ValueError: also bad JSON, bad settings
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{path}: {kind!r} generator state does not fit its config ({first})") from None
         return gen.to(map_location) if map_location is not None else gen
 
     def _check_input(self, x: Tensor, shape: tuple[int, ...] | None) -> None:

@@ -19,6 +19,7 @@ reads ``2 W - diag(gamma) >= 0``, so:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -97,6 +98,33 @@ def ledoit_wolf(cov: Tensor, fourth: float, n: int) -> tuple[Tensor, float]:
     shrinkage = min(noise / spread, 1.0)
     eye = torch.eye(d, dtype=cov.dtype)
     return (1 - shrinkage) * cov + shrinkage * m * eye, shrinkage
+
+
+# Smallest eigenvalue kept in the covariance, relative to its mean variance: below it the group
+# whitening and the Cholesky solve lose all precision (constant pixels or duplicated channels
+# make the sample covariance singular; shrinkage 0 keeps it so).
+_JITTER = 1e-6
+# Absolute floor for data without any variance at all (every input identical).
+_TINY_VARIANCE = 1e-12
+
+
+def _regularise(cov: Tensor) -> Tensor:
+    """``cov`` with its smallest eigenvalue raised to ``_JITTER`` times its mean variance.
+
+    Warns when it has to add to the diagonal; returns ``cov`` unchanged otherwise.
+    """
+    scale = float(torch.diagonal(cov).mean())
+    floor = _JITTER * scale if scale > 0 else _TINY_VARIANCE
+    lam_min = float(torch.linalg.eigvalsh(cov)[0])
+    if lam_min >= floor:
+        return cov
+    jitter = floor - lam_min
+    warnings.warn(
+        f"input covariance is singular or ill-conditioned (smallest eigenvalue {lam_min:.3g}, mean variance "
+        f"{scale:.3g}; constant pixels or duplicated channels?): added {jitter:.3g} to its diagonal",
+        stacklevel=4,  # the caller of fit() / from_covariance()
+    )
+    return cov + jitter * torch.eye(cov.shape[0], dtype=cov.dtype)
 
 
 def _group_order(groups: Tensor) -> tuple[Tensor, int, int]:
@@ -324,6 +352,7 @@ class GaussianKnockoffs(KnockoffGenerator):
         return self
 
     def _solve(self, mean: Tensor, cov: Tensor, shrinkage: float) -> None:
+        cov = _regularise(cov)
         if self.method == "equi":
             gamma = torch.full((int(self.groups.max()) + 1,), equicorrelated_gamma(cov, self.groups), dtype=torch.float64)
         else:
@@ -338,7 +367,11 @@ class GaussianKnockoffs(KnockoffGenerator):
         proj = torch.cholesky_solve(s, chol)  # Sigma^-1 S
         cond = 2 * s - s @ proj
         evals, evecs = torch.linalg.eigh((cond + cond.T) / 2)
-        # 2S - S Sigma^-1 S is PSD in exact arithmetic; clip the rounding below 0
+        # 2S - S Sigma^-1 S is PSD in exact arithmetic; clip the rounding below 0, and say so when
+        # it is more than rounding (the sampler would then not be exact).
+        if float(evals[0]) < -1e-8 * max(float(evals[-1]), 0.0):
+            warnings.warn(f"knockoff conditional covariance has eigenvalue {float(evals[0]):.3g} < 0; clipped to 0",
+                          stacklevel=3)
         self.proj.copy_(proj.to(device))
         self.noise_factor.copy_((evecs * evals.clamp_min(0).sqrt()).to(device))
 

@@ -14,6 +14,8 @@ import dataclasses
 import json
 import os
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +28,7 @@ from ..data import load_dataset
 from ..layers import convert as convert_layers
 from ..layers import scop_layers
 from ..models import build_model
-from . import distributed
+from . import distributed, resources
 from .export import load_model, save_model
 from .flops import count_flops, count_params
 from .importance import make_importance
@@ -34,7 +36,7 @@ from .report import measure_latency, write_report
 from .scales import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
 from .select import PruningSpace, select
 from .surgery import apply_plan, channel_widths
-from .train import evaluate, fit, make_loader, recalibrate_bn
+from .train import default_amp, evaluate, fit, make_loader, recalibrate_bn
 
 __all__ = ["PruneConfig", "ScopPruner", "STAGES"]
 
@@ -93,7 +95,7 @@ class PruneConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PruneConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(str(k) for k in set(values) - known)  # YAML keys need not be strings
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         cfg = cls(**values)
@@ -105,10 +107,12 @@ class PruneConfig:
         """Read a YAML or JSON config (by extension; YAML also reads JSON)."""
         path = os.fspath(path)
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 text = f.read()
         except OSError as exc:
             raise ValueError(f"{path}: cannot read config ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: malformed config (not UTF-8 text: byte {exc.start})") from None
         try:
             if path.endswith(".json"):
                 values = json.loads(text)
@@ -131,6 +135,18 @@ class PruneConfig:
         return d
 
     def validate(self) -> None:
+        """Raise ValueError naming the first key whose value has the wrong type or is out of range.
+
+        Everything is checked here, before any work: a typo found at stage 3 would cost stage 2.
+        """
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _has_type(value, hints[f.name]):
+                raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {type(value).__name__} {value!r}")
+        from ..knockoffs.base import _REGISTRY as knockoff_kinds
+        from .importance import _CRITERIA
+
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.scales_epochs >= 1, "scales_epochs must be >= 1"),
@@ -142,7 +158,18 @@ class PruneConfig:
             (0.0 <= self.flops_reduction < 1.0, "flops_reduction must be in [0, 1)"),
             (0.0 < self.fdr_q < 1.0, "fdr_q must be in (0, 1)"),
             (self.min_channels >= 1 and self.round_to >= 1, "min_channels and round_to must be >= 1"),
-            (len(self.scales_betas) == 2, "scales_betas must be a pair"),
+            (len(self.scales_betas) == 2 and all(_has_type(b, float) and 0.0 <= b < 1.0 for b in self.scales_betas),
+             "scales_betas must be a pair of numbers in [0, 1)"),
+            (self.scales_lr > 0 and self.finetune_lr > 0, "scales_lr and finetune_lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.bias_gamma is None or self.bias_gamma > 0, "bias_gamma must be > 0 (or null for the default)"),
+            (self.bn_batches >= 1 and self.image_size >= 1, "bn_batches and image_size must be >= 1"),
+            (self.fdr_scope in ("layer", "global"), "fdr_scope must be 'layer' or 'global'"),
+            (self.importance in _CRITERIA, f"importance must be one of {', '.join(sorted(_CRITERIA))}"),
+            (self.knockoffs in knockoff_kinds, f"knockoffs must be one of {', '.join(sorted(knockoff_kinds))}"),
+            (all(isinstance(v, str) for v in [*self.skip, *self.ignored_layers, *self.knockoff_options]),
+             "skip, ignored_layers and the keys of knockoff_options must be strings"),
+            (_is_device(self.device), f"device must be a device name such as cpu or cuda:0, got {self.device!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -157,6 +184,37 @@ class PruneConfig:
             "fdr": {"q": self.fdr_q, "scope": self.fdr_scope},
         }[self.policy]
         return {**common, **specific}
+
+
+def _has_type(value, hint) -> bool:
+    if isinstance(hint, types.UnionType):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    hint = typing.get_origin(hint) or hint
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):  # bool is an int subclass, but "batch_size: true" is a mistake
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    if hint is tuple:  # JSON and YAML have lists only
+        return isinstance(value, (tuple, list))
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    hint = typing.get_origin(hint) or hint
+    return {type(None): "null", int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a mapping", list: "a list", tuple: "a list"}[hint]
+
+
+def _is_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _load_weights(model_name: str, info, weights: str | None) -> nn.Module:
@@ -251,9 +309,31 @@ class ScopPruner:
             return pair_dataset(self.train_set, sample, seed=self.config.seed)
         return PairedDataset(self.train_set, sample, seed=self.config.seed)
 
+    def _require_memory(self, what: str, *, paired: bool, optimizer_slots: int, host_cache: int = 0) -> None:
+        """Stop with a ResourceError before ``what`` starts if its batch would not fit (see resources.py).
+
+        Under torchrun each process holds batch_size / world images, so the check is conservative.
+        """
+        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        if paired:  # stage 2 trains the scales only
+            trainable = {f"{name}.beta" for name in scop_layers(self.model)}
+        try:
+            estimate = resources.estimate_step(self.model, self.example, paired=paired, trainable=trainable.__contains__,
+                                               optimizer_slots=optimizer_slots)
+        except (NotImplementedError, RuntimeError) as exc:  # a model the meta device cannot run
+            self.results["notes"].append(f"{what}: memory use not predicted ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+            return
+        if host_cache and self.device.type != "cpu":
+            resources.require(resources.MemoryEstimate(0, {"pair cache": host_cache}), 0, "cpu", what)
+        elif host_cache:
+            estimate.fixed["pair cache"] = host_cache
+        resources.require(estimate, self.config.batch_size, self.device, what)
+
     def learn_scales(self):
         """Stage 2: Lemma 2 bias fit, then beta trained with the weights frozen."""
         cfg = self.config
+        cache = 2 * len(self.train_set) * self.example.nbytes if cfg.pair_cache else 0  # x and x~ of every image
+        self._require_memory("stage 2 (learn_scales)", paired=True, optimizer_slots=2, host_cache=cache)
         pairs = self._pairs()
         if cfg.knockoff_bias:
             # every process measures s on the same images, so all hold the same Lemma 2 factors
@@ -310,6 +390,10 @@ class ScopPruner:
         """Stage 4c: fine-tune all weights; the best epoch on the test split is kept."""
         cfg = self.config
         if cfg.finetune_epochs > 0:
+            # Under mixed precision the activations are stored in 16 bits, which the fp32 trace
+            # would overstate by up to 2x and so refuse batches that fit: check full precision only.
+            if not (default_amp(self.device) if cfg.amp is None else cfg.amp):
+                self._require_memory("fine-tuning", paired=False, optimizer_slots=1)
             result = fit(self.model, self._loader(self.train_aug, shuffle=True),
                          self._loader(self.test_set, shuffle=False, evaluation=True, batch_size=256),
                          epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, device=self.device,
@@ -341,6 +425,10 @@ class ScopPruner:
     def run(self, resume: bool = False) -> dict[str, Any]:
         """All steps in order; with ``resume`` completed stages are loaded from out_dir instead of rerun."""
         os.makedirs(self.out_dir, exist_ok=True)
+        if distributed.is_main():
+            for name in os.listdir(self.out_dir):  # left by writes a kill interrupted (checkpoint.atomic_write_bytes)
+                if name.startswith(checkpoint.TEMP_PREFIX):
+                    os.unlink(self._path(name))
         state = self._resume_state() if resume else None
         done = set(state["completed"]) if state else set()
         if state:
@@ -368,6 +456,10 @@ class ScopPruner:
                 self.log(f"[{stage}] loaded from {self.out_dir}")
                 continue
             t = time.time()
+            self.log(f"[{stage}] running")
+            # Every computed stage starts from the same global random state whether or not the
+            # run was resumed before it (augmentation and any unseeded draw use it).
+            torch.manual_seed(self.config.seed * len(STAGES) + STAGES.index(stage))
             compute()
             self._finish(stage)
             self.log(f"[{stage}] done in {time.time() - t:.1f} s")

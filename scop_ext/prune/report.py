@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import torch
@@ -77,6 +78,14 @@ def _figure():
     return plt
 
 
+def _save(fig, path: str) -> None:
+    # Through checkpoint.atomic_write_bytes, like every file of a run: a kill mid-write leaves the
+    # previous figure or the new one, never a truncated PNG.
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    checkpoint.atomic_write_bytes(path, buffer.getvalue())
+
+
 def plot_betas(betas: dict[str, list[float]], path: str) -> None:
     """One box per layer: the distribution of learned beta."""
     plt = _figure()
@@ -90,7 +99,7 @@ def plot_betas(betas: dict[str, list[float]], path: str) -> None:
     ax.set_title("Learned scales per layer")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -111,7 +120,7 @@ def plot_importance(importance: dict[str, list[float]], removed: dict[str, list[
     ax.set_title("Filter importance and the cut")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -128,7 +137,7 @@ def plot_channels(widths_before: dict[str, int], widths_after: dict[str, int], p
     ax.set_title("Channels kept per layer")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 

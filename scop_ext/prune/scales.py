@@ -4,6 +4,7 @@ of real images paired with their knockoffs, plus the Lemma 2 bias fit that prece
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -13,9 +14,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .. import checkpoint, lemma2
-from ..layers import ScopConv2d, scop_layers
+from ..layers import scop_layers
 from . import distributed
-from .train import NonFiniteError, set_epoch
+from .train import NonFiniteError, nonfinite_error, set_epoch
 
 __all__ = ["pair_dataset", "PairedDataset", "fit_knockoff_biases", "learn_scales", "ScaleHistory"]
 
@@ -106,7 +107,11 @@ def fit_knockoff_biases(model: nn.Module, pairs: DataLoader, device: torch.devic
     report = {}
     for name, layer in layers.items():
         s_in = lemma2.estimate_s(torch.cat(real[name]), torch.cat(knock[name]))
-        sol = layer.fit_knockoff_bias(s_in, gamma)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sol = layer.fit_knockoff_bias(s_in, gamma)
+        for w in caught:  # lemma2.solve does not know which layer it solves for
+            warnings.warn(f"layer {name!r}: {w.message}", w.category, stacklevel=2)
         report[name] = {"s_in": s_in, "lambda_max": sol.lambda_max, "gamma": sol.gamma, "margin": sol.margin,
                         "s_out": float(sol.s_out[0])}
     return report
@@ -157,8 +162,9 @@ def learn_scales(
             atomically; a later call with the same path resumes after the last complete epoch.
 
     Raises:
-        NonFiniteError: naming the step and the layer when the loss, a beta or its gradient is
-            not finite. Nothing is written for that epoch, so the last checkpoint stays good.
+        NonFiniteError: naming the step and the layer when the loss or a beta is not finite
+            (for the loss, the first layer whose output is). Nothing is written for that epoch,
+            so the last checkpoint stays good.
     """
     from tqdm.auto import tqdm
 
@@ -206,18 +212,24 @@ def learn_scales(
             bar = tqdm(pairs, desc=f"scales {epoch + 1}/{epochs}", disable=None if (progress and distributed.is_main()) else True, leave=False)
             for step, (x, xk, y) in enumerate(bar):
                 x, xk, y = x.to(device), xk.to(device), y.to(device)
-                logits = ddp(torch.cat([x, xk]))[: x.shape[0]]
+                paired = torch.cat([x, xk])
+                logits = ddp(paired)[: x.shape[0]]
                 loss = F.cross_entropy(logits, y)
                 if not torch.isfinite(loss):
-                    raise NonFiniteError(f"learn_scales: loss became {loss.item()} at epoch {epoch}, step {step}")
+                    raise nonfinite_error("learn_scales", f"loss became {loss.item()}", epoch, step, model, paired)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                for name, beta in named_betas.items():
-                    if beta.grad is not None and not torch.isfinite(beta.grad).all():
-                        raise NonFiniteError(f"learn_scales: gradient of beta in layer {name!r} is not finite at epoch {epoch}, step {step}")
                 optimizer.step()
                 for layer in layers.values():
                     layer.clamp_beta_()
+                # One check of every beta after the update (a single sync): a NaN/Inf gradient or
+                # anything else that corrupted a beta shows up here, at the step that did it.
+                finite = torch.stack([torch.isfinite(beta).all() for beta in named_betas.values()])
+                if not bool(finite.all()):
+                    name = list(named_betas)[int((~finite).nonzero()[0])]
+                    grad = named_betas[name].grad
+                    cause = "its gradient was NaN/Inf" if grad is not None and not bool(torch.isfinite(grad).all()) else "its gradient was finite"
+                    raise NonFiniteError(f"learn_scales: beta of layer {name!r} became NaN/Inf at epoch {epoch}, step {step} ({cause})")
                 loss_sum += loss.item() * y.numel()
                 seen += y.numel()
                 means = [float(b.detach().mean()) for b in named_betas.values()]

@@ -18,11 +18,65 @@ from torch.utils.data import DataLoader, Dataset
 from .. import checkpoint
 from . import distributed
 
-__all__ = ["NonFiniteError", "make_loader", "evaluate", "recalibrate_bn", "fit", "FitResult"]
+__all__ = ["NonFiniteError", "first_nonfinite_layer", "nonfinite_error", "make_loader", "evaluate", "recalibrate_bn", "fit", "FitResult"]
 
 
 class NonFiniteError(FloatingPointError):
-    """NaN or Inf appeared; the message names the stage, step and tensor where it was found."""
+    """NaN or Inf appeared; the message names the stage, step and layer where it was found."""
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def _all_finite(value) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in _tensors(value) if t.is_floating_point())
+
+
+@torch.no_grad()
+def first_nonfinite_layer(model: nn.Module, batch: torch.Tensor) -> str | None:
+    """Name of the first module, in execution order, whose output holds NaN or Inf on ``batch``.
+
+    Re-runs the forward with a hook on every module, so it costs a forward pass and is meant for
+    the failure path only; buffers the forward updates (BN statistics) are put back afterwards.
+    Returns None when every output is finite.
+    """
+    names = {module: name or type(model).__name__ for name, module in model.named_modules()}
+    found: list[str] = []
+
+    def hook(module, args, output):
+        if not found and not _all_finite(output):
+            found.append(f"{names[module]} ({type(module).__name__})")
+
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    return found[0] if found else None
+
+
+def nonfinite_error(stage: str, what: str, epoch: int, step: int, model: nn.Module, batch: torch.Tensor) -> NonFiniteError:
+    """The error for ``what`` (e.g. "loss became nan") at a step, naming where the NaN/Inf starts."""
+    layer = first_nonfinite_layer(model, batch)
+    if not _all_finite(batch):
+        where = "the input batch already holds NaN/Inf" + (f" (first non-finite output: layer {layer})" if layer else "")
+    elif layer is not None:
+        where = f"first non-finite output: layer {layer}"
+    else:
+        where = "every layer's output is finite, so the loss itself overflowed"
+    return NonFiniteError(f"{stage}: {what} at epoch {epoch}, step {step}; {where}")
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
@@ -126,12 +180,19 @@ class FitResult:
     best_epoch: int = -1
 
 
-def _check_finite(loss: torch.Tensor, model: nn.Module, stage: str, epoch: int, step: int) -> None:
-    if torch.isfinite(loss).all():
-        return
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-    where = f"; non-finite parameters: {', '.join(bad[:5])}" if bad else ""
-    raise NonFiniteError(f"{stage}: loss became {loss.item()} at epoch {epoch}, step {step}{where}")
+def _rng_state(device: torch.device) -> dict:
+    # Random augmentation draws from the global generators, so a resumed run continues their
+    # streams where the interrupted one stood at the end of its last complete epoch.
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def fit(
@@ -157,6 +218,10 @@ def fit(
     With ``checkpoint_path`` the state after every epoch (weights, optimizer, schedule, best
     weights, history) is written atomically, and a later call with the same path resumes after
     the last complete epoch, giving the same result as an uninterrupted run.
+
+    Raises:
+        NonFiniteError: at the step whose loss is NaN/Inf, naming the first layer whose output
+            is not finite. Nothing is written for that epoch, so the last checkpoint stays good.
     """
     from tqdm.auto import tqdm
 
@@ -178,6 +243,8 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         best_state, start = state["best_model"], int(state["epoch"]) + 1
+        if "rng" in state:  # absent from files written before the random state was saved
+            _set_rng_state(state["rng"], device)
         result = FitResult(history=list(state["history"]), best_top1=float(state["best_top1"]), best_epoch=int(state["best_epoch"]))
     for epoch in range(start, epochs):
         set_epoch(train_loader, epoch)
@@ -189,7 +256,10 @@ def fit(
             with _autocast(device, amp):
                 logits = ddp(x)
                 loss = F.cross_entropy(logits.float(), y)
-            _check_finite(loss, model, stage, epoch, step)
+            if not torch.isfinite(loss):
+                with _autocast(device, amp):  # find the layer under the precision the step ran in
+                    error = nonfinite_error(stage, f"loss became {loss.item()}", epoch, step, model, x)
+                raise error
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -212,7 +282,7 @@ def fit(
             checkpoint.save(checkpoint_path, f"{stage}-progress", {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "best_model": best_state, "epoch": epoch, "history": result.history,
-                "best_top1": result.best_top1, "best_epoch": result.best_epoch,
+                "best_top1": result.best_top1, "best_epoch": result.best_epoch, "rng": _rng_state(device),
             })
         distributed.barrier()
     if best_state is not None:
