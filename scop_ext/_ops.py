@@ -7,6 +7,7 @@ and, where it is differentiable, an autograd formula.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -20,10 +21,15 @@ __all__ = ["dual_scaled_conv2d", "lemma2_sample", "draw_seed"]
 # --------------------------------------------------------------------------- argument checks
 
 
+def _is_int(value) -> bool:
+    # bool is an int subclass, but True as a stride or group count is a caller's mistake.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _pair(value, name: str, minimum: int) -> list[int]:
-    if isinstance(value, int):
+    if _is_int(value):
         value = (value, value)
-    if not (isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+    if not (isinstance(value, Sequence) and len(value) == 2 and all(_is_int(v) for v in value)):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(value) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
@@ -37,6 +43,22 @@ def _require_tensor(name: str, t, dim: int | None = None) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if dim is not None and t.dim() != dim:
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+# The dtypes the kernels in csrc/ dispatch on, per device; any other would fail inside them.
+_KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+
+
+def _require_kernel_dtype(name: str, t: Tensor) -> None:
+    supported = _KERNEL_DTYPES.get(t.device.type)
+    if supported is not None and t.dtype not in supported:
+        raise ValueError(
+            f"{name} has dtype {t.dtype}, which the {t.device.type} kernel does not support; "
+            f"use one of {', '.join(str(d) for d in supported)}"
+        )
 
 
 def _same_dtype_device(ref_name: str, ref: Tensor, **others: Tensor | None) -> None:
@@ -110,12 +132,13 @@ def dual_scaled_conv2d(
         raise ValueError(
             f"input batch must be 2N (N real images then their N knockoffs), got odd size {input.shape[0]}"
         )
+    _require_kernel_dtype("input", input)
     _require_tensor("weight", weight, 4)
     _require_tensor("beta", beta, 1)
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
-    if not isinstance(groups, int) or groups < 1:
+    if not _is_int(groups) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     c_out = weight.shape[0]
     if weight.shape[1] * groups != input.shape[1]:
@@ -162,6 +185,11 @@ def _dual_scaled_conv2d_fake(input, weight, bias, beta, noise, stride, padding, 
     torch._check(input.shape[0] % 2 == 0, lambda: "input batch must be 2N")
     torch._check(input.shape[1] == weight.shape[1] * groups, lambda: "input channels do not match weight")
     torch._check(beta.shape == (weight.shape[0],), lambda: "beta must have one entry per output channel")
+    # A meta tensor among CPU ones dispatches here, so this kernel must refuse what the real ones refuse.
+    torch._check(
+        all(t.device == input.device for t in (weight, bias, beta, noise) if t is not None),
+        lambda: "input, weight, bias, beta and knockoff bias must be on one device",
+    )
     n2, _, h, w = input.shape
     c_out, _, kh, kw = weight.shape
     h_out = _conv_out_size(h, kh, stride[0], padding[0], dilation[0])
@@ -178,6 +206,10 @@ def _dual_scaled_conv2d_fake(input, weight, bias, beta, noise, stride, padding, 
 @torch.library.register_fake("scop::dual_mix_backward")
 def _dual_mix_backward_fake(grad_out, beta, diff, need_beta, need_sums):
     torch._check(grad_out.dim() == 4 and grad_out.shape[0] % 2 == 0, lambda: "grad_out must be (2N, C, H, W)")
+    torch._check(
+        beta.device == grad_out.device and (not need_beta or diff.device == grad_out.device),
+        lambda: "grad_out, beta and diff must be on one device",
+    )
     n2, c = grad_out.shape[:2]
     grad_y = torch.empty_like(grad_out, memory_format=_memory_format(grad_out))
     grad_beta = beta.new_empty((c,) if need_beta else (0,))
@@ -186,9 +218,11 @@ def _dual_mix_backward_fake(grad_out, beta, diff, need_beta, need_sums):
 
 
 def _dual_setup_context(ctx, inputs, output):
-    input, weight, _bias, _beta, _noise, stride, padding, dilation, groups, _save = inputs
+    input, weight, _bias, _beta, _noise, stride, padding, dilation, groups, save_diff = inputs
     _, diff = output
     ctx.conv_args = (stride, padding, dilation, groups)
+    # The flag, not diff.numel(): an empty batch (N = 0) saves an empty diff too.
+    ctx.saved_diff = save_diff
     ctx.input_shape = input.shape
     ctx.batch, ctx.channels = input.shape[0] // 2, weight.shape[0]
     need_input, need_weight, _, need_beta = ctx.needs_input_grad[:4]
@@ -206,7 +240,7 @@ def _dual_setup_context(ctx, inputs, output):
 def _dual_backward(ctx, grad_out, _grad_diff):
     input, weight, beta, diff = ctx.saved_tensors
     need_input, need_weight, need_bias, need_beta, need_noise = ctx.needs_input_grad[:5]
-    if need_beta and diff.numel() == 0:
+    if need_beta and not ctx.saved_diff:
         raise RuntimeError(
             "beta requires grad but scop::dual_scaled_conv2d was called with save_diff=False; "
             "call scop_ext.dual_scaled_conv2d, which sets it"
@@ -216,12 +250,22 @@ def _dual_backward(ctx, grad_out, _grad_diff):
         grad_out, beta, diff if need_beta else grad_out.new_empty((0,)), need_beta, need_bias or need_noise
     )
     grad_input = grad_weight = None
-    if need_input or need_weight:
-        if input is None:  # only the input's shape is needed for grad_input
-            input = grad_out.new_empty((1,)).expand(ctx.input_shape)
+    if need_weight:
         grad_input, grad_weight, _ = torch.ops.aten.convolution_backward.default(
             grad_y, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
-            [need_input, need_weight, False],
+            [need_input, True, False],
+        )
+    elif need_input:
+        # The input was not saved (the weight is frozen). convolution_backward would want it, and
+        # a broadcast stand-in gets materialised at full size inside ATen; the transposed
+        # convolution computes the same gradient from the weight and the shape alone.
+        output_padding = [
+            ctx.input_shape[2 + i]
+            - ((grad_y.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
+            for i in range(2)
+        ]
+        grad_input = torch.ops.aten.conv_transpose2d.input(
+            grad_y, weight, None, stride, padding, output_padding, groups, dilation
         )
     grad_bias = sums.sum(0) if need_bias else None
     grad_noise = sums.view(2, ctx.batch, ctx.channels).transpose(0, 1) if need_noise else None
@@ -272,14 +316,19 @@ def lemma2_sample(
     _require_tensor("R", R, 2)
     if R.shape[0] != R.shape[1]:
         raise ValueError(f"R must be square (C, C), got shape {tuple(R.shape)}")
+    _require_kernel_dtype("R", R)
+    if isinstance(gamma, bool) or not isinstance(gamma, (numbers.Real, torch.SymFloat)):
+        raise ValueError(f"gamma must be a number, got {gamma!r}")
     gamma = float(gamma)
     if not (gamma >= 0.0 and gamma != float("inf")):
         raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
-    if not isinstance(n, (int, torch.SymInt)) or (isinstance(n, int) and n < 0):
+    if not (_is_int(n) or isinstance(n, torch.SymInt)) or (_is_int(n) and n < 0):
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     if seed is None:
         seed = draw_seed(generator)
-    elif isinstance(seed, int):
+    elif _is_int(seed):
+        if not -(2**63) <= seed < 2**63:
+            raise ValueError(f"seed must fit in int64 (the Philox key is 64 bits), got {seed}")
         seed = torch.tensor([seed], dtype=torch.int64)
     if not (isinstance(seed, Tensor) and seed.numel() == 1 and seed.dtype == torch.int64 and seed.device.type == "cpu"):
         raise ValueError("seed must be an int or a one-element int64 CPU tensor")
@@ -289,6 +338,7 @@ def lemma2_sample(
 @torch.library.register_fake("scop::lemma2_sample")
 def _lemma2_sample_fake(R, gamma, n, seed):
     torch._check(R.dim() == 2 and R.shape[0] == R.shape[1], lambda: "R must be square")
+    torch._check(seed.device.type == "cpu", lambda: "seed must be a CPU tensor")
     return R.new_empty((n, 2, R.shape[0]))
 
 
