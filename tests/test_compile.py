@@ -1,6 +1,5 @@
 """The operators under torch.compile(fullgraph=True) and torch.export."""
 
-import pytest
 import torch
 from torch import nn
 

@@ -1,6 +1,5 @@
 """The pruning pipeline and the `scop` command end to end on the bundled digits (tiny settings)."""
 
-import json
 import os
 import signal
 import socket

@@ -1,6 +1,5 @@
 """Stage 2 (learn_scales), the Lemma 2 bias fit, and the shared training loop."""
 
-import os
 
 import pytest
 import torch

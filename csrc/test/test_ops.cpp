@@ -202,6 +202,8 @@ void test_dual_scaled_conv2d() {
       // odd sizes: vector tails in both layouts
       {2, 4, 19, 5, 7, 3, 1, {1, 1}, {1, 1}, {1, 1}},
       {3, 6, 10, 9, 8, 3, 2, {2, 1}, {0, 2}, {1, 2}},
+      // N = 1: a single real/knockoff pair
+      {1, 3, 7, 5, 9, 3, 1, {1, 1}, {1, 1}, {1, 1}},
       // large enough for at::parallel_for to split the planes / rows
       {4, 3, 24, 32, 32, 1, 1, {1, 1}, {0, 0}, {1, 1}},
   };

@@ -17,10 +17,8 @@ no power), which is why power is reported beside it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -31,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import lemma2
+from ..checkpoint import write_json
 from .base import KnockoffGenerator, images_of, pixel_groups
 from .baselines import PermutationKnockoffs
 from .gan import SwapDiscriminator, hidden_bce, swap_blocks
@@ -452,19 +451,6 @@ def estimate_s0(gen: KnockoffGenerator, loader: Iterable, batches: int = 10, see
 # ---------------------------------------------------------------------------------- report
 
 
-def _write_json(obj: dict, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def check(
     gen: KnockoffGenerator,
     dataset: Any,
@@ -535,5 +521,5 @@ def check(
         maps = [(name, fx[name], fk[name]) for name in shown if fx[name].dim() == 4]
     embedding_figure(panels, os.path.join(out_dir, "embedding.png"), seed)
     knockoff_grid(x, xk, os.path.join(out_dir, "grid.png"), maps)
-    _write_json(report, os.path.join(out_dir, "report.json"))
+    write_json(os.path.join(out_dir, "report.json"), report)
     return report

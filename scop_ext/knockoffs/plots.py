@@ -6,32 +6,25 @@ matplotlib's global backend or figure registry.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from ..checkpoint import atomic_write_bytes
+
 __all__ = ["embedding_figure", "knockoff_grid", "pca_2d"]
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:
-    """Write the PNG to a temporary file beside ``path`` and rename it into place."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    """Render the PNG in memory, then write it atomically (never a half-written file)."""
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def pca_2d(fit_on: Tensor, *others: Tensor) -> list[Tensor]:

@@ -7,6 +7,7 @@ by :func:`~scop_ext.prune.surgery.rebuild` and nothing executable is ever loaded
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -54,6 +55,15 @@ def read_arch(stem: str | os.PathLike) -> dict:
     missing = [k for k in ("model", "num_classes", "in_channels", "widths") if k not in arch]
     if missing:
         raise checkpoint.CheckpointError(f"{path}: model description lacks {missing}")
+    positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    wrong = [k for k, ok in (("model", isinstance(arch["model"], str)),
+                             ("num_classes", positive(arch["num_classes"])),
+                             ("in_channels", positive(arch["in_channels"])),
+                             ("widths", isinstance(arch["widths"], dict) and all(positive(w) for w in arch["widths"].values())))
+             if not ok]
+    if wrong:
+        raise checkpoint.CheckpointError(f"{path}: malformed model description: {', '.join(wrong)} "
+                                         "(model a name, num_classes and in_channels integers >= 1, widths {conv: integer >= 1})")
     return arch
 
 
@@ -70,7 +80,10 @@ def load_model(stem: str | os.PathLike, map_location: str | torch.device = "cpu"
         state = load_file(weights, device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:
         raise checkpoint.CheckpointError(f"{weights}: truncated or corrupt safetensors file ({exc})") from None
-    model = rebuild(arch["model"], arch["widths"], arch["num_classes"], arch["in_channels"])
+    try:
+        model = rebuild(arch["model"], arch["widths"], arch["num_classes"], arch["in_channels"])
+    except ValueError as exc:
+        raise checkpoint.CheckpointError(f"{os.fspath(stem)}.json: describes no model that can be built ({exc})") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -86,9 +99,9 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | os.P
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(model, example)
-        tmp = os.fspath(path) + ".tmp"
-        traced.save(tmp)
-    os.replace(tmp, path)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    checkpoint.atomic_write_bytes(path, buffer.getvalue())
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> None:
@@ -98,8 +111,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     except ImportError:
         raise RuntimeError("ONNX export needs the onnx package: pip install onnx onnxscript") from None
     model = model.eval()
-    tmp = os.fspath(path) + ".tmp.onnx"
     batch = torch.export.Dim("batch", min=1)
-    torch.onnx.export(model, (example,), tmp, input_names=["input"], output_names=["logits"],
-                      dynamic_shapes=({0: batch},), dynamo=True, external_data=False)
-    os.replace(tmp, path)
+    program = torch.onnx.export(model, (example,), input_names=["input"], output_names=["logits"],
+                                dynamic_shapes=({0: batch},), dynamo=True)
+    checkpoint.atomic_write_bytes(path, program.model_proto.SerializeToString())
