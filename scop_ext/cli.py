@@ -57,7 +57,9 @@ def cmd_train(args) -> int:
     import torch
 
     from .checkpoint import write_json
-    from .data import load_dataset
+    from torch.utils.data import Subset
+
+    from .data import holdout, load_dataset
     from .models import build_model
     from .prune.export import save_model
     from .prune.train import evaluate, fit, make_loader
@@ -65,10 +67,13 @@ def cmd_train(args) -> int:
     device = _device(args.device)
     torch.manual_seed(args.seed)
     train, info = load_dataset(args.dataset, args.data_root, "train")
+    plain, _ = load_dataset(args.dataset, args.data_root, "train", augment=False)
     test, _ = load_dataset(args.dataset, args.data_root, "test")
+    fit_idx, val_idx = holdout(len(train), args.val_fraction, args.seed)
+    val = make_loader(Subset(plain, val_idx), 256, shuffle=False, evaluation=True) if val_idx else None
     model = build_model(args.model, info.num_classes, info.in_channels)
-    result = fit(model, make_loader(train, args.batch_size, shuffle=True, seed=args.seed),
-                 make_loader(test, 256, shuffle=False, evaluation=True), epochs=args.epochs, lr=args.lr,
+    result = fit(model, make_loader(Subset(train, fit_idx), args.batch_size, shuffle=True, seed=args.seed),
+                 val, epochs=args.epochs, lr=args.lr,
                  device=device, weight_decay=args.weight_decay, stage="train",
                  checkpoint_path=os.path.join(args.out, "train-progress.pt"), log=print)
     metrics = evaluate(model, make_loader(test, 256, shuffle=False, evaluation=True), device)
@@ -238,7 +243,8 @@ def cmd_demo(args) -> int:
     base = os.path.join(args.out, "baseline")
     if not os.path.exists(os.path.join(base, "model.json")):
         cmd_train(argparse.Namespace(model="resnet_digits", dataset="digits", data_root=None, epochs=args.train_epochs,
-                                     lr=0.1, batch_size=64, weight_decay=5e-4, device=device, seed=args.seed, out=base))
+                                     lr=0.1, batch_size=64, weight_decay=5e-4, val_fraction=0.1, device=device,
+                                     seed=args.seed, out=base))
     config = PruneConfig(model="resnet_digits", weights=os.path.join(base, "model"), dataset="digits",
                          scales_epochs=args.scales_epochs, finetune_epochs=args.finetune_epochs, finetune_lr=0.02,
                          policy="flops_target", flops_reduction=0.5, device=device, seed=args.seed)
@@ -265,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training split held out to pick the best epoch (0: keep the last)")
     _common(p)
     p.set_defaults(func=cmd_train)
 

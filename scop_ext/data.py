@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["DatasetInfo", "digits", "cifar10", "image_folder", "load_dataset"]
+__all__ = ["DatasetInfo", "digits", "cifar10", "image_folder", "load_dataset", "holdout"]
 
 
 @dataclass(frozen=True)
@@ -233,3 +233,16 @@ def load_dataset(
         dataset = image_folder(root, "val" if split == "test" else "train", image_size, augment=augment)
         return dataset, DatasetInfo("imagefolder", len(dataset.classes), 3, image_size)
     raise ValueError(f"unknown dataset {name!r}; expected 'digits', 'cifar10' or 'imagefolder'")
+
+
+def holdout(length: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Split ``range(length)`` into (train, validation) index lists, validation ``fraction`` of it.
+
+    The validation part chooses among training epochs, so the test split is only ever used to
+    report. Fixed by ``seed``; ``fraction = 0`` gives an empty validation part.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = int(round(length * fraction))
+    return sorted(order[cut:]), sorted(order[:cut])

@@ -147,6 +147,18 @@ def test_digits_splits():
     assert len(dataset) == 450 and info == data.DatasetInfo("digits", 10, 1, 8)
 
 
+def test_holdout_split():
+    fit, val = data.holdout(1347, 0.1, seed=3)
+    assert len(val) == 135 and len(fit) == 1212
+    assert sorted(fit + val) == list(range(1347))  # disjoint and covering
+    assert data.holdout(1347, 0.1, seed=3) == (fit, val)
+    assert data.holdout(1347, 0.1, seed=4)[1] != val
+    assert data.holdout(10, 0.0) == (list(range(10)), [])
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="fraction"):
+            data.holdout(10, bad)
+
+
 def _write_cifar(folder, per_batch=3, test=2, seed=0):
     """A tiny CIFAR-10 python-format folder; returns the raw uint8 arrays and labels written."""
     rng = np.random.default_rng(seed)

@@ -62,6 +62,19 @@ def test_api_end_to_end(baseline, tmp_path):
     np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
 
 
+def test_validation_is_held_out_of_training(baseline):
+    """Fine-tuning picks its epoch on a part of the training split nothing is trained on."""
+    pruner = ScopPruner(PruneConfig(weights=baseline, val_fraction=0.2, **TINY), "/tmp/unused", progress=False)
+    fit_idx, val_idx = set(pruner.train_set.indices), set(pruner.val_set.indices)
+    assert not fit_idx & val_idx and len(fit_idx | val_idx) == len(pruner.train_set.dataset)
+    assert len(val_idx) == round(0.2 * len(pruner.train_set.dataset))
+    assert pruner.train_aug.indices == pruner.train_set.indices
+    assert ScopPruner(PruneConfig(weights=baseline, val_fraction=0.0, **TINY), "/tmp/unused",
+                      progress=False).val_set is None
+    with pytest.raises(ValueError, match="val_fraction"):
+        PruneConfig(weights=baseline, val_fraction=1.0).validate()
+
+
 @pytest.mark.parametrize(
     "policy,params,check",
     [

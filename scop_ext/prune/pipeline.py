@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from .. import checkpoint
-from ..data import load_dataset
+from ..data import holdout, load_dataset
 from ..layers import convert as convert_layers
 from ..layers import scop_layers
 from ..models import build_model
@@ -57,6 +57,7 @@ class PruneConfig:
     data_root: str | None = None
     image_size: int = 224  # imagefolder only
     batch_size: int = 64
+    val_fraction: float = 0.1  # of the training split, held out to pick the best fine-tuning epoch
     # stage 1
     knockoffs: str = "gaussian"
     knockoff_options: dict = field(default_factory=dict)
@@ -149,6 +150,7 @@ class PruneConfig:
 
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
             (self.scales_epochs >= 1, "scales_epochs must be >= 1"),
             (self.finetune_epochs >= 0, "finetune_epochs must be >= 0"),
             (self.bn in ("batch", "frozen"), "bn must be 'batch' or 'frozen'"),
@@ -245,10 +247,15 @@ class ScopPruner:
         self.config, self.out_dir, self.progress = config, os.fspath(out_dir), progress
         self.log = log if distributed.is_main() else (lambda *a, **k: None)
         self.device = torch.device(config.device)
-        self.train_set, self.info = load_dataset(config.dataset, config.data_root, "train",
+        train_plain, self.info = load_dataset(config.dataset, config.data_root, "train",
                                                  image_size=config.image_size, augment=False)
-        self.train_aug, _ = load_dataset(config.dataset, config.data_root, "train", image_size=config.image_size)
+        train_aug, _ = load_dataset(config.dataset, config.data_root, "train", image_size=config.image_size)
         self.test_set, _ = load_dataset(config.dataset, config.data_root, "test", image_size=config.image_size)
+        # Everything trained (knockoffs, scales, BN statistics, weights) sees the training part;
+        # the held-out part picks the fine-tuning epoch; the test split only reports.
+        fit_idx, val_idx = holdout(len(train_plain), config.val_fraction, config.seed)
+        self.train_set, self.train_aug = Subset(train_plain, fit_idx), Subset(train_aug, fit_idx)
+        self.val_set = Subset(train_plain, val_idx) if val_idx else None
         self.model = model if model is not None else _load_weights(config.model, self.info, config.weights)
         self.model.to(self.device)
         self.example = self.train_set[0][0][None]
@@ -387,15 +394,16 @@ class ScopPruner:
         return used
 
     def finetune(self):
-        """Stage 4c: fine-tune all weights; the best epoch on the test split is kept."""
+        """Stage 4c: fine-tune all weights; the best epoch on the held-out validation part is kept
+        (the last epoch with ``val_fraction = 0``)."""
         cfg = self.config
         if cfg.finetune_epochs > 0:
             # Under mixed precision the activations are stored in 16 bits, which the fp32 trace
             # would overstate by up to 2x and so refuse batches that fit: check full precision only.
             if not (default_amp(self.device) if cfg.amp is None else cfg.amp):
                 self._require_memory("fine-tuning", paired=False, optimizer_slots=1)
-            result = fit(self.model, self._loader(self.train_aug, shuffle=True),
-                         self._loader(self.test_set, shuffle=False, evaluation=True, batch_size=256),
+            val = self._loader(self.val_set, shuffle=False, evaluation=True, batch_size=256) if self.val_set else None
+            result = fit(self.model, self._loader(self.train_aug, shuffle=True), val,
                          epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, device=self.device,
                          weight_decay=cfg.weight_decay, amp=cfg.amp, stage="finetune",
                          checkpoint_path=self._path("finetune-progress.pt"), progress=self.progress)
