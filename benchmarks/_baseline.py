@@ -1,9 +1,10 @@
 """Shared by planted.py, accuracy.py and figures.py: seeded baselines (cached), data, helpers.
 
 A baseline is trained the way ``scop train`` trains one (SGD Nesterov, cosine, lr 0.1, weight
-decay 5e-4, batch 64) but with no selection on the test split: the weights are the last epoch's.
-With a cache folder the state_dict is stored as ``<model>-<dataset>-e<epochs>-s<seed>.safetensors``
-and reused by every script.
+decay 5e-4, batch 64, on the training split less the 10% that ``scop_ext.data.holdout`` keeps for
+validation, so the pruning runs can pick their fine-tuning epoch on images the baseline never
+saw); the weights are the last epoch's. With a cache folder the state_dict is stored as
+``<model>-<dataset>-e<epochs>-s<seed>-v10.safetensors`` and reused by every script.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import time
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
-from scop_ext.data import load_dataset
+from scop_ext.data import holdout, load_dataset
 from scop_ext.models import build_model
 from scop_ext.prune.train import evaluate, fit, make_loader
 
@@ -50,14 +52,15 @@ def baseline(model_name: str, dataset: str, seed: int, epochs: int, *, root: str
     path = None
     if cache:
         os.makedirs(cache, exist_ok=True)
-        path = os.path.join(cache, f"{model_name}-{dataset}-e{epochs}-s{seed}.safetensors")
+        path = os.path.join(cache, f"{model_name}-{dataset}-e{epochs}-s{seed}-v10.safetensors")
     torch.manual_seed(seed)
     model = build_model(model_name, info.num_classes, info.in_channels)
     if path and os.path.exists(path):
         model.load_state_dict(load_file(path))
         return model.to(device).eval()
     start = time.time()
-    fit(model, make_loader(train_aug, batch_size, shuffle=True, seed=seed), None, epochs=epochs, lr=lr,
+    fit_idx, _ = holdout(len(train_aug), 0.1)
+    fit(model, make_loader(Subset(train_aug, fit_idx), batch_size, shuffle=True, seed=seed), None, epochs=epochs, lr=lr,
         device=device, weight_decay=weight_decay, stage="train", progress=False)
     model.eval()
     log(f"  baseline {model_name} seed {seed}: {epochs} epochs in {time.time() - start:.0f} s, "

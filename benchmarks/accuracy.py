@@ -119,7 +119,7 @@ def _generator(task: dict, kind: str, seed: int, train):
     loader = DataLoader(train, batch_size=256, shuffle=False)
     if kind == "gaussian":
         return make_generator("gaussian").fit(loader)
-    path = os.path.join(task["cache"], f"gan-{task['dataset']}-it{task['gan_iterations']}-s{seed}.pt")
+    path = os.path.join(task["cache"], f"gan-{task['dataset']}-it{task['gan_iterations']}-s{seed}-v10.pt")
     if os.path.exists(path):
         return load(path)
     gen = KnockoffGAN(iterations=task["gan_iterations"], seed=seed).fit(loader, progress=False, device=task["device"])
@@ -292,7 +292,7 @@ def main(argv=None) -> None:
                 f"### {task['model']} on {task['dataset']}",
                 "",
                 f"{len(task['seeds'])} seeds (mean ± std). Baseline: {task['train_epochs']} epochs (SGD Nesterov, lr "
-                f"0.1, cosine, wd 5e-4, batch 64; last epoch). SCOP stage 2: {task['scales_epochs']} epochs (Adam "
+                f"0.1, cosine, wd 5e-4, batch 64, on 90% of the training split; last epoch). SCOP stage 2: {task['scales_epochs']} epochs (Adam "
                 f"0.004, betas (0.5, 0.9), BN over the paired batch); KnockoffGAN: {task['gan_iterations']} "
                 f"iterations per seed. Selection: `flops_target`, per-layer uniform ratio, all coupled groups "
                 f"(residual ones included). After pruning: BN statistics re-estimated on ≤ 50 training batches, "

@@ -69,7 +69,7 @@ def cmd_train(args) -> int:
     train, info = load_dataset(args.dataset, args.data_root, "train")
     plain, _ = load_dataset(args.dataset, args.data_root, "train", augment=False)
     test, _ = load_dataset(args.dataset, args.data_root, "test")
-    fit_idx, val_idx = holdout(len(train), args.val_fraction, args.seed)
+    fit_idx, val_idx = holdout(len(train), args.val_fraction)
     val = make_loader(Subset(plain, val_idx), 256, shuffle=False, evaluation=True) if val_idx else None
     model = build_model(args.model, info.num_classes, info.in_channels)
     result = fit(model, make_loader(Subset(train, fit_idx), args.batch_size, shuffle=True, seed=args.seed),

@@ -239,7 +239,9 @@ def holdout(length: int, fraction: float, seed: int = 0) -> tuple[list[int], lis
     """Split ``range(length)`` into (train, validation) index lists, validation ``fraction`` of it.
 
     The validation part chooses among training epochs, so the test split is only ever used to
-    report. Fixed by ``seed``; ``fraction = 0`` gives an empty validation part.
+    report. ``scop train`` and ``scop prune`` both use the default ``seed``, whatever their run
+    seed: the part a pruning run validates on is then one its baseline never trained on.
+    ``fraction = 0`` gives an empty validation part.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")

@@ -9,6 +9,7 @@ from torch.utils.data import TensorDataset
 from scop_ext import checkpoint, convert, lemma2, scop_layers
 from scop_ext.prune.scales import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
 from scop_ext.prune.train import NonFiniteError, evaluate, fit, make_loader, recalibrate_bn
+from scop_ext.prune import train as train_module
 
 
 def _data(n=96, seed=0):
@@ -107,6 +108,26 @@ def test_fit_knockoff_biases_measures_s_at_the_input():
     torch.testing.assert_close(report["0"]["s_in"], lemma2.estimate_s(x, xk))
     for name, layer in scop_layers(net).items():
         assert layer.knockoff_R is not None and report[name]["margin"] > 0
+
+
+def test_fit_keeps_best_epoch_lower_loss_breaks_ties(monkeypatch):
+    """Top-1 decides; among equal top-1 the lower validation loss wins, not the earlier epoch."""
+    scripted = iter([(1.0, 0.5), (1.0, 0.1), (0.9, 0.01), (1.0, 0.3)])  # (top1, loss) per epoch
+    snapshots = []
+
+    def fake_evaluate(model, loader, device, amp=False):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        top1, loss = next(scripted)
+        return {"top1": top1, "loss": loss, "count": 1}
+
+    monkeypatch.setattr(train_module, "evaluate", fake_evaluate)
+    net = _net()
+    data = _data()
+    result = fit(net, make_loader(data, 16, shuffle=True), make_loader(data, 64, shuffle=False, evaluation=True),
+                 epochs=4, lr=0.05, device="cpu", progress=False)
+    assert result.best_epoch == 1 and result.best_top1 == 1.0
+    for key, value in net.state_dict().items():  # the model holds epoch 1's weights
+        torch.testing.assert_close(value, snapshots[1][key])
 
 
 def test_fit_recalibrate_evaluate(tmp_path):

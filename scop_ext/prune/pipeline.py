@@ -253,7 +253,7 @@ class ScopPruner:
         self.test_set, _ = load_dataset(config.dataset, config.data_root, "test", image_size=config.image_size)
         # Everything trained (knockoffs, scales, BN statistics, weights) sees the training part;
         # the held-out part picks the fine-tuning epoch; the test split only reports.
-        fit_idx, val_idx = holdout(len(train_plain), config.val_fraction, config.seed)
+        fit_idx, val_idx = holdout(len(train_plain), config.val_fraction)
         self.train_set, self.train_aug = Subset(train_plain, fit_idx), Subset(train_aug, fit_idx)
         self.val_set = Subset(train_plain, val_idx) if val_idx else None
         self.model = model if model is not None else _load_weights(config.model, self.info, config.weights)

@@ -272,7 +272,10 @@ def fit(
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_top1": hits / max(seen, 1)}
         if val_loader is not None:
             record.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device, amp=amp).items()})
-            if record["val_top1"] > result.best_top1:
+            # Top-1 on a small validation set ties often (one image is a whole step): the lower
+            # loss breaks the tie, so a later, better-fitted epoch is not lost to an early one.
+            best = result.history[result.best_epoch] if result.best_epoch >= 0 else None
+            if best is None or (record["val_top1"], -record["val_loss"]) > (best["val_top1"], -best["val_loss"]):
                 result.best_top1, result.best_epoch = record["val_top1"], epoch
                 best_state = copy.deepcopy(model.state_dict())
         result.history.append(record)
