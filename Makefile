@@ -41,7 +41,7 @@ test: build
 	$(PY) -m pytest -q -ra
 
 bench: build
-	$(PY) benchmarks/ops.py --write benchmarks/README.md
+	$(PY) benchmarks/speed.py --write benchmarks/README.md
 
 demo: build
 	$(VENV)/bin/scop demo --out runs/demo

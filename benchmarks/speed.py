@@ -4,7 +4,8 @@
    against the two-branch plain-PyTorch reference (eager and ``torch.compile``) and a bare conv
    over the same 2N batch, forward and forward+backward (weight frozen, input and beta requiring
    grad, as in stage 2), at the CIFAR ResNet layer shapes (16/32/64 channels at 32/16/8 px) and
-   the ImageNet ResNet ones (64@56, 128@28, 256@14, 512@7; smaller batch on the CPU).
+   N = 64 and 128 real images, and the ImageNet ResNet ones (64@56, 128@28, 256@14, 512@7; N = 4
+   on the CPU, 32 on CUDA).
 2. **Stage-2 step** (``step``): one SCOP training step of a whole ResNet-20 / ResNet-56 (every
    conv converted, BN over the paired batch, Lemma 2 knockoff bias on, beta-only Adam step and
    clamp, on [N real; N knockoff] images) as the package runs it, against the same step written
@@ -175,36 +176,37 @@ def op_implementations():
     }
 
 
-def measure_ops(device: str, min_run_time: float, cifar_batch: int, imagenet_batch: int, log) -> list[dict]:
+def measure_ops(device: str, min_run_time: float, cifar_batches, imagenet_batch: int, log) -> list[dict]:
     sync, peak = _sync(device), PeakMemory(device)
     impls = op_implementations()
     rows = []
-    for family, shapes, n in (("CIFAR", CIFAR_SHAPES, cifar_batch), ("ImageNet", IMAGENET_SHAPES, imagenet_batch)):
-        for c, px in shapes:
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn(2 * n, c, px, px, generator=gen).to(device)
-            w = (torch.randn(c, c, 3, 3, generator=gen) / (9 * c) ** 0.5).to(device)
-            beta = torch.rand(c, generator=gen).to(device)
-            noise = torch.randn(n, 2, c, generator=gen).to(device)
-            fwd, fb, mem, saved = {}, {}, {}, {}
-            for name, fn in impls.items():
-                with torch.no_grad():
-                    fwd[name] = timed(lambda: fn(x, w, beta, noise), min_run_time, sync)
-                xg, bg = x.clone().requires_grad_(), beta.clone().requires_grad_()
+    cases = [("CIFAR", c, px, n) for c, px in CIFAR_SHAPES for n in cifar_batches]
+    cases += [("ImageNet", c, px, imagenet_batch) for c, px in IMAGENET_SHAPES]
+    for family, c, px, n in cases:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2 * n, c, px, px, generator=gen).to(device)
+        w = (torch.randn(c, c, 3, 3, generator=gen) / (9 * c) ** 0.5).to(device)
+        beta = torch.rand(c, generator=gen).to(device)
+        noise = torch.randn(n, 2, c, generator=gen).to(device)
+        fwd, fb, mem, saved = {}, {}, {}, {}
+        for name, fn in impls.items():
+            with torch.no_grad():
+                fwd[name] = timed(lambda: fn(x, w, beta, noise), min_run_time, sync)
+            xg, bg = x.clone().requires_grad_(), beta.clone().requires_grad_()
 
-                def step(fn=fn, xg=xg, bg=bg):
-                    out = fn(xg, w, bg, noise)
-                    out.backward(torch.ones_like(out))
-                    xg.grad = bg.grad = None
+            def step(fn=fn, xg=xg, bg=bg):
+                out = fn(xg, w, bg, noise)
+                out.backward(torch.ones_like(out))
+                xg.grad = bg.grad = None
 
-                fb[name] = timed(step, min_run_time, sync)
-                mem[name] = peak(step)
-                saved[name] = saved_bytes(lambda fn=fn, xg=xg, bg=bg: fn(xg, w, bg, noise)) if name != "compiled" else math.nan
-                del xg, bg
-            rows.append(dict(family=family, c=c, px=px, n=n, fwd=fwd, fb=fb, mem=mem, saved=saved))
-            log(f"  ops {device} {family} C={c} {px}px N={n}: fwd scop {fwd['scop']:.3f} ms "
-                f"(eager {fwd['eager']:.3f}, compiled {fwd['compiled']:.3f}, conv {fwd['conv']:.3f}); "
-                f"f+b scop {fb['scop']:.3f} ms (eager {fb['eager']:.3f})")
+            fb[name] = timed(step, min_run_time, sync)
+            mem[name] = peak(step)
+            saved[name] = saved_bytes(lambda fn=fn, xg=xg, bg=bg: fn(xg, w, bg, noise)) if name != "compiled" else math.nan
+            del xg, bg
+        rows.append(dict(family=family, c=c, px=px, n=n, fwd=fwd, fb=fb, mem=mem, saved=saved))
+        log(f"  ops {device} {family} C={c} {px}px N={n}: fwd scop {fwd['scop']:.3f} ms "
+            f"(eager {fwd['eager']:.3f}, compiled {fwd['compiled']:.3f}, conv {fwd['conv']:.3f}); "
+            f"f+b scop {fb['scop']:.3f} ms (eager {fb['eager']:.3f})")
     return rows
 
 
@@ -489,13 +491,13 @@ def main(argv=None) -> None:
 
     measured = []
     for device in devices:
-        cifar_n, imagenet_n = (64, 4) if device == "cpu" else (128, 32)
+        imagenet_n = 4 if device == "cpu" else 32
         step_n = args.step_batch or (32 if device == "cpu" else 128)
         for part in parts:
             load = _baseline.load_line()
             start = time.time()
             if part == "ops":
-                rows = measure_ops(device, min_run, cifar_n, imagenet_n if not args.quick else 2, log)
+                rows = measure_ops(device, min_run, [64] if args.quick else [64, 128], imagenet_n if not args.quick else 2, log)
                 text = ops_table(rows)
                 title = f"### Operators ({device})"
                 notes = (
