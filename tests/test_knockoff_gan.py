@@ -3,7 +3,6 @@ and bad checkpoints fail with a clear error."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -14,18 +13,6 @@ from scop_ext.data import digits
 from scop_ext.knockoffs import GaussianKnockoffs, KnockoffGAN
 from scop_ext.knockoffs.diagnostics import sample_batched, swap_advantage
 from scop_ext.knockoffs.gan import CHECKPOINT_KIND
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny 8 x 8 convolutions gain nothing from a second thread, and lose many times over when
-    other processes share the cores (OpenMP threads wait on each other at every op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def tiny_gan(**kwargs) -> KnockoffGAN:
@@ -51,33 +38,31 @@ def stop_at(iteration: int):
     return callback
 
 
-def test_training_lowers_swap_advantage(loader):
+def test_training_lowers_swap_advantage(one_thread, loader):
     """Advantage = held-out accuracy - 1/2 of a *fresh* swap discriminator (300 Adam steps on
     half of the 1,347 digits, scored on the unrevealed blocks of the other half under 8 swap
     patterns: ~43k scored blocks, binomial standard error ~0.002). A fresh one, not the GAN's own,
     so that the number measures the knockoffs, not how far the co-trained D has fallen behind."""
     x = digits("train").tensors[0]
-    with one_thread():
-        gan = tiny_gan(iterations=300)
-        gan._build(tuple(x.shape[1:]))
-        start = swap_advantage(x, sample_batched(gan, x, seed=0), block=2, steps=300, width=16, seed=0)
-        gan.fit(loader, progress=False)
-        end = swap_advantage(x, sample_batched(gan, x, seed=0), block=2, steps=300, width=16, seed=0)
+    gan = tiny_gan(iterations=300)
+    gan._build(tuple(x.shape[1:]))
+    start = swap_advantage(x, sample_batched(gan, x, seed=0), block=2, steps=300, width=16, seed=0)
+    gan.fit(loader, progress=False)
+    end = swap_advantage(x, sample_batched(gan, x, seed=0), block=2, steps=300, width=16, seed=0)
     assert start["advantage"] > 0.3  # an untrained G is easy to tell apart
     assert end["advantage"] < start["advantage"] / 2
     assert end["advantage"] > -5 * end["stderr"]  # a discriminator cannot do worse than chance
 
 
-def test_resume_is_identical(loader, tmp_path):
+def test_resume_is_identical(one_thread, loader, tmp_path):
     path = tmp_path / "gan.ckpt"
-    with one_thread():
-        interrupted = tiny_gan(iterations=120)
-        with pytest.raises(Interrupt):
-            interrupted.fit(loader, checkpoint=path, progress=False, callback=stop_at(100))
-        assert torch.load(path, weights_only=True)["payload"]["iteration"] == 80  # the last multiple of 40
+    interrupted = tiny_gan(iterations=120)
+    with pytest.raises(Interrupt):
+        interrupted.fit(loader, checkpoint=path, progress=False, callback=stop_at(100))
+    assert torch.load(path, weights_only=True)["payload"]["iteration"] == 80  # the last multiple of 40
 
-        resumed = tiny_gan(iterations=120).fit(loader, checkpoint=path, resume=True, progress=False)
-        straight = tiny_gan(iterations=120).fit(loader, progress=False)
+    resumed = tiny_gan(iterations=120).fit(loader, checkpoint=path, resume=True, progress=False)
+    straight = tiny_gan(iterations=120).fit(loader, progress=False)
     for (name, a), (_, b) in zip(resumed.state_dict().items(), straight.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert not torch.equal(resumed.G.out[-1].weight, interrupted.G.out[-1].weight)
@@ -94,10 +79,9 @@ def test_resume_is_identical(loader, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(loader, tmp_path_factory):
+def checkpoint(one_thread, loader, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "gan.ckpt"
-    with one_thread():
-        tiny_gan(iterations=40).fit(loader, checkpoint=path, progress=False)
+    tiny_gan(iterations=40).fit(loader, checkpoint=path, progress=False)
     return path
 
 
@@ -140,11 +124,10 @@ def test_mismatched_checkpoint(loader, checkpoint, tmp_path):
         tiny_gan(iterations=80).fit(loader, checkpoint=tmp_path / "shapes.ckpt", resume=True, progress=False)
 
 
-def test_large_images_use_resnet_and_upsample():
+def test_large_images_use_resnet_and_upsample(one_thread):
     images = torch.rand(6, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     gan = KnockoffGAN(working_size=64, width=8, iterations=2, batch_size=4)
-    with one_thread():
-        gan.fit(DataLoader(TensorDataset(images), batch_size=3), progress=False)
+    gan.fit(DataLoader(TensorDataset(images), batch_size=3), progress=False)
     assert gan.arch == "resnet" and gan.work_hw == (64, 64) and gan.block == 4
     assert gan.swap_block == 6  # 4-pixel blocks at 64 x 64 are 6-pixel blocks at 96 x 96
     xk = gan.sample(images[:2].double(), generator=torch.Generator().manual_seed(0))

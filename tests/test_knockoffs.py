@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -73,25 +72,12 @@ def digit_data():
     return DataLoader(train, batch_size=256), train.tensors, test.tensors
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Tiny 8 x 8 convolutions gain nothing from a second thread, and lose many times over when
-    other processes share the cores (OpenMP threads wait on each other at every op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def fitted(digit_data):
+def fitted(one_thread, digit_data):
     """One fitted generator of every kind on the digits training split."""
     loader, _, _ = digit_data
     gaussian = GaussianKnockoffs().fit(loader)
-    with one_thread():
-        gan = KnockoffGAN(iterations=300, width=16, batch_size=64, seed=0).fit(loader, progress=False)
+    gan = KnockoffGAN(iterations=300, width=16, batch_size=64, seed=0).fit(loader, progress=False)
     return {
         "gaussian": gaussian,
         "gaussian-sdp": GaussianKnockoffs(method="sdp").fit(loader),

@@ -35,16 +35,6 @@ def test_resnet_digits_size_and_shape():
     assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
 
 
-@pytest.fixture
-def one_thread():
-    # A 20k-parameter model gains nothing from intra-op threads, and on a busy 2-core machine
-    # their synchronisation costs 10x; the test is about accuracy, not speed.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_resnet_digits_learns_digits(one_thread):
     torch.manual_seed(0)
     x, y = data.digits("train").tensors

@@ -39,6 +39,22 @@ __device__ T warp_sum(T v) {
   return v;
 }
 
+// grad_Y_r = beta g_r and grad_Y_k = (1 - beta) g_r + g_k for element i, accumulating
+// sum(g_r d) into p and the two gradients into sr / sk.
+template <typename scalar_t, typename opmath_t>
+__device__ __forceinline__ void mix_backward_element(const scalar_t* go, const scalar_t* d, scalar_t* gy,
+                                                     int64_t i, int64_t half, opmath_t b, opmath_t& p,
+                                                     opmath_t& sr, opmath_t& sk) {
+  const opmath_t g = static_cast<opmath_t>(go[i]);
+  const opmath_t a = b * g;
+  const opmath_t k = (opmath_t(1) - b) * g + static_cast<opmath_t>(go[i + half]);
+  gy[i] = static_cast<scalar_t>(a);
+  gy[i + half] = static_cast<scalar_t>(k);
+  sr += a;
+  sk += k;
+  if (d) p += g * static_cast<opmath_t>(d[i]);
+}
+
 // NCHW: one block per (sample, channel) plane; the three sums are block reductions.
 template <typename scalar_t, typename opmath_t>
 __global__ void mix_backward_planes(const scalar_t* __restrict__ go, const scalar_t* __restrict__ d,
@@ -50,15 +66,7 @@ __global__ void mix_backward_planes(const scalar_t* __restrict__ go, const scala
   const opmath_t b = beta[plane % c];
   opmath_t p = 0, sr = 0, sk = 0;
   for (int64_t q = threadIdx.x; q < hw; q += blockDim.x) {
-    const int64_t i = plane * hw + q;
-    const opmath_t g = static_cast<opmath_t>(go[i]);
-    const opmath_t a = b * g;
-    const opmath_t k = (opmath_t(1) - b) * g + static_cast<opmath_t>(go[i + half]);
-    gy[i] = static_cast<scalar_t>(a);
-    gy[i + half] = static_cast<scalar_t>(k);
-    sr += a;
-    sk += k;
-    if (d) p += g * static_cast<opmath_t>(d[i]);
+    mix_backward_element(go, d, gy, plane * hw + q, half, b, p, sr, sk);
   }
   __shared__ opmath_t smem[3][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -101,15 +109,7 @@ __global__ void mix_backward_rows(const scalar_t* __restrict__ go, const scalar_
   if (ch < c) {
     const opmath_t b = beta[ch];
     for (int64_t q = threadIdx.y; q < hw; q += blockDim.y) {
-      const int64_t i = (s * hw + q) * c + ch;
-      const opmath_t g = static_cast<opmath_t>(go[i]);
-      const opmath_t a = b * g;
-      const opmath_t k = (opmath_t(1) - b) * g + static_cast<opmath_t>(go[i + half]);
-      gy[i] = static_cast<scalar_t>(a);
-      gy[i + half] = static_cast<scalar_t>(k);
-      sr += a;
-      sk += k;
-      if (d) p += g * static_cast<opmath_t>(d[i]);
+      mix_backward_element(go, d, gy, (s * hw + q) * c + ch, half, b, p, sr, sk);
     }
   }
   __shared__ opmath_t smem[3][8][32];
