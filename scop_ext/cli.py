@@ -36,9 +36,9 @@ def _device(name: str | None) -> str:
 
 
 def _parse_value(text: str):
-    import yaml
+    from .checkpoint import load_yaml
 
-    return yaml.safe_load(text)
+    return load_yaml(text)
 
 
 def _key_values(pairs: list[str], flag: str) -> dict:
@@ -47,7 +47,10 @@ def _key_values(pairs: list[str], flag: str) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"{flag} expects KEY=VALUE, got {pair!r}")
-        values[key.replace("-", "_")] = _parse_value(value)
+        try:
+            values[key.replace("-", "_")] = _parse_value(value)
+        except Exception as exc:  # yaml's error types; one line that names the flag either way
+            raise ValueError(f"{flag} {pair!r}: not a YAML value ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     return values
 
 

@@ -300,6 +300,8 @@ CONFIGS = [
     ("syntax.json", '{"policy": "fdr",}', "malformed config \\(JSONDecodeError"),
     ("truncated.json", '{"policy": "fd', "malformed config \\(JSONDecodeError"),
     ("binary.yaml", b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "malformed config \\(not UTF-8"),
+    ("laughs.yaml", "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n", "malformed config \\(ComposerError: alias \\*a is not allowed"),
     ("empty.yaml", "", "a config must be a mapping of keys to values, got NoneType"),
     ("list.yaml", "- a\n- b\n", "a config must be a mapping of keys to values, got list"),
     ("scalar.json", "3", "a config must be a mapping of keys to values, got int"),
@@ -330,6 +332,14 @@ CONFIGS = [
     ("scope.yaml", "fdr_scope: network\n", "fdr_scope must be 'layer' or 'global'"),
     ("device.yaml", "device: banana\n", "device must be a device name"),
 ]
+
+
+@pytest.mark.parametrize("value,pattern", [("ratio=[1,", "ParserError"), ("ratio=*a", "alias \\*a is not allowed"),
+                                           ("ratio", "expects KEY=VALUE")])
+def test_malformed_set_values_give_one_line(tmp_path, capsys, value, pattern):
+    status, lines = cli(capsys, "prune", "--set", value, "--out", tmp_path)
+    assert status == 2 and len(lines) == 1
+    assert re.search(r"--set .*" + pattern, lines[0]), lines[0]
 
 
 @pytest.mark.parametrize("name,content,pattern", CONFIGS, ids=[c[0] for c in CONFIGS])

@@ -118,9 +118,7 @@ class PruneConfig:
             if path.endswith(".json"):
                 values = json.loads(text)
             else:
-                import yaml
-
-                values = yaml.safe_load(text)
+                values = checkpoint.load_yaml(text)
         except Exception as exc:  # the parsers' own error types vary; one clear line either way
             raise ValueError(f"{path}: malformed config ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
         if not isinstance(values, dict):
