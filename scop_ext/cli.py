@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a small ResNet on digits, prune ~50%% of its FLOPs with SCOP, fine-tune.")
     p.add_argument("--train-epochs", type=int, default=15)
     p.add_argument("--scales-epochs", type=int, default=10)
-    p.add_argument("--finetune-epochs", type=int, default=10)
+    p.add_argument("--finetune-epochs", type=int, default=30)
     _common(p, out_default="runs/demo")
     p.set_defaults(func=cmd_demo)
 

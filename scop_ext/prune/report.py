@@ -17,7 +17,17 @@ __all__ = ["measure_latency", "format_table", "plot_betas", "plot_importance", "
 def measure_latency(model: nn.Module, example: torch.Tensor, batch: int, device: torch.device | str,
                     min_run_time: float = 0.5) -> float:
     """Median forward latency in milliseconds for a batch of ``batch`` inputs shaped like ``example``."""
-    from torch.utils import benchmark
+    import logging
+
+    # torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on a CUDA build of
+    # torch without a GPU: nothing is compiled here, so the warning would only confuse.
+    extension_log = logging.getLogger("torch.utils.cpp_extension")
+    level = extension_log.level
+    extension_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        extension_log.setLevel(level)
 
     device = torch.device(device)
     was_training = model.training
