@@ -4,7 +4,8 @@
    against the two-branch plain-PyTorch reference (eager and ``torch.compile``) and a bare conv
    over the same 2N batch, forward and forward+backward (weight frozen, input and beta requiring
    grad, as in stage 2), at the CIFAR ResNet layer shapes (16/32/64 channels at 32/16/8 px) and
-   N = 64 and 128 real images, and the ImageNet ResNet ones (64@56, 128@28, 256@14, 512@7; N = 4
+   N = 64 and 128 real images (NCHW, and again with input and weight in channels_last, which
+   oneDNN convolves faster on the CPU), and the ImageNet ResNet ones (64@56, 128@28, 256@14, 512@7; N = 4
    on the CPU, 32 on CUDA).
 2. **Stage-2 step** (``step``): one SCOP training step of a whole ResNet-20 / ResNet-56 (every
    conv converted, BN over the paired batch, Lemma 2 knockoff bias on, beta-only Adam step and
@@ -182,12 +183,15 @@ def measure_ops(device: str, min_run_time: float, cifar_batches, imagenet_batch:
     sync, peak = _sync(device), PeakMemory(device)
     impls = op_implementations()
     rows = []
-    cases = [("CIFAR", c, px, n) for c, px in CIFAR_SHAPES for n in cifar_batches]
-    cases += [("ImageNet", c, px, imagenet_batch) for c, px in IMAGENET_SHAPES]
-    for family, c, px, n in cases:
+    cases = [("CIFAR", c, px, n, fmt) for fmt in (torch.contiguous_format, torch.channels_last)
+             for c, px in CIFAR_SHAPES for n in cifar_batches]
+    cases += [("ImageNet", c, px, imagenet_batch, torch.contiguous_format) for c, px in IMAGENET_SHAPES]
+    for family, c, px, n, fmt in cases:
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(2 * n, c, px, px, generator=gen).to(device)
-        w = (torch.randn(c, c, 3, 3, generator=gen) / (9 * c) ** 0.5).to(device)
+        x = torch.randn(2 * n, c, px, px, generator=gen).to(device).contiguous(memory_format=fmt)
+        w = (torch.randn(c, c, 3, 3, generator=gen) / (9 * c) ** 0.5).to(device).contiguous(memory_format=fmt)
+        if fmt == torch.channels_last:
+            family += " NHWC"
         beta = torch.rand(c, generator=gen).to(device)
         noise = torch.randn(n, 2, c, generator=gen).to(device)
         fwd, fb, mem, saved = {}, {}, {}, {}
@@ -504,6 +508,7 @@ def main(argv=None) -> None:
                 title = f"### Operators ({device})"
                 notes = (
                     "3x3 conv, stride 1, C_in = C_out, 2N images (N real + N knockoff), knockoff bias on. "
+                    "*NHWC* rows: input and weight in channels_last for every implementation, bare conv included. "
                     "*fwd*: forward under no_grad; *f+b*: forward + backward of a sum, weight frozen, input and "
                     "beta requiring grad. *scop*: the fused operator; *eager*: `scop_ext.reference` (two branches "
                     "in plain PyTorch); *compiled*: `torch.compile` of that; *conv*: a bare conv over the 2N batch "

@@ -7,7 +7,9 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "../scop.h"
 
@@ -21,6 +23,20 @@ constexpr bool kVectorize = std::is_same_v<scalar_t, float> || std::is_same_v<sc
 
 // Elements per parallel task: enough work to amortise scheduling, small enough to balance.
 constexpr int64_t kGrainElems = 32768;
+
+// channels_last rows hold only C elements (16 in a CIFAR ResNet's first stage), too few for the
+// vector loop to pay for a call per row. A sample's H*W*C elements are contiguous and repeat the
+// channel pattern every C, so they are walked in spans of whole rows at least kSpanElems long,
+// against per-channel values tiled to the span's length.
+constexpr int64_t kSpanElems = 512;
+
+inline int64_t span_rows(int64_t c) { return std::max<int64_t>(1, kSpanElems / std::max<int64_t>(c, 1)); }
+
+// Writes `rows` copies of src[0..c) into dst.
+template <typename T>
+void tile_rows(T* dst, const T* src, int64_t c, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r) std::copy(src, src + c, dst + r * c);
+}
 
 // out_r = k + beta (r - k) is beta (Y_r + b) + (1 - beta)(Y_k + b~) with one multiply.
 // `beta`, `sr`, `sk` hold one value per element of the row (channels_last rows span channels)
@@ -132,12 +148,25 @@ std::tuple<at::Tensor, at::Tensor> dual_scaled_conv2d_cpu(
                          }
                        });
     } else {
-      at::parallel_for(0, n * hw, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(c, 1)),
+      // Tasks are spans of rows that never cross a sample, so each needs one sample's shifts.
+      const int64_t rows = span_rows(c), spans_per_sample = (hw + rows - 1) / rows;
+      at::parallel_for(0, n * spans_per_sample, std::max<int64_t>(1, kGrainElems / (rows * c)),
                        [&](int64_t begin, int64_t end) {
-                         for (int64_t row = begin; row < end; ++row) {
-                           const int64_t s = row / hw;
-                           mix_forward_row<true>(yp + row * c, yp + half + row * c,
-                                                 dp ? dp + row * c : nullptr, c, bp, sr + s * c, sk + s * c);
+                         std::vector<opmath_t> tiles(3 * rows * c);
+                         opmath_t *tb = tiles.data(), *tr = tb + rows * c, *tk = tr + rows * c;
+                         tile_rows(tb, bp, c, rows);
+                         int64_t tiled_sample = -1;
+                         for (int64_t span = begin; span < end; ++span) {
+                           const int64_t s = span / spans_per_sample;
+                           const int64_t first = (span % spans_per_sample) * rows;
+                           const int64_t len = (std::min(hw, first + rows) - first) * c;
+                           if (s != tiled_sample) {
+                             tile_rows(tr, sr + s * c, c, rows);
+                             tile_rows(tk, sk + s * c, c, rows);
+                             tiled_sample = s;
+                           }
+                           const int64_t off = (s * hw + first) * c;
+                           mix_forward_row<true>(yp + off, yp + half + off, dp ? dp + off : nullptr, len, tb, tr, tk);
                          }
                        });
     }
@@ -169,13 +198,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_mix_backward_cpu(
                          }
                        });
     } else {
+      // One task per sample: its sums accumulate into tiled per-channel buffers, folded to C at
+      // the end, so no two tasks write the same partial sums.
+      const int64_t rows = std::min(span_rows(c), std::max<int64_t>(hw, 1));
       at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+        std::vector<opmath_t> tiles(4 * rows * c);
+        opmath_t *tb = tiles.data(), *ap = tb + rows * c, *ar = ap + rows * c, *ak = ar + rows * c;
+        tile_rows(tb, bp, c, rows);
         for (int64_t s = begin; s < end; ++s) {
-          for (int64_t q = 0; q < hw; ++q) {
-            const int64_t row = s * hw + q;
-            mix_backward_row<true>(gp + row * c, gp + half + row * c, dp ? dp + row * c : nullptr,
-                                   op + row * c, op + half + row * c, c, bp, pp + s * c, sp + s * c,
-                                   sp + (n + s) * c);
+          std::fill(ap, ap + 3 * rows * c, opmath_t(0));
+          for (int64_t first = 0; first < hw; first += rows) {
+            const int64_t len = (std::min(hw, first + rows) - first) * c;
+            const int64_t off = (s * hw + first) * c;
+            mix_backward_row<true>(gp + off, gp + half + off, dp ? dp + off : nullptr, op + off,
+                                   op + half + off, len, tb, ap, ar, ak);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t ch = 0; ch < c; ++ch) {
+              pp[s * c + ch] += ap[r * c + ch];
+              sp[s * c + ch] += ar[r * c + ch];
+              sp[(n + s) * c + ch] += ak[r * c + ch];
+            }
           }
         }
       });
