@@ -16,13 +16,11 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import speed  # noqa: E402
 
 import scop_ext  # noqa: E402
-from scop_ext import reference  # noqa: E402
 from scop_ext.models import resnet20  # noqa: E402
 from scop_ext.prune import PruningSpace, apply_plan, select  # noqa: E402
 from scop_ext.prune.importance import RandomImportance  # noqa: E402
@@ -41,17 +39,9 @@ def _sync(device):
 
 
 @pytest.fixture(scope="module")
-def compiled_reference():
-    return torch.compile(reference.dual_scaled_conv2d, dynamic=False)
-
-
-def _impl(name, compiled_reference):
-    return {
-        "scop": lambda x, w, b, z: scop_ext.dual_scaled_conv2d(x, w, None, b, z, 1, 1),
-        "eager": lambda x, w, b, z: reference.dual_scaled_conv2d(x, w, None, b, z, 1, 1),
-        "compiled": lambda x, w, b, z: compiled_reference(x, w, None, b, z, 1, 1),
-        "conv": lambda x, w, b, z: F.conv2d(x, w, None, 1, 1),
-    }[name]
+def implementations():
+    """speed.py's four implementations, one compiled reference for the module."""
+    return speed.op_implementations()
 
 
 def _inputs(c, px, n, device):
@@ -64,9 +54,9 @@ def _inputs(c, px, n, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}ch{s[1]}px_n{s[2]}")
 @pytest.mark.parametrize("impl", ["scop", "eager", "compiled", "conv"])
-def test_forward(benchmark, impl, shape, device, compiled_reference):
+def test_forward(benchmark, impl, shape, device, implementations):
     benchmark.group = f"forward {shape[0]}ch@{shape[1]}px 2N={2 * shape[2]} {device}"
-    fn = _impl(impl, compiled_reference)
+    fn = implementations[impl]
     x, w, beta, noise = _inputs(*shape, device)
 
     def run():
@@ -81,9 +71,9 @@ def test_forward(benchmark, impl, shape, device, compiled_reference):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}ch{s[1]}px_n{s[2]}")
 @pytest.mark.parametrize("impl", ["scop", "eager", "compiled", "conv"])
-def test_forward_backward(benchmark, impl, shape, device, compiled_reference):
+def test_forward_backward(benchmark, impl, shape, device, implementations):
     benchmark.group = f"forward+backward {shape[0]}ch@{shape[1]}px 2N={2 * shape[2]} {device}"
-    fn = _impl(impl, compiled_reference)
+    fn = implementations[impl]
     x, w, beta, noise = _inputs(*shape, device)
     x.requires_grad_()
     beta.requires_grad_()

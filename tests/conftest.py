@@ -1,9 +1,19 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import scop_ext  # noqa: F401  (registers the operators)
+from scop_ext import models
+from scop_ext.prune import PruningSpace
 
 CUDA = torch.cuda.is_available() and scop_ext.build_info()["cuda"]
+
+# `scop` subprocesses: one intra-op thread each, so several can share the 2 cores; unbuffered
+# output so a killed process has printed what it did.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA build"))]
 
@@ -21,3 +31,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory) -> str:
+    """The model stem of a resnet_digits trained for four epochs by `scop train` (read only)."""
+    out = tmp_path_factory.mktemp("baseline")
+    proc = subprocess.run([sys.executable, "-m", "scop_ext.cli", "train", "--epochs", "4", "--out", str(out)],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"scop train failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return str(out / "model")
+
+
+@pytest.fixture(scope="module")
+def resnet20_space():
+    """(resnet20 in eval mode, a 32x32 example input, its PruningSpace); one per test module."""
+    torch.manual_seed(0)
+    model = models.resnet20().eval()
+    x = torch.randn(1, 3, 32, 32)
+    return model, x, PruningSpace(model, x)

@@ -43,10 +43,11 @@ from scop_ext.prune.report import write_report
 from scop_ext.prune.scales import fit_knockoff_biases, learn_scales
 from scop_ext.prune.train import NonFiniteError, fit, make_loader
 
+from .conftest import ENV
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 # Child processes get one thread too: on a loaded 2-core machine two OpenMP threads per process
 # can make a tiny run ten times slower.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TINY = dict(scales_epochs=1, finetune_epochs=1, bn_batches=2, latency=False, batch_size=128)
 
 
@@ -61,15 +62,6 @@ def assert_one_line(status, lines, path, pattern):
     assert len(lines) == 1, lines
     assert str(path) in lines[0], lines[0]
     assert re.search(pattern, lines[0]), lines[0]
-
-
-@pytest.fixture(scope="module")
-def baseline_digits(tmp_path_factory) -> str:
-    """A resnet_digits trained for two epochs by `scop train` (one thread: see ENV)."""
-    out = tmp_path_factory.mktemp("baseline")
-    subprocess.run([sys.executable, "-m", "scop_ext.cli", "train", "--epochs", "2", "--out", str(out)], check=True,
-                   env=ENV, capture_output=True, timeout=600)
-    return str(out / "model")
 
 
 # ------------------------------------------------------------------------- untrusted files
@@ -589,10 +581,10 @@ def test_layer_fit_warnings_name_the_layer():
 # ---------------------------------------------------------------------------- determinism
 
 
-def test_same_seed_same_device_same_betas_plan_and_weights(tmp_path, baseline_digits):
+def test_same_seed_same_device_same_betas_plan_and_weights(tmp_path, baseline):
     runs = []
     for name in ("a", "b"):
-        config = PruneConfig(weights=baseline_digits, policy="uniform", ratio=0.4, **TINY)
+        config = PruneConfig(weights=baseline, policy="uniform", ratio=0.4, **TINY)
         results = ScopPruner(config, tmp_path / name, progress=False, log=lambda *a: None).run()
         runs.append((results, tmp_path / name))
     (ra, a), (rb, b) = runs
@@ -759,8 +751,8 @@ def test_estimate_scales_linearly_and_doubles_for_the_paired_batch():
     assert all(torch.equal(b, stats[name]) for name, b in model.named_buffers())
 
 
-def test_stage2_that_would_not_fit_is_refused_before_any_work(tmp_path, monkeypatch, capsys, baseline_digits):
-    config = PruneConfig(weights=baseline_digits, **TINY)
+def test_stage2_that_would_not_fit_is_refused_before_any_work(tmp_path, monkeypatch, capsys, baseline):
+    config = PruneConfig(weights=baseline, **TINY)
     pruner = ScopPruner(config, tmp_path, progress=False, log=lambda *a: None)
     pruner.convert()
     betas = {name: layer.beta.detach().clone() for name, layer in scop_layers(pruner.model).items()}
@@ -776,7 +768,7 @@ def test_stage2_that_would_not_fit_is_refused_before_any_work(tmp_path, monkeypa
     assert not os.listdir(tmp_path), "stage 2 wrote something before refusing"
     assert all(torch.equal(betas[n], l.beta) for n, l in scop_layers(pruner.model).items())
     # the suggested batch size does fit
-    pruner.config = PruneConfig(weights=baseline_digits, **{**TINY, "batch_size": largest})
+    pruner.config = PruneConfig(weights=baseline, **{**TINY, "batch_size": largest})
     pruner._require_memory("stage 2 (learn_scales)", paired=True, optimizer_slots=2,
                            host_cache=2 * len(pruner.train_set) * pruner.example.nbytes)
     monkeypatch.setattr(resources, "available_memory", lambda device: 2**10)
@@ -784,18 +776,18 @@ def test_stage2_that_would_not_fit_is_refused_before_any_work(tmp_path, monkeypa
         pruner.learn_scales()
 
 
-def test_cli_reports_a_batch_that_would_not_fit_in_one_line(tmp_path, monkeypatch, capsys, baseline_digits):
+def test_cli_reports_a_batch_that_would_not_fit_in_one_line(tmp_path, monkeypatch, capsys, baseline):
     monkeypatch.setattr(resources, "available_memory", lambda device: 2**20)
-    status, lines = cli(capsys, "prune", "--weights", baseline_digits, "--set", "latency=false", "--quiet",
+    status, lines = cli(capsys, "prune", "--weights", baseline, "--set", "latency=false", "--quiet",
                         "--out", tmp_path)
     assert status == 1 and len(lines) == 1, lines
     assert "needs about" in lines[0] and "1.0 MiB is available" in lines[0] and "largest batch size" in lines[0]
     assert json.loads((tmp_path / "state.json").read_text())["completed"] == ["knockoffs"]
 
 
-def test_finetuning_is_checked_too(tmp_path, monkeypatch, baseline_digits):
-    model, _ = load_model(baseline_digits)
-    pruner = ScopPruner(PruneConfig(weights=baseline_digits, **TINY), tmp_path, model=model, progress=False,
+def test_finetuning_is_checked_too(tmp_path, monkeypatch, baseline):
+    model, _ = load_model(baseline)
+    pruner = ScopPruner(PruneConfig(weights=baseline, **TINY), tmp_path, model=model, progress=False,
                         log=lambda *a: None)
     monkeypatch.setattr(resources, "available_memory", lambda device: 2**20)
     with pytest.raises(resources.ResourceError, match="fine-tuning with batch_size=128 needs about .*optimizer state"):

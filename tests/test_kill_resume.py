@@ -32,8 +32,9 @@ from safetensors.torch import load_file
 from scop_ext import checkpoint
 from scop_ext.prune.pipeline import STAGES
 
+from .conftest import ENV
+
 KILLS_PER_STAGE = 10
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 KINDS = {"knockoffs.pt": "knockoff-generator", "scales.pt": "scales", "scales-progress.pt": "scales-progress",
          "finetune-progress.pt": "finetune-progress"}
 
@@ -118,14 +119,6 @@ def assert_files_whole(folder) -> int:
             raise AssertionError(f"unexpected file {name} in the run folder")
         count += 1
     return count
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("baseline")
-    subprocess.run([sys.executable, "-m", "scop_ext.cli", "train", "--epochs", "4", "--out", str(out)], check=True,
-                   env=ENV, capture_output=True, timeout=600)
-    return str(out / "model")
 
 
 def _prune_args(baseline: str, out) -> list[str]:

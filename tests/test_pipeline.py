@@ -1,6 +1,5 @@
 """The pruning pipeline and the `scop` command end to end on the bundled digits (tiny settings)."""
 
-import os
 import signal
 import socket
 import subprocess
@@ -19,8 +18,9 @@ from scop_ext.prune import PruningSpace, apply_plan, count_flops, make_importanc
 from scop_ext.prune.export import export_onnx, export_torchscript, load_model
 from scop_ext.prune.pipeline import PruneConfig, ScopPruner
 
+from .conftest import ENV
+
 TINY = dict(scales_epochs=1, finetune_epochs=1, bn_batches=2, latency=False, batch_size=128)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def scop(*args, check=True, timeout=600):
@@ -29,14 +29,6 @@ def scop(*args, check=True, timeout=600):
     if check and proc.returncode != 0:
         raise AssertionError(f"scop {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-@pytest.fixture(scope="session")
-def baseline(tmp_path_factory):
-    """A resnet_digits trained for a few epochs by `scop train` (the model stem)."""
-    out = tmp_path_factory.mktemp("baseline")
-    scop("train", "--epochs", "4", "--out", str(out))
-    return str(out / "model")
 
 
 def test_api_end_to_end(baseline, tmp_path):

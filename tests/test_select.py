@@ -48,14 +48,6 @@ def digits_space():
     return model, PruningSpace(model, torch.randn(1, 1, 8, 8))
 
 
-@pytest.fixture(scope="module")
-def resnet20_space():
-    torch.manual_seed(0)
-    model = models.resnet20().eval()
-    x = torch.randn(1, 3, 32, 32)
-    return model, x, PruningSpace(model, x)
-
-
 def coupled_scores(seed=0, low_group=None):
     """Random scores, identical for the members of a coupled group (so the mean is known)."""
     g = torch.Generator().manual_seed(seed)

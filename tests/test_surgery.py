@@ -34,14 +34,6 @@ RESIDUAL_CONVS_20 = {"conv1"} | {f"layers.{s}.{b}.conv2" for s in range(3) for b
 }
 
 
-@pytest.fixture(scope="module")
-def resnet20():
-    torch.manual_seed(0)
-    model = models.resnet20().eval()
-    x = torch.randn(1, 3, 32, 32)
-    return model, x, PruningSpace(model, x)
-
-
 def scop_like_scores(model, seed=0):
     """SCOP statistics 2 beta - 1 for every conv, with beta uniform in [0, 1]."""
     g = torch.Generator().manual_seed(seed)
@@ -72,8 +64,8 @@ def check_pruned(model, pruned, x, plan, space):
     ],
     ids=["uniform", "global_ranking", "flops_target", "fdr"],
 )
-def test_resnet20_every_policy(resnet20, policy):
-    model, x, space = resnet20
+def test_resnet20_every_policy(resnet20_space, policy):
+    model, x, space = resnet20_space
     plan = policy(space, scop_like_scores(model))
     assert plan and "fc" not in plan
     pruned = apply_plan(copy.deepcopy(model), x, plan)
@@ -134,8 +126,8 @@ def test_removing_silent_channels_is_exact():
         assert not torch.equal(noisy(x), reference)
 
 
-def test_keep_block_width(resnet20):
-    model, x, space = resnet20
+def test_keep_block_width(resnet20_space):
+    model, x, space = resnet20_space
     plan = uniform(space, scop_like_scores(model), 0.5)
     pruned = apply_plan(copy.deepcopy(model), x, plan, keep_block_width=True)
     before, after = channel_widths(model), channel_widths(pruned)
