@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import scop_ext
 from scop_ext import reference
+from tests._helpers import layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,18 +62,6 @@ TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 3e-2}
 LAYOUTS = ["contiguous", "channels_last", "strided", "transposed"]
 
 
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":  # every other column of a wider tensor
-        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
-        wide[..., ::2] = x
-        return wide[..., ::2]
-    if layout == "transposed":  # H and W swapped in memory: neither NCHW nor NHWC
-        return x.transpose(2, 3).contiguous().transpose(2, 3)
-    return x
-
-
 @st.composite
 def conv_cases(draw, dtypes=(torch.float32, torch.float64)):
     """A valid configuration of the fused op with its tensors (built from a drawn torch seed)."""
@@ -101,7 +90,7 @@ def conv_cases(draw, dtypes=(torch.float32, torch.float64)):
     bias = torch.randn(c_out, **f64) * xs * ws if draw(st.booleans()) else None
     noise = torch.randn(n, 2, c_out, **f64) * xs * ws if draw(st.booleans()) else None
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    x = _layout(cast(x), draw(st.sampled_from(LAYOUTS)))
+    x = layout(cast(x), draw(st.sampled_from(LAYOUTS)))
     w = cast(w)
     if draw(st.booleans()):
         w = w.contiguous(memory_format=torch.channels_last)

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import scop_ext
 from scop_ext import reference
+from tests._helpers import layout
 
 # (N, C_in, C_out, H, W, kernel, stride, padding, dilation, groups)
 SHAPES = [
@@ -21,16 +22,6 @@ SHAPES = [
 ]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5)}
-
-
-def _layout(x, layout):
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":  # a non-contiguous view: every other column of a wider tensor
-        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype, device=x.device)
-        wide[..., ::2] = x
-        return wide[..., ::2]
-    return x
 
 
 def _case(shape, dtype, device, bias=True, noise=True, seed=0):
@@ -48,17 +39,17 @@ def _case(shape, dtype, device, bias=True, noise=True, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward_backward_match_reference(shape, layout, dtype, device):
+def test_forward_backward_match_reference(shape, kind, dtype, device):
     x, w, b, beta, nz, conv = _case(shape, dtype, device)
-    x = _layout(x, layout)
+    x = layout(x, kind)
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, beta, nz)]
     ref_leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, beta, nz)]
     out = scop_ext.dual_scaled_conv2d(*leaves, **conv)
     expected = reference.dual_scaled_conv2d(*ref_leaves, **conv)
     torch.testing.assert_close(out, expected, **TOL[dtype])
-    if layout == "channels_last":
+    if kind == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
     grad = torch.randn_like(expected)
     out.backward(grad)
@@ -86,7 +77,7 @@ def test_random_shapes_match_reference(device):
         h, w = rng.randint(d * (k - 1) + 1, 14), rng.randint(d * (k - 1) + 1, 14)
         shape = (rng.randint(1, 3), cin, cout, h, w, k, rng.randint(1, 3), rng.randint(0, 2), d, g)
         x, wt, b, beta, nz, conv = _case(shape, torch.float64, device, bias=rng.random() < 0.5, seed=trial)
-        x = _layout(x, rng.choice(LAYOUTS))
+        x = layout(x, rng.choice(LAYOUTS))
         torch.testing.assert_close(
             scop_ext.dual_scaled_conv2d(x, wt, b, beta, nz, **conv),
             reference.dual_scaled_conv2d(x, wt, b, beta, nz, **conv),
@@ -123,7 +114,7 @@ def test_empty_batch(device):
 
 def test_gradcheck(device):
     x, w, b, beta, nz, conv = _case((2, 4, 6, 5, 6, 3, 2, 1, 1, 2), torch.float64, device)
-    leaves = [t.requires_grad_() for t in (_layout(x, "channels_last"), w, b, beta, nz)]
+    leaves = [t.requires_grad_() for t in (layout(x, "channels_last"), w, b, beta, nz)]
     assert torch.autograd.gradcheck(lambda *a: scop_ext.dual_scaled_conv2d(*a, **conv), leaves)
 
 
@@ -137,7 +128,7 @@ def test_opcheck_dual_scaled_conv2d(device):
     for leaves, save_diff in (((x, w, b, beta.clone().requires_grad_(), nz), True), ((x, w, None, beta, None), False)):
         args = (*leaves, [conv["stride"]] * 2, [conv["padding"]] * 2, [conv["dilation"]] * 2, conv["groups"], save_diff)
         torch.library.opcheck(torch.ops.scop.dual_scaled_conv2d.default, args)
-    args = (_layout(x, "channels_last").requires_grad_(), w.requires_grad_(), b, beta, None, [1, 1], [1, 1], [1, 1], 2, True)
+    args = (layout(x, "channels_last").requires_grad_(), w.requires_grad_(), b, beta, None, [1, 1], [1, 1], [1, 1], 2, True)
     torch.library.opcheck(torch.ops.scop.dual_scaled_conv2d.default, args)
 
 
