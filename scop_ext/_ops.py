@@ -275,6 +275,20 @@ def _dual_backward(ctx, grad_out, _grad_diff):
 torch.library.register_autograd("scop::dual_scaled_conv2d", _dual_backward, setup_context=_dual_setup_context)
 
 
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "scop.dual_scaled_conv2d does not support double backward: a gradient taken with "
+        "create_graph=True through it is being differentiated again. For higher-order gradients "
+        "use scop_ext.reference.dual_scaled_conv2d, which is plain PyTorch."
+    )
+
+
+# A second-order graph through the fused op passes through its backward op. Without an autograd
+# formula autograd would treat that op as a constant (a warning, then silently zero second-order
+# terms); this one turns such a graph into an error, and only when it is actually differentiated.
+torch.library.register_autograd("scop::dual_mix_backward", _refuse_double_backward)
+
+
 # ----------------------------------------------------------------------- Lemma 2 bias sampler
 
 

@@ -118,6 +118,18 @@ def test_gradcheck(device):
     assert torch.autograd.gradcheck(lambda *a: scop_ext.dual_scaled_conv2d(*a, **conv), leaves)
 
 
+def test_double_backward_raises_instead_of_dropping_terms(device):
+    x, w, b, beta, nz, conv = _case(SHAPES[0], torch.float64, device)
+    leaves = [t.requires_grad_() for t in (x, w, b, beta, nz)]
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    grads = torch.autograd.grad(scop_ext.dual_scaled_conv2d(*leaves, **conv).square().sum(), leaves, create_graph=True)
+    want = torch.autograd.grad(reference.dual_scaled_conv2d(*ref_leaves, **conv).square().sum(), ref_leaves)
+    for got, expected in zip(grads, want):  # create_graph=True alone still gives the first order
+        torch.testing.assert_close(got, expected, **TOL[torch.float64])
+    with pytest.raises(RuntimeError, match="scop.dual_scaled_conv2d does not support double backward"):
+        torch.autograd.grad(grads[3].sum(), beta)
+
+
 def test_lemma2_sample_gradcheck(device):
     R = torch.randn(5, 5, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda r: scop_ext.lemma2_sample(r, 0.3, 7, seed=11), (R,))
