@@ -133,8 +133,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_mix_backward(const MixBack
                                                                    const at::Tensor& beta,
                                                                    bool need_beta, bool need_sums) {
   at::Tensor grad_beta = need_beta ? state.part_p.sum(0).to(beta.scalar_type()) : at::empty({0}, beta.options());
-  at::Tensor sums = need_sums ? state.part_s.to(state.grad_out.scalar_type())
-                              : at::empty({0}, state.grad_out.options());
+  // The sums stay in opmath: the caller still reduces them over samples, and rounding them to
+  // half precision first would lose that sum's precision (and overflow float16).
+  at::Tensor sums = need_sums ? state.part_s : at::empty({0}, state.part_s.options());
   return {state.grad_y, grad_beta, sums};
 }
 
@@ -169,7 +170,8 @@ TORCH_LIBRARY(scop, m) {
       "Tensor? noise, int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "bool save_diff) -> (Tensor, Tensor)");
   // One fused pass of the backward: (grad of the conv output, grad_beta, per-(sample, channel)
-  // spatial sums of that grad, from which the bias and knockoff-bias grads follow).
+  // spatial sums of that grad, from which the bias and knockoff-bias grads follow). The sums are
+  // in opmath precision (float32 for float16 and bfloat16), the other outputs in grad_out's dtype.
   m.def(
       "dual_mix_backward(Tensor grad_out, Tensor beta, Tensor diff, bool need_beta, "
       "bool need_sums) -> (Tensor, Tensor, Tensor)");

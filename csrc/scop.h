@@ -44,7 +44,7 @@ struct MixBackward {
 };
 MixBackward prepare_mix_backward(const at::Tensor& grad_out, const at::Tensor& beta,
                                  const at::Tensor& diff, bool need_beta);
-// (grad_y, grad_beta or empty, sums or empty): the op's outputs from the filled buffers.
+// (grad_y, grad_beta or empty, sums in opmath or empty): the op's outputs from the filled buffers.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_mix_backward(const MixBackward& state,
                                                                    const at::Tensor& beta,
                                                                    bool need_beta, bool need_sums);

@@ -83,6 +83,11 @@ def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in (``at::opmath_type``)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _conv_out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
@@ -213,7 +218,7 @@ def _dual_mix_backward_fake(grad_out, beta, diff, need_beta, need_sums):
     n2, c = grad_out.shape[:2]
     grad_y = torch.empty_like(grad_out, memory_format=_memory_format(grad_out))
     grad_beta = beta.new_empty((c,) if need_beta else (0,))
-    sums = grad_out.new_empty((n2, c) if need_sums else (0,))
+    sums = grad_out.new_empty((n2, c) if need_sums else (0,), dtype=_opmath_dtype(grad_out.dtype))
     return grad_y, grad_beta, sums
 
 
@@ -267,8 +272,9 @@ def _dual_backward(ctx, grad_out, _grad_diff):
         grad_input = torch.ops.aten.conv_transpose2d.input(
             grad_y, weight, None, stride, padding, output_padding, groups, dilation
         )
-    grad_bias = sums.sum(0) if need_bias else None
-    grad_noise = sums.view(2, ctx.batch, ctx.channels).transpose(0, 1) if need_noise else None
+    # The sums come in opmath precision: reduce first, round to the parameters' dtype last.
+    grad_bias = sums.sum(0).to(grad_out.dtype) if need_bias else None
+    grad_noise = sums.view(2, ctx.batch, ctx.channels).transpose(0, 1).to(grad_out.dtype) if need_noise else None
     return grad_input, grad_weight, grad_bias, (grad_beta if need_beta else None), grad_noise, None, None, None, None, None
 
 

@@ -106,6 +106,37 @@ def test_half_precision_cuda_close_to_float32(dtype):
     assert all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in leaves)
 
 
+@pytest.mark.parametrize(
+    "device,dtype",
+    [("cpu", torch.bfloat16),
+     pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))],
+)
+def test_bias_gradients_reduced_in_float32(device, dtype):
+    """The bias gradient is a sum over samples of per-(sample, channel) spatial sums. Here those are
+    about 1e5 and alternate in sign, so the result is much smaller than its terms: summed after
+    rounding to a half type they would swamp it (or overflow float16)."""
+    n, c, side = 32, 3, 32
+    x, w, b, beta, nz, conv = _case((n, c, c, side, side, 1, 1, 0, 1, 1), torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(1)
+    sign = torch.tensor([1.0, -1.0]).repeat(n)[:, None, None, None]
+    grad = (100 * sign + torch.randn(2 * n, c, side, side, generator=gen)).to(dtype)
+    leaves = [t.to(device, dtype).requires_grad_() for t in (x, w, b, beta, nz)]
+    ref_leaves, magnitudes = ([t.detach().double().cpu().requires_grad_() for t in leaves] for _ in range(2))
+    scop_ext.dual_scaled_conv2d(*leaves, **conv).backward(grad.to(device))
+    reference.dual_scaled_conv2d(*ref_leaves, **conv).backward(grad.double())
+    # the same sums of |terms|, which float32 accumulation errors scale with (beta is in [0, 1])
+    reference.dual_scaled_conv2d(*magnitudes, **conv).backward(grad.double().abs())
+    # float16 cannot hold the per-sample sums themselves, which is what the knockoff-bias gradient is.
+    names = ("bias", "knockoff_bias") if dtype == torch.bfloat16 else ("bias",)
+    for name in names:
+        i = ("input", "weight", "bias", "beta", "knockoff_bias").index(name)
+        got, want = leaves[i].grad.double().cpu(), ref_leaves[i].grad
+        assert leaves[i].grad.dtype == dtype
+        # one rounding to dtype, plus float32 accumulation error
+        bound = torch.finfo(dtype).eps * want.abs() + 8 * torch.finfo(torch.float32).eps * magnitudes[i].grad
+        assert bool(((got - want).abs() <= bound).all()), f"grad of {name}: max error {(got - want).abs().max():.4g}"
+
+
 def test_empty_batch(device):
     x, w, b, beta, _, conv = _case(SHAPES[0], torch.float32, device, noise=False)
     out = scop_ext.dual_scaled_conv2d(x[:0], w, b, beta, None, **conv)

@@ -316,6 +316,22 @@ void test_dual_mix_backward() {
       }
     }
   }
+  {
+    // bfloat16: grad_y and grad_beta come back in bfloat16, the sums in float, because the caller
+    // still reduces them over samples.
+    const auto opts = at::TensorOptions().dtype(at::kBFloat16);
+    const at::Tensor grad_out = at::randn({4, 5, 6, 7}, opts), beta = at::rand({5}, opts);
+    const at::Tensor diff = at::randn({2, 5, 6, 7}, opts);
+    auto [grad_y, grad_beta, sums] = mix_backward_op().call(grad_out, beta, diff, true, true);
+    const at::Tensor g = grad_out.to(at::kDouble), b = beta.to(at::kDouble).view({1, 5, 1, 1});
+    const at::Tensor g_r = g.slice(0, 0, 2), g_k = g.slice(0, 2);
+    const at::Tensor want_grad_y = at::cat({b * g_r, (1 - b) * g_r + g_k});
+    EXPECT_CLOSE(grad_y, want_grad_y.to(at::kBFloat16), 1e-2, 1e-2, "dual_mix_backward bf16 grad_y");
+    EXPECT_CLOSE(grad_beta, (g_r * diff.to(at::kDouble)).sum({0, 2, 3}).to(at::kBFloat16), 2e-2, 2e-2,
+                 "dual_mix_backward bf16 grad_beta");
+    EXPECT_CLOSE(sums, want_grad_y.sum({2, 3}).to(at::kFloat), 1e-5, 1e-4, "dual_mix_backward bf16 sums");
+    ++run;
+  }
   std::printf("  dual_mix_backward: %d configurations\n", run);
 }
 
