@@ -12,8 +12,6 @@ import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
 
 def _build_cuda() -> bool:
     forced = os.environ.get("FORCE_CUDA", "0") == "1"
@@ -31,20 +29,21 @@ def _build_cuda() -> bool:
     return True
 
 
-def _nvidia_include_dirs() -> list[str]:
-    """Headers of the CUDA libraries that torch's pip wheel ships (cuSPARSE, cuBLAS, ...).
+def _wheel_include_flags() -> list[str]:
+    """``-isystem`` flags for the headers of the CUDA libraries torch's pip wheel ships (cuBLAS,
+    cuSPARSE, ...), which ATen's CUDA headers include and a bare toolkit may lack.
 
-    ATen's CUDA headers include them, and a bare toolkit install may not have them all.
+    The wheel also carries its own cuda_runtime.h & co.; as -I folders ahead of the toolkit's
+    include/ they would shadow it (trouble once the two differ in version). -isystem folders are
+    searched after every -I one, so the toolkit's headers win and the wheel only fills the gaps,
+    as CMakeLists.txt arranges with its folder of links.
     """
     try:
         import nvidia
     except ImportError:
         return []
-    dirs = []
-    for base in nvidia.__path__:
-        dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
-        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
-    return [d for d in dirs if os.path.isdir(d)]
+    dirs = sorted({d for base in nvidia.__path__ for d in glob.glob(os.path.join(base, "*", "include"))})
+    return [flag for d in dirs if os.path.isdir(d) for flag in ("-isystem", d)]
 
 
 def _extension():
@@ -52,11 +51,11 @@ def _extension():
     cxx = ["-O3", "-fvisibility=hidden"]
     if _build_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        wheel = _wheel_include_flags()
         return CUDAExtension(
             "scop_ext._C",
             sources,
-            include_dirs=_nvidia_include_dirs(),
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx + wheel, "nvcc": ["-O3", "-lineinfo"] + wheel},
         )
     return CppExtension("scop_ext._C", sources, extra_compile_args={"cxx": cxx})
 
