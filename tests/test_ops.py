@@ -137,6 +137,23 @@ def test_bias_gradients_reduced_in_float32(device, dtype):
         assert bool(((got - want).abs() <= bound).all()), f"grad of {name}: max error {(got - want).abs().max():.4g}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_cuda_batch_beyond_grid_y_limit(kind):
+    """N = 65537 > 65535, the most blocks a grid's y dimension takes: the kernels stride over it."""
+    x, w, b, beta, nz, conv = _case((65537, 2, 3, 2, 2, 1, 1, 0, 1, 1), torch.float32, "cuda")
+    leaves = [t.requires_grad_() for t in (layout(x, kind), w, b, beta, nz)]
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = scop_ext.dual_scaled_conv2d(*leaves, **conv)
+    expected = reference.dual_scaled_conv2d(*ref_leaves, **conv)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    for name, got, want in zip(("input", "weight", "bias", "beta", "knockoff_bias"), leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-3, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+
+
 def test_empty_batch(device):
     x, w, b, beta, _, conv = _case(SHAPES[0], torch.float32, device, noise=False)
     out = scop_ext.dual_scaled_conv2d(x[:0], w, b, beta, None, **conv)

@@ -55,78 +55,93 @@ __device__ __forceinline__ void mix_backward_element(const scalar_t* go, const s
   if (d) p += g * static_cast<opmath_t>(d[i]);
 }
 
-// NCHW: one block per (sample, channel) plane; the three sums are block reductions.
+// NCHW: blocks stride over the (sample, channel) planes; a plane's three sums are block reductions.
 template <typename scalar_t, typename opmath_t>
 __global__ void mix_backward_planes(const scalar_t* __restrict__ go, const scalar_t* __restrict__ d,
                                     scalar_t* __restrict__ gy, const opmath_t* __restrict__ beta,
                                     opmath_t* __restrict__ part_p, opmath_t* __restrict__ part_s,
                                     int64_t n, int64_t c, int64_t hw) {
-  const int64_t plane = blockIdx.x;
   const int64_t half = n * c * hw;
-  const opmath_t b = beta[plane % c];
-  opmath_t p = 0, sr = 0, sk = 0;
-  for (int64_t q = threadIdx.x; q < hw; q += blockDim.x) {
-    mix_backward_element(go, d, gy, plane * hw + q, half, b, p, sr, sk);
-  }
   __shared__ opmath_t smem[3][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  p = warp_sum(p);
-  sr = warp_sum(sr);
-  sk = warp_sum(sk);
-  if (lane == 0) {
-    smem[0][warp] = p;
-    smem[1][warp] = sr;
-    smem[2][warp] = sk;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    const int warps = blockDim.x / 32;
-    p = lane < warps ? smem[0][lane] : opmath_t(0);
-    sr = lane < warps ? smem[1][lane] : opmath_t(0);
-    sk = lane < warps ? smem[2][lane] : opmath_t(0);
+  for (int64_t plane = blockIdx.x; plane < n * c; plane += gridDim.x) {
+    const opmath_t b = beta[plane % c];
+    opmath_t p = 0, sr = 0, sk = 0;
+    for (int64_t q = threadIdx.x; q < hw; q += blockDim.x) {
+      mix_backward_element(go, d, gy, plane * hw + q, half, b, p, sr, sk);
+    }
     p = warp_sum(p);
     sr = warp_sum(sr);
     sk = warp_sum(sk);
     if (lane == 0) {
-      part_p[plane] = p;
-      part_s[plane] = sr;
-      part_s[n * c + plane] = sk;
+      smem[0][warp] = p;
+      smem[1][warp] = sr;
+      smem[2][warp] = sk;
     }
+    __syncthreads();
+    if (warp == 0) {
+      const int warps = blockDim.x / 32;
+      p = lane < warps ? smem[0][lane] : opmath_t(0);
+      sr = lane < warps ? smem[1][lane] : opmath_t(0);
+      sk = lane < warps ? smem[2][lane] : opmath_t(0);
+      p = warp_sum(p);
+      sr = warp_sum(sr);
+      sk = warp_sum(sk);
+      if (lane == 0) {
+        part_p[plane] = p;
+        part_s[plane] = sr;
+        part_s[n * c + plane] = sk;
+      }
+    }
+    __syncthreads();  // warp 0 has read smem before the next plane overwrites it
   }
 }
 
-// NHWC: block (32 channels x 8 pixel lanes) per (sample, channel tile); loads are coalesced
-// along channels and the 8 pixel lanes are reduced through shared memory.
+// NHWC: block (32 channels x 8 pixel lanes) per (channel tile, sample), striding over both when
+// the grid is smaller; loads are coalesced along channels and the 8 pixel lanes are reduced
+// through shared memory.
 template <typename scalar_t, typename opmath_t>
 __global__ void mix_backward_rows(const scalar_t* __restrict__ go, const scalar_t* __restrict__ d,
                                   scalar_t* __restrict__ gy, const opmath_t* __restrict__ beta,
                                   opmath_t* __restrict__ part_p, opmath_t* __restrict__ part_s,
                                   int64_t n, int64_t c, int64_t hw) {
-  const int64_t ch = blockIdx.x * 32 + threadIdx.x;
-  const int64_t s = blockIdx.y;
   const int64_t half = n * c * hw;
-  opmath_t p = 0, sr = 0, sk = 0;
-  if (ch < c) {
-    const opmath_t b = beta[ch];
-    for (int64_t q = threadIdx.y; q < hw; q += blockDim.y) {
-      mix_backward_element(go, d, gy, (s * hw + q) * c + ch, half, b, p, sr, sk);
-    }
-  }
+  const int64_t tiles = (c + 31) / 32;
   __shared__ opmath_t smem[3][8][32];
-  smem[0][threadIdx.y][threadIdx.x] = p;
-  smem[1][threadIdx.y][threadIdx.x] = sr;
-  smem[2][threadIdx.y][threadIdx.x] = sk;
-  __syncthreads();
-  if (threadIdx.y == 0 && ch < c) {
-    for (int j = 1; j < blockDim.y; ++j) {
-      p += smem[0][j][threadIdx.x];
-      sr += smem[1][j][threadIdx.x];
-      sk += smem[2][j][threadIdx.x];
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t ch = tile * 32 + threadIdx.x;
+    for (int64_t s = blockIdx.y; s < n; s += gridDim.y) {
+      opmath_t p = 0, sr = 0, sk = 0;
+      if (ch < c) {
+        const opmath_t b = beta[ch];
+        for (int64_t q = threadIdx.y; q < hw; q += blockDim.y) {
+          mix_backward_element(go, d, gy, (s * hw + q) * c + ch, half, b, p, sr, sk);
+        }
+      }
+      smem[0][threadIdx.y][threadIdx.x] = p;
+      smem[1][threadIdx.y][threadIdx.x] = sr;
+      smem[2][threadIdx.y][threadIdx.x] = sk;
+      __syncthreads();
+      if (threadIdx.y == 0 && ch < c) {
+        for (int j = 1; j < blockDim.y; ++j) {
+          p += smem[0][j][threadIdx.x];
+          sr += smem[1][j][threadIdx.x];
+          sk += smem[2][j][threadIdx.x];
+        }
+        part_p[s * c + ch] = p;
+        part_s[s * c + ch] = sr;
+        part_s[(n + s) * c + ch] = sk;
+      }
+      __syncthreads();  // row 0 has read smem before the next sample overwrites it
     }
-    part_p[s * c + ch] = p;
-    part_s[s * c + ch] = sr;
-    part_s[(n + s) * c + ch] = sk;
   }
+}
+
+// Launch limits of the grid's x and y dimensions; the kernels stride over whatever lies beyond.
+constexpr int64_t kMaxGridX = 2147483647, kMaxGridY = 65535;
+
+unsigned grid_dim(int64_t blocks, int64_t limit) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, limit)));
 }
 
 int grid_for(int64_t elems) {
@@ -179,11 +194,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_mix_backward_cuda(
       opmath_t* pp = st.part_p.data_ptr<opmath_t>();
       opmath_t* sp = st.part_s.data_ptr<opmath_t>();
       if (st.channels_last) {
-        const dim3 block(32, 8), grid(static_cast<unsigned>((c + 31) / 32), static_cast<unsigned>(n));
+        const dim3 block(32, 8), grid(grid_dim((c + 31) / 32, kMaxGridX), grid_dim(n, kMaxGridY));
         mix_backward_rows<scalar_t, opmath_t><<<grid, block, 0, stream>>>(gp, dp, op, bp, pp, sp, n, c, hw);
       } else {
         const int threads = hw >= 256 ? 256 : (hw >= 128 ? 128 : 64);
-        mix_backward_planes<scalar_t, opmath_t><<<static_cast<unsigned>(n * c), threads, 0, stream>>>(
+        mix_backward_planes<scalar_t, opmath_t><<<grid_dim(n * c, kMaxGridX), threads, 0, stream>>>(
             gp, dp, op, bp, pp, sp, n, c, hw);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
