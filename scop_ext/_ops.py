@@ -52,20 +52,24 @@ _KERNEL_DTYPES = {
 }
 
 
-def _require_kernel_dtype(name: str, t: Tensor) -> None:
+def _require_kernel_dtype(name: str, t: Tensor, dtype: torch.dtype | None = None) -> None:
+    """``dtype``: what ``t`` reaches the kernel as, when that is not its own dtype (autocast)."""
+    dtype = t.dtype if dtype is None else dtype
     supported = _KERNEL_DTYPES.get(t.device.type)
-    if supported is not None and t.dtype not in supported:
+    if supported is not None and dtype not in supported:
+        what = f"dtype {dtype}" if dtype == t.dtype else f"dtype {t.dtype}, cast to {dtype} by autocast"
         raise ValueError(
-            f"{name} has dtype {t.dtype}, which the {t.device.type} kernel does not support; "
+            f"{name} has {what}, which the {t.device.type} kernel does not support; "
             f"use one of {', '.join(str(d) for d in supported)}"
         )
 
 
 def _same_dtype_device(ref_name: str, ref: Tensor, **others: Tensor | None) -> None:
+    """Compares dtypes as the kernel will see them, after autocast (see _autocast_dtype)."""
     for name, t in others.items():
         if t is None:
             continue
-        if t.dtype != ref.dtype:
+        if _autocast_dtype(t) != _autocast_dtype(ref):
             raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
         if t.device != ref.device:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
@@ -92,6 +96,43 @@ def _conv_out_size(size: int, k: int, stride: int, padding: int, dilation: int) 
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
+# ------------------------------------------------------------------------------------ autocast
+
+
+_AUTOCAST_DEVICES = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def _autocast_dtype(t: Tensor) -> torch.dtype:
+    """The dtype ``t`` reaches the fused convolution in: inside an autocast region for its device,
+    float32 and float16 operands are cast to the region's dtype, as autocast does for ``conv2d``
+    (float64 is left alone)."""
+    device = t.device.type
+    if (
+        t.is_floating_point()
+        and t.dtype != torch.float64
+        and device in _AUTOCAST_DEVICES
+        and torch.is_autocast_enabled(device)
+    ):
+        return torch.get_autocast_dtype(device)
+    return t.dtype
+
+
+def _dual_autocast(device_type: str):
+    # torch.library.register_autocast casts to one dtype fixed at registration; this follows the
+    # region's dtype instead (bfloat16 under autocast("cuda", dtype=torch.bfloat16)), like conv2d.
+    def kernel(input, weight, bias, beta, noise, *conv_args):
+        tensors = [None if t is None else t.to(_autocast_dtype(t)) for t in (input, weight, bias, beta, noise)]
+        with torch.autocast(device_type, enabled=False):
+            return torch.ops.scop.dual_scaled_conv2d.default(*tensors, *conv_args)
+
+    return kernel
+
+
+_autocast_lib = torch.library.Library("scop", "IMPL")
+for _device, _key in _AUTOCAST_DEVICES.items():
+    _autocast_lib.impl("dual_scaled_conv2d", _dual_autocast(_device), _key)
+
+
 # --------------------------------------------------------------- fused dual-branch convolution
 
 
@@ -115,7 +156,8 @@ def dual_scaled_conv2d(
         out[N:] = Y_k + c + b~
 
     One ATen convolution over all 2N images, then one fused pass. The backward never computes
-    a weight gradient unless ``weight`` requires grad.
+    a weight gradient unless ``weight`` requires grad. Inside ``torch.autocast`` float32 and
+    float16 operands are cast to the region's dtype first, as for ``conv2d``.
 
     Args:
         input: (2N, C_in, H, W); images 0..N-1 are real, N..2N-1 their knockoffs.
@@ -137,7 +179,7 @@ def dual_scaled_conv2d(
         raise ValueError(
             f"input batch must be 2N (N real images then their N knockoffs), got odd size {input.shape[0]}"
         )
-    _require_kernel_dtype("input", input)
+    _require_kernel_dtype("input", input, _autocast_dtype(input))
     _require_tensor("weight", weight, 4)
     _require_tensor("beta", beta, 1)
     stride = _pair(stride, "stride", 1)

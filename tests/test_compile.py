@@ -62,3 +62,19 @@ def test_compiled_plain_mode_layer():
     layer = ScopConv2d(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+def test_compiled_model_under_autocast_matches_eager():
+    net = _model().eval()
+    for layer in scop_layers(net).values():
+        layer.knockoff_bias = False  # deterministic program
+    x = torch.randn(4, 3, 10, 10)
+
+    def run(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return net(x)
+
+    eager = run(x)
+    compiled = torch.compile(run, fullgraph=True)(x)
+    assert compiled.dtype == eager.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled, eager, atol=0.02, rtol=0.02)

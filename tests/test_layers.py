@@ -79,6 +79,24 @@ def test_knockoff_bias_is_drawn_from_the_generator():
     assert "knockoff_bias=off" in repr(layer) and "scop=on" in repr(layer)
 
 
+def test_scop_mode_under_autocast_runs_like_nn_conv2d():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    layer = ScopConv2d.from_conv(conv).enable_scop(beta_init=1.0)
+    x = torch.randn(4, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, plain = layer(x), conv(x)
+    assert out.dtype == plain.dtype == torch.bfloat16
+    # beta = 1 and no knockoff bias: each half is the plain conv of its images
+    torch.testing.assert_close(out[:2], plain[:2], atol=0.02, rtol=0.02)
+    torch.testing.assert_close(out[2:], plain[2:], atol=0.02, rtol=0.02)
+    layer.fit_knockoff_bias(torch.rand(3) + 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().square().sum().backward()
+    assert layer.beta.grad.dtype == torch.float32 and bool(torch.isfinite(layer.beta.grad).all())
+
+
 def test_beta_gets_gradient_and_frozen_weight_does_not():
     layer = ScopConv2d(3, 5, 3, padding=1).enable_scop()
     layer.weight.requires_grad_(False)

@@ -93,6 +93,36 @@ def test_bfloat16_cpu_close_to_float32():
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_runs_in_the_region_dtype(input_dtype):
+    """Inside autocast the float32 weight, bias, beta and knockoff bias meet an input of either
+    dtype, and everything runs in bfloat16, as nn.Conv2d does there."""
+    x, w, b, beta, nz, conv = _case(SHAPES[1], torch.float32, "cpu")
+    leaves = [t.requires_grad_() for t in (x.to(input_dtype), w, b, beta, nz)]
+    raw_args = [[conv[k]] * 2 for k in ("stride", "padding", "dilation")] + [conv["groups"], False]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = scop_ext.dual_scaled_conv2d(*leaves, **conv)
+        raw, _ = torch.ops.scop.dual_scaled_conv2d.default(*leaves, *raw_args)  # the dispatcher's rule
+    assert out.dtype == raw.dtype == torch.bfloat16
+    torch.testing.assert_close(raw, out, atol=0, rtol=0)
+    ref_leaves = [t.detach().bfloat16().double().requires_grad_() for t in leaves]
+    want = reference.dual_scaled_conv2d(*ref_leaves, **conv)
+    torch.testing.assert_close(out.double(), want, atol=0.05, rtol=0.02)
+    grad = torch.randn_like(want).bfloat16().double()
+    out.backward(grad.bfloat16())
+    want.backward(grad)
+    for name, got, ref in zip(("input", "weight", "bias", "beta", "knockoff_bias"), leaves, ref_leaves):
+        assert got.grad.dtype == got.dtype, f"grad of {name}"
+        scale = float(ref.grad.abs().max())
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=0.02 * scale, rtol=0.02, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_autocast_to_a_dtype_the_kernel_lacks_names_it():
+    x, w, b, beta, nz, conv = _case(SHAPES[0], torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(ValueError, match="cast to torch.float16 by autocast"):
+        scop_ext.dual_scaled_conv2d(x, w, b, beta, nz, **conv)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_cuda_close_to_float32(dtype):
