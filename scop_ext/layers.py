@@ -228,8 +228,35 @@ def _matcher(skip: Iterable[str] | Callable[[str, nn.Module], bool] | None) -> C
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def _replace(model: nn.Module, wanted: Callable[[str, nn.Module], bool], make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """Swaps every module ``wanted`` picks for ``make(module)``, in place; returns ``model``, or
+    the replacement when ``model`` itself is picked.
+
+    A module registered under several names gets one replacement under all of them, so layers
+    shared in the original stay shared.
+    """
+    names: dict[nn.Module, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(module, []).append(name)
+    for module, paths in names.items():
+        picked = [path for path in paths if wanted(path, module)]
+        if not picked:
+            continue
+        if len(picked) < len(paths):
+            left = [path for path in paths if path not in picked]
+            raise ValueError(
+                f"skip names {left} but not {picked}, which are the same {type(module).__name__} "
+                "registered twice: skip all of its names or none"
+            )
+        new = make(module)
+        if paths == [""]:
+            return new
+        for path in paths:
+            _swap(model, path, new)
+    return model
 
 
 def convert(
@@ -239,6 +266,8 @@ def convert(
 ) -> nn.Module:
     """Replace every ``nn.Conv2d`` in ``model`` (in place) with a :class:`ScopConv2d` sharing its weights.
 
+    A convolution registered under several names becomes one ScopConv2d under all of them.
+
     Args:
         model: any module tree.
         skip: qualified module names or ``fnmatch`` patterns (``"conv1"``, ``"*.downsample.0"``),
@@ -246,24 +275,25 @@ def convert(
         enable: also switch the new layers to SCOP mode.
 
     Returns:
-        ``model``.
+        ``model``; or, when ``model`` is itself an ``nn.Conv2d`` (nothing holds it to swap it
+        in), the new ScopConv2d.
     """
     skipped = _matcher(skip)
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Conv2d and not skipped(name, module):
-            new = ScopConv2d.from_conv(module)
-            if enable:
-                new.enable_scop()
-            _swap(model, name, new)
-    return model
+
+    def make(conv: nn.Module) -> ScopConv2d:
+        new = ScopConv2d.from_conv(conv)
+        return new.enable_scop() if enable else new
+
+    return _replace(model, lambda name, m: type(m) is nn.Conv2d and not skipped(name, m), make)
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Replace every :class:`ScopConv2d` in ``model`` (in place) by a plain ``nn.Conv2d`` sharing its weights."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, ScopConv2d):
-            _swap(model, name, module.to_conv())
-    return model
+    """Replace every :class:`ScopConv2d` in ``model`` (in place) by a plain ``nn.Conv2d`` sharing its weights.
+
+    Returns:
+        ``model``; or, when ``model`` is itself a ScopConv2d, the new ``nn.Conv2d``.
+    """
+    return _replace(model, lambda name, m: isinstance(m, ScopConv2d), lambda m: m.to_conv())
 
 
 def scop_layers(model: nn.Module) -> dict[str, ScopConv2d]:

@@ -177,6 +177,29 @@ def test_convert_and_restore():
         convert(net, skip="stem")
 
 
+def test_convert_and_restore_a_bare_conv_return_the_new_layer():
+    conv = nn.Conv2d(3, 4, 3)
+    layer = convert(conv)
+    assert type(layer) is ScopConv2d and layer.scop_enabled and layer.weight is conv.weight
+    assert not list(conv.children()) and not list(layer.children())
+    plain = restore(layer)
+    assert type(plain) is nn.Conv2d and plain.weight is conv.weight and not list(layer.children())
+    assert convert(conv, skip=lambda name, m: True) is conv
+
+
+def test_shared_conv_stays_one_shared_layer():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    net = nn.Sequential(conv, nn.ReLU(), conv)
+    convert(net)
+    assert type(net[0]) is ScopConv2d and net[2] is net[0] and net[0].weight is conv.weight
+    assert list(scop_layers(net)) == ["0"]
+    restore(net)
+    assert type(net[0]) is nn.Conv2d and net[2] is net[0] and net[0].weight is conv.weight
+    with pytest.raises(ValueError, match=r"skip names \['2'\] but not \['0'\]"):
+        convert(net, skip=["2"])
+    assert type(net[0]) is nn.Conv2d
+
+
 def test_checkpoint_of_converted_model_reloads():
     net = convert(_Net())
     with torch.no_grad():
