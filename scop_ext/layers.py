@@ -123,8 +123,10 @@ class ScopConv2d(nn.Conv2d):
         self._gamma = float(gamma)
 
     def clear_knockoff_bias(self) -> None:
+        """Drop the Lemma 2 state: the forward adds no knockoff bias until the next fit or set."""
         self.knockoff_R = None
         self.knockoff_gamma = None
+        self._gamma = 0.0
 
     @torch.no_grad()
     def clamp_beta_(self) -> None:
@@ -179,10 +181,7 @@ class ScopConv2d(nn.Conv2d):
         )
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        if not self.scop_enabled and self.beta is None:
-            return s
-        s += f", scop={'on' if self.scop_enabled else 'off'}"
+        s = super().extra_repr() + f", scop={'on' if self.scop_enabled else 'off'}"
         if self.beta is not None:
             s += f", beta=({self.beta.shape[0]},)"
         if self.knockoff_R is not None:

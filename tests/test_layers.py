@@ -200,6 +200,20 @@ def test_shared_conv_stays_one_shared_layer():
     assert type(net[0]) is nn.Conv2d
 
 
+def test_clear_knockoff_bias_forgets_gamma():
+    layer = ScopConv2d(3, 4, 3).enable_scop()
+    layer.fit_knockoff_bias(torch.ones(3), gamma=0.2)
+    layer.clear_knockoff_bias()
+    assert layer.knockoff_R is None and layer.knockoff_gamma is None and layer._gamma == 0.0
+    assert "knockoff_bias" not in repr(layer)
+
+
+def test_repr_shows_the_mode():
+    layer = ScopConv2d(3, 4, 3)
+    assert "scop=off" in repr(layer)
+    assert "scop=on" in repr(layer.enable_scop()) and "beta=(4,)" in repr(layer)
+
+
 def test_checkpoint_of_converted_model_reloads():
     net = convert(_Net())
     with torch.no_grad():
