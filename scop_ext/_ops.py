@@ -46,6 +46,7 @@ def _require_tensor(name: str, t, dim: int | None = None) -> None:
 
 
 # The dtypes the kernels in csrc/ dispatch on, per device; any other would fail inside them.
+# A copy of the C++ dispatch lists, held to them by test_kernel_dtype_list_matches_the_kernels.
 _KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),

@@ -286,6 +286,30 @@ def test_bad_input_names_the_argument(change, match):
         scop_ext.dual_scaled_conv2d(**args)
 
 
+FLOATING_DTYPES = sorted({d for d in vars(torch).values() if isinstance(d, torch.dtype) and d.is_floating_point}, key=str)
+
+
+def test_kernel_dtype_list_matches_the_kernels(device):
+    """The wrappers refuse dtypes by scop_ext._ops._KERNEL_DTYPES, a hand copy of the C++
+    dispatch lists: every floating dtype must run in all three raw ops exactly when it is listed."""
+    def accepted(call) -> bool:
+        try:
+            call()
+        except NotImplementedError:  # what a dispatch macro (or ATen) raises for an unlisted dtype
+            return False
+        return True
+
+    calls = {
+        "dual_scaled_conv2d": lambda t: torch.ops.scop.dual_scaled_conv2d.default(
+            t(4, 3, 5, 5), t(2, 3, 3, 3), t(2), t(2), t(2, 2, 2), [1, 1], [0, 0], [1, 1], 1, True),
+        "dual_mix_backward": lambda t: torch.ops.scop.dual_mix_backward.default(t(4, 2, 3, 3), t(2), t(2, 2, 3, 3), True, True),
+        "lemma2_sample": lambda t: torch.ops.scop.lemma2_sample.default(t(3, 3), 0.5, 2, torch.tensor([1])),
+    }
+    for name, call in calls.items():
+        runs = [d for d in FLOATING_DTYPES if accepted(lambda: call(lambda *shape: torch.rand(*shape).to(device, d)))]
+        assert set(runs) == set(scop_ext._ops._KERNEL_DTYPES[device.type]), f"{name} on {device.type} runs in {runs}"
+
+
 def test_raw_op_rejects_bad_input_in_cpp():
     """The C++ checks are the second line of defence when the Python wrapper is bypassed."""
     a = _good()
