@@ -240,16 +240,18 @@ def _replace(model: nn.Module, wanted: Callable[[str, nn.Module], bool], make: C
     names: dict[nn.Module, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(module, []).append(name)
+    todo = []
     for module, paths in names.items():
         picked = [path for path in paths if wanted(path, module)]
-        if not picked:
-            continue
-        if len(picked) < len(paths):
+        if picked and len(picked) < len(paths):  # checked for all before anything is swapped
             left = [path for path in paths if path not in picked]
             raise ValueError(
-                f"skip names {left} but not {picked}, which are the same {type(module).__name__} "
-                "registered twice: skip all of its names or none"
+                f"skip names {left} but not {picked}, which are one {type(module).__name__} "
+                "registered under several names: skip all of its names or none"
             )
+        if picked:
+            todo.append((module, paths))
+    for module, paths in todo:
         new = make(module)
         if paths == [""]:
             return new

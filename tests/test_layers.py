@@ -189,15 +189,15 @@ def test_convert_and_restore_a_bare_conv_return_the_new_layer():
 
 def test_shared_conv_stays_one_shared_layer():
     conv = nn.Conv2d(4, 4, 3, padding=1)
-    net = nn.Sequential(conv, nn.ReLU(), conv)
+    net = nn.Sequential(nn.Conv2d(4, 4, 1), conv, nn.ReLU(), conv)
     convert(net)
-    assert type(net[0]) is ScopConv2d and net[2] is net[0] and net[0].weight is conv.weight
-    assert list(scop_layers(net)) == ["0"]
+    assert type(net[1]) is ScopConv2d and net[3] is net[1] and net[1].weight is conv.weight
+    assert list(scop_layers(net)) == ["0", "1"]
     restore(net)
-    assert type(net[0]) is nn.Conv2d and net[2] is net[0] and net[0].weight is conv.weight
-    with pytest.raises(ValueError, match=r"skip names \['2'\] but not \['0'\]"):
-        convert(net, skip=["2"])
-    assert type(net[0]) is nn.Conv2d
+    assert type(net[1]) is nn.Conv2d and net[3] is net[1] and net[1].weight is conv.weight
+    with pytest.raises(ValueError, match=r"skip names \['3'\] but not \['1'\]"):
+        convert(net, skip=["3"])
+    assert type(net[0]) is nn.Conv2d  # nothing converted before the error
 
 
 def test_clear_knockoff_bias_forgets_gamma():
