@@ -26,9 +26,11 @@ from _report import command_line, machine, markdown_table, write_section  # noqa
 
 from scop_ext.data import digits  # noqa: E402
 from scop_ext.knockoffs import ExternalKnockoffs, GaussianKnockoffs, KnockoffGAN, PermutationKnockoffs  # noqa: E402
+from scop_ext.knockoffs.base import resize  # noqa: E402
 from scop_ext.knockoffs.diagnostics import (  # noqa: E402
     exchangeability,
     label_leakage,
+    measurement_shape,
     power,
     sample_batched,
     swap_advantage,
@@ -84,12 +86,14 @@ def measure(name: str, gen, fit_loader, x_eval: Tensor, y_eval: Tensor, swap_ste
     fit_s = time.perf_counter() - start
     rate = throughput(gen, x_eval)
     xk = sample_batched(gen, x_eval, seed=0)
-    block = gen.swap_block if gen.swap_block > 1 else 2
-    ex = exchangeability(x_eval, xk, block=block, n_subsets=20, seed=0)
+    shape = tuple(x_eval.shape[1:])
+    measured, block = measurement_shape(shape, gen.swap_grid(shape))  # as `check` measures
+    x_m, xk_m = (resize(t, measured[1:]) for t in (x_eval, xk))
+    ex = exchangeability(x_m, xk_m, block=block, n_subsets=20, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lbfgs convergence notes on the raw pixel classifier
         leak = label_leakage(x_eval, xk, y_eval, seed=0)
-    adv = swap_advantage(x_eval, xk, block=block, steps=swap_steps, seed=0)["advantage"] if swap_steps else float("nan")
+    adv = swap_advantage(x_m, xk_m, block=block, steps=swap_steps, seed=0)["advantage"] if swap_steps else float("nan")
     return [
         name + (f" ({note})" if note else ""),
         f"{fit_s:.2f}",
@@ -98,7 +102,7 @@ def measure(name: str, gen, fit_loader, x_eval: Tensor, y_eval: Tensor, swap_ste
         f"{ex['gap']:.3f}",
         f"{ex['null_gap']:.3f}",
         f"{ex['noise_floor']:.3f}",
-        f"{power(x_eval, xk):.2f}",
+        f"{power(x_m, xk_m):.2f}",
         f"{leak['knockoff_acc']:.2f} / {leak['real_acc']:.2f} / {leak['chance']:.2f}",
         f"{adv:+.3f}",
     ]

@@ -129,9 +129,18 @@ def test_large_images_use_resnet_and_upsample(one_thread):
     gan = KnockoffGAN(working_size=64, width=8, iterations=2, batch_size=4)
     gan.fit(DataLoader(TensorDataset(images), batch_size=3), progress=False)
     assert gan.arch == "resnet" and gan.work_hw == (64, 64) and gan.block == 4
-    assert gan.swap_block == 6  # 4-pixel blocks at 64 x 64 are 6-pixel blocks at 96 x 96
+    assert gan.swap_grid((3, 96, 96)) == (16, 16)  # 4-pixel blocks at 64 x 64: 6-pixel blocks at 96 x 96
     xk = gan.sample(images[:2].double(), generator=torch.Generator().manual_seed(0))
     assert xk.shape == (2, 3, 96, 96) and xk.dtype == torch.float64
+
+
+def test_non_square_images_that_the_working_size_does_not_divide(one_thread):
+    """224 x 160 scaled to a 64 longer edge is 64 x 45.7: worked at 64 x 44, the nearest whole
+    number of the default 4-pixel blocks (plain rounding, 46, is not one)."""
+    images = torch.rand(4, 3, 224, 160, generator=torch.Generator().manual_seed(0))
+    gan = KnockoffGAN(width=4, iterations=2, batch_size=2).fit(DataLoader(TensorDataset(images), batch_size=2), progress=False)
+    assert gan.work_hw == (64, 44) and gan.block == 4 and gan.swap_grid((3, 224, 160)) == (16, 11)
+    assert gan.sample(images[:2], generator=torch.Generator().manual_seed(0)).shape == (2, 3, 224, 160)
 
 
 def test_seed_defaults_scale_with_image_size():

@@ -22,15 +22,15 @@ from scop_ext.knockoffs import (
     KnockoffGenerator,
     PermutationKnockoffs,
     check,
-    estimate_s0,
     load,
     make_generator,
 )
-from scop_ext.knockoffs.base import pixel_groups
+from scop_ext.knockoffs.base import pixel_groups, working_layout
 from scop_ext.knockoffs.diagnostics import (
     exchangeability,
     feature_exchangeability,
     label_leakage,
+    measurement_shape,
     power,
     random_subsets,
     sample_batched,
@@ -175,14 +175,76 @@ def test_sdp_is_feasible_and_beats_equicorrelated():
     assert torch.allclose(torch.diagonal(cs.S), torch.full((d,), 0.6, dtype=torch.float64), atol=1e-3)
 
 
-def test_working_resolution_and_swap_block():
+def test_working_resolution_and_swap_grid():
     images = torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     images = nn.functional.interpolate(images, size=32, mode="bilinear", align_corners=False)
     gen = GaussianKnockoffs(working_size=8).fit(DataLoader(TensorDataset(images), batch_size=32))
     assert gen.work_shape == (3, 8, 8) and gen.cov.shape == (192, 192)
-    assert gen.swap_block == 8  # 2-pixel blocks at 8 x 8 are 8-pixel blocks at 32 x 32
+    assert gen.swap_grid((3, 32, 32)) == (4, 4)  # 2-pixel blocks at 8 x 8: 8-pixel blocks at 32 x 32
     xk = gen.sample(images[:5], generator=torch.Generator().manual_seed(0))
     assert xk.shape == (5, 3, 32, 32) and xk.dtype == torch.float32
+
+
+def smooth(n: int, hw: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """(n, 3, *hw) smooth random images (a 4 x 4 field upsampled plus a little noise)."""
+    g = torch.Generator().manual_seed(seed)
+    field = nn.functional.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=hw, mode="bilinear", align_corners=False)
+    return field + 0.05 * torch.randn(n, 3, *hw, generator=g)
+
+
+@pytest.mark.parametrize("hw", [(100, 100), (224, 160)])
+def test_sizes_the_working_size_does_not_divide(one_thread, tmp_path, hw):
+    """100 px at 16 (6.25 input pixels per working block) and a non-square 224 x 160 (16 x 11.4
+    scaled): the working edges are rounded to multiples of the block, and check measures on the
+    block grid rather than on a block edge in input pixels."""
+    images = smooth(96, hw)
+    gen = GaussianKnockoffs(working_size=16).fit(DataLoader(TensorDataset(images), batch_size=48))
+    expected = {(100, 100): (3, 16, 16), (224, 160): (3, 16, 12)}[hw]
+    assert gen.work_shape == expected and gen.block == 2
+    assert gen.swap_grid((3, *hw)) == (expected[1] // 2, expected[2] // 2)
+    report = check(gen, images, tmp_path / "out", n=96, n_subsets=4, swap_test_steps=5)
+    assert report["grid"] == [expected[1] // 2, expected[2] // 2] and report["block"] >= 2
+    rows, cols = report["grid"]
+    assert report["resolution"] == [3, rows * report["block"], cols * report["block"]]
+    assert math.prod(report["resolution"]) <= 3072
+    assert report["exchangeability"]["gap"] < report["exchangeability"]["null_gap"]
+
+
+def test_working_layout_defaults_and_errors():
+    assert working_layout((224, 160), 32, None) == ((32, 22), 2)
+    assert working_layout((224, 160), 64, None) == ((64, 44), 4)
+    assert working_layout((9, 9), 32, None) == ((9, 9), 1)  # fits: the largest block dividing both edges
+    assert working_layout((24, 16), None, None) == ((24, 16), 2)
+    with pytest.raises(ValueError, match=r"block=2 does not divide the image size 9x9; valid blocks: \[1, 3, 9\]"):
+        GaussianKnockoffs(shape=(1, 9, 9), block=2)
+    with pytest.raises(ValueError, match="block must be a positive int"):
+        GaussianKnockoffs(shape=(1, 8, 8), block=0)
+    with pytest.raises(ValueError, match="block=8 must be at most working_size=4"):
+        GaussianKnockoffs(shape=(1, 16, 16), block=8, working_size=4)
+
+
+def test_diagnostics_measure_large_images_at_a_bounded_resolution(tmp_path):
+    """3 x 128 x 128 has d = 49,152: a dense 2d x 2d covariance would be 77 GB. Swap blocks are
+    averaged in cells so that at most max_dim coordinates are measured."""
+    import resource
+
+    images = smooth(200, (128, 128))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    gen = PermutationKnockoffs()
+    assert gen.swap_grid((3, 128, 128)) == (16, 16)  # the base layout: 8-pixel blocks
+    report = check(gen, images, tmp_path / "out", n=200, n_subsets=4, swap_test_steps=5)
+    assert report["resolution"] == [3, 32, 32] and report["block"] == 2
+    assert report["exchangeability"]["resolution"] == [3, 32, 32]
+    direct = exchangeability(images, gen.sample(images, torch.Generator().manual_seed(0)), block=8, n_subsets=4, max_dim=768)
+    assert direct["resolution"] == [3, 16, 16] and direct["block"] == 1
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 1_500_000
+
+    with pytest.raises(ValueError, match=r"3x128x128 = 49152 coordinates > max_dim=3072 .*raise max_dim"):
+        check(gen, images, tmp_path / "fine", n=200, grid=(128, 128))
+    assert not (tmp_path / "fine").exists()  # refused before sampling or writing anything
+    flat = images.flatten(1)
+    with pytest.raises(ValueError, match=r"d=49152 coordinates > max_dim=3072: the 98304x98304 covariance would take 77.3 GB"):
+        swap_gaps(flat, flat, torch.arange(flat.shape[1]), random_subsets(flat.shape[1], 1))
 
 
 # ---------------------------------------------------------------------------------- every generator on digits
@@ -207,7 +269,8 @@ def test_exchangeability_below_permutation(fitted, digit_data, name):
     gen = fitted[name]
     xk = sample_batched(gen, x, seed=0)
     null = PermutationKnockoffs().sample(x, generator=torch.Generator().manual_seed(1))
-    result = exchangeability(x, xk, block=gen.swap_block, n_subsets=20, seed=0, null=null)  # one set of subsets
+    _, block = measurement_shape(tuple(x.shape[1:]), gen.swap_grid(tuple(x.shape[1:])))
+    result = exchangeability(x, xk, block=block, n_subsets=20, seed=0, null=null)  # one set of subsets
     assert result["gap"] < 0.5 * result["null_gap"]
 
 
@@ -422,20 +485,30 @@ def test_feature_exchangeability():
         feature_exchangeability(model, ["conv9"], images, xk)
 
 
-def test_estimate_s0_per_channel():
-    """Independent coordinates: equicorrelated gamma = 1, so s_j = Var(x_j) per channel."""
-    variances = torch.tensor([0.5, 2.0], dtype=torch.float64)
-    per_coord = variances.repeat_interleave(9)
-    n = 4_000
-    gen = GaussianKnockoffs.from_covariance(torch.zeros(18), torch.diag(per_coord), shape=(2, 3, 3))
-    x = (torch.randn(n, 18, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * per_coord.sqrt()).reshape(n, 2, 3, 3)
-    loader = DataLoader(TensorDataset(x.float()), batch_size=500)
-    s0 = estimate_s0(gen, loader, batches=8, seed=0)
-    # s^ = var^ - cov^ over n * 9 pooled values: relative sd about sqrt(3 / (9 n)) each
-    assert torch.allclose(s0, variances, rtol=5 * math.sqrt(3 / (9 * n)))
-    real = x.float()
-    knock = sample_batched(gen, real, seed=0, batch_size=500)
-    assert torch.allclose(estimate_s0(gen, loader, batches=8, seed=0), lemma2.estimate_s(real, knock))
+def test_s0_on_correlated_data_matches_closed_form(tmp_path):
+    """s^0_c = mean over the positions j of channel c of Var(X_j) - Cov(X_j, X~_j), which for
+    exact equicorrelated knockoffs is gamma Var(X_j) with gamma = min(1, 2 lambda_min(corr)) < 1
+    here: the covariance term is far from 0, so an estimate that dropped it (Var alone) fails."""
+    shape, n = (2, 3, 3), 20_000
+    d = math.prod(shape)
+    scales = torch.tensor([0.5, 2.0], dtype=torch.float64).repeat_interleave(9).sqrt()
+    cov = ar1(d, 0.6, scales)
+    gen = GaussianKnockoffs.from_covariance(torch.zeros(d), cov, shape=shape)
+    gamma = min(1.0, 2 * float(torch.linalg.eigvalsh(ar1(d, 0.6))[0]))
+    assert gamma < 0.6
+    s_coord = gamma * torch.diagonal(cov)
+    closed = s_coord.reshape(2, 9).mean(1)
+    x = draw(torch.zeros(d, dtype=torch.float64), cov, n, seed=0).reshape(n, *shape)
+    report = check(gen, x, tmp_path / "out", n=n, n_subsets=2, swap_test_steps=0)
+    s0 = torch.tensor(report["s0"], dtype=torch.float64)
+    # per coordinate the estimate is a mean of X_j (X_j - X~_j): variance (2 Var s + s^2) / n;
+    # averaging correlated positions cannot make it larger than the largest of them
+    sd = ((2 * torch.diagonal(cov) * s_coord + s_coord**2) / n).sqrt().reshape(2, 9).max(1).values
+    assert bool(((s0 - closed).abs() < 5 * sd).all()), (s0, closed, sd)
+    variance = torch.diagonal(cov).reshape(2, 9).mean(1)
+    assert bool(((s0 - variance).abs() > 20 * sd).all())
+    xk = sample_batched(gen, x, seed=0)
+    assert torch.equal(s0, lemma2.estimate_s(x, xk))  # the one estimator, the one the pipeline uses
 
 
 def test_check_writes_report(fitted, tmp_path):
@@ -447,9 +520,11 @@ def test_check_writes_report(fitted, tmp_path):
     for name in ("embedding.png", "grid.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(report) == sorted(
-        ["generator", "n", "shape", "seed", "block", "exchangeability", "layers", "power", "leakage", "swap_test", "s0", "figures"]
+        ["generator", "n", "shape", "seed", "grid", "resolution", "block", "exchangeability", "layers", "power", "leakage",
+         "swap_test", "s0", "figures"]
     )
     assert report["generator"]["kind"] == "gaussian" and report["n"] == 300 and report["block"] == 2
+    assert report["grid"] == [4, 4] and report["resolution"] == [1, 8, 8]  # digits: measured as they are
     assert set(report["layers"]) == {"1", "3"}
     assert report["exchangeability"]["gap"] < report["exchangeability"]["null_gap"]
     assert len(report["s0"]) == 1 and report["s0"][0] > 0

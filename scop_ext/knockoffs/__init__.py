@@ -22,7 +22,7 @@ Example::
 
 from .base import KnockoffGenerator, load, make_generator
 from .baselines import ExternalKnockoffs, PermutationKnockoffs
-from .diagnostics import check, estimate_s0
+from .diagnostics import check
 from .gan import KnockoffGAN
 from .gaussian import GaussianKnockoffs
 
@@ -35,5 +35,4 @@ __all__ = [
     "make_generator",
     "load",
     "check",
-    "estimate_s0",
 ]

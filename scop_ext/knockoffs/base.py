@@ -11,6 +11,7 @@ atomic, read with ``weights_only=True``) of kind ``"knockoff-generator"`` whose 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -29,7 +30,7 @@ __all__ = [
     "default_block",
     "draw_normal",
     "images_of",
-    "working_hw",
+    "working_layout",
     "resize",
 ]
 
@@ -69,15 +70,37 @@ def pixel_groups(shape: tuple[int, ...], block: int) -> Tensor:
     return grid.expand(c, h, w).reshape(-1).clone()
 
 
-def working_hw(hw: tuple[int, int], working_size: int | None) -> tuple[int, int]:
-    """The (h, w) a (H, W) image is generated at: unchanged when ``working_size`` is None or the
-    longer edge already fits, else scaled so the longer edge is ``working_size`` (seed §S2
-    generates ImageNet knockoffs at 64 x 64 and upsamples them)."""
+def working_layout(hw: tuple[int, int], working_size: int | None, block: int | None) -> tuple[tuple[int, int], int]:
+    """The (h, w) an (H, W) image is knockoffed at and the swap-block edge there, so that the
+    blocks tile the working image exactly.
+
+    An image whose longer edge exceeds ``working_size`` is scaled so that edge is about
+    ``working_size`` (seed §S2 generates ImageNet knockoffs at 64 x 64 and upsamples them), each
+    edge rounded to the nearest multiple of the block (default :func:`default_block` of
+    ``working_size``): 224 x 160 at 32 is worked at 32 x 22 with 2-pixel blocks. An image that
+    fits keeps its size, so the block must divide both edges; the default is the largest divisor
+    of both up to :func:`default_block` (a 9 x 9 image gets 1-pixel blocks).
+
+    Raises:
+        ValueError: naming ``block`` and the valid values when it cannot tile the image.
+    """
     h, w = hw
-    if working_size is None or max(h, w) <= working_size:
-        return h, w
-    scale = working_size / max(h, w)
-    return max(1, round(h * scale)), max(1, round(w * scale))
+    if block is not None and (not isinstance(block, int) or block < 1):
+        raise ValueError(f"block must be a positive int or None, got {block!r}")
+    longer = max(h, w)
+    if working_size is not None and longer > working_size:
+        b = default_block(working_size) if block is None else block
+        if b > working_size:
+            raise ValueError(f"block={b} must be at most working_size={working_size}")
+        scale = working_size / longer
+        return (b * max(1, round(h * scale / b)), b * max(1, round(w * scale / b))), b
+    common = math.gcd(h, w)
+    divisors = [k for k in range(1, common + 1) if common % k == 0]
+    if block is None:
+        return (h, w), max(k for k in divisors if k <= default_block(longer))
+    if common % block:
+        raise ValueError(f"block={block} does not divide the image size {h}x{w}; valid blocks: {divisors}")
+    return (h, w), block
 
 
 def resize(x: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -107,13 +130,11 @@ class KnockoffGenerator(nn.Module):
         - Input: :math:`(N, *shape)`, usually :math:`(N, C, H, W)`.
         - Output: the same shape, dtype and device; row ``i`` is the knockoff of ``x[i]``.
 
-    Attributes:
-        swap_block: edge in pixels, at the input resolution, of the pixel blocks the knockoffs
-            are meant to be exchangeable over (what diagnostics should swap).
+    :meth:`swap_grid` says which pixel blocks the knockoffs are meant to be exchangeable over
+    (what the diagnostics swap).
     """
 
     kind: ClassVar[str] = ""
-    swap_block: int = 1
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -128,6 +149,23 @@ class KnockoffGenerator(nn.Module):
     def sample(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Knockoffs of ``x``: (N, ...) -> (N, ...), deterministic given ``generator``."""
         raise NotImplementedError
+
+    def swap_grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """How many swap blocks an input of ``shape`` (without the batch) is cut into: (rows,
+        columns) of blocks for ``(C, H, W)``, the number of groups for ``(d,)``.
+
+        Blocks are given as a grid, not as an edge in input pixels, because a generator working
+        at a lower resolution has blocks that need not be a whole number of input pixels
+        (100 pixels knockoffed at 32 with 2-pixel blocks: 16 blocks of 6.25 pixels). The base
+        generator has no block structure of its own and uses the blocks of
+        :func:`working_layout` at the input size; ``(d,)`` inputs: every coordinate alone.
+        """
+        if len(shape) == 1:
+            return (shape[0],)
+        if len(shape) != 3:
+            raise ValueError(f"shape must be (C, H, W) or (d,), got {tuple(shape)}")
+        (h, w), b = working_layout(tuple(shape[1:]), None, None)
+        return h // b, w // b
 
     def config(self) -> dict:
         """JSON-able constructor arguments that rebuild this generator's structure."""
@@ -168,11 +206,19 @@ class KnockoffGenerator(nn.Module):
             raise ValueError(f"{path}: {kind!r} generator state does not fit its config ({first})") from None
         return gen.to(map_location) if map_location is not None else gen
 
+    def _require_fitted(self, fitted: tuple[int, ...] | None) -> None:
+        if fitted is None:
+            raise ValueError(f"{type(self).__name__} is not fitted: call fit() (or load()) first")
+
+    def _check_shape(self, shape: tuple[int, ...], fitted: tuple[int, ...] | None) -> None:
+        self._require_fitted(fitted)
+        if tuple(shape) != tuple(fitted):
+            raise ValueError(f"shape must be the fitted input shape {tuple(fitted)}, got {tuple(shape)}")
+
     def _check_input(self, x: Tensor, shape: tuple[int, ...] | None) -> None:
         if not isinstance(x, Tensor):
             raise ValueError(f"x must be a Tensor, got {type(x).__name__}")
-        if shape is None:
-            raise ValueError(f"{type(self).__name__} is not fitted: call fit() (or load()) first")
+        self._require_fitted(shape)
         if tuple(x.shape[1:]) != tuple(shape) or x.dim() != len(shape) + 1:
             raise ValueError(f"x must have shape (N, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
         if not x.is_floating_point():

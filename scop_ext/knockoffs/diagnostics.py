@@ -1,9 +1,18 @@
 """How good are the knockoffs? Exchangeability, power, label leakage, s^0, and the seed's figures.
 
 Every measure comes with a reference so a number can be read on its own: the exchangeability gap
-beside the gap of a permutation (an independent copy, the "bad" end) and beside the gap of
-exactly exchangeable pairs of the same size (the sampling-noise floor, the "perfect" end),
-leakage beside chance and beside the real inputs.
+beside the gap of a permutation (an independent copy, the "bad" end) and beside the sampling-noise
+floor of the pairs under test (their own coordinates swapped at random per sample, which is
+exactly exchangeable: the gap an exact knockoff of the same size would show), leakage beside
+chance and beside the real inputs.
+
+Measured resolution. The gap needs the 2d x 2d covariance of ``[x, x~]``, which at 3 x 224 x 224
+would be ~360 GB. Images are therefore measured at a bounded resolution: each swap block is
+cut into ``q x q`` cells and every cell is averaged per channel (area resampling), with the
+largest ``q`` that keeps ``d = C * rows * cols * q^2`` at most ``max_dim`` (default
+:data:`MAX_DIM`) and no finer than the input. Swapping whole blocks commutes with averaging
+inside them, so exchangeable pairs stay exchangeable at the measured resolution; what is lost
+is the detail inside a cell. Reports give the ``resolution`` and ``block`` measured at.
 
 Exchangeability gap: with ``C = cov([x, x~])`` (2d x 2d) and ``P_S`` the permutation that swaps
 ``x_j`` and ``x~_j`` for the coordinates of the block groups in ``S``,
@@ -30,14 +39,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import lemma2
 from ..checkpoint import write_json
-from .base import KnockoffGenerator, images_of, pixel_groups
+from .base import KnockoffGenerator, images_of, pixel_groups, resize
 from .baselines import PermutationKnockoffs
 from .gan import SwapDiscriminator, hidden_bce, swap_blocks
 from .plots import embedding_figure, knockoff_grid
 
 __all__ = [
+    "MAX_DIM",
     "collect",
     "sample_batched",
+    "measurement_shape",
     "random_subsets",
     "swap_gaps",
     "exchangeability",
@@ -46,7 +57,6 @@ __all__ = [
     "power",
     "label_leakage",
     "swap_advantage",
-    "estimate_s0",
     "check",
 ]
 
@@ -94,11 +104,60 @@ def sample_batched(gen: KnockoffGenerator, x: Tensor, seed: int = 0, batch_size:
     return torch.cat([gen.sample(chunk, generator=rng) for chunk in x.split(batch_size)])
 
 
+def _permutation_null(x: Tensor, seed: int) -> Tensor:
+    """The reference knockoffs every measure compares against: a permutation seeded with ``seed + 1``."""
+    return PermutationKnockoffs().sample(x, torch.Generator().manual_seed(seed + 1))
+
+
 # ---------------------------------------------------------------------------------- exchangeability
+
+# Coordinates per side of the pair measured by default: CIFAR-10 (3 x 32 x 32) at full
+# resolution; the 2d x 2d float64 covariance is then 302 MB.
+MAX_DIM = 3072
+
+
+def measurement_shape(shape: tuple[int, ...], grid: tuple[int, ...], max_dim: int = MAX_DIM) -> tuple[tuple[int, ...], int]:
+    """The shape inputs are measured at and the swap-block edge there (module docstring).
+
+    Args:
+        shape: input shape without the batch, ``(C, H, W)`` or ``(d,)``.
+        grid: swap blocks (rows, columns) for images, the number of groups for vectors (see
+            :meth:`~scop_ext.knockoffs.KnockoffGenerator.swap_grid`).
+
+    Returns:
+        ``((C, rows * q, cols * q), q)`` for images, ``((d,), d / groups)`` for vectors.
+
+    Raises:
+        ValueError: when one value per block and channel is already more than ``max_dim``
+            coordinates, naming the size and the options.
+    """
+    if not isinstance(max_dim, int) or max_dim < 1:
+        raise ValueError(f"max_dim must be a positive int, got {max_dim!r}")
+    if len(shape) == 1:
+        if len(grid) != 1 or grid[0] < 1 or shape[0] % grid[0]:
+            raise ValueError(f"grid must be a number of groups dividing the {shape[0]} coordinates, got {tuple(grid)}")
+        return tuple(shape), shape[0] // grid[0]
+    if len(shape) != 3:
+        raise ValueError(f"shape must be (C, H, W) or (d,), got {tuple(shape)}")
+    c, h, w = shape
+    if len(grid) != 2 or not 1 <= grid[0] <= h or not 1 <= grid[1] <= w:
+        raise ValueError(f"grid must be (rows, columns) of blocks, each from 1 to the image size {h}x{w}, got {tuple(grid)}")
+    rows, cols = grid
+    coarsest = c * rows * cols
+    if coarsest > max_dim:
+        raise ValueError(
+            f"one value per swap block and channel is already {c}x{rows}x{cols} = {coarsest} coordinates "
+            f"> max_dim={max_dim} (its covariance would take {(2 * coarsest) ** 2 * 8 / 1e9:.1f} GB): "
+            "use larger swap blocks (a coarser grid) or raise max_dim"
+        )
+    q = min(h // rows, w // cols, math.isqrt(max_dim // coarsest))
+    return (c, rows * q, cols * q), q
 
 
 def random_subsets(n_groups: int, count: int, seed: int = 0) -> Tensor:
     """(count, n_groups) bool: each group in each subset with probability 1/2."""
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"n_subsets must be a positive int, got {count!r}")
     return torch.rand((count, n_groups), generator=torch.Generator().manual_seed(seed)) < 0.5
 
 
@@ -110,11 +169,13 @@ def _covariance(z: Tensor) -> Tensor:
     return z.T @ z / max(z.shape[0] - 1, 1)
 
 
-def swap_gaps(x: Tensor, xk: Tensor, groups: Tensor, subsets: Tensor, chunk: int = 1024) -> Tensor:
+def swap_gaps(
+    x: Tensor, xk: Tensor, groups: Tensor, subsets: Tensor, chunk: int = 1024, max_dim: int = MAX_DIM
+) -> Tensor:
     """``gap(S)`` (module docstring) for each subset.
 
     Args:
-        x, xk: (N, d) paired samples.
+        x, xk: (N, d) paired samples, ``d <= max_dim``.
         groups: (d,) int64 group of each coordinate.
         subsets: (K, G) bool, the groups swapped in each subset.
 
@@ -124,6 +185,12 @@ def swap_gaps(x: Tensor, xk: Tensor, groups: Tensor, subsets: Tensor, chunk: int
     if x.shape != xk.shape or x.dim() != 2:
         raise ValueError(f"x and xk must be (N, d) of one shape, got {tuple(x.shape)} and {tuple(xk.shape)}")
     d = x.shape[1]
+    if d > max_dim:
+        raise ValueError(
+            f"x has d={d} coordinates > max_dim={max_dim}: the {2 * d}x{2 * d} covariance would take "
+            f"{(2 * d) ** 2 * 8 / 1e9:.1f} GB; measure fewer coordinates (coarser blocks for images, "
+            "pool='channel' for features) or raise max_dim"
+        )
     if groups.shape != (d,):
         raise ValueError(f"groups must have shape ({d},), got {tuple(groups.shape)}")
     c = _covariance(torch.cat([x, xk], 1))
@@ -142,24 +209,25 @@ def swap_gaps(x: Tensor, xk: Tensor, groups: Tensor, subsets: Tensor, chunk: int
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _noise_floor(x: Tensor, xk: Tensor, groups: Tensor, subsets: Tensor, seed: int) -> float:
+def _noise_floor(x: Tensor, xk: Tensor, groups: Tensor, subsets: Tensor, seed: int, max_dim: int) -> float:
     """The mean gap of the pairs after swapping an independent random subset of groups in every
     sample: that mixture is exactly swap-invariant, so its gap is pure sampling noise at this N
     and scale. An exact knockoff's gap has the same distribution (ratio about 1)."""
     own = torch.rand((x.shape[0], int(groups.max()) + 1), generator=torch.Generator().manual_seed(seed + 2)) < 0.5
     swapped = own[:, groups].to(x.device)
-    return float(swap_gaps(torch.where(swapped, xk, x), torch.where(swapped, x, xk), groups, subsets).mean())
+    return float(swap_gaps(torch.where(swapped, xk, x), torch.where(swapped, x, xk), groups, subsets, max_dim=max_dim).mean())
 
 
 def _summary(gaps: Tensor, null: Tensor, floor: float) -> dict:
     gap, null_gap = float(gaps.mean()), float(null.mean())
+    # None, not NaN, where a reference is 0 (e.g. a constant feature): reports are strict JSON
     return {
         "gap": gap,
         "gap_std": float(gaps.std()) if gaps.numel() > 1 else 0.0,
         "null_gap": null_gap,
-        "ratio_to_null": gap / null_gap if null_gap > 0 else float("nan"),
+        "ratio_to_null": gap / null_gap if null_gap > 0 else None,
         "noise_floor": floor,
-        "ratio_to_floor": gap / floor if floor > 0 else float("nan"),
+        "ratio_to_floor": gap / floor if floor > 0 else None,
         "n_subsets": gaps.numel(),
     }
 
@@ -171,6 +239,7 @@ def exchangeability(
     n_subsets: int = 20,
     seed: int = 0,
     null: Tensor | None = None,
+    max_dim: int = MAX_DIM,
 ) -> dict:
     """Exchangeability gap of paired inputs over random pixel-block subsets, with references.
 
@@ -179,23 +248,33 @@ def exchangeability(
             (``block`` consecutive coordinates).
         null: the reference knockoffs, default a permutation of ``x`` (seeded); scored on the
             same subsets.
+        max_dim: images with more coordinates are measured block-cell-averaged (module
+            docstring); vectors must have at most this many.
 
     Returns:
         dict: ``gap``, ``gap_std``, ``null_gap``, ``ratio_to_null`` (gap / null_gap: near 0 is
         good, near 1 no better than an independent copy), ``noise_floor`` (the gap of exactly
-        exchangeable pairs at this N), ``ratio_to_floor`` (about 1 for exact knockoffs),
-        ``n_subsets``.
+        exchangeable pairs at this N), ``ratio_to_floor`` (about 1 for exact knockoffs; the
+        ratios are None where the reference is 0), ``n_subsets``, ``resolution`` (the shape
+        measured at) and ``block`` (the block edge there).
     """
     if x.shape != xk.shape:
         raise ValueError(f"x and xk must have the same shape, got {tuple(x.shape)} and {tuple(xk.shape)}")
+    shape = tuple(x.shape[1:])
+    groups = pixel_groups(shape, block)  # checks that block tiles the input
+    grid = (shape[1] // block, shape[2] // block) if len(shape) == 3 else (shape[0] // block,)
+    measured, q = measurement_shape(shape, grid, max_dim)
     if null is None:
-        null = PermutationKnockoffs().sample(x, torch.Generator().manual_seed(seed + 1))
-    groups = pixel_groups(tuple(x.shape[1:]), block)
+        null = _permutation_null(x, seed)
+    if measured != shape:
+        x, xk, null = (resize(t, measured[1:]) for t in (x, xk, null))
+        groups = pixel_groups(measured, q)
     subsets = random_subsets(int(groups.max()) + 1, n_subsets, seed)
-    flat = x.flatten(1)
-    gaps = swap_gaps(flat, xk.flatten(1), groups, subsets)
-    null_gaps = swap_gaps(flat, null.flatten(1), groups, subsets)
-    return _summary(gaps, null_gaps, _noise_floor(flat, xk.flatten(1), groups, subsets, seed))
+    flat, flat_k = x.flatten(1), xk.flatten(1)
+    gaps = swap_gaps(flat, flat_k, groups, subsets, max_dim=max_dim)
+    null_gaps = swap_gaps(flat, null.flatten(1), groups, subsets, max_dim=max_dim)
+    floor = _noise_floor(flat, flat_k, groups, subsets, seed, max_dim)
+    return {**_summary(gaps, null_gaps, floor), "resolution": list(measured), "block": q}
 
 
 def layer_features(model: nn.Module, layers: Sequence[str], x: Tensor, batch_size: int = 256) -> dict[str, Tensor]:
@@ -233,14 +312,11 @@ def layer_features(model: nn.Module, layers: Sequence[str], x: Tensor, batch_siz
     return {name: torch.cat(parts) for name, parts in store.items()}
 
 
-def _pool(features: Tensor, pool: str, max_features: int) -> Tensor:
+def _pool(features: Tensor, pool: str) -> Tensor:
     if pool == "channel":
         return features.flatten(2).mean(2) if features.dim() > 2 else features
     if pool == "flatten":
-        flat = features.flatten(1)
-        if flat.shape[1] > max_features:
-            raise ValueError(f"flattened features have {flat.shape[1]} > max_features={max_features} coordinates; use pool='channel'")
-        return flat
+        return features.flatten(1)
     raise ValueError(f"pool must be 'channel' or 'flatten', got {pool!r}")
 
 
@@ -253,13 +329,13 @@ def feature_exchangeability(
     n_subsets: int = 20,
     seed: int = 0,
     null: Tensor | None = None,
-    max_features: int = 4096,
+    max_dim: int = MAX_DIM,
 ) -> dict[str, dict]:
     """The exchangeability gap at feature layers (seed §S3): of ``[F(x), F(x~)]``.
 
     Args:
         pool: ``"channel"`` (spatial mean per channel: (N, C') features) or ``"flatten"``
-            (all (N, C' H' W') coordinates, at most ``max_features``); each coordinate is its own
+            (all (N, C' H' W') coordinates, at most ``max_dim``); each coordinate is its own
             swap group.
         null: reference knockoffs of ``x`` (default a seeded permutation), passed through the
             same layers.
@@ -268,18 +344,19 @@ def feature_exchangeability(
         {layer: the dict of :func:`exchangeability` plus ``dim``}.
     """
     if null is None:
-        null = PermutationKnockoffs().sample(x, torch.Generator().manual_seed(seed + 1))
+        null = _permutation_null(x, seed)
     fx, fk, fn = (layer_features(model, layers, t) for t in (x, xk, null))
-    return _feature_gaps(fx, fk, fn, layers, pool, n_subsets, seed, max_features)
+    return _feature_gaps(fx, fk, fn, layers, pool, n_subsets, seed, max_dim)
 
 
-def _feature_gaps(fx, fk, fn, layers, pool, n_subsets, seed, max_features) -> dict[str, dict]:
+def _feature_gaps(fx, fk, fn, layers, pool, n_subsets, seed, max_dim) -> dict[str, dict]:
     out = {}
     for name in layers:
-        a, b, c = (_pool(f[name], pool, max_features) for f in (fx, fk, fn))
+        a, b, c = (_pool(f[name], pool) for f in (fx, fk, fn))
         groups = torch.arange(a.shape[1])
         subsets = random_subsets(a.shape[1], n_subsets, seed)
-        summary = _summary(swap_gaps(a, b, groups, subsets), swap_gaps(a, c, groups, subsets), _noise_floor(a, b, groups, subsets, seed))
+        gaps, null_gaps = (swap_gaps(a, t, groups, subsets, max_dim=max_dim) for t in (b, c))
+        summary = _summary(gaps, null_gaps, _noise_floor(a, b, groups, subsets, seed, max_dim))
         out[name] = {**summary, "dim": a.shape[1], "pool": pool}
     return out
 
@@ -313,19 +390,25 @@ def _classifier_features(x: Tensor, max_features: int) -> Tensor:
 
 
 def label_leakage(x: Tensor, xk: Tensor, y: Tensor, seed: int = 0, max_features: int = 1024) -> dict:
-    """How well a logistic regression predicts ``y`` from ``x~`` alone, against references.
+    """Does ``x~`` carry label information beyond what ``x`` has? Held-out accuracies of three
+    classifiers, on ``x``, on ``x~`` and on ``[x, x~]``.
 
-    Knockoffs are built without ``y``, so they carry label information only through ``x``
-    (``x~ ⊥ y | x``); a valid knockoff of correlated inputs is correlated with ``x`` and so
-    predicts ``y`` above chance, the less so the more power it has. ``joint_acc - real_acc``
-    tests the conditional statement itself: ``x~`` should add nothing to ``x``.
+    The knockoff condition is ``x~ ⊥ y | x``, not ``x~ ⊥ y``, so chance is not the target for
+    ``x~`` alone: a valid knockoff of correlated inputs depends on ``x`` and predicts ``y`` as
+    far as it keeps ``x``'s information (the closer to ``x``, the less power, the nearer
+    ``real_acc``). Only an ``x~`` independent of ``x``, such as a permutation, sits at chance.
+    What is tested is the conditional statement: ``excess = joint_acc - real_acc`` should be 0
+    up to sampling error; a knockoff that encodes ``y`` makes the classifier on ``[x, x~]``
+    beat the one on ``x``. ``excess`` is bounded by ``1 - real_acc``, so the test is blind where
+    ``x`` alone already predicts every label.
 
-    The classifier (scikit-learn ``LogisticRegression`` on standardised features) is fitted on a
-    stratified half (by ``seed``) and scored on the other half.
+    Each classifier (scikit-learn ``LogisticRegression`` on standardised features; images
+    average-pooled to at most ``max_features`` coordinates) is fitted on a stratified half (by
+    ``seed``) and scored on the other half.
 
     Returns:
-        dict: ``knockoff_acc``, ``real_acc``, ``joint_acc`` (on ``[x, x~]``), ``excess``
-        (joint - real), ``chance`` (majority-class share of the test half), ``n_test``.
+        dict: ``knockoff_acc``, ``real_acc``, ``joint_acc``, ``excess``, ``chance``
+        (majority-class share of the test half), ``n_test``.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
@@ -386,6 +469,11 @@ def swap_advantage(
     """
     if x.dim() != 4 or x.shape != xk.shape:
         raise ValueError(f"x and xk must be (N, C, H, W) of one shape, got {tuple(x.shape)} and {tuple(xk.shape)}")
+    for name, value in (("block", block), ("steps", steps), ("width", width), ("batch_size", batch_size), ("repeats", repeats)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not 0 <= hint_rate < 1:
+        raise ValueError(f"hint_rate must be in [0, 1), got {hint_rate}")
     if x.shape[-1] % block or x.shape[-2] % block:
         raise ValueError(f"block={block} does not divide the image size {tuple(x.shape[-2:])}")
     if x.shape[0] < 4:
@@ -423,31 +511,6 @@ def swap_advantage(
     return {"advantage": acc - 0.5, "stderr": math.sqrt(max(acc * (1 - acc), 1e-12) / max(total, 1.0)), "scored": int(total)}
 
 
-# ---------------------------------------------------------------------------------- s^0
-
-
-def estimate_s0(gen: KnockoffGenerator, loader: Iterable, batches: int = 10, seed: int = 0) -> Tensor:
-    """Per-input-channel ``s^0_j = Var(X_j) - Cov(X_j, X~_j)`` (DESIGN.md §2) over the first
-    ``batches`` batches of ``loader``, for :func:`scop_ext.lemma2.solve` at the first conv.
-
-    Returns:
-        (C,) float64 on the CPU.
-    """
-    if batches < 1:
-        raise ValueError(f"batches must be >= 1, got {batches}")
-    rng = torch.Generator().manual_seed(seed)
-    real, knock = [], []
-    for i, batch in enumerate(loader):
-        if i == batches:
-            break
-        x = images_of(batch)
-        real.append(x)
-        knock.append(gen.sample(x, generator=rng))
-    if not real:
-        raise ValueError("loader is empty")
-    return lemma2.estimate_s(torch.cat(real), torch.cat(knock))
-
-
 # ---------------------------------------------------------------------------------- report
 
 
@@ -460,12 +523,19 @@ def check(
     seed: int = 0,
     n: int = 1000,
     n_subsets: int = 20,
-    block: int | None = None,
+    grid: Sequence[int] | None = None,
     pool: str = "channel",
     swap_test_steps: int = 500,
     batch_size: int = 512,
+    max_dim: int = MAX_DIM,
 ) -> dict:
     """Measure a fitted generator and write ``report.json``, ``embedding.png`` and ``grid.png``.
+
+    Exchangeability, power, the swap test and the embedding figure are measured at the bounded
+    resolution of :func:`measurement_shape` (module docstring): at most ``max_dim``
+    coordinates, each swap block cut into ``block x block`` cells. Leakage (its own pooling),
+    s^0 (what :func:`scop_ext.lemma2.solve` needs at the first conv), the feature layers and
+    the image grid use the inputs as they are.
 
     Args:
         gen: a fitted generator.
@@ -473,49 +543,56 @@ def check(
         out_dir: created if needed; files are written atomically.
         model, layers: a network and names of its modules to measure at (e.g. a shallow and a
             deep one); figures and feature gaps use them.
-        block: swap-block edge at the input resolution; default ``gen.swap_block``.
+        grid: swap blocks (rows, columns); default ``gen.swap_grid``.
         pool: feature pooling for the layer gaps (see :func:`feature_exchangeability`).
         swap_test_steps: training steps of :func:`swap_advantage`; 0 skips it.
 
     Returns:
-        The report (also in ``report.json``): ``generator`` (kind, config), ``n``, ``shape``,
-        ``seed``, ``block``, ``exchangeability`` and per-layer ``layers`` (see
-        :func:`exchangeability`), ``power`` (``mean_corr``, ``null_mean_corr``), ``leakage``
-        (see :func:`label_leakage`; None without integer labels), ``swap_test`` (or None), ``s0``
-        (per input channel), ``figures`` (file names).
+        The report (also in ``report.json``, strict JSON: None where a ratio is undefined):
+        ``generator`` (kind, config), ``n``, ``shape``, ``seed``, ``grid``, ``resolution`` and
+        ``block`` (the shape and block edge measured at), ``exchangeability`` and per-layer
+        ``layers`` (see :func:`exchangeability`), ``power`` (``mean_corr``,
+        ``null_mean_corr``), ``leakage`` (see :func:`label_leakage`; None without integer
+        labels), ``swap_test`` (or None), ``s0`` (per input channel), ``figures`` (file names).
     """
     if (model is None) != (not layers):
         raise ValueError("model and layers go together: pass both or neither")
+    if not isinstance(swap_test_steps, int) or swap_test_steps < 0:
+        raise ValueError(f"swap_test_steps must be an int >= 0, got {swap_test_steps!r}")
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     x, y = collect(dataset, n, seed)
+    shape = tuple(x.shape[1:])
+    grid = tuple(gen.swap_grid(shape) if grid is None else grid)
+    measured, block = measurement_shape(shape, grid, max_dim)  # before any sampling: fail fast
+    os.makedirs(out_dir, exist_ok=True)
     xk = sample_batched(gen, x, seed, batch_size)
-    null = PermutationKnockoffs().sample(x, torch.Generator().manual_seed(seed + 1))
-    block = block or gen.swap_block
+    null = _permutation_null(x, seed)
+    xm, xkm, nullm = (resize(t, measured[1:]) if len(shape) == 3 else t for t in (x, xk, null))
     report: dict[str, Any] = {
         "generator": {"kind": gen.kind, "config": gen.config()},
         "n": x.shape[0],
-        "shape": list(x.shape[1:]),
+        "shape": list(shape),
         "seed": seed,
+        "grid": list(grid),
+        "resolution": list(measured),
         "block": block,
-        "exchangeability": exchangeability(x, xk, block, n_subsets, seed, null=null),
+        "exchangeability": exchangeability(xm, xkm, block, n_subsets, seed, null=nullm, max_dim=max_dim),
         "layers": {},
-        "power": {"mean_corr": power(x, xk), "null_mean_corr": power(x, null)},
+        "power": {"mean_corr": power(xm, xkm), "null_mean_corr": power(xm, nullm)},
         "leakage": label_leakage(x, xk, y, seed) if y is not None and not y.is_floating_point() else None,
-        "swap_test": swap_advantage(x, xk, block, steps=swap_test_steps, seed=seed)
+        "swap_test": swap_advantage(xm, xkm, block, steps=swap_test_steps, seed=seed)
         if swap_test_steps > 0 and x.dim() == 4
         else None,
         "s0": lemma2.estimate_s(x, xk).tolist(),
         "figures": {"embedding": "embedding.png", "grid": "grid.png"},
     }
-    groups = pixel_groups(tuple(x.shape[1:]), block)
-    panels = [("input", x.flatten(1), xk.flatten(1), groups)]
+    panels = [("input", xm.flatten(1), xkm.flatten(1), pixel_groups(measured, block))]
     maps: list[tuple[str, Tensor, Tensor]] = []
     if model is not None:
         fx, fk, fn = (layer_features(model, layers, t, batch_size) for t in (x, xk, null))
-        report["layers"] = _feature_gaps(fx, fk, fn, layers, pool, n_subsets, seed, 4096)
+        report["layers"] = _feature_gaps(fx, fk, fn, layers, pool, n_subsets, seed, max_dim)
         for name in layers:
-            a, b = _pool(fx[name], pool, 4096), _pool(fk[name], pool, 4096)
+            a, b = _pool(fx[name], pool), _pool(fk[name], pool)
             panels.append((name, a, b, torch.arange(a.shape[1])))
         shown = [layers[0], layers[-1]] if len(layers) > 1 else list(layers)
         maps = [(name, fx[name], fk[name]) for name in shown if fx[name].dim() == 4]

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import checkpoint
-from .base import KnockoffGenerator, default_block, draw_normal, images_of, resize, working_hw
+from .base import KnockoffGenerator, draw_normal, images_of, resize, working_layout
 
 __all__ = ["KnockoffGAN", "SwapDiscriminator", "swap_blocks", "hidden_bce", "CHECKPOINT_KIND"]
 
@@ -280,11 +280,8 @@ class KnockoffGAN(KnockoffGenerator):
         if len(shape) != 3:
             raise ValueError(f"KnockoffGAN needs image inputs (C, H, W), got shape {shape}")
         c, h, w = shape
-        self.work_hw = working_hw((h, w), self.working_size)
+        self.work_hw, self.block = working_layout((h, w), self.working_size, self.block)
         size = max(self.work_hw)
-        self.block = self.block or default_block(size)
-        if self.work_hw[0] % self.block or self.work_hw[1] % self.block:
-            raise ValueError(f"block={self.block} does not divide the working size {self.work_hw}")
         self.arch = self.arch or ("conv" if size <= 32 else "resnet")
         self.width = self.width or (32 if size <= 16 else 64)
         if self.iterations is None or self.batch_size is None:
@@ -299,11 +296,10 @@ class KnockoffGAN(KnockoffGenerator):
             self.G = _Generator(c, self.noise_channels, self.work_hw, self.width, resnet)
             self.D = SwapDiscriminator(c, self.block, self.width, resnet)
 
-    @property
-    def swap_block(self) -> int:
-        if self.shape is None:
-            return self.block or 1
-        return self.block * self.shape[1] // self.work_hw[0]
+    def swap_grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The block grid at the working resolution; ``shape`` must be the fitted input shape."""
+        self._check_shape(shape, self.shape)
+        return self.work_hw[0] // self.block, self.work_hw[1] // self.block
 
     def config(self) -> dict:
         return {

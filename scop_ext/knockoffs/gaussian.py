@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .base import KnockoffGenerator, default_block, draw_normal, images_of, pixel_groups, resize, working_hw
+from .base import KnockoffGenerator, draw_normal, images_of, pixel_groups, resize, working_layout
 
 __all__ = ["GaussianKnockoffs", "ledoit_wolf", "equicorrelated_gamma", "sdp_gammas"]
 
@@ -258,9 +258,8 @@ class GaussianKnockoffs(KnockoffGenerator):
 
     def _set_shape(self, shape: tuple[int, ...]) -> None:
         if len(shape) == 3:
-            self.work_shape = (shape[0], *working_hw(shape[1:], self.working_size))
-            if self.block is None:
-                self.block = default_block(max(self.work_shape[1:]))
+            work_hw, self.block = working_layout(shape[1:], self.working_size, self.block)
+            self.work_shape = (shape[0], *work_hw)
         elif len(shape) == 1:
             self.work_shape = shape
             self.block = 1 if self.block is None else self.block
@@ -277,12 +276,13 @@ class GaussianKnockoffs(KnockoffGenerator):
         self.register_buffer("noise_factor", torch.zeros(d, d))
         self.register_buffer("shrinkage", torch.zeros((), dtype=f64))
 
-    @property
-    def swap_block(self) -> int:
-        """Block edge at the input resolution (the working block scaled back up)."""
-        if self.shape is None or len(self.shape) == 1:
-            return self.block or 1
-        return self.block * self.shape[1] // self.work_shape[1]
+    def swap_grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The block grid at the working resolution (``(d,)`` inputs: the number of groups); the
+        generator is fitted for one input shape, so ``shape`` must be it."""
+        self._check_shape(shape, self.shape)
+        if len(self.shape) == 1:
+            return (self.shape[0] // self.block,)
+        return self.work_shape[1] // self.block, self.work_shape[2] // self.block
 
     def config(self) -> dict:
         return {
