@@ -516,7 +516,7 @@ def test_check_writes_report(fitted, tmp_path):
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
     report = check(fitted["gaussian"], digits("test"), tmp_path / "out", model=model, layers=["1", "3"], n=300, swap_test_steps=30)
     out = tmp_path / "out"
-    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert strict_json((out / "report.json").read_text()) == json.loads(json.dumps(report))
     for name in ("embedding.png", "grid.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(report) == sorted(
@@ -531,6 +531,26 @@ def test_check_writes_report(fitted, tmp_path):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     with pytest.raises(ValueError, match="model and layers"):
         check(fitted["gaussian"], digits("test"), tmp_path / "bad", model=model)
+
+
+def strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_report_is_strict_json_when_a_reference_is_zero(fitted, tmp_path):
+    """A dead layer (constant output) has gap, permutation gap and noise floor all 0: its ratios
+    are undefined and must be written as null, not NaN."""
+    dead = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+    with torch.no_grad():
+        dead[0].weight.zero_()
+        dead[0].bias.fill_(-1.0)
+    report = check(fitted["gaussian"], digits("test"), tmp_path, model=dead, layers=["1"], n=100, swap_test_steps=0)
+    layer = strict_json((tmp_path / "report.json").read_text())["layers"]["1"]
+    assert layer["null_gap"] == 0 and layer["ratio_to_null"] is None and layer["ratio_to_floor"] is None
+    assert report["layers"]["1"]["ratio_to_null"] is None
 
 
 def test_plots_write_png(tmp_path):
