@@ -175,6 +175,30 @@ def test_sdp_is_feasible_and_beats_equicorrelated():
     assert torch.allclose(torch.diagonal(cs.S), torch.full((d,), 0.6, dtype=torch.float64), atol=1e-3)
 
 
+def test_float64_inputs_are_sampled_in_float64():
+    """x~ - x + (x - mu) Sigma^-1 S must be L z with L L^T = 2S - S Sigma^-1 S to float64
+    precision; float32 factors leave errors near 1e-7."""
+    d, n = 20, 500
+    cov = ar1(d, 0.6, torch.linspace(0.5, 2.0, d, dtype=torch.float64))
+    mean = torch.linspace(-1, 1, d, dtype=torch.float64)
+    gen = GaussianKnockoffs.from_covariance(mean, cov)
+    x = draw(mean, cov, n, seed=0)
+    xk = gen.sample(x, generator=torch.Generator().manual_seed(1))
+    s = gen.S
+    proj = torch.linalg.solve(cov, s)
+    factor = gen.noise_factor
+    assert factor.dtype == torch.float64
+    torch.testing.assert_close(factor @ factor.T, 2 * s - s @ proj, rtol=0, atol=1e-12)
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(1)).double()  # as draw_normal draws them
+    torch.testing.assert_close(xk - x + (x - mean) @ proj, z @ factor.T, rtol=0, atol=1e-12)
+
+
+def test_sdp_refuses_large_dimensions():
+    with pytest.raises(ValueError, match=r"method='sdp' takes at most SDP_MAX_DIM=512 .* d=3072 \(3 x 32 x 32\): use method='equi' or a smaller working_size"):
+        GaussianKnockoffs(shape=(3, 224, 224), method="sdp")
+    assert GaussianKnockoffs(shape=(3, 224, 224), method="sdp", working_size=12).work_shape == (3, 12, 12)
+
+
 def test_working_resolution_and_swap_grid():
     images = torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     images = nn.functional.interpolate(images, size=32, mode="bilinear", align_corners=False)

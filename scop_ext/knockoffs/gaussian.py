@@ -12,8 +12,10 @@ reads ``2 W - diag(gamma) >= 0``, so:
   singleton groups this is the classic ``s = min(1, 2 lambda_min(corr)) diag(Sigma)``.
 - ``"sdp"``: per-group ``gamma_g`` maximising ``sum_g |g| gamma_g`` (the group form of
   ``sum_j s_j`` on the correlation scale) subject to ``0 <= gamma <= 1``, ``2W >= diag(gamma)``,
-  by coordinate ascent on a log-det barrier (closed-form rank-|g| updates, FANOK-style). Each sweep
-  costs O(d^2 |g|) per group, so it is meant for working dimensions up to a few thousand.
+  by coordinate ascent on a log-det barrier (closed-form rank-|g| updates, FANOK-style). A sweep
+  costs O(d^3) and hundreds of sweeps are typical, so it is refused above
+  :data:`SDP_MAX_DIM` working coordinates (minutes on two cores there; hours at 3 x 32 x 32):
+  use ``"equi"`` or a smaller ``working_size`` beyond.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from torch import Tensor
 
 from .base import KnockoffGenerator, draw_normal, images_of, pixel_groups, resize, working_layout
 
-__all__ = ["GaussianKnockoffs", "ledoit_wolf", "equicorrelated_gamma", "sdp_gammas"]
+__all__ = ["GaussianKnockoffs", "ledoit_wolf", "equicorrelated_gamma", "sdp_gammas", "SDP_MAX_DIM"]
+
+SDP_MAX_DIM = 512
 
 
 class _Moments:
@@ -178,8 +182,8 @@ def sdp_gammas(cov: Tensor, groups: Tensor, tol: float = 1e-6, max_sweeps: int =
 
     Coordinate ascent on ``sum_g |g| gamma_g + mu log det(2W - diag(gamma))`` for a decreasing
     barrier weight ``mu``; the inverse of ``2W - diag(gamma)`` is kept up to date by Woodbury
-    updates and refreshed exactly at each ``mu``. The barrier keeps the solution strictly
-    feasible, with an objective within ``mu_final * d`` of the optimum.
+    updates and refreshed exactly at each ``mu``. The barrier keeps the solution
+    strictly feasible, with an objective within ``mu_final * d`` of the optimum.
     """
     w = _whiten(cov, groups)
     _, n_groups, k = _group_order(groups)
@@ -216,16 +220,17 @@ class GaussianKnockoffs(KnockoffGenerator):
         working_size: images whose longer edge exceeds this are knockoffed at that size and
             upsampled bilinearly; None keeps the input size. The covariance is d x d with
             ``d = C h w`` at the working size.
-        method: ``"equi"`` or ``"sdp"`` (module docstring).
+        method: ``"equi"`` or ``"sdp"`` (module docstring; ``"sdp"`` up to ``d =``
+            :data:`SDP_MAX_DIM`).
         shrinkage: ``"ledoit-wolf"`` or a fixed weight in [0, 1] towards ``(tr / d) I``.
 
     Shape:
         - Input: :math:`(N, *shape)`.
         - Output: :math:`(N, *shape)`, same dtype and device as the input.
 
-    Buffers (float64 unless noted; ``d`` at the working size, ``G`` groups):
-        mean (d,), cov (d, d), gamma (G,), proj (d, d) float32 ``Sigma^-1 S``,
-        noise_factor (d, d) float32 ``L`` with ``L L^T = 2S - S Sigma^-1 S``,
+    Buffers (float64; ``d`` at the working size, ``G`` groups):
+        mean (d,), cov (d, d), gamma (G,), proj (d, d) ``Sigma^-1 S``,
+        noise_factor (d, d) ``L`` with ``L L^T = 2S - S Sigma^-1 S``,
         shrinkage () the weight used.
     """
 
@@ -266,14 +271,19 @@ class GaussianKnockoffs(KnockoffGenerator):
         else:
             raise ValueError(f"shape must be (C, H, W) or (d,), got {shape}")
         self.groups = pixel_groups(self.work_shape, self.block)
-        self.shape = shape
         d, n_groups = self.groups.numel(), int(self.groups.max()) + 1
+        if self.method == "sdp" and d > SDP_MAX_DIM:
+            raise ValueError(
+                f"method='sdp' takes at most SDP_MAX_DIM={SDP_MAX_DIM} working coordinates, got "
+                f"d={d} ({' x '.join(map(str, self.work_shape))}): use method='equi' or a smaller working_size"
+            )
+        self.shape = shape
         f64 = torch.float64
         self.register_buffer("mean", torch.zeros(d, dtype=f64))
         self.register_buffer("cov", torch.zeros(d, d, dtype=f64))
         self.register_buffer("gamma", torch.zeros(n_groups, dtype=f64))
-        self.register_buffer("proj", torch.zeros(d, d))
-        self.register_buffer("noise_factor", torch.zeros(d, d))
+        self.register_buffer("proj", torch.zeros(d, d, dtype=f64))
+        self.register_buffer("noise_factor", torch.zeros(d, d, dtype=f64))
         self.register_buffer("shrinkage", torch.zeros((), dtype=f64))
 
     def swap_grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -383,7 +393,8 @@ class GaussianKnockoffs(KnockoffGenerator):
     def sample(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``x~ = x - (x - mu) Sigma^-1 S + L z`` at the working size, resized back to x's.
 
-        Computed in float64 for float64 inputs, else float32, on this module's device.
+        Computed in float64 for float64 inputs, else float32 (from the float64 buffers), on this
+        module's device. The normals are drawn in float32 either way (see ``draw_normal``).
         """
         self._check_input(x, self.shape)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
