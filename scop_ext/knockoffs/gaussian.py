@@ -182,16 +182,18 @@ def sdp_gammas(cov: Tensor, groups: Tensor, tol: float = 1e-6, max_sweeps: int =
 
     Coordinate ascent on ``sum_g |g| gamma_g + mu log det(2W - diag(gamma))`` for a decreasing
     barrier weight ``mu``; the inverse of ``2W - diag(gamma)`` is kept up to date by Woodbury
-    updates and refreshed exactly at each ``mu``. The barrier keeps the solution
+    updates within a sweep and recomputed at the start of each. The barrier keeps the solution
     strictly feasible, with an objective within ``mu_final * d`` of the optimum.
     """
     w = _whiten(cov, groups)
     _, n_groups, k = _group_order(groups)
     gamma = [0.0] * n_groups
     for mu in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5):
-        m = 2 * w - torch.diag(torch.tensor(gamma, dtype=torch.float64).repeat_interleave(k))
-        m_inv = torch.linalg.inv(m)
         for _ in range(max_sweeps):
+            # Small mu puts the steps next to the pole of (I - delta A)^-1, where each Woodbury
+            # update amplifies the rounding in m_inv; kept over a whole mu it diverged (d = 96).
+            m = 2 * w - torch.diag(torch.tensor(gamma, dtype=torch.float64).repeat_interleave(k))
+            m_inv = torch.linalg.inv(m)
             largest = 0.0
             for g in range(n_groups):
                 sl = slice(g * k, (g + 1) * k)
