@@ -78,6 +78,48 @@ def test_resume_is_identical(one_thread, loader, tmp_path):
     assert torch.equal(again.G.out[-1].weight, straight.G.out[-1].weight)
 
 
+def test_resume_with_a_seeded_shuffling_loader(one_thread, tmp_path):
+    """A loader that shuffles from a seeded generator gives the same order each time it is
+    built, so a resumed run still equals a straight one."""
+
+    def shuffled():
+        return DataLoader(digits("train"), batch_size=256, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    path = tmp_path / "gan.ckpt"
+    with pytest.raises(Interrupt):
+        tiny_gan(iterations=30, checkpoint_every=10).fit(shuffled(), checkpoint=path, progress=False, callback=stop_at(25))
+    resumed = tiny_gan(iterations=30, checkpoint_every=10).fit(shuffled(), checkpoint=path, resume=True, progress=False)
+    straight = tiny_gan(iterations=30, checkpoint_every=10).fit(shuffled(), progress=False)
+    for (name, a), (_, b) in zip(resumed.state_dict().items(), straight.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+class CountingLoader:
+    """Yields ``batches`` batches of random 8 x 8 images and counts how many it was asked for."""
+
+    def __init__(self, batches: int):
+        self.batches, self.served = batches, 0
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(self.batches):
+            self.served += 1
+            yield torch.rand(4, 1, 8, 8, generator=g)
+
+
+def test_training_streams_the_loader(one_thread):
+    """fit reads only the loader batches its iterations need, not the data set into memory
+    (ImageNet at 64 x 64 would be ~63 GB), and cycles over a loader shorter than the run."""
+    big = CountingLoader(100_000)
+    tiny_gan(iterations=3, batch_size=8).fit(big, progress=False)
+    assert big.served == 6  # 3 training batches of 8 from loader batches of 4
+    short = CountingLoader(3)
+    tiny_gan(iterations=5, batch_size=8).fit(short, progress=False)
+    assert short.served == 10  # 40 images from passes of 12: three passes and a batch of the fourth
+    with pytest.raises(ValueError, match="at least 2 images a pass, got 0"):
+        tiny_gan(iterations=5, batch_size=8, shape=(1, 8, 8)).fit(CountingLoader(0), progress=False)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(one_thread, loader, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "gan.ckpt"

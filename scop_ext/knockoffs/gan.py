@@ -16,19 +16,25 @@ predicts, for the other blocks, whether they were swapped. ``G`` minimises
               covariances ``G``, i.e. the covariance form ``[[Sigma, Sigma - S], [Sigma - S, Sigma]]``)
 
 The networks work at a working resolution (seed: ImageNet at 64 x 64, then upsampled): stacked
-convolutions / transposed convolutions up to 32 pixels, ResNet-like blocks above. ``fit`` reads
-the loader once into memory at the working resolution (``max_images`` caps it) and draws batches,
-noise and swap masks from its own seeded ``torch.Generator``, so a run depends only on the data,
-its order and the config, and a checkpointed run resumes bit-identically on the CPU (on CUDA as
-far as cuDNN is deterministic).
+convolutions / transposed convolutions up to 32 pixels, ResNet-like blocks above. ``fit`` streams
+the loader, pass after pass, cutting its images (resized to the working resolution on the
+training device) into training batches, so memory holds a loader batch and a training batch, not
+the data set (ImageNet at 64 x 64 in float32 would be ~63 GB). Noise and swap masks come from a
+seeded ``torch.Generator`` of its own, so a run depends only on the data, its order and the
+config. Resuming a checkpoint replays the images consumed before it (read and checksummed, not
+trained on) to check they are the same and to reach the same place in the stream; the result
+is bit-identical on the CPU (on CUDA as far as cuDNN is deterministic). The loader must
+therefore give the same order every time it is built: no shuffling, or shuffling from a
+``torch.Generator`` seeded the same way.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -205,7 +211,8 @@ class KnockoffGAN(KnockoffGenerator):
         working_size: longer edge the networks work at (seed: 64 for ImageNet); None: input size.
         iterations, batch_size: default from the seed by working size: up to 16 pixels (the
             bundled 8 x 8 digits) 1500 and 128; up to 32 (CIFAR-10) 20000 and 128; above, 30000
-            and 512. The batch is capped at the number of images.
+            and 512. Batches are cut from the stream of passes over the loader, so one may end
+            one pass and begin the next.
         lr, betas: Adam's, for both networks (seed: lr 0.001).
         noise_channels: channels of the noise image z.
         width: base channel width; default 32 up to 16 pixels, else 64.
@@ -215,7 +222,7 @@ class KnockoffGAN(KnockoffGenerator):
             both networks are scored on the other blocks only.
         checkpoint_every: iterations between checkpoints when ``fit`` is given a path.
         seed: seeds network initialisation and the training generator.
-        max_images: read at most this many images from the loader.
+        max_images: train on at most the first this many images of each pass over the loader.
 
     Shape:
         - Input: :math:`(N, C, H, W)`.
@@ -323,29 +330,43 @@ class KnockoffGAN(KnockoffGenerator):
 
     # ------------------------------------------------------------------ training
 
-    def _read(self, loader: Iterable, device: torch.device) -> Tensor:
-        chunks, count = [], 0
-        for batch in loader:
-            x = images_of(batch)
-            if self.shape is None:
-                self._build(tuple(x.shape[1:]))
-            self._check_input(x, self.shape)
-            x = resize(x.to(device, torch.float32), self.work_hw)
-            if self.max_images is not None:
-                x = x[: self.max_images - count]
-            chunks.append(x)
+    def _passes(self, loader: Iterable, device: torch.device) -> Iterator[Tensor]:
+        """The loader's images at the working resolution on ``device``, pass after pass (the
+        first ``max_images`` of each); builds the networks from the first batch if needed."""
+        while True:
+            count = 0
+            for batch in loader:
+                x = images_of(batch)
+                if self.shape is None:
+                    self._build(tuple(x.shape[1:]))
+                self._check_input(x, self.shape)
+                if self.max_images is not None:
+                    x = x[: self.max_images - count]
+                count += x.shape[0]
+                yield resize(x.to(device, torch.float32), self.work_hw)
+                if self.max_images is not None and count >= self.max_images:
+                    break
+            if count < 2:
+                raise ValueError(f"loader must yield at least 2 images a pass, got {count}")
+
+    def _batches(self, loader: Iterable, device: torch.device) -> Iterator[Tensor]:
+        """Training batches of exactly ``batch_size`` images cut from :meth:`_passes`."""
+        held: list[Tensor] = []
+        count = 0
+        for x in self._passes(loader, device):
+            held.append(x)
             count += x.shape[0]
-            if self.max_images is not None and count >= self.max_images:
-                break
-        if count < 2:
-            raise ValueError(f"loader must yield at least 2 images, got {count}")
-        return torch.cat(chunks)
+            while count >= self.batch_size:
+                joined = torch.cat(held)
+                yield joined[: self.batch_size]
+                held, count = [joined[self.batch_size :]], count - self.batch_size
 
     @staticmethod
-    def _fingerprint(data: Tensor) -> float:
-        """Order-sensitive checksum of the training images (resuming needs the same data)."""
-        weights = torch.arange(1, data.shape[0] + 1, dtype=torch.float64, device=data.device)
-        return float((data.flatten(1).to(torch.float64).sum(1) * weights).sum())
+    def _fingerprint(x: Tensor, first: int) -> float:
+        """Order-sensitive checksum of a batch whose images sit at stream positions ``first``,
+        ``first + 1``, ...; summed over batches it identifies the images a run has consumed."""
+        weights = torch.arange(first + 1, first + x.shape[0] + 1, dtype=torch.float64, device=x.device)
+        return float((x.flatten(1).to(torch.float64).sum(1) * weights).sum())
 
     def fit(
         self,
@@ -357,13 +378,14 @@ class KnockoffGAN(KnockoffGenerator):
         progress: bool = True,
         callback: Callable[[int, dict[str, float]], None] | None = None,
     ) -> KnockoffGAN:
-        """Train on ``x`` or ``(x, y)`` batches (read once; see the module docstring).
+        """Train on ``x`` or ``(x, y)`` batches streamed from ``loader`` (module docstring).
 
         Args:
             device: where to train; default where the networks are (CPU before the first fit).
             checkpoint: path written atomically every ``checkpoint_every`` iterations and at the end.
             resume: continue from ``checkpoint`` when it exists (same data, order and config but
-                ``iterations`` / ``checkpoint_every``); the result equals an uninterrupted run.
+                ``iterations`` / ``checkpoint_every``); the images consumed before it are read
+                again to check them, and the result equals an uninterrupted run.
             progress: show a tqdm bar.
             callback: called as ``callback(iteration, losses)`` after every iteration.
 
@@ -374,20 +396,29 @@ class KnockoffGAN(KnockoffGenerator):
         if device is None:
             device = next(self.parameters()).device if self.shape is not None else torch.device("cpu")
         device = torch.device(device)
-        data = self._read(loader, device)
+        stream = self._batches(loader, device)
+        first = next(stream)  # builds the networks when the shape is not known yet
+        batches = itertools.chain([first], stream)
         self.to(device)
-        batch = min(self.batch_size, data.shape[0])
         opt_g = torch.optim.Adam(self.G.parameters(), lr=self.lr, betas=self.betas)
         opt_d = torch.optim.Adam(self.D.parameters(), lr=self.lr, betas=self.betas)
         rng = torch.Generator().manual_seed(self.seed + 1)
-        fingerprint = self._fingerprint(data)
-        start = 0
+        start, fingerprint = 0, 0.0
         if resume and checkpoint is not None and os.path.exists(checkpoint):
-            start = self._restore(checkpoint, fingerprint, opt_g, opt_d, rng)
+            start, saved_fingerprint, states = self._read_checkpoint(checkpoint)
+            for it, x in zip(range(start), batches):
+                fingerprint += self._fingerprint(x, it * self.batch_size)
+            if not math.isclose(saved_fingerprint, fingerprint, rel_tol=1e-9, abs_tol=1e-9):
+                raise ValueError(
+                    f"{checkpoint}: checkpoint was trained on other data or another order "
+                    "(resume with the same dataset and a loader that does not shuffle, or shuffles from the same seed)"
+                )
+            self._load_progress(checkpoint, states, opt_g, opt_d, rng)
         self.train()
         with tqdm(total=self.iterations, initial=start, disable=not progress, desc="KnockoffGAN", leave=False) as bar:
-            for it in range(start, self.iterations):
-                losses = self._step(data, batch, rng, opt_g, opt_d)
+            for it, x in zip(range(start, self.iterations), batches):
+                fingerprint += self._fingerprint(x, it * self.batch_size)
+                losses = self._step(x, rng, opt_g, opt_d)
                 done = it + 1
                 if checkpoint is not None and (done % self.checkpoint_every == 0 or done == self.iterations):
                     self._save_checkpoint(checkpoint, done, fingerprint, opt_g, opt_d, rng)
@@ -398,15 +429,13 @@ class KnockoffGAN(KnockoffGenerator):
                     callback(done, losses)
         return self.eval()
 
-    def _step(self, data: Tensor, batch: int, rng: torch.Generator, opt_g, opt_d) -> dict[str, float]:
-        dev = data.device
+    def _step(self, x: Tensor, rng: torch.Generator, opt_g, opt_d) -> dict[str, float]:
+        dev, batch = x.device, x.shape[0]
         grid = (self.work_hw[0] // self.block, self.work_hw[1] // self.block)
-        idx = torch.randint(data.shape[0], (batch,), generator=rng).to(dev)
         z = torch.randn((batch, self.noise_channels, *self.work_hw), generator=rng).to(dev)
         masks = (torch.rand((2, batch, 1, *grid), generator=rng) < 0.5).float().to(dev)
         revealed = (torch.rand((2, batch, 1, *grid), generator=rng) < self.hint_rate).float().to(dev)
         hints = revealed * (2 * masks - 1)
-        x = data[idx]
         xk = self.G(x, z)
 
         self.D.requires_grad_(True)
@@ -446,13 +475,14 @@ class KnockoffGAN(KnockoffGenerator):
             },
         )
 
-    def _restore(self, path, fingerprint: float, opt_g, opt_d, rng: torch.Generator) -> int:
+    def _read_checkpoint(self, path) -> tuple[int, float, dict]:
+        """(iteration, fingerprint, states) of a progress checkpoint written with this config."""
         obj = checkpoint.load(path, CHECKPOINT_KIND)
         try:
             saved = json.loads(obj["config"])
             iteration = int(obj["iteration"])
-            saved_fingerprint = float(obj["fingerprint"])
-            model, state_g, state_d, rng_state = obj["model"], obj["opt_g"], obj["opt_d"], obj["rng"]
+            fingerprint = float(obj["fingerprint"])
+            states = {key: obj[key] for key in ("model", "opt_g", "opt_d", "rng")}
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: incomplete KnockoffGAN checkpoint ({exc})") from None
         ours = self.config()
@@ -460,21 +490,18 @@ class KnockoffGAN(KnockoffGenerator):
         if differ:
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs {ours.get(k)!r}" for k in differ)
             raise ValueError(f"{path}: checkpoint was written with another config ({detail})")
-        if not math.isclose(saved_fingerprint, fingerprint, rel_tol=1e-9, abs_tol=1e-9):
-            raise ValueError(
-                f"{path}: checkpoint was trained on other data or another order "
-                "(resume with the same dataset and a loader that does not shuffle)"
-            )
         if not 0 <= iteration <= self.iterations:
             raise ValueError(f"{path}: checkpoint iteration {iteration} is outside [0, {self.iterations}]")
+        return iteration, fingerprint, states
+
+    def _load_progress(self, path, states: dict, opt_g, opt_d, rng: torch.Generator) -> None:
         try:
-            self.load_state_dict(model)
-            opt_g.load_state_dict(state_g)
-            opt_d.load_state_dict(state_d)
-            rng.set_state(rng_state)
+            self.load_state_dict(states["model"])
+            opt_g.load_state_dict(states["opt_g"])
+            opt_d.load_state_dict(states["opt_d"])
+            rng.set_state(states["rng"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: checkpoint state does not fit this KnockoffGAN ({exc})") from None
-        return iteration
 
     # ------------------------------------------------------------------ sampling
 
