@@ -195,3 +195,28 @@ def test_seed_defaults_scale_with_image_size():
         KnockoffGAN(iterations=0)
     with pytest.raises(ValueError, match="image inputs"):
         KnockoffGAN(shape=(64,))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"block": 0}, "block must be a positive int or None, got 0"),  # used to become the default
+        ({"width": 0}, "width must be a positive int or None, got 0"),  # likewise
+        ({"working_size": 0}, "working_size must be a positive int or None, got 0"),
+        ({"noise_channels": 0}, "noise_channels must be a positive int, got 0"),
+        ({"checkpoint_every": 2.5}, "checkpoint_every must be a positive int, got 2.5"),
+        ({"betas": (0.5, 1.0)}, r"betas must be two numbers in \[0, 1\)"),
+        ({"moment_weight": -1.0}, "moment_weight must be >= 0"),
+    ],
+)
+def test_arguments_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        KnockoffGAN(**kwargs)
+
+
+def test_swap_advantage_arguments_are_checked():
+    x = torch.rand(8, 1, 8, 8)
+    for kwargs, message in (({"steps": 0}, "steps must be a positive int"), ({"repeats": 0}, "repeats must be a positive int"),
+                            ({"hint_rate": 1.0}, r"hint_rate must be in \[0, 1\)")):
+        with pytest.raises(ValueError, match=message):
+            swap_advantage(x, x, block=2, **kwargs)

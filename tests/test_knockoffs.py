@@ -253,7 +253,9 @@ def test_working_layout_defaults_and_errors():
     with pytest.raises(ValueError, match=r"block=2 does not divide the image size 9x9; valid blocks: \[1, 3, 9\]"):
         GaussianKnockoffs(shape=(1, 9, 9), block=2)
     with pytest.raises(ValueError, match="block must be a positive int"):
-        GaussianKnockoffs(shape=(1, 8, 8), block=0)
+        GaussianKnockoffs(block=0)
+    with pytest.raises(ValueError, match="working_size must be a positive int or None, got 0"):
+        GaussianKnockoffs(working_size=0)
     with pytest.raises(ValueError, match="block=8 must be at most working_size=4"):
         GaussianKnockoffs(shape=(1, 16, 16), block=8, working_size=4)
 
@@ -600,4 +602,6 @@ def test_plots_write_png(tmp_path):
 
 def test_random_subsets_are_seeded():
     assert torch.equal(random_subsets(16, 5, seed=3), random_subsets(16, 5, seed=3))
+    with pytest.raises(ValueError, match="n_subsets must be a positive int, got 0"):
+        exchangeability(torch.rand(8, 4), torch.rand(8, 4), n_subsets=0)
     assert random_subsets(1000, 1, seed=0).float().mean() == pytest.approx(0.5, abs=0.06)

@@ -29,6 +29,7 @@ __all__ = [
     "pixel_groups",
     "default_block",
     "draw_normal",
+    "check_counts",
     "images_of",
     "working_layout",
     "resize",
@@ -43,6 +44,16 @@ def default_block(size: int) -> int:
     """Edge in pixels of the swap blocks at a working resolution of ``size``: 2 up to 32 pixels,
     then ``size // 16`` so that large images keep a 16 x 16 grid of blocks."""
     return 2 if size <= 32 else size // 16
+
+
+def check_counts(optional: bool = True, **values: Any) -> None:
+    """Raise a ValueError naming the first of ``values`` that is not a positive int (or None,
+    when ``optional``)."""
+    for name, value in values.items():
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
 
 
 def pixel_groups(shape: tuple[int, ...], block: int) -> Tensor:
@@ -72,7 +83,8 @@ def pixel_groups(shape: tuple[int, ...], block: int) -> Tensor:
 
 def working_layout(hw: tuple[int, int], working_size: int | None, block: int | None) -> tuple[tuple[int, int], int]:
     """The (h, w) an (H, W) image is knockoffed at and the swap-block edge there, so that the
-    blocks tile the working image exactly.
+    blocks tile the working image exactly. ``working_size`` and ``block``: positive or None
+    (the generators check them, see :func:`check_counts`).
 
     An image whose longer edge exceeds ``working_size`` is scaled so that edge is about
     ``working_size`` (seed §S2 generates ImageNet knockoffs at 64 x 64 and upsamples them), each
@@ -85,8 +97,6 @@ def working_layout(hw: tuple[int, int], working_size: int | None, block: int | N
         ValueError: naming ``block`` and the valid values when it cannot tile the image.
     """
     h, w = hw
-    if block is not None and (not isinstance(block, int) or block < 1):
-        raise ValueError(f"block must be a positive int or None, got {block!r}")
     longer = max(h, w)
     if working_size is not None and longer > working_size:
         b = default_block(working_size) if block is None else block

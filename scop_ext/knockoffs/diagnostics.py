@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import lemma2
 from ..checkpoint import write_json
-from .base import KnockoffGenerator, images_of, pixel_groups, resize
+from .base import KnockoffGenerator, check_counts, images_of, pixel_groups, resize
 from .baselines import PermutationKnockoffs
 from .gan import SwapDiscriminator, hidden_bce, swap_blocks
 from .plots import embedding_figure, knockoff_grid
@@ -131,8 +131,7 @@ def measurement_shape(shape: tuple[int, ...], grid: tuple[int, ...], max_dim: in
         ValueError: when one value per block and channel is already more than ``max_dim``
             coordinates, naming the size and the options.
     """
-    if not isinstance(max_dim, int) or max_dim < 1:
-        raise ValueError(f"max_dim must be a positive int, got {max_dim!r}")
+    check_counts(False, max_dim=max_dim)
     if len(shape) == 1:
         if len(grid) != 1 or grid[0] < 1 or shape[0] % grid[0]:
             raise ValueError(f"grid must be a number of groups dividing the {shape[0]} coordinates, got {tuple(grid)}")
@@ -154,11 +153,10 @@ def measurement_shape(shape: tuple[int, ...], grid: tuple[int, ...], max_dim: in
     return (c, rows * q, cols * q), q
 
 
-def random_subsets(n_groups: int, count: int, seed: int = 0) -> Tensor:
-    """(count, n_groups) bool: each group in each subset with probability 1/2."""
-    if not isinstance(count, int) or count < 1:
-        raise ValueError(f"n_subsets must be a positive int, got {count!r}")
-    return torch.rand((count, n_groups), generator=torch.Generator().manual_seed(seed)) < 0.5
+def random_subsets(n_groups: int, n_subsets: int, seed: int = 0) -> Tensor:
+    """(n_subsets, n_groups) bool: each group in each subset with probability 1/2."""
+    check_counts(False, n_subsets=n_subsets)
+    return torch.rand((n_subsets, n_groups), generator=torch.Generator().manual_seed(seed)) < 0.5
 
 
 def _covariance(z: Tensor) -> Tensor:
@@ -469,9 +467,7 @@ def swap_advantage(
     """
     if x.dim() != 4 or x.shape != xk.shape:
         raise ValueError(f"x and xk must be (N, C, H, W) of one shape, got {tuple(x.shape)} and {tuple(xk.shape)}")
-    for name, value in (("block", block), ("steps", steps), ("width", width), ("batch_size", batch_size), ("repeats", repeats)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_counts(False, block=block, steps=steps, width=width, batch_size=batch_size, repeats=repeats)
     if not 0 <= hint_rate < 1:
         raise ValueError(f"hint_rate must be in [0, 1), got {hint_rate}")
     if x.shape[-1] % block or x.shape[-2] % block:

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import checkpoint
-from .base import KnockoffGenerator, draw_normal, images_of, resize, working_layout
+from .base import KnockoffGenerator, check_counts, draw_normal, images_of, resize, working_layout
 
 __all__ = ["KnockoffGAN", "SwapDiscriminator", "swap_blocks", "hidden_bce", "CHECKPOINT_KIND"]
 
@@ -52,6 +52,12 @@ CHECKPOINT_KIND = "knockoff-gan-progress"
 _RESUMABLE_CHANGES = {"iterations", "checkpoint_every"}
 
 
+def _per_pixel(blocks: Tensor, like: Tensor) -> Tensor:
+    """(N, 1, H / b, W / b) one value per b x b block -> (N, 1, H, W), the size of ``like``."""
+    b = like.shape[-1] // blocks.shape[-1]
+    return blocks.repeat_interleave(b, -2).repeat_interleave(b, -1)
+
+
 def swap_blocks(x: Tensor, xk: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """``[x, x~]_swap(S)``: exchange the pixel blocks where ``mask`` is 1.
 
@@ -59,8 +65,7 @@ def swap_blocks(x: Tensor, xk: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         x, xk: (N, C, H, W).
         mask: (N, 1, H / b, W / b) of 0/1, one entry per b x b block.
     """
-    b = x.shape[-1] // mask.shape[-1]
-    full = mask.repeat_interleave(b, -2).repeat_interleave(b, -1).bool()
+    full = _per_pixel(mask, x).bool()
     return torch.where(full, xk, x), torch.where(full, x, xk)
 
 
@@ -156,9 +161,7 @@ class SwapDiscriminator(nn.Module):
         self.head = nn.Sequential(nn.Conv2d(2 * width, width, 1), act, nn.Conv2d(width, 1, 1))
 
     def forward(self, pair: Tensor, hint: Tensor) -> Tensor:
-        b = pair.shape[-1] // hint.shape[-1]
-        hint = hint.repeat_interleave(b, -2).repeat_interleave(b, -1)
-        f = self.features(torch.cat([pair, hint], 1))
+        f = self.features(torch.cat([pair, _per_pixel(hint, pair)], 1))
         context = f.mean((2, 3), keepdim=True).expand_as(f)
         return self.head(torch.cat([f, context], 1))
 
@@ -251,15 +254,18 @@ class KnockoffGAN(KnockoffGenerator):
         max_images: int | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("iterations", iterations), ("batch_size", batch_size), ("max_images", max_images)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        check_counts(block=block, working_size=working_size, iterations=iterations, batch_size=batch_size,
+                     width=width, max_images=max_images)
+        check_counts(False, noise_channels=noise_channels, checkpoint_every=checkpoint_every)
         if arch not in (None, "conv", "resnet"):
             raise ValueError(f"arch must be 'conv', 'resnet' or None, got {arch!r}")
-        if checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        for name, value in (("decorrelation_weight", decorrelation_weight), ("moment_weight", moment_weight)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
         self.block = block
         self.working_size = working_size
         self.iterations = iterations
@@ -289,12 +295,12 @@ class KnockoffGAN(KnockoffGenerator):
         c, h, w = shape
         self.work_hw, self.block = working_layout((h, w), self.working_size, self.block)
         size = max(self.work_hw)
-        self.arch = self.arch or ("conv" if size <= 32 else "resnet")
-        self.width = self.width or (32 if size <= 16 else 64)
-        if self.iterations is None or self.batch_size is None:
-            iters, batch = (1500, 128) if size <= 16 else (20000, 128) if size <= 32 else (30000, 512)
-            self.iterations = self.iterations or iters
-            self.batch_size = self.batch_size or batch
+        iters, batch = (1500, 128) if size <= 16 else (20000, 128) if size <= 32 else (30000, 512)
+        defaults = {"arch": "conv" if size <= 32 else "resnet", "width": 32 if size <= 16 else 64,
+                    "iterations": iters, "batch_size": batch}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.shape = shape
         self.layout = (c, *self.work_hw, self.block)
         resnet = self.arch == "resnet"

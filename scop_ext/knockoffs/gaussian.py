@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .base import KnockoffGenerator, draw_normal, images_of, pixel_groups, resize, working_layout
+from .base import KnockoffGenerator, check_counts, draw_normal, images_of, pixel_groups, resize, working_layout
 
 __all__ = ["GaussianKnockoffs", "ledoit_wolf", "equicorrelated_gamma", "sdp_gammas", "SDP_MAX_DIM"]
 
@@ -251,8 +251,7 @@ class GaussianKnockoffs(KnockoffGenerator):
             raise ValueError(f"method must be 'equi' or 'sdp', got {method!r}")
         if not (shrinkage == "ledoit-wolf" or (isinstance(shrinkage, (int, float)) and 0 <= shrinkage <= 1)):
             raise ValueError(f"shrinkage must be 'ledoit-wolf' or a number in [0, 1], got {shrinkage!r}")
-        if working_size is not None and working_size < 1:
-            raise ValueError(f"working_size must be >= 1 or None, got {working_size}")
+        check_counts(block=block, working_size=working_size)
         self.method = method
         self.shrinkage_rule = shrinkage
         self.working_size = working_size
