@@ -10,9 +10,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from scop_ext.data import digits
-from scop_ext.knockoffs import GaussianKnockoffs, KnockoffGAN
-from scop_ext.knockoffs.diagnostics import sample_batched, swap_advantage
+from scop_ext.knockoffs import ExternalKnockoffs, GaussianKnockoffs, KnockoffGAN
+from scop_ext.knockoffs.diagnostics import power, sample_batched, swap_advantage
 from scop_ext.knockoffs.gan import CHECKPOINT_KIND
+from tests.test_knockoffs import MAX_MEAN_CORR
 
 
 def tiny_gan(**kwargs) -> KnockoffGAN:
@@ -38,20 +39,31 @@ def stop_at(iteration: int):
     return callback
 
 
+def swap_test_failures(x: torch.Tensor, xk: torch.Tensor, start: dict) -> list[str]:
+    """The checks a trained GAN must pass: a fresh discriminator's advantage under half its
+    advantage on the untrained G, and power (mean correlation under MAX_MEAN_CORR)."""
+    end = swap_advantage(x, xk, block=2, steps=300, width=16, seed=0)
+    assert end["advantage"] > -5 * end["stderr"]  # a discriminator cannot do worse than chance
+    failures = [] if end["advantage"] < start["advantage"] / 2 else ["swap advantage"]
+    return failures + ([] if power(x, xk) < MAX_MEAN_CORR else ["power"])
+
+
 def test_training_lowers_swap_advantage(one_thread, loader):
     """Advantage = held-out accuracy - 1/2 of a *fresh* swap discriminator (300 Adam steps on
     half of the 1,347 digits, scored on the unrevealed blocks of the other half under 8 swap
     patterns: ~43k scored blocks, binomial standard error ~0.002). A fresh one, not the GAN's own,
-    so that the number measures the knockoffs, not how far the co-trained D has fallen behind."""
+    so that the number measures the knockoffs, not how far the co-trained D has fallen behind.
+    A generator that copies x would lower it to 0 too: power is checked beside it, and a copy
+    fails there."""
     x = digits("train").tensors[0]
     gan = tiny_gan(iterations=300)
     gan._build(tuple(x.shape[1:]))
     start = swap_advantage(x, sample_batched(gan, x, seed=0), block=2, steps=300, width=16, seed=0)
-    gan.fit(loader, progress=False)
-    end = swap_advantage(x, sample_batched(gan, x, seed=0), block=2, steps=300, width=16, seed=0)
     assert start["advantage"] > 0.3  # an untrained G is easy to tell apart
-    assert end["advantage"] < start["advantage"] / 2
-    assert end["advantage"] > -5 * end["stderr"]  # a discriminator cannot do worse than chance
+    gan.fit(loader, progress=False)
+    assert swap_test_failures(x, sample_batched(gan, x, seed=0), start) == []
+    copy = ExternalKnockoffs(lambda t: t.clone())
+    assert swap_test_failures(x, sample_batched(copy, x, seed=0), start) == ["power"]
 
 
 def test_resume_is_identical(one_thread, loader, tmp_path):

@@ -300,15 +300,34 @@ def test_generator_shapes_dtypes(fitted, digit_data, name):
     assert torch.equal(again, gen.sample(x[:17], generator=torch.Generator().manual_seed(0)))
 
 
-@pytest.mark.parametrize("name", ["gaussian", "gaussian-sdp", "gan", "external"])
-def test_exchangeability_below_permutation(fitted, digit_data, name):
-    _, _, (x, _) = digit_data
-    gen = fitted[name]
+# Power bound: mean corr(x_j, x~_j) of a copy x~ = x is 1 (and its gap is 0); exact
+# equicorrelated Gaussian knockoffs of the digits have 0.84, the test GAN about 0.6.
+MAX_MEAN_CORR = 0.9
+
+
+def quality_failures(gen, x: torch.Tensor) -> list[str]:
+    """The quality checks the generators must pass on the digits: exchangeability gap under half
+    the permutation's on one set of subsets, and power (mean correlation under MAX_MEAN_CORR)."""
     xk = sample_batched(gen, x, seed=0)
     null = PermutationKnockoffs().sample(x, generator=torch.Generator().manual_seed(1))
     _, block = measurement_shape(tuple(x.shape[1:]), gen.swap_grid(tuple(x.shape[1:])))
-    result = exchangeability(x, xk, block=block, n_subsets=20, seed=0, null=null)  # one set of subsets
-    assert result["gap"] < 0.5 * result["null_gap"]
+    result = exchangeability(x, xk, block=block, n_subsets=20, seed=0, null=null)
+    failures = [] if result["gap"] < 0.5 * result["null_gap"] else ["exchangeability"]
+    return failures + ([] if power(x, xk) < MAX_MEAN_CORR else ["power"])
+
+
+@pytest.mark.parametrize("name", ["gaussian", "gaussian-sdp", "gan", "external"])
+def test_exchangeability_below_permutation_with_power(fitted, digit_data, name):
+    _, _, (x, _) = digit_data
+    assert quality_failures(fitted[name], x) == []
+
+
+def test_quality_checks_reject_a_copy_and_a_permutation(digit_data):
+    """x~ = x is exactly exchangeable but has no power; a permutation has power but is not
+    exchangeable: each fails one of the checks above."""
+    _, _, (x, _) = digit_data
+    assert quality_failures(ExternalKnockoffs(lambda t: t.clone()), x) == ["power"]
+    assert quality_failures(PermutationKnockoffs(), x) == ["exchangeability"]
 
 
 @pytest.mark.cuda
@@ -343,12 +362,24 @@ def test_label_leakage(fitted, digit_data):
     accuracy from x~ alone is *not* a property of valid knockoffs of correlated pixels: the
     equicorrelated s is small for digits, x~ stays close to x and keeps most of its label
     information (measured: about 0.9 against 0.96 on x). It is a property of an independent copy,
-    which the permutation checks, and of nothing that leaks y, which the planted leak checks.
+    which the permutation checks, and of nothing that leaks y, which the planted leaks check.
     """
+
+    def bound(result: dict) -> float:
+        p = result["real_acc"]
+        return 3 * math.sqrt(2 * p * (1 - p) / result["n_test"])
+
     _, (x, y), _ = digit_data
-    result = label_leakage(x, sample_batched(fitted["gaussian"], x, seed=0), y, seed=0)
-    p, n_test = result["real_acc"], result["n_test"]
-    assert result["excess"] <= 3 * math.sqrt(2 * p * (1 - p) / n_test)
+    xk = sample_batched(fitted["gaussian"], x, seed=0)
+    result = label_leakage(x, xk, y, seed=0)
+    n_test = result["n_test"]
+    assert result["excess"] <= bound(result)
+    # negative control: the same knockoffs with y written into their top two rows must exceed it
+    leaky = xk.clone()
+    leaky[:, 0, :2, :] = 0
+    leaky[torch.arange(len(y)), 0, y // 8, y % 8] = 1.0
+    leaked = label_leakage(x, leaky, y, seed=0)
+    assert leaked["excess"] > bound(leaked)
     assert result["knockoff_acc"] < result["real_acc"]
     assert result["chance"] == pytest.approx(0.1, abs=0.01)
 
