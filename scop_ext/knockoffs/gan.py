@@ -5,8 +5,10 @@ A generator ``G(x, z) -> x~`` and a swap discriminator ``D`` are trained alterna
 KnockoffGAN, a hint revealing the swap state of a random ``hint_rate`` share of the blocks; it
 predicts, for the other blocks, whether they were swapped. ``G`` minimises
 
-    swap      cross-entropy of D's per-block predictions against the uninformative target 1/2
-              (the non-saturating form of "maximise D's loss": its minimum is D at chance)
+    swap      cross-entropy of D's per-block predictions against the target 1/2, minus log 2
+              (a confusion loss, 0 exactly when D says 1/2 on every hidden block; unlike the
+              minimax "maximise D's loss" it does not reward making D confidently wrong, and
+              unlike the non-saturating loss it does not aim at D's opposite label)
     + decorrelation_weight * mean_j corr(x_j, x~_j)^2
               (power: KnockoffGAN penalises the mutual information of x_j and x~_j with a MINE
               estimator; for Gaussians that information is about corr^2 / 2, so we use corr^2)
