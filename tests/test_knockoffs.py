@@ -261,7 +261,7 @@ def test_working_layout_defaults_and_errors():
 
 
 def test_diagnostics_measure_large_images_at_a_bounded_resolution(tmp_path):
-    """3 x 128 x 128 has d = 49,152: a dense 2d x 2d covariance would be 77 GB. Swap blocks are
+    """3 x 128 x 128 has d = 49,152: a dense 2d x 2d covariance would be 39 GB. Swap blocks are
     averaged in cells so that at most max_dim coordinates are measured."""
     import resource
 
@@ -280,7 +280,7 @@ def test_diagnostics_measure_large_images_at_a_bounded_resolution(tmp_path):
         check(gen, images, tmp_path / "fine", n=200, grid=(128, 128))
     assert not (tmp_path / "fine").exists()  # refused before sampling or writing anything
     flat = images.flatten(1)
-    with pytest.raises(ValueError, match=r"d=49152 coordinates > max_dim=3072: the 98304x98304 covariance would take 77.3 GB"):
+    with pytest.raises(ValueError, match=r"d=49152 coordinates > max_dim=3072: the 98304x98304 covariance would take 38.7 GB"):
         swap_gaps(flat, flat, torch.arange(flat.shape[1]), random_subsets(flat.shape[1], 1))
 
 

@@ -12,7 +12,9 @@ cut into ``q x q`` cells and every cell is averaged per channel (area resampling
 largest ``q`` that keeps ``d = C * rows * cols * q^2`` at most ``max_dim`` (default
 :data:`MAX_DIM`) and no finer than the input. Swapping whole blocks commutes with averaging
 inside them, so exchangeable pairs stay exchangeable at the measured resolution; what is lost
-is the detail inside a cell. Reports give the ``resolution`` and ``block`` measured at.
+is the detail inside a cell. (Where a block is not a whole number of input pixels, e.g. 100 px
+knockoffed at 32, cells at block edges share up to one input pixel, so this holds only
+approximately.) Reports give the ``resolution`` and ``block`` measured at.
 
 Exchangeability gap: with ``C = cov([x, x~])`` (2d x 2d) and ``P_S`` the permutation that swaps
 ``x_j`` and ``x~_j`` for the coordinates of the block groups in ``S``,
@@ -112,7 +114,7 @@ def _permutation_null(x: Tensor, seed: int) -> Tensor:
 # ---------------------------------------------------------------------------------- exchangeability
 
 # Coordinates per side of the pair measured by default: CIFAR-10 (3 x 32 x 32) at full
-# resolution; the 2d x 2d float64 covariance is then 302 MB.
+# resolution; the 2d x 2d covariance is then 151 MB (float32, see _covariance).
 MAX_DIM = 3072
 
 
@@ -146,7 +148,7 @@ def measurement_shape(shape: tuple[int, ...], grid: tuple[int, ...], max_dim: in
     if coarsest > max_dim:
         raise ValueError(
             f"one value per swap block and channel is already {c}x{rows}x{cols} = {coarsest} coordinates "
-            f"> max_dim={max_dim} (its covariance would take {(2 * coarsest) ** 2 * 8 / 1e9:.1f} GB): "
+            f"> max_dim={max_dim} (its covariance would take {_covariance_gb(coarsest):.1f} GB): "
             "use larger swap blocks (a coarser grid) or raise max_dim"
         )
     q = min(h // rows, w // cols, math.isqrt(max_dim // coarsest))
@@ -159,9 +161,18 @@ def random_subsets(n_groups: int, n_subsets: int, seed: int = 0) -> Tensor:
     return torch.rand((n_subsets, n_groups), generator=torch.Generator().manual_seed(seed)) < 0.5
 
 
+# widest covariance (2d columns) computed in float64; wider ones in float32, to halve the memory
+_FLOAT64_WIDTH = 4096
+
+
+def _covariance_gb(d: int) -> float:
+    """Size of the (2d, 2d) covariance of a pair, as :func:`_covariance` stores it."""
+    return (2 * d) ** 2 * (8 if 2 * d <= _FLOAT64_WIDTH else 4) / 1e9
+
+
 def _covariance(z: Tensor) -> Tensor:
     z = z.detach().cpu()
-    dtype = torch.float64 if z.shape[1] <= 4096 else torch.float32  # bounds memory for big d
+    dtype = torch.float64 if z.shape[1] <= _FLOAT64_WIDTH else torch.float32
     z = z.to(dtype)
     z = z - z.mean(0)
     return z.T @ z / max(z.shape[0] - 1, 1)
@@ -186,7 +197,7 @@ def swap_gaps(
     if d > max_dim:
         raise ValueError(
             f"x has d={d} coordinates > max_dim={max_dim}: the {2 * d}x{2 * d} covariance would take "
-            f"{(2 * d) ** 2 * 8 / 1e9:.1f} GB; measure fewer coordinates (coarser blocks for images, "
+            f"{_covariance_gb(d):.1f} GB; measure fewer coordinates (coarser blocks for images, "
             "pool='channel' for features) or raise max_dim"
         )
     if groups.shape != (d,):
