@@ -212,8 +212,9 @@ class KnockoffGAN(KnockoffGenerator):
     Args:
         shape: input ``(C, H, W)``; set by :meth:`fit`.
         block: swap-block edge in pixels at the working resolution (default 2 up to 32 pixels,
-            ``size // 16`` above).
-        working_size: longer edge the networks work at (seed: 64 for ImageNet); None: input size.
+            ``size // 16`` above; see :func:`~scop_ext.knockoffs.base.working_layout`).
+        working_size: about the longer edge the networks work at, each edge a multiple of the
+            block (seed: 64 for ImageNet); None: input size.
         iterations, batch_size: default from the seed by working size: up to 16 pixels (the
             bundled 8 x 8 digits) 1500 and 128; up to 32 (CIFAR-10) 20000 and 128; above, 30000
             and 512. Batches are cut from the stream of passes over the loader, so one may end

@@ -218,10 +218,10 @@ class GaussianKnockoffs(KnockoffGenerator):
     Args:
         shape: input shape without the batch, ``(C, H, W)`` or ``(d,)``; set by :meth:`fit`.
         block: swap-block edge in pixels at the working resolution (``(d,)`` inputs: group
-            length); default 2 up to 32 pixels (see :func:`~scop_ext.knockoffs.base.default_block`).
-        working_size: images whose longer edge exceeds this are knockoffed at that size and
-            upsampled bilinearly; None keeps the input size. The covariance is d x d with
-            ``d = C h w`` at the working size.
+            length); default 2 up to 32 pixels (see :func:`~scop_ext.knockoffs.base.working_layout`).
+        working_size: images whose longer edge exceeds this are knockoffed at about that size,
+            each edge a multiple of the block, and upsampled bilinearly; None keeps the input
+            size. The covariance is d x d with ``d = C h w`` at the working size.
         method: ``"equi"`` or ``"sdp"`` (module docstring; ``"sdp"`` up to ``d =``
             :data:`SDP_MAX_DIM`).
         shrinkage: ``"ledoit-wolf"`` or a fixed weight in [0, 1] towards ``(tr / d) I``.
