@@ -119,7 +119,7 @@ def _generator(task: dict, kind: str, seed: int, train):
     loader = DataLoader(train, batch_size=256, shuffle=False)
     if kind == "gaussian":
         return make_generator("gaussian").fit(loader)
-    path = os.path.join(task["cache"], f"gan-{task['dataset']}-it{task['gan_iterations']}-s{seed}-v10.pt")
+    path = os.path.join(task["cache"], f"gan-{task['dataset']}-it{task['gan_iterations']}-s{seed}-v11.pt")
     if os.path.exists(path):
         return load(path)
     gen = KnockoffGAN(iterations=task["gan_iterations"], seed=seed).fit(loader, progress=False, device=task["device"])
