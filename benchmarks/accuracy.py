@@ -122,6 +122,8 @@ def _generator(task: dict, kind: str, seed: int, train):
     path = os.path.join(task["cache"], f"gan-{task['dataset']}-it{task['gan_iterations']}-s{seed}-v11.pt")
     if os.path.exists(path):
         return load(path)
+    # The GAN trains on the loader's passes in order: shuffle them, from the seed.
+    loader = DataLoader(train, batch_size=256, shuffle=True, generator=torch.Generator().manual_seed(seed))
     gen = KnockoffGAN(iterations=task["gan_iterations"], seed=seed).fit(loader, progress=False, device=task["device"])
     gen.save(path)
     return gen
