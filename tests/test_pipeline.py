@@ -208,26 +208,46 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from scop_ext import convert, scop_layers
 from scop_ext.prune import distributed
+from scop_ext.prune.pipeline import PruneConfig, ScopPruner
 from scop_ext.prune.scales import learn_scales, fit_knockoff_biases
-from scop_ext.prune.train import make_loader, evaluate
+from scop_ext.prune.train import NonFiniteError, fit, make_loader, evaluate
 torch.set_num_threads(1)
 distributed.setup("cpu")
+out, global_batch, run_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 gen = torch.Generator().manual_seed(0)
 x = torch.randn(128, 2, 6, 6, generator=gen); y = torch.randint(0, 3, (128,), generator=gen)
 x[:, 0] += y[:, None, None]
 pairs = TensorDataset(x, torch.randn(x.shape, generator=gen), y)
-torch.manual_seed(0)
-net = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1),
-                    nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
-convert(net)
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+net = convert(small_net())
 fit_knockoff_biases(net, DataLoader(pairs, 64), "cpu", batches=1)  # same data on every rank
-per_rank = int(sys.argv[2]) // distributed.world_size()
+per_rank = global_batch // distributed.world_size()
 learn_scales(net, make_loader(pairs, per_rank, shuffle=True, seed=3), "cpu", epochs=2, bn="frozen", progress=False)
 for layer in scop_layers(net).values():
     layer.disable_scop()  # evaluate the plain network
 metrics = evaluate(net, make_loader(TensorDataset(x, y), 50, shuffle=False, evaluation=True), "cpu")
-if distributed.is_main():
-    torch.save({"betas": {n: l.beta.detach() for n, l in scop_layers(net).items()}, "metrics": metrics}, sys.argv[1])
+# stage 1 and the BN recalibration of stage 4, through the pipeline
+torch.manual_seed(0)
+pruner = ScopPruner(PruneConfig(batch_size=64, bn_batches=3, latency=False), run_dir, progress=False)
+knockoffs = {k: v.clone() for k, v in pruner.fit_knockoffs().state_dict().items()}
+pruner.recalibrate_bn()
+bn = {k: v.clone() for k, v in pruner.model.state_dict().items() if ".running_" in k}
+# image 20 lies in process 1's half of the first global batch
+poisoned = x.clone()
+poisoned[20] = float("nan")
+try:
+    fit(small_net(), make_loader(TensorDataset(poisoned, y), per_rank, shuffle=False), None, epochs=1, lr=0.1,
+        device="cpu", progress=False)
+    error = None
+except NonFiniteError as exc:
+    error = str(exc)
+torch.save({"betas": {n: l.beta.detach() for n, l in scop_layers(net).items()}, "metrics": metrics,
+            "knockoffs": knockoffs, "bn": bn, "error": error}, f"{out}.{distributed.rank()}")
 distributed.teardown()
 """
 
@@ -236,14 +256,24 @@ def test_ddp_two_processes_match_one(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     single = tmp_path / "single.pt"
-    subprocess.run([sys.executable, str(script), str(single), "32"], check=True, env=ENV, timeout=300)
+    subprocess.run([sys.executable, str(script), str(single), "32", str(tmp_path / "run1")], check=True, env=ENV,
+                   timeout=300)
     double = tmp_path / "double.pt"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                    str(_free_port()), str(script), str(double), "32"], check=True, env=ENV, timeout=300,
-                   capture_output=True)
-    a, b = torch.load(single), torch.load(double)
+                    str(_free_port()), str(script), str(double), "32", str(tmp_path / "run2")], check=True, env=ENV,
+                   timeout=300, capture_output=True)
+    a, b, b1 = torch.load(f"{single}.0"), torch.load(f"{double}.0"), torch.load(f"{double}.1")
     for name, beta in a["betas"].items():
         assert not torch.equal(beta, torch.full_like(beta, 0.5))
         torch.testing.assert_close(b["betas"][name], beta, atol=1e-5, rtol=1e-4)
     assert a["metrics"] == pytest.approx(b["metrics"])
     assert b["metrics"]["count"] == 128
+    # every process holds the one generator and the BN statistics one process computes
+    for part in ("knockoffs", "bn"):
+        assert a[part].keys() == b[part].keys() == b1[part].keys() and a[part]
+        for key, value in a[part].items():
+            assert torch.equal(b[part][key], b1[part][key]), f"{part} {key} differs between the processes"
+            assert torch.equal(b[part][key], value), f"{part} {key} differs from one process's"
+    # a NaN only process 1 saw stopped both processes, with one message
+    assert a["error"].startswith("finetune: loss became nan at epoch 0, step 0")
+    assert b["error"] == b1["error"] == a["error"] + " (found by process 1 of 2)"

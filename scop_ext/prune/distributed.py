@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["setup", "teardown", "rank", "world_size", "is_main", "all_reduce_sum", "barrier", "ShardedBatchSampler", "ShardSampler"]
+__all__ = ["setup", "teardown", "rank", "world_size", "is_main", "all_reduce_sum", "any_process", "gather_objects",
+           "broadcast_", "barrier", "ShardedBatchSampler", "ShardSampler"]
 
 
 def setup(device: torch.device | str | None = None) -> bool:
@@ -56,6 +57,43 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process: one all-reduce, so every process takes the same branch."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every process, in rank order (pickled: for rare, small values such as error messages)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_(tensors, src: int = 0) -> None:
+    """Overwrite ``tensors`` on every process with process ``src``'s values (same shapes everywhere)."""
+    if not dist.is_initialized():
+        return
+    device = _collective_device()
+    for t in tensors:
+        buffer = t.detach().to(device)
+        dist.broadcast(buffer, src)
+        with torch.no_grad():
+            t.copy_(buffer)
+
+
+def _collective_device() -> torch.device:
+    # nccl moves CUDA tensors only; gloo CPU ones.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _order(n: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
     if not shuffle:
         return list(range(n))
@@ -66,18 +104,24 @@ def _order(n: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
 class ShardedBatchSampler(Sampler[list[int]]):
     """Global batches of ``batch_size * world`` indices, each split into contiguous per-rank parts.
 
-    One process sees exactly the global batches that ``world`` processes see together, in the
-    same order (a permutation keyed on ``seed`` and the epoch), so averaged gradients match.
-    Call :meth:`set_epoch` at each epoch.
+    The global batches follow one permutation keyed on ``seed`` and the epoch, whatever the
+    number of processes, so averaged gradients match those of one process on the same global
+    batches. The exception is a short last batch: it cannot be split evenly, so several
+    processes drop it while one process keeps it; with ``drop_last=True`` it is dropped
+    everywhere and one process sees exactly the global batches that ``world`` processes see
+    together. Call :meth:`set_epoch` at each epoch.
+
+    Args:
+        shard: ``(rank, world)``; default this process's place in the process group. ``(0, 1)``
+            gives every process the whole of every batch.
     """
 
     def __init__(self, length: int, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
-                 rank: int | None = None, world: int | None = None):
+                 shard: tuple[int, int] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.length, self.batch_size, self.shuffle, self.seed, self.drop_last = length, batch_size, shuffle, seed, drop_last
-        self.rank = globals()["rank"]() if rank is None else rank
-        self.world = world_size() if world is None else world
+        self.rank, self.world = (rank(), world_size()) if shard is None else shard
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -87,7 +131,6 @@ class ShardedBatchSampler(Sampler[list[int]]):
         order = _order(self.length, self.shuffle, self.seed, self.epoch)
         size = self.batch_size * self.world
         batches = [order[i : i + size] for i in range(0, len(order), size)]
-        # A short last batch cannot be split evenly, so it is dropped under several processes.
         if batches and len(batches[-1]) < size and (self.drop_last or self.world > 1):
             batches.pop()
         return batches
@@ -104,10 +147,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
 class ShardSampler(Sampler[int]):
     """Every index exactly once across ranks (``rank::world``), no padding: for exact evaluation."""
 
-    def __init__(self, length: int, rank: int | None = None, world: int | None = None):
+    def __init__(self, length: int, shard: tuple[int, int] | None = None):
         self.length = length
-        self.rank = globals()["rank"]() if rank is None else rank
-        self.world = world_size() if world is None else world
+        self.rank, self.world = (rank(), world_size()) if shard is None else shard
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.length, self.world))

@@ -267,9 +267,10 @@ class ScopPruner:
     def _path(self, name: str) -> str:
         return os.path.join(self.out_dir, name)
 
-    def _loader(self, dataset, *, shuffle: bool, evaluation: bool = False, batch_size: int | None = None):
+    def _loader(self, dataset, *, shuffle: bool, evaluation: bool = False, batch_size: int | None = None,
+                sharded: bool = True):
         return make_loader(dataset, batch_size or self.config.batch_size, shuffle=shuffle, seed=self.config.seed,
-                           evaluation=evaluation)
+                           evaluation=evaluation, sharded=sharded)
 
     def _finish(self, stage: str) -> None:
         self.completed.append(stage)
@@ -290,12 +291,18 @@ class ScopPruner:
     # ------------------------------------------------------------------ the steps
 
     def fit_knockoffs(self):
-        """Stage 1: fit the knockoff generator on the (unaugmented) training images."""
+        """Stage 1: fit the knockoff generator on the (unaugmented) training images.
+
+        Under torchrun every process fits on the whole training set in the same order (none waits
+        idle for another, which could outlast the process group's timeout), then all take process
+        0's state, so they sample the same knockoffs even where CUDA kernels are not deterministic.
+        """
         from ..knockoffs import make_generator
 
         torch.manual_seed(self.config.seed)
         gen = make_generator(self.config.knockoffs, **self.config.knockoff_options)
-        gen.fit(self._loader(self.train_set, shuffle=True))
+        gen.fit(self._loader(self.train_set, shuffle=True, sharded=False))
+        distributed.broadcast_(gen.state_dict().values())
         self.knockoffs = gen
         if distributed.is_main():
             gen.save(self._path("knockoffs.pt"))
@@ -317,7 +324,8 @@ class ScopPruner:
     def _require_memory(self, what: str, *, paired: bool, optimizer_slots: int, host_cache: int = 0) -> None:
         """Stop with a ResourceError before ``what`` starts if its batch would not fit (see resources.py).
 
-        Under torchrun each process holds batch_size / world images, so the check is conservative.
+        Under torchrun each process holds batch_size images (the global batch is batch_size x
+        world), so the check is of what every process needs on its own device.
         """
         trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
         if paired:  # stage 2 trains the scales only
@@ -346,6 +354,11 @@ class ScopPruner:
             report = fit_knockoff_biases(self.model, calibration, self.device, gamma=cfg.bias_gamma)
             self.results["lemma2"] = {name: {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()}
                                       for name, r in report.items()}
+        if cfg.bn == "batch" and distributed.world_size() > 1:
+            self.results["notes"].append(
+                f"stage 2 ran on {distributed.world_size()} processes with bn=batch: BatchNorm normalised each "
+                "process's part of the batch (it is not synchronised), so beta depends on the number of processes; "
+                "bn=frozen does not")
         history = learn_scales(
             self.model, self._loader(pairs, shuffle=True), self.device, epochs=cfg.scales_epochs, lr=cfg.scales_lr,
             betas=tuple(cfg.scales_betas), knockoff_bias=cfg.knockoff_bias, bn=cfg.bn, seed=cfg.seed,
@@ -383,8 +396,11 @@ class ScopPruner:
         return self.model
 
     def recalibrate_bn(self) -> int:
-        """Stage 4b: re-estimate BN statistics of the pruned network on training data."""
-        used = recalibrate_bn(self.model, self._loader(self.train_set, shuffle=True), self.device,
+        """Stage 4b: re-estimate BN statistics of the pruned network on training data.
+
+        Under torchrun every process runs the same whole batches, so all hold the same statistics.
+        """
+        used = recalibrate_bn(self.model, self._loader(self.train_set, shuffle=True, sharded=False), self.device,
                               batches=self.config.bn_batches)
         self.results["after_prune"] = self._metrics(self.model)
         if distributed.is_main():

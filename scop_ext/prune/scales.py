@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .. import checkpoint, lemma2
 from ..layers import scop_layers
 from . import distributed
-from .train import NonFiniteError, nonfinite_error, set_epoch
+from .train import NonFiniteError, nonfinite_error, raise_on_every_process, set_epoch
 
 __all__ = ["pair_dataset", "PairedDataset", "fit_knockoff_biases", "learn_scales", "ScaleHistory"]
 
@@ -156,15 +156,17 @@ def learn_scales(
         knockoff_bias: add the Lemma 2 biases fitted by :func:`fit_knockoff_biases`.
         bn: ``"batch"`` normalises over the 2N batch as the authors do (running statistics are
             restored afterwards, so the pretrained model is unchanged); ``"frozen"`` uses the
-            stored statistics.
+            stored statistics. Under torchrun ``"batch"`` normalises over each process's own
+            part of the batch (BatchNorm is not synchronised: torch's SyncBatchNorm runs on GPUs
+            only), so beta then depends on the number of processes; ``"frozen"`` does not.
         seed: keys the Lemma 2 bias draws; together with the loader's order it fixes the result.
         checkpoint_path: after each epoch the betas, optimizer and history are written there
             atomically; a later call with the same path resumes after the last complete epoch.
 
     Raises:
         NonFiniteError: naming the step and the layer when the loss or a beta is not finite
-            (for the loss, the first layer whose output is). Nothing is written for that epoch,
-            so the last checkpoint stays good.
+            (for the loss, the first layer whose output is), on every process at once under
+            torchrun. Nothing is written for that epoch, so the last checkpoint stays good.
     """
     from tqdm.auto import tqdm
 
@@ -215,15 +217,18 @@ def learn_scales(
                 paired = torch.cat([x, xk])
                 logits = ddp(paired)[: x.shape[0]]
                 loss = F.cross_entropy(logits, y)
-                if not torch.isfinite(loss):
-                    raise nonfinite_error("learn_scales", f"loss became {loss.item()}", epoch, step, model, paired)
+                finite = bool(torch.isfinite(loss))
+                if distributed.any_process(not finite):
+                    raise_on_every_process(None if finite else nonfinite_error(
+                        "learn_scales", f"loss became {loss.item()}", epoch, step, model, paired))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 for layer in layers.values():
                     layer.clamp_beta_()
                 # One check of every beta after the update (a single sync): a NaN/Inf gradient or
-                # anything else that corrupted a beta shows up here, at the step that did it.
+                # anything else that corrupted a beta shows up here, at the step that did it. The
+                # gradients are averaged across processes, so every process stops here together.
                 finite = torch.stack([torch.isfinite(beta).all() for beta in named_betas.values()])
                 if not bool(finite.all()):
                     name = list(named_betas)[int((~finite).nonzero()[0])]

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from .. import checkpoint
 from . import distributed
 
-__all__ = ["NonFiniteError", "first_nonfinite_layer", "nonfinite_error", "make_loader", "evaluate", "recalibrate_bn", "fit", "FitResult"]
+__all__ = ["NonFiniteError", "first_nonfinite_layer", "nonfinite_error", "raise_on_every_process", "make_loader", "evaluate",
+           "recalibrate_bn", "fit", "FitResult"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -79,17 +80,32 @@ def nonfinite_error(stage: str, what: str, epoch: int, step: int, model: nn.Modu
     return NonFiniteError(f"{stage}: {what} at epoch {epoch}, step {step}; {where}")
 
 
+def raise_on_every_process(local: NonFiniteError | None) -> None:
+    """Raise, on every process, the error of the first process that found a fault (``local`` is
+    None on the others).
+
+    Call it on every process once any of them has found one (:func:`distributed.any_process`):
+    a process raising alone would leave the others waiting forever in the next all-reduce.
+    """
+    messages = distributed.gather_objects(None if local is None else str(local))
+    first = next(r for r, m in enumerate(messages) if m is not None)
+    where = f" (found by process {first} of {len(messages)})" if len(messages) > 1 else ""
+    raise NonFiniteError(messages[first] + where)
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
-                num_workers: int = 0, evaluation: bool = False) -> DataLoader:
+                num_workers: int = 0, evaluation: bool = False, sharded: bool = True) -> DataLoader:
     """A DataLoader whose order depends only on ``seed`` and the epoch (see ``set_epoch``).
 
-    Training loaders split every global batch across processes under torchrun; evaluation loaders
-    give each index to exactly one process.
+    Training loaders split every global batch across processes under torchrun (``sharded=False``:
+    every process gets every batch whole, for work all processes must do identically);
+    evaluation loaders give each index to exactly one process.
     """
     if evaluation:
         return DataLoader(dataset, batch_size=batch_size, sampler=distributed.ShardSampler(len(dataset)),
                           num_workers=num_workers)
-    sampler = distributed.ShardedBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    sampler = distributed.ShardedBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                              shard=None if sharded else (0, 1))
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
 
 
@@ -150,6 +166,9 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device | 
     After physical pruning the stored statistics no longer describe the smaller network's
     activations. Uses a cumulative average (momentum None), then restores each layer's momentum.
     Returns the number of batches used.
+
+    Under torchrun give every process the same, unsharded loader (``make_loader(...,
+    sharded=False)``): every process then computes the same statistics.
     """
     device = torch.device(device)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -221,7 +240,8 @@ def fit(
 
     Raises:
         NonFiniteError: at the step whose loss is NaN/Inf, naming the first layer whose output
-            is not finite. Nothing is written for that epoch, so the last checkpoint stays good.
+            is not finite, on every process at once under torchrun. Nothing is written for that
+            epoch, so the last checkpoint stays good.
     """
     from tqdm.auto import tqdm
 
@@ -256,10 +276,11 @@ def fit(
             with _autocast(device, amp):
                 logits = ddp(x)
                 loss = F.cross_entropy(logits.float(), y)
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if distributed.any_process(not finite):
                 with _autocast(device, amp):  # find the layer under the precision the step ran in
-                    error = nonfinite_error(stage, f"loss became {loss.item()}", epoch, step, model, x)
-                raise error
+                    error = None if finite else nonfinite_error(stage, f"loss became {loss.item()}", epoch, step, model, x)
+                raise_on_every_process(error)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
