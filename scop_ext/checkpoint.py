@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT_VERSION", "TEMP_PREFIX", "CheckpointError", "save", "load", "atomic_write_bytes", "atomic_write_text",
-           "write_json", "load_yaml"]
+__all__ = ["FORMAT_VERSION", "TEMP_PREFIX", "CheckpointError", "save", "load", "save_progress", "load_progress",
+           "atomic_write_bytes", "atomic_write_text", "write_json", "load_yaml"]
 
 FORMAT_VERSION = 1
 TEMP_PREFIX = ".tmp-"  # files being written; a killed writer leaves one behind, never a half target
@@ -105,6 +105,45 @@ def load(path: str | os.PathLike, kind: str, map_location: str | torch.device = 
     if blob.get("kind") != kind:
         raise CheckpointError(f"{path}: holds a {blob.get('kind')!r} checkpoint, expected {kind!r}")
     return blob["payload"]
+
+
+def save_progress(path: str | os.PathLike, kind: str, settings: dict, payload: dict) -> None:
+    """:func:`save` for the progress of a resumable stage, recording the ``settings`` it belongs to
+    (JSON-able values) for :func:`load_progress` to match."""
+    save(path, kind, {**payload, "settings": json.dumps(settings, sort_keys=True, default=_json_default)})
+
+
+def load_progress(path: str | os.PathLike, kind: str, settings: dict, map_location: str | torch.device = "cpu") -> dict | None:
+    """The payload of the progress file at ``path`` if it was written under ``settings``; None
+    when there is no file.
+
+    A file of other settings, or one that records none, is refused rather than ignored: resuming
+    it would mix two runs, and starting over would overwrite the other run's work.
+
+    Raises:
+        CheckpointError: one line naming the file and every setting that differs.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return None
+    payload = load(path, kind, map_location)
+    start_over = "delete the file (or use another output folder) to start over"
+    try:
+        saved = json.loads(payload["settings"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: records no settings to match this run against; {start_over}") from None
+    ours = json.loads(json.dumps(settings, sort_keys=True, default=_json_default))
+    if saved != ours:
+        differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+        detail = ", ".join(f"{k}: {_brief(saved.get(k))} there, {_brief(ours.get(k))} now" for k in differ)
+        raise CheckpointError(f"{path}: progress of a run with other settings ({detail}); rerun with its settings "
+                              f"to resume it, or {start_over}")
+    return payload
+
+
+def _brief(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_yaml(text: str) -> Any:

@@ -75,10 +75,13 @@ def cmd_train(args) -> int:
     fit_idx, val_idx = holdout(len(train), args.val_fraction)
     val = make_loader(Subset(plain, val_idx), 256, shuffle=False, evaluation=True) if val_idx else None
     model = build_model(args.model, info.num_classes, info.in_channels)
+    # An earlier run's progress in --out is resumed only if it had these same settings.
+    settings = {"model_name": args.model, "dataset": args.dataset, "data_root": args.data_root,
+                "batch_size": args.batch_size, "val_fraction": args.val_fraction, "seed": args.seed}
     result = fit(model, make_loader(Subset(train, fit_idx), args.batch_size, shuffle=True, seed=args.seed),
                  val, epochs=args.epochs, lr=args.lr,
                  device=device, weight_decay=args.weight_decay, stage="train",
-                 checkpoint_path=os.path.join(args.out, "train-progress.pt"), log=print)
+                 checkpoint_path=os.path.join(args.out, "train-progress.pt"), settings=settings, log=print)
     metrics = evaluate(model, make_loader(test, 256, shuffle=False, evaluation=True), device)
     paths = save_model(model, os.path.join(args.out, "model"), model_name=args.model,
                        num_classes=info.num_classes, in_channels=info.in_channels)

@@ -54,14 +54,14 @@ def test_api_end_to_end(baseline, tmp_path):
     np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
 
 
-def test_validation_is_held_out_of_training(baseline):
+def test_validation_is_held_out_of_training(baseline, tmp_path):
     """Fine-tuning picks its epoch on a part of the training split nothing is trained on."""
-    pruner = ScopPruner(PruneConfig(weights=baseline, val_fraction=0.2, **TINY), "/tmp/unused", progress=False)
+    pruner = ScopPruner(PruneConfig(weights=baseline, val_fraction=0.2, **TINY), tmp_path, progress=False)
     fit_idx, val_idx = set(pruner.train_set.indices), set(pruner.val_set.indices)
     assert not fit_idx & val_idx and len(fit_idx | val_idx) == len(pruner.train_set.dataset)
     assert len(val_idx) == round(0.2 * len(pruner.train_set.dataset))
     assert pruner.train_aug.indices == pruner.train_set.indices
-    assert ScopPruner(PruneConfig(weights=baseline, val_fraction=0.0, **TINY), "/tmp/unused",
+    assert ScopPruner(PruneConfig(weights=baseline, val_fraction=0.0, **TINY), tmp_path,
                       progress=False).val_set is None
     with pytest.raises(ValueError, match="val_fraction"):
         PruneConfig(weights=baseline, val_fraction=1.0).validate()
@@ -75,15 +75,46 @@ def test_validation_is_held_out_of_training(baseline):
         ("fdr", dict(fdr_q=0.2, min_channels=2), lambda r: all(w >= 2 for w in r["widths_after"].values())),
     ],
 )
-def test_policies_through_the_pipeline(baseline, policy, params, check):
-    pruner = ScopPruner(PruneConfig(weights=baseline, policy=policy, **params, **TINY), "/tmp/unused", progress=False)
+def test_policies_through_the_pipeline(baseline, tmp_path, policy, params, check):
+    pruner = ScopPruner(PruneConfig(weights=baseline, policy=policy, **params, **TINY), tmp_path, progress=False)
     pruner.knockoffs = scop_ext.knockoffs.make_generator("gaussian").fit(pruner._loader(pruner.train_set, shuffle=False))
     pruner.convert()
     pruner.learn_scales()
     pruner.select()
     pruner.prune()
     assert check(pruner.results)
+    assert (tmp_path / "scales-progress.pt").exists()  # stage 2 ran here, not resumed from another case
     pruner.model(torch.randn(2, 1, 8, 8))
+
+
+def test_progress_of_other_settings_is_refused_not_resumed(baseline, tmp_path):
+    """A progress file left by a run with other settings is neither resumed nor overwritten."""
+    first = ScopPruner(PruneConfig(weights=baseline, **TINY), tmp_path, progress=False)
+    first.fit_knockoffs()
+    first.convert()
+    first.learn_scales()
+    kept = (tmp_path / "scales-progress.pt").read_bytes()
+    other = ScopPruner(PruneConfig(weights=baseline, **{**TINY, "scales_lr": 0.01}), tmp_path, progress=False)
+    other.knockoffs = first.knockoffs
+    other.convert()
+    with pytest.raises(CheckpointError, match=r"scales-progress.pt: progress of a run with other settings "
+                                              r"\(lr: 0.004 there, 0.01 now, scales_lr: 0.004 there, 0.01 now\)"):
+        other.learn_scales()
+    assert (tmp_path / "scales-progress.pt").read_bytes() == kept
+    assert all(torch.equal(layer.beta, torch.full_like(layer.beta, 0.5)) for layer in scop_layers(other.model).values())
+
+
+def test_scop_train_refuses_the_progress_of_other_settings(tmp_path, capsys):
+    from scop_ext.cli import main
+
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    kept = (tmp_path / "train-progress.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--epochs", "2", "--lr", "0.05", "--out", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "train-progress.pt: progress of a run with other settings (epochs: 1 there, 2 now, lr: 0.1 there, 0.05 now)" in lines[0]
+    assert (tmp_path / "train-progress.pt").read_bytes() == kept
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])

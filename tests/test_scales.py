@@ -1,5 +1,6 @@
 """Stage 2 (learn_scales), the Lemma 2 bias fit, and the shared training loop."""
 
+import re
 
 import pytest
 import torch
@@ -141,3 +142,40 @@ def test_fit_recalibrate_evaluate(tmp_path):
     metrics = evaluate(net, make_loader(data, 64, shuffle=False, evaluation=True), "cpu")
     assert metrics["top1"] == pytest.approx(result.best_top1) and metrics["count"] == len(data)
     assert recalibrate_bn(net, make_loader(data, 16, shuffle=False), "cpu", batches=2) == 2
+
+
+def test_progress_of_other_settings_is_refused(tmp_path):
+    path = str(tmp_path / "progress.pt")
+    loader = make_loader(_pairs(), 16, shuffle=True)
+    learn_scales(convert(_net()), loader, "cpu", epochs=1, checkpoint_path=path, progress=False)
+    saved = checkpoint.load(path, "scales-progress")
+    for change, pattern in ((dict(bn="frozen"), 'bn: "batch" there, "frozen" now'),
+                            (dict(seed=1), "seed: 0 there, 1 now"),
+                            (dict(settings={"run": "other"}), 'run: null there, "other" now')):
+        net = convert(_net())
+        with pytest.raises(checkpoint.CheckpointError, match=re.escape(pattern)):
+            learn_scales(net, loader, "cpu", epochs=2, checkpoint_path=path, progress=False, **change)
+        assert all(torch.equal(layer.beta, torch.full_like(layer.beta, 0.5)) for layer in scop_layers(net).values())
+    assert torch.equal(checkpoint.load(path, "scales-progress")["betas"]["0"], saved["betas"]["0"])
+    longer = str(tmp_path / "longer.pt")
+    learn_scales(convert(_net()), loader, "cpu", epochs=2, checkpoint_path=longer, progress=False)
+    with pytest.raises(checkpoint.CheckpointError, match="holds 2 epochs of progress, more than the epochs=1 asked for"):
+        learn_scales(convert(_net()), loader, "cpu", epochs=1, checkpoint_path=longer, progress=False)
+
+
+def test_fit_refuses_the_progress_of_other_settings(tmp_path):
+    path = tmp_path / "ft.pt"
+    data = make_loader(_data(), 16, shuffle=True)
+    fit(_net(), data, None, epochs=2, lr=0.05, device="cpu", checkpoint_path=str(path), progress=False)
+    kept = path.read_bytes()
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape("(epochs: 2 there, 3 now)")):
+        fit(_net(), data, None, epochs=3, lr=0.05, device="cpu", checkpoint_path=str(path), progress=False)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape("(data: null there, \"cifar\" now)")):
+        fit(_net(), data, None, epochs=2, lr=0.05, device="cpu", checkpoint_path=str(path), settings={"data": "cifar"},
+            progress=False)
+    assert path.read_bytes() == kept
+    state = checkpoint.load(path, "finetune-progress")
+    del state["settings"]  # as written before progress files recorded their settings
+    checkpoint.save(path, "finetune-progress", state)
+    with pytest.raises(checkpoint.CheckpointError, match="records no settings to match this run against"):
+        fit(_net(), data, None, epochs=2, lr=0.05, device="cpu", checkpoint_path=str(path), progress=False)

@@ -362,7 +362,7 @@ class ScopPruner:
         history = learn_scales(
             self.model, self._loader(pairs, shuffle=True), self.device, epochs=cfg.scales_epochs, lr=cfg.scales_lr,
             betas=tuple(cfg.scales_betas), knockoff_bias=cfg.knockoff_bias, bn=cfg.bn, seed=cfg.seed,
-            checkpoint_path=self._path("scales-progress.pt"), progress=self.progress,
+            checkpoint_path=self._path("scales-progress.pt"), settings=cfg.to_dict(), progress=self.progress,
         )
         self.results["scales_history"] = history.as_dict()
         self.results["betas"] = {n: l.beta.detach().cpu().tolist() for n, l in scop_layers(self.model).items()}
@@ -420,7 +420,8 @@ class ScopPruner:
             result = fit(self.model, self._loader(self.train_aug, shuffle=True), val,
                          epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, device=self.device,
                          weight_decay=cfg.weight_decay, amp=cfg.amp, stage="finetune",
-                         checkpoint_path=self._path("finetune-progress.pt"), progress=self.progress)
+                         checkpoint_path=self._path("finetune-progress.pt"), settings=cfg.to_dict(),
+                         progress=self.progress)
             self.results["finetune_history"] = result.history
         if distributed.is_main():
             self._save_model("final")
@@ -455,8 +456,10 @@ class ScopPruner:
         done = set(state["completed"]) if state else set()
         if state:
             self.results.update(state["results"])
-        elif distributed.is_main():
-            for name in os.listdir(self.out_dir):  # a fresh run must not resume stale progress files
+        if not resume and distributed.is_main():
+            # Not resuming means starting over. With --resume they stay, even before state.json
+            # exists (a kill in stage 1), and each one is refused if it belongs to another config.
+            for name in os.listdir(self.out_dir):
                 if name.endswith("-progress.pt"):
                     os.unlink(self._path(name))
         if distributed.is_main():

@@ -3,7 +3,6 @@ of real images paired with their knockoffs, plus the Lemma 2 bias fit that prece
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .. import checkpoint, lemma2
 from ..layers import scop_layers
 from . import distributed
-from .train import NonFiniteError, nonfinite_error, raise_on_every_process, set_epoch
+from .train import NonFiniteError, model_signature, nonfinite_error, raise_on_every_process, set_epoch
 
 __all__ = ["pair_dataset", "PairedDataset", "fit_knockoff_biases", "learn_scales", "ScaleHistory"]
 
@@ -144,6 +143,7 @@ def learn_scales(
     bn: str = "batch",
     seed: int = 0,
     checkpoint_path: str | None = None,
+    settings: dict | None = None,
     progress: bool = True,
 ) -> ScaleHistory:
     """Train only the ScopConv2d scales beta on [real; knockoff] batches (DESIGN.md §1, stage 2).
@@ -161,12 +161,19 @@ def learn_scales(
             only), so beta then depends on the number of processes; ``"frozen"`` does not.
         seed: keys the Lemma 2 bias draws; together with the loader's order it fixes the result.
         checkpoint_path: after each epoch the betas, optimizer and history are written there
-            atomically; a later call with the same path resumes after the last complete epoch.
+            atomically; a later call with the same path and settings resumes after the last
+            complete epoch (``epochs`` may grow: no schedule depends on it).
+        settings: anything else the result depends on (such as the caller's config), recorded in
+            the progress file beside the arguments above, the layers and the number of batches
+            and samples; a file written under other settings is refused, never resumed or
+            overwritten.
 
     Raises:
         NonFiniteError: naming the step and the layer when the loss or a beta is not finite
             (for the loss, the first layer whose output is), on every process at once under
             torchrun. Nothing is written for that epoch, so the last checkpoint stays good.
+        CheckpointError: ``checkpoint_path`` holds the progress of other settings, or of more
+            epochs than ``epochs``.
     """
     from tqdm.auto import tqdm
 
@@ -193,8 +200,14 @@ def learn_scales(
     named_betas = {name: layer.beta for name, layer in layers.items()}
     optimizer = torch.optim.Adam(named_betas.values(), lr=lr, betas=betas)
     history, start = ScaleHistory(beta_mean={name: [] for name in layers}), 0
-    if checkpoint_path and os.path.exists(checkpoint_path):
-        state = checkpoint.load(checkpoint_path, kind="scales-progress", map_location=device)
+    run_settings = {**(settings or {}), "lr": lr, "betas": list(betas), "knockoff_bias": knockoff_bias, "bn": bn,
+                    "seed": seed, "layers": model_signature({name: (layer.out_channels,) for name, layer in layers.items()}),
+                    "batches": len(pairs), "samples": len(pairs.dataset)}
+    state = checkpoint.load_progress(checkpoint_path, "scales-progress", run_settings, device) if checkpoint_path else None
+    if state is not None and int(state["epoch"]) + 1 > epochs:
+        raise checkpoint.CheckpointError(f"{checkpoint_path}: holds {int(state['epoch']) + 1} epochs of progress, more "
+                                         f"than the epochs={epochs} asked for; delete it to start over")
+    if state is not None:
         with torch.no_grad():
             for name, beta in named_betas.items():
                 beta.copy_(state["betas"][name])
@@ -244,7 +257,7 @@ def learn_scales(
             for name, beta in named_betas.items():
                 history.beta_mean[name].append(float(beta.detach().mean()))
             if checkpoint_path and distributed.is_main():
-                checkpoint.save(checkpoint_path, "scales-progress", {
+                checkpoint.save_progress(checkpoint_path, "scales-progress", run_settings, {
                     "betas": {name: beta.detach().cpu() for name, beta in named_betas.items()},
                     "optimizer": optimizer.state_dict(),
                     "generators": {name: layer.generator.get_state() for name, layer in layers.items()},

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from .. import checkpoint
 from . import distributed
 
 __all__ = ["NonFiniteError", "first_nonfinite_layer", "nonfinite_error", "raise_on_every_process", "make_loader", "evaluate",
-           "recalibrate_bn", "fit", "FitResult"]
+           "recalibrate_bn", "fit", "FitResult", "model_signature"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -159,6 +158,15 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str, *
     return result
 
 
+def model_signature(named: dict[str, tuple[int, ...]]) -> str:
+    """A short record of an architecture, ``{name: shape}``, for progress files to be matched by:
+    the count of tensors and values and a digest of every name and shape."""
+    import hashlib
+
+    digest = hashlib.sha256(repr(sorted((k, tuple(v)) for k, v in named.items())).encode()).hexdigest()[:12]
+    return f"{len(named)} tensors, {sum(math.prod(v) for v in named.values())} values, digest {digest}"
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device | str, batches: int = 50) -> int:
     """Re-estimate every BatchNorm's running statistics on ``batches`` training batches.
@@ -227,6 +235,7 @@ def fit(
     nesterov: bool = True,
     amp: bool | None = None,
     checkpoint_path: str | None = None,
+    settings: dict | None = None,
     stage: str = "finetune",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -235,13 +244,18 @@ def fit(
 
     At the end ``model`` holds the best epoch's weights (the last epoch's without ``val_loader``).
     With ``checkpoint_path`` the state after every epoch (weights, optimizer, schedule, best
-    weights, history) is written atomically, and a later call with the same path resumes after
-    the last complete epoch, giving the same result as an uninterrupted run.
+    weights, history) is written atomically, and a later call with the same path and the same
+    settings resumes after the last complete epoch, giving the same result as an uninterrupted
+    run. The file records those settings (the arguments above, the architecture, the number of
+    batches and samples, and ``settings``: anything else the result depends on, such as the
+    caller's config); a file written under other settings is refused, never resumed or
+    overwritten.
 
     Raises:
         NonFiniteError: at the step whose loss is NaN/Inf, naming the first layer whose output
             is not finite, on every process at once under torchrun. Nothing is written for that
             epoch, so the last checkpoint stays good.
+        CheckpointError: ``checkpoint_path`` holds the progress of a run with other settings.
     """
     from tqdm.auto import tqdm
 
@@ -257,14 +271,17 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
     ddp = torch.nn.parallel.DistributedDataParallel(model) if distributed.world_size() > 1 else model
     result, best_state, start = FitResult(), None, 0
-    if checkpoint_path and os.path.exists(checkpoint_path):
-        state = checkpoint.load(checkpoint_path, kind=f"{stage}-progress", map_location=device)
+    run_settings = {**(settings or {}), "stage": stage, "epochs": epochs, "lr": lr, "momentum": momentum,
+                    "weight_decay": weight_decay, "nesterov": nesterov, "amp": amp,
+                    "model": model_signature({k: tuple(v.shape) for k, v in model.state_dict().items()}),
+                    "batches": len(train_loader), "samples": len(train_loader.dataset)}
+    state = checkpoint.load_progress(checkpoint_path, f"{stage}-progress", run_settings, device) if checkpoint_path else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         best_state, start = state["best_model"], int(state["epoch"]) + 1
-        if "rng" in state:  # absent from files written before the random state was saved
-            _set_rng_state(state["rng"], device)
+        _set_rng_state(state["rng"], device)
         result = FitResult(history=list(state["history"]), best_top1=float(state["best_top1"]), best_epoch=int(state["best_epoch"]))
     for epoch in range(start, epochs):
         set_epoch(train_loader, epoch)
@@ -303,7 +320,7 @@ def fit(
         if log is not None and distributed.is_main():
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         if checkpoint_path and distributed.is_main():
-            checkpoint.save(checkpoint_path, f"{stage}-progress", {
+            checkpoint.save_progress(checkpoint_path, f"{stage}-progress", run_settings, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "best_model": best_state, "epoch": epoch, "history": result.history,
                 "best_top1": result.best_top1, "best_epoch": result.best_epoch, "rng": _rng_state(device),
