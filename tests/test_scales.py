@@ -144,6 +144,34 @@ def test_fit_recalibrate_evaluate(tmp_path):
     assert recalibrate_bn(net, make_loader(data, 16, shuffle=False), "cpu", batches=2) == 2
 
 
+def test_layers_of_equal_width_draw_independent_biases(monkeypatch):
+    """Each layer has its own bias stream: with one seed for all, two layers of equal width with
+    the same Lemma 2 factor would add the same [b, b~] at every step."""
+    from scop_ext import layers as layers_module
+
+    def net():
+        torch.manual_seed(0)
+        return convert(nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)))
+
+    real_sample = layers_module.lemma2_sample
+
+    def run():
+        draws = []
+        monkeypatch.setattr(layers_module, "lemma2_sample", lambda *a, **k: draws.append(real_sample(*a, **k)) or draws[-1])
+        model = net()
+        for layer in scop_layers(model).values():
+            layer.set_knockoff_bias(0.1 * torch.eye(6), 0.01)  # the same factor in both layers
+        learn_scales(model, make_loader(_pairs(), 32, shuffle=False), "cpu", epochs=1, progress=False)
+        return draws
+
+    draws = run()
+    assert len(draws) == 6  # two layers, three steps
+    for step in range(0, 6, 2):
+        assert not torch.allclose(draws[step], draws[step + 1]), step
+    assert all(torch.equal(a, b) for a, b in zip(draws, run()))  # and a rerun draws the same
+
+
 def test_progress_of_other_settings_is_refused(tmp_path):
     path = str(tmp_path / "progress.pt")
     loader = make_loader(_pairs(), 16, shuffle=True)

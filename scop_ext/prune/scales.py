@@ -3,6 +3,7 @@ of real images paired with their knockoffs, plus the Lemma 2 bias fit that prece
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from ..layers import scop_layers
 from . import distributed
 from .train import NonFiniteError, model_signature, nonfinite_error, raise_on_every_process, set_epoch
 
-__all__ = ["pair_dataset", "PairedDataset", "fit_knockoff_biases", "learn_scales", "ScaleHistory"]
+__all__ = ["pair_dataset", "PairedDataset", "fit_knockoff_biases", "layer_seed", "learn_scales", "ScaleHistory"]
 
 Sampler = Callable[..., Tensor]  # (x, generator=...) -> x~ with x's shape
 
@@ -131,6 +132,16 @@ def _bn_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def layer_seed(seed: int, name: str) -> int:
+    """The seed of layer ``name``'s Lemma 2 bias stream in a run seeded ``seed``.
+
+    Every layer needs its own stream: with one seed for all, layers of equal width would draw
+    the same normals at every step and their biases would be perfectly correlated. Derived from
+    the name, not the position, so a layer's stream does not change when others are skipped.
+    """
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
 def learn_scales(
     model: nn.Module,
     pairs: DataLoader,
@@ -159,7 +170,8 @@ def learn_scales(
             stored statistics. Under torchrun ``"batch"`` normalises over each process's own
             part of the batch (BatchNorm is not synchronised: torch's SyncBatchNorm runs on GPUs
             only), so beta then depends on the number of processes; ``"frozen"`` does not.
-        seed: keys the Lemma 2 bias draws; together with the loader's order it fixes the result.
+        seed: keys the Lemma 2 bias draws (each layer its own stream, see :func:`layer_seed`);
+            together with the loader's order it fixes the result.
         checkpoint_path: after each epoch the betas, optimizer and history are written there
             atomically; a later call with the same path and settings resumes after the last
             complete epoch (``epochs`` may grow: no schedule depends on it).
@@ -191,11 +203,11 @@ def learn_scales(
     bn_state = {i: {k: v.clone() for k, v in m.state_dict().items()} for i, m in enumerate(_bn_layers(model))}
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in layers.values():
+    for name, layer in layers.items():
         layer.enable_scop()
         layer.beta.requires_grad_(True)
         layer.knockoff_bias = knockoff_bias
-        layer.generator = torch.Generator(device="cpu").manual_seed(seed)
+        layer.generator = torch.Generator(device="cpu").manual_seed(layer_seed(seed, name))
         layer.bias_shard = (rank, world)
     named_betas = {name: layer.beta for name, layer in layers.items()}
     optimizer = torch.optim.Adam(named_betas.values(), lr=lr, betas=betas)
