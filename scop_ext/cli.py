@@ -206,8 +206,11 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from .prune.export import export_onnx, export_torchscript, load_model, save_model
+    from .prune.export import export_onnx, export_torchscript, load_model, onnx_missing, save_model
 
+    missing = onnx_missing() if args.format in ("onnx", "all") else None
+    if missing and args.format == "onnx":
+        raise ValueError(f"--format onnx: needs the {missing} package (pip install onnx onnxscript)")
     model, arch = load_model(args.model)
     example = torch.randn(1, arch["in_channels"], args.image_size, args.image_size)
     os.makedirs(args.out, exist_ok=True)
@@ -220,6 +223,8 @@ def cmd_export(args) -> int:
         elif fmt == "torchscript":
             export_torchscript(model, example, os.path.join(args.out, "model.ts"))
             print(f"torchscript: {os.path.join(args.out, 'model.ts')}")
+        elif missing:
+            print(f"onnx: skipped, {missing} is not installed (pip install onnx onnxscript)")
         else:
             export_onnx(model, example, os.path.join(args.out, "model.onnx"))
             print(f"onnx: {os.path.join(args.out, 'model.onnx')}")

@@ -184,6 +184,21 @@ def test_cli_commands(baseline, tmp_path):
     assert (tmp_path / "exp" / "model.ts").exists()
 
 
+def test_export_without_onnx(baseline, tmp_path, monkeypatch, capsys):
+    """`all` skips ONNX with a note when it cannot be exported; asking for ONNX alone is one error line."""
+    from scop_ext.cli import main
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now fails, as where it is not installed
+    assert main(["export", "--model", baseline, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "onnx: skipped, onnx is not installed (pip install onnx onnxscript)" in out
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "model.ts").exists()
+    assert not (tmp_path / "model.onnx").exists()
+    assert main(["export", "--model", baseline, "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "scop export: error: --format onnx: needs the onnx package (pip install onnx onnxscript)"]
+
+
 def test_cli_help_on_every_command(capsys):
     from scop_ext.cli import main
 

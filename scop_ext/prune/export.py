@@ -7,6 +7,7 @@ by :func:`~scop_ext.prune.surgery.rebuild` and nothing executable is ever loaded
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -18,7 +19,7 @@ from torch import nn
 from .. import checkpoint
 from .surgery import channel_widths, rebuild
 
-__all__ = ["ARCH_VERSION", "save_model", "load_model", "export_torchscript", "export_onnx"]
+__all__ = ["ARCH_VERSION", "save_model", "load_model", "export_torchscript", "export_onnx", "onnx_missing"]
 
 ARCH_VERSION = 1
 
@@ -104,12 +105,25 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | os.P
     checkpoint.atomic_write_bytes(path, buffer.getvalue())
 
 
+def onnx_missing() -> str | None:
+    """The first package ONNX export needs (onnx, onnxscript) that cannot be imported, or None."""
+    for name in ("onnx", "onnxscript"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return name
+    return None
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> None:
-    """An ONNX file with a dynamic batch dimension (needs the ``onnx`` package)."""
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise RuntimeError("ONNX export needs the onnx package: pip install onnx onnxscript") from None
+    """An ONNX file with a dynamic batch dimension (needs the ``onnx`` and ``onnxscript`` packages).
+
+    Raises:
+        ImportError: naming the package that is missing.
+    """
+    missing = onnx_missing()
+    if missing:
+        raise ImportError(f"ONNX export needs the {missing} package: pip install onnx onnxscript")
     model = model.eval()
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(model, (example,), input_names=["input"], output_names=["logits"],
