@@ -15,8 +15,9 @@ import sys
 __all__ = ["main"]
 
 
-def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+def _common(p: argparse.ArgumentParser, out_default: str | None = None,
+            device_help: str = "cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)") -> None:
+    p.add_argument("--device", default=None, help=device_help)
     p.add_argument("--seed", type=int, default=0, help="seed for data order, knockoffs and biases (default 0)")
     p.add_argument("--out", default=out_default, required=out_default is None, help="output folder")
 
@@ -156,12 +157,20 @@ def cmd_knockoffs_fit(args) -> int:
     from torch.utils.data import DataLoader
 
     from .data import load_dataset
-    from .knockoffs import make_generator
+    from .knockoffs import KnockoffGAN, make_generator
 
+    device = _device(args.device)
+    gen = make_generator(args.kind, **_key_values(args.option, "--option"))
+    gan = isinstance(gen, KnockoffGAN)
+    if args.resume and not gan:
+        raise ValueError(f"--resume: only --kind gan trains in steps that can be resumed, not {args.kind!r}")
     torch.manual_seed(args.seed)
     train, _ = load_dataset(args.dataset, args.data_root, "train", augment=False)
-    gen = make_generator(args.kind, **_key_values(args.option, "--option"))
-    gen.fit(DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)))
+    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
+    if gan:
+        gen.fit(loader, device=device, checkpoint=os.path.join(args.out, "knockoffs-progress.pt"), resume=args.resume)
+    else:
+        gen.fit(loader)
     path = os.path.join(args.out, "knockoffs.pt")
     gen.save(path)
     print(f"fitted {args.kind} knockoffs on {args.dataset} -> {path}")
@@ -173,11 +182,12 @@ def cmd_knockoffs_check(args) -> int:
     from .knockoffs import check, load
     from .prune.export import load_model
 
-    gen = load(args.knockoffs)
+    device = _device(args.device)
+    gen = load(args.knockoffs, map_location=device)
     test, _ = load_dataset(args.dataset, args.data_root, "test")
     model, layers = None, None
     if args.model:
-        model, _ = load_model(args.model)
+        model, _ = load_model(args.model, map_location=device)
         layers = args.layers or None
     report = check(gen, test, args.out, model=model, layers=layers, seed=args.seed, n=args.n)
     print(json.dumps({k: report[k] for k in ("exchangeability", "power", "leakage") if k in report}, indent=2, default=str))
@@ -312,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--data-root", default=None)
     k.add_argument("--batch-size", type=int, default=256)
     k.add_argument("--option", action="append", metavar="KEY=VALUE", help="generator constructor argument")
-    _common(k)
+    k.add_argument("--resume", action="store_true",
+                   help="gan: continue from the checkpoint an interrupted fit left in --out (knockoffs-progress.pt)")
+    _common(k, device_help="where the gan trains: cpu, cuda, cuda:1 ... (default: cuda if available, else cpu); "
+                           "gaussian and permutation fit on the CPU in float64")
     k.set_defaults(func=cmd_knockoffs_fit)
     k = ksub.add_parser("check", help="measure knockoff quality",
                         description="Exchangeability, power, label leakage, s0 and figures (seed Fig. S1/S2).")
@@ -322,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--model", help="model stem (`scop train` output) to measure features of")
     k.add_argument("--layers", nargs="*", help="module names of --model to measure at")
     k.add_argument("-n", type=int, default=1000, help="images to use")
-    _common(k)
+    _common(k, device_help="where the knockoffs and --model run: cpu, cuda, cuda:1 ... (default: cuda if available)")
     k.set_defaults(func=cmd_knockoffs_check)
 
     p = sub.add_parser("report", help="rewrite the report of a run", description="Rewrite report.md/JSON/PNGs of a run.")

@@ -199,6 +199,42 @@ def test_export_without_onnx(baseline, tmp_path, monkeypatch, capsys):
         "scop export: error: --format onnx: needs the onnx package (pip install onnx onnxscript)"]
 
 
+def test_knockoffs_fit_resumes_a_gan_on_the_given_device(tmp_path, monkeypatch, capsys):
+    from scop_ext.cli import main
+    from scop_ext.knockoffs import KnockoffGAN, load
+
+    devices = []
+    real_fit = KnockoffGAN.fit
+    monkeypatch.setattr(KnockoffGAN, "fit", lambda self, loader, **kw: devices.append(kw["device"]) or real_fit(self, loader, **kw))
+    gan = ["knockoffs", "fit", "--kind", "gan", "--option", "checkpoint_every=5", "--option", "batch_size=32",
+           "--option", "width=8", "--device", "cpu"]
+    assert main([*gan, "--option", "iterations=10", "--out", str(tmp_path / "cut")]) == 0
+    assert (tmp_path / "cut" / "knockoffs-progress.pt").exists()
+    assert main([*gan, "--option", "iterations=20", "--resume", "--out", str(tmp_path / "cut")]) == 0
+    assert main([*gan, "--option", "iterations=20", "--out", str(tmp_path / "whole")]) == 0
+    assert devices == ["cpu"] * 3
+    resumed, whole = load(tmp_path / "cut" / "knockoffs.pt"), load(tmp_path / "whole" / "knockoffs.pt")
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+    capsys.readouterr()
+    assert main(["knockoffs", "fit", "--resume", "--out", str(tmp_path / "g")]) == 2
+    assert "--resume: only --kind gan trains in steps that can be resumed, not 'gaussian'" in capsys.readouterr().err
+
+
+def test_pipeline_gan_checkpoints_in_the_run_folder(tmp_path):
+    """A killed stage 1 resumes from knockoffs-progress.pt: the same generator as an uninterrupted fit."""
+    def stage1(out, iterations):
+        config = PruneConfig(knockoffs="gan", knockoff_options={"iterations": iterations, "checkpoint_every": 5, "batch_size": 32, "width": 8}, **TINY)
+        return ScopPruner(config, out, progress=False).fit_knockoffs()
+
+    stage1(tmp_path / "cut", 10)
+    assert (tmp_path / "cut" / "knockoffs-progress.pt").exists()
+    resumed, whole = stage1(tmp_path / "cut", 20), stage1(tmp_path / "whole", 20)
+    assert next(resumed.parameters()).device.type == "cpu"
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
 def test_cli_help_on_every_command(capsys):
     from scop_ext.cli import main
 

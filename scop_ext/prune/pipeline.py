@@ -293,15 +293,25 @@ class ScopPruner:
     def fit_knockoffs(self):
         """Stage 1: fit the knockoff generator on the (unaugmented) training images.
 
-        Under torchrun every process fits on the whole training set in the same order (none waits
-        idle for another, which could outlast the process group's timeout), then all take process
-        0's state, so they sample the same knockoffs even where CUDA kernels are not deterministic.
+        A KnockoffGAN trains on the config's device and checkpoints into ``knockoffs-progress.pt``
+        in out_dir, so a killed stage 1 resumes. Under torchrun every process fits on the whole
+        training set in the same order (none waits idle for another, which could outlast the
+        process group's timeout), then all take process 0's state, so they sample the same
+        knockoffs even where CUDA kernels are not deterministic.
         """
-        from ..knockoffs import make_generator
+        from ..knockoffs import KnockoffGAN, make_generator
 
         torch.manual_seed(self.config.seed)
         gen = make_generator(self.config.knockoffs, **self.config.knockoff_options)
-        gen.fit(self._loader(self.train_set, shuffle=True, sharded=False))
+        loader = self._loader(self.train_set, shuffle=True, sharded=False)
+        if isinstance(gen, KnockoffGAN):
+            # Every process resumes from and writes the same file (each write a rename, so it is
+            # always whole): none starts behind the others.
+            gen.fit(loader, device=self.device, checkpoint=self._path("knockoffs-progress.pt"), resume=True,
+                    progress=self.progress and distributed.is_main())
+        else:
+            gen.fit(loader)
+        gen.to("cpu")  # sampled where the copy a resumed run loads from knockoffs.pt is
         distributed.broadcast_(gen.state_dict().values())
         self.knockoffs = gen
         if distributed.is_main():
@@ -464,6 +474,7 @@ class ScopPruner:
                     os.unlink(self._path(name))
         if distributed.is_main():
             checkpoint.write_json(self._path("config.json"), self.config.to_dict())
+        distributed.barrier()  # the others start once process 0 has cleaned the folder
         start = time.time()
         steps = {
             "knockoffs": (self.fit_knockoffs, self._load_knockoffs),
