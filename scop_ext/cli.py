@@ -1,8 +1,10 @@
 """The ``scop`` command: train a baseline, prune it with SCOP, inspect knockoffs, export.
 
-Every sub-command takes ``--device``, ``--seed`` and ``--out`` and has ``--help``. Errors in the
-user's input (paths, configs, checkpoints) end with one line on stderr and exit status 2; a run
-stopped by NaN/Inf or by a batch that would not fit in memory, with one line and exit status 1.
+Every sub-command has ``--help``; those that compute (``train``, ``prune``, ``knockoffs fit``,
+``knockoffs check``, ``demo``) take ``--device`` and ``--seed``, and every one that writes files
+takes ``--out``. Errors in the user's input (paths, configs, checkpoints) end with one line on
+stderr and exit status 2; a run stopped by NaN/Inf or by a batch that would not fit in memory,
+with one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -94,8 +96,8 @@ def cmd_train(args) -> int:
 # ---------------------------------------------------------------------------------- prune
 
 PRUNE_FLAGS = {
-    # flag: (config key, type, help)
-    "model": (str, "model name (see `scop models`)"),
+    # config key (the flag is --key-with-dashes): (type, help)
+    "model": (str, "model name (see `scop info`)"),
     "weights": (str, "trained weights: a .safetensors/state_dict file or a `scop train` model stem"),
     "dataset": (str, "digits (bundled), cifar10 or imagefolder"),
     "data_root": (str, "local folder of cifar10 / imagefolder data"),
@@ -118,7 +120,7 @@ PRUNE_FLAGS = {
 def _prune_config(args):
     from .prune.pipeline import PruneConfig
 
-    values = PruneConfig.from_file(args.config).to_dict() if args.config else {}
+    values = PruneConfig.file_values(args.config) if args.config else {}
     for key in PRUNE_FLAGS:
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -139,12 +141,13 @@ def cmd_prune(args) -> int:
 
     config = _prune_config(args)
     distributed.setup(config.device)
+    main = distributed.is_main()  # after teardown every process would call itself the main one
     try:
         pruner = ScopPruner(config, args.out, progress=not args.quiet)
         results = pruner.run(resume=args.resume)
     finally:
         distributed.teardown()
-    if distributed.is_main():
+    if main:
         print(format_table(results.get("before", {}), results.get("after", {})))
         print(f"report: {os.path.join(args.out, 'report.md')}")
     return 0

@@ -235,6 +235,32 @@ def test_pipeline_gan_checkpoints_in_the_run_folder(tmp_path):
         assert torch.equal(a, b), key
 
 
+def test_config_file_and_flags_pick_the_same_default_device(tmp_path):
+    from scop_ext.cli import _device, _prune_config, build_parser
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("policy: uniform\n")
+    for argv in ([], ["--config", str(cfg)]):
+        args = build_parser().parse_args(["prune", *argv, "--out", str(tmp_path)])
+        assert _prune_config(args).device == _device(None)
+    cfg.write_text("device: cpu\n")
+    assert _prune_config(build_parser().parse_args(["prune", "--config", str(cfg), "--out", str(tmp_path)])).device == "cpu"
+
+
+def test_prune_prints_the_table_on_process_0_only(tmp_path, monkeypatch, capsys):
+    from scop_ext.cli import main
+    from scop_ext.prune import distributed
+
+    process = {"rank": 1}
+    monkeypatch.setattr(distributed, "setup", lambda device: True)
+    monkeypatch.setattr(distributed, "teardown", lambda: process.update(rank=0))  # no group left: rank 0 everywhere
+    monkeypatch.setattr(distributed, "rank", lambda: process["rank"])
+    monkeypatch.setattr(ScopPruner, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(ScopPruner, "run", lambda self, resume=False: {"before": {}, "after": {}})
+    assert main(["prune", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == ""
+
+
 def test_cli_help_on_every_command(capsys):
     from scop_ext.cli import main
 

@@ -106,6 +106,12 @@ class PruneConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> PruneConfig:
         """Read a YAML or JSON config (by extension; YAML also reads JSON)."""
+        return cls.from_dict(cls.file_values(path))
+
+    @classmethod
+    def file_values(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """The keys a YAML or JSON config file sets, checked as :meth:`from_file` checks them; keys
+        it leaves out are absent (not filled with defaults), so a caller can tell them apart."""
         path = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as f:
@@ -124,9 +130,10 @@ class PruneConfig:
         if not isinstance(values, dict):
             raise ValueError(f"{path}: a config must be a mapping of keys to values, got {type(values).__name__}")
         try:
-            return cls.from_dict(values)
+            cls.from_dict(values)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from None
+        return values
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
