@@ -108,6 +108,7 @@ PRUNE_FLAGS = {
     "importance": (str, "scop, l1, l2, bn_scale, random"),
     "policy": (str, "uniform, global_ranking, flops_target, fdr"),
     "ratio": (float, "fraction of channels removed (uniform / global_ranking)"),
+    "normalize": (str, "global_ranking: auto (raw scores for scop, else max), max or none"),
     "flops_reduction": (float, "target FLOPs reduction (flops_target)"),
     "fdr_q": (float, "target false discovery rate (fdr)"),
     "min_channels": (int, "fewest channels a layer keeps"),

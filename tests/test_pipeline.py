@@ -117,6 +117,18 @@ def test_scop_train_refuses_the_progress_of_other_settings(tmp_path, capsys):
     assert (tmp_path / "train-progress.pt").read_bytes() == kept
 
 
+def test_global_ranking_normalizes_by_criterion():
+    """SCOP's 2 beta - 1 is on one scale in every layer and is ranked raw; the rest are normalised."""
+    ranking = dict(policy="global_ranking")
+    assert PruneConfig(**ranking).policy_params()["normalize"] is None
+    assert PruneConfig(**ranking, multiply_bn_gamma=True).policy_params()["normalize"] == "max"
+    assert PruneConfig(**ranking, importance="l1").policy_params()["normalize"] == "max"
+    assert PruneConfig(**ranking, importance="l1", normalize="none").policy_params()["normalize"] is None
+    assert PruneConfig(**ranking, normalize="max").policy_params()["normalize"] == "max"
+    with pytest.raises(ValueError, match="normalize must be 'auto', 'max' or 'none'"):
+        PruneConfig(normalize="min").validate()
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_torchvision_models_convert_prune_and_run(name):
     torch.manual_seed(0)

@@ -75,6 +75,7 @@ class PruneConfig:
     multiply_bn_gamma: bool = False
     policy: str = "flops_target"
     ratio: float = 0.5  # uniform / global_ranking
+    normalize: str = "auto"  # global_ranking: "max", "none", or "auto" (by criterion, see ranking_normalize)
     flops_reduction: float = 0.5  # flops_target
     fdr_q: float = 0.1  # fdr
     fdr_scope: str = "layer"
@@ -162,6 +163,7 @@ class PruneConfig:
             (self.policy in ("uniform", "global_ranking", "flops_target", "fdr"),
              "policy must be one of uniform, global_ranking, flops_target, fdr"),
             (0.0 <= self.ratio < 1.0, "ratio must be in [0, 1)"),
+            (self.normalize in ("auto", "max", "none"), "normalize must be 'auto', 'max' or 'none'"),
             (0.0 <= self.flops_reduction < 1.0, "flops_reduction must be in [0, 1)"),
             (0.0 < self.fdr_q < 1.0, "fdr_q must be in (0, 1)"),
             (self.min_channels >= 1 and self.round_to >= 1, "min_channels and round_to must be >= 1"),
@@ -182,11 +184,22 @@ class PruneConfig:
             if not ok:
                 raise ValueError(message)
 
+    def ranking_normalize(self) -> str | None:
+        """The ``normalize`` of :func:`~scop_ext.prune.select.global_ranking`.
+
+        ``"auto"`` ranks SCOP's ``2 beta - 1`` raw, since it is on one scale in [-1, 1] in every
+        layer, and divides by each group's largest score for every other criterion (and for SCOP
+        times |gamma|), whose scale differs from layer to layer.
+        """
+        if self.normalize != "auto":
+            return None if self.normalize == "none" else "max"
+        return None if self.importance == "scop" and not self.multiply_bn_gamma else "max"
+
     def policy_params(self) -> dict[str, Any]:
         common = {"min_channels": self.min_channels, "round_to": self.round_to}
         specific = {
             "uniform": {"ratio": self.ratio},
-            "global_ranking": {"ratio": self.ratio},
+            "global_ranking": {"ratio": self.ratio, "normalize": self.ranking_normalize()},
             "flops_target": {"reduction": self.flops_reduction},
             "fdr": {"q": self.fdr_q, "scope": self.fdr_scope},
         }[self.policy]
