@@ -731,6 +731,51 @@ def test_stage2_memory_prediction_matches_measurement(tmp_path, name, size, batc
     assert 1 / FACTOR <= predicted / measured <= FACTOR
 
 
+MEASURE_AMP = r"""
+import sys, torch, torch.nn.functional as F
+torch.set_num_threads(1)
+from scop_ext.models import build_model
+from scop_ext.prune import resources
+name, size, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+model = build_model(name, 10, 3).train()
+estimate = resources.estimate_step(model, torch.zeros(1, 3, size, size), paired=False, trainable=lambda n: True,
+                                   optimizer_slots=1, activation_dtype=torch.bfloat16)
+
+def step(b):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(torch.randn(b, 3, size, size)).float(), torch.randint(0, 10, (b,)))
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+step(2)
+open("/proc/self/clear_refs", "w").write("5")
+base = status("VmRSS:")
+step(batch)
+print(estimate.total(batch) - estimate.fixed["optimizer state"], status("VmHWM:") - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure peak RSS")
+def test_mixed_precision_memory_prediction_matches_measurement(tmp_path):
+    """Fine-tuning under autocast (bfloat16 on the CPU, as float16/bfloat16 on CUDA) holds 16-bit activations."""
+    script = tmp_path / "measure_amp.py"
+    script.write_text(MEASURE_AMP)
+    proc = subprocess.run([sys.executable, str(script), "resnet20", "32", "64"], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    predicted, measured = map(int, proc.stdout.split())
+    print(f"resnet20 32px under bfloat16 autocast, batch 64: predicted {predicted / 2**20:.0f} MiB, "
+          f"measured {measured / 2**20:.0f} MiB")
+    assert measured > 20 * 2**20, "too small to measure against the process's noise"
+    assert 1 / FACTOR <= predicted / measured <= FACTOR
+
+
 def test_estimate_scales_linearly_and_doubles_for_the_paired_batch():
     model = convert(build_model("resnet20", 10, 3))
     example = torch.zeros(1, 3, 32, 32)
@@ -785,12 +830,25 @@ def test_cli_reports_a_batch_that_would_not_fit_in_one_line(tmp_path, monkeypatc
     assert json.loads((tmp_path / "state.json").read_text())["completed"] == ["knockoffs"]
 
 
-def test_finetuning_is_checked_too(tmp_path, monkeypatch, baseline):
+@pytest.mark.parametrize("amp", [False, True])
+def test_finetuning_is_checked_too(tmp_path, monkeypatch, baseline, amp):
     model, _ = load_model(baseline)
-    pruner = ScopPruner(PruneConfig(weights=baseline, **TINY), tmp_path, model=model, progress=False,
+    pruner = ScopPruner(PruneConfig(weights=baseline, amp=amp, **TINY), tmp_path, model=model, progress=False,
                         log=lambda *a: None)
     monkeypatch.setattr(resources, "available_memory", lambda device: 2**20)
-    with pytest.raises(resources.ResourceError, match="fine-tuning with batch_size=128 needs about .*optimizer state"):
+    with pytest.raises(resources.ResourceError, match="fine-tuning with batch_size=128 needs about .*optimizer state") as info:
         pruner.finetune()
+    assert ("16-bit weight copies" in str(info.value)) == amp  # checked under mixed precision too, as such
     assert not os.listdir(tmp_path)
 
+
+def test_mixed_precision_halves_the_predicted_activations():
+    model = build_model("resnet20", 10, 3)
+    example, everything = torch.zeros(1, 3, 32, 32), lambda n: True  # noqa: E731
+    full = resources.estimate_step(model, example, paired=False, trainable=everything, optimizer_slots=1)
+    half = resources.estimate_step(model, example, paired=False, trainable=everything, optimizer_slots=1,
+                                   activation_dtype=torch.float16)
+    # max-pool indices and the fp32 input batch stay as they are; every floating activation halves
+    assert 0.5 <= half.per_sample / full.per_sample <= 0.6
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert half.fixed == {**full.fixed, "16-bit weight copies": 2 * weights}

@@ -36,7 +36,7 @@ from .report import measure_latency, write_report
 from .scales import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
 from .select import PruningSpace, select
 from .surgery import apply_plan, channel_widths
-from .train import default_amp, evaluate, fit, make_loader, recalibrate_bn
+from .train import amp_dtype, default_amp, evaluate, fit, make_loader, recalibrate_bn
 
 __all__ = ["PruneConfig", "ScopPruner", "STAGES"]
 
@@ -351,7 +351,8 @@ class ScopPruner:
             return pair_dataset(self.train_set, sample, seed=self.config.seed)
         return PairedDataset(self.train_set, sample, seed=self.config.seed)
 
-    def _require_memory(self, what: str, *, paired: bool, optimizer_slots: int, host_cache: int = 0) -> None:
+    def _require_memory(self, what: str, *, paired: bool, optimizer_slots: int, host_cache: int = 0,
+                        amp: bool = False) -> None:
         """Stop with a ResourceError before ``what`` starts if its batch would not fit (see resources.py).
 
         Under torchrun each process holds batch_size images (the global batch is batch_size x
@@ -362,7 +363,8 @@ class ScopPruner:
             trainable = {f"{name}.beta" for name in scop_layers(self.model)}
         try:
             estimate = resources.estimate_step(self.model, self.example, paired=paired, trainable=trainable.__contains__,
-                                               optimizer_slots=optimizer_slots)
+                                               optimizer_slots=optimizer_slots,
+                                               activation_dtype=amp_dtype(self.device) if amp else None)
         except (NotImplementedError, RuntimeError) as exc:  # a model the meta device cannot run
             self.results["notes"].append(f"{what}: memory use not predicted ({type(exc).__name__}: {str(exc).splitlines()[0]})")
             return
@@ -442,14 +444,12 @@ class ScopPruner:
         (the last epoch with ``val_fraction = 0``)."""
         cfg = self.config
         if cfg.finetune_epochs > 0:
-            # Under mixed precision the activations are stored in 16 bits, which the fp32 trace
-            # would overstate by up to 2x and so refuse batches that fit: check full precision only.
-            if not (default_amp(self.device) if cfg.amp is None else cfg.amp):
-                self._require_memory("fine-tuning", paired=False, optimizer_slots=1)
+            amp = default_amp(self.device) if cfg.amp is None else cfg.amp
+            self._require_memory("fine-tuning", paired=False, optimizer_slots=1, amp=amp)
             val = self._loader(self.val_set, shuffle=False, evaluation=True, batch_size=256) if self.val_set else None
             result = fit(self.model, self._loader(self.train_aug, shuffle=True), val,
                          epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, device=self.device,
-                         weight_decay=cfg.weight_decay, amp=cfg.amp, stage="finetune",
+                         weight_decay=cfg.weight_decay, amp=amp, stage="finetune",
                          checkpoint_path=self._path("finetune-progress.pt"), settings=cfg.to_dict(),
                          progress=self.progress)
             self.results["finetune_history"] = result.history

@@ -98,8 +98,10 @@ def available_memory(device: torch.device | str) -> int | None:
     return available if room is None else min(available, room)
 
 
-def _saved_activation_bytes(model: nn.Module, batch: torch.Tensor, trainable: Callable[[str], bool]) -> tuple[int, int]:
-    """(bytes of tensors saved for the backward, bytes of the largest) for one step on meta."""
+def _saved_activation_bytes(model: nn.Module, batch: torch.Tensor, trainable: Callable[[str], bool],
+                            float_itemsize: int | None) -> tuple[int, int]:
+    """(bytes of tensors saved for the backward, bytes of the largest) for one step on meta, floating
+    tensors counted at ``float_itemsize`` bytes per element when given."""
     state = {name: torch.empty_like(p, device="meta").requires_grad_(trainable(name))
              for name, p in model.named_parameters()}
     state.update({name: torch.empty_like(b, device="meta") for name, b in model.named_buffers()})
@@ -113,7 +115,10 @@ def _saved_activation_bytes(model: nn.Module, batch: torch.Tensor, trainable: Ca
         storage = t.untyped_storage()
         if storage._cdata not in resident and storage._cdata not in seen:
             seen.add(storage._cdata)
-            sizes.append(storage.nbytes())
+            size = storage.nbytes()
+            if float_itemsize is not None and t.is_floating_point():
+                size = size // t.element_size() * float_itemsize
+            sizes.append(size)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -125,7 +130,7 @@ def _saved_activation_bytes(model: nn.Module, batch: torch.Tensor, trainable: Ca
 
 
 def estimate_step(model: nn.Module, example: torch.Tensor, *, paired: bool, trainable: Callable[[str], bool],
-                  optimizer_slots: int, probe_batch: int = 8) -> MemoryEstimate:
+                  optimizer_slots: int, probe_batch: int = 8, activation_dtype: torch.dtype | None = None) -> MemoryEstimate:
     """Predict the memory one training step of ``model`` adds, per sample and fixed.
 
     Args:
@@ -135,6 +140,11 @@ def estimate_step(model: nn.Module, example: torch.Tensor, *, paired: bool, trai
         optimizer_slots: state tensors the optimizer keeps per trained parameter (Adam 2, SGD
             with momentum 1).
         probe_batch: real samples in the traced batch; activations scale linearly from it.
+        activation_dtype: the 16-bit type of a mixed-precision step. The meta device runs no
+            autocast, so the trace is in full precision; its floating activations are counted at
+            this type's size instead (autocast computes convs and linear layers, and so all that
+            follows them up to the loss, in it), and the 16-bit copies of the conv and linear
+            weights autocast keeps for the step are added.
 
     Raises:
         NotImplementedError, RuntimeError: the model cannot run on the meta device (e.g. it
@@ -152,14 +162,18 @@ def estimate_step(model: nn.Module, example: torch.Tensor, *, paired: bool, trai
     shape = example.shape[1:] if example.dim() == 4 else example.shape
     batch = torch.empty((images, *shape), dtype=example.dtype, device="meta")
     try:
-        saved, largest = _saved_activation_bytes(model, batch, trainable)
+        saved, largest = _saved_activation_bytes(model, batch, trainable,
+                                                 activation_dtype.itemsize if activation_dtype is not None else None)
     finally:
         for layer, flag in zip(layers, bias_on):
             layer.knockoff_bias = flag
     step = saved + batch.nbytes + _BACKWARD_OVERHEAD * saved + largest
     trained = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if trainable(name))
-    return MemoryEstimate(per_sample=int(step / probe_batch),
-                          fixed={"gradients": trained, "optimizer state": optimizer_slots * trained})
+    fixed = {"gradients": trained, "optimizer state": optimizer_slots * trained}
+    if activation_dtype is not None:
+        fixed["16-bit weight copies"] = activation_dtype.itemsize * sum(
+            m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    return MemoryEstimate(per_sample=int(step / probe_batch), fixed=fixed)
 
 
 def require(estimate: MemoryEstimate, batch_size: int, device: torch.device | str, what: str) -> None:

@@ -18,7 +18,7 @@ from .. import checkpoint
 from . import distributed
 
 __all__ = ["NonFiniteError", "first_nonfinite_layer", "nonfinite_error", "raise_on_every_process", "make_loader", "evaluate",
-           "recalibrate_bn", "fit", "FitResult", "model_signature"]
+           "recalibrate_bn", "fit", "FitResult", "model_signature", "amp_dtype", "default_amp"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -114,11 +114,16 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
+def amp_dtype(device: torch.device | str) -> torch.dtype:
+    """The 16-bit type mixed precision computes in on ``device``: bfloat16 where supported, else float16."""
+    device = torch.device(device)
+    return torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+
+
 def _autocast(device: torch.device, amp: bool):
     if not amp:
         return nullcontext()
-    dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=amp_dtype(device))
 
 
 def default_amp(device: torch.device) -> bool:
