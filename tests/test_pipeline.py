@@ -273,6 +273,21 @@ def test_prune_prints_the_table_on_process_0_only(tmp_path, monkeypatch, capsys)
     assert capsys.readouterr().out == ""
 
 
+def test_importance_plot_draws_the_cut_the_policy_made(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from scop_ext.prune.report import plot_importance
+
+    lines = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda self, x, **kw: lines.append(x))
+    importance, removed = {"a": [-0.5, 0.1, 0.6], "b": [-0.2, 0.3]}, {"a": [0], "b": [0]}
+    plot_importance(importance, removed, str(tmp_path / "one.png"), [(-0.5, 0.1), (-0.2, 0.3)])
+    assert lines == [pytest.approx(-0.05)]  # one threshold separates every group: midway, not at 0
+    lines.clear()
+    plot_importance(importance, removed, str(tmp_path / "each.png"), [(-0.5, -0.3), (-0.2, 0.3)])
+    assert lines == [pytest.approx(-0.4), pytest.approx(0.05)]
+
+
 def test_cli_help_on_every_command(capsys):
     from scop_ext.cli import main
 

@@ -21,6 +21,7 @@ from scop_ext.prune import (
     ScopImportance,
     apply_plan,
     count_flops,
+    cuts,
     fdr,
     flops_target,
     following_batchnorm,
@@ -245,6 +246,24 @@ def test_fdr_per_layer_and_global(digits_space):
         assert kept(plan, convs[0], size) == sorted(expected or [int(scores[convs[0]].argmax())])
     with pytest.raises(ValueError, match="scope"):
         fdr(space, scores, q, scope="block")
+
+
+def test_cuts_are_where_the_policy_cut(digits_space):
+    _, space = digits_space
+    scores = coupled_scores(seed=4)
+    # a global ranking of raw scores is one threshold: every removed score below every kept one
+    plan = global_ranking(space, scores, 0.4, normalize=None)
+    pairs = cuts(space, scores, plan)
+    assert len(pairs) == sum(1 for convs in DIGITS_GROUPS if plan.get(convs[0]))
+    assert max(r for r, _ in pairs) < min(k for _, k in pairs)
+    # a uniform ratio cuts each group at its own place
+    plan = uniform(space, scores, 0.5)
+    pairs = cuts(space, scores, plan)
+    assert len(pairs) == len(DIGITS_GROUPS)
+    for (highest_removed, lowest_kept), convs in zip(pairs, [c for g in space.groups for c in DIGITS_GROUPS if c[0] in g.convs]):
+        s = scores[convs[0]]
+        assert highest_removed == float(s[plan[convs[0]]].max()) < lowest_kept == float(s[kept(plan, convs[0], s.numel())].min())
+    assert max(r for r, _ in pairs) >= min(k for _, k in pairs)
 
 
 @pytest.mark.parametrize("search", ["uniform", "global_ranking"])

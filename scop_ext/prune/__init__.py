@@ -3,7 +3,7 @@
 - :mod:`.importance`: criteria, ``criterion(model) -> {conv name: (C_out,) scores}``.
 - :mod:`.select`: :class:`PruningSpace` (coupled channel groups + FLOPs prediction) and the
   policies ``uniform``, ``global_ranking``, ``flops_target``, ``fdr`` returning a plan
-  ``{conv name: [channel indices to remove]}``.
+  ``{conv name: [channel indices to remove]}``, and ``cuts`` (where a plan cut each group).
 - :mod:`.surgery`: ``apply_plan`` (physical removal with torch-pruning), ``channel_widths``
   and ``rebuild`` (re-create a pruned architecture from JSON widths).
 - :mod:`.flops`: FLOPs (= 2 x MACs), MACs and parameter counts.
@@ -24,6 +24,7 @@ from .importance import (
 )
 from .select import (
     PruningSpace,
+    cuts,
     fdr,
     flops_target,
     global_ranking,
@@ -53,6 +54,7 @@ __all__ = [
     "fdr",
     "knockoff_threshold",
     "select",
+    "cuts",
     "Plan",
     "ChannelGroup",
     "channel_groups",

@@ -34,7 +34,7 @@ from .flops import count_flops, count_params
 from .importance import make_importance
 from .report import measure_latency, write_report
 from .scales import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
-from .select import PruningSpace, select
+from .select import PruningSpace, cuts, select
 from .surgery import apply_plan, channel_widths
 from .train import amp_dtype, default_amp, evaluate, fit, make_loader, recalibrate_bn
 
@@ -414,6 +414,7 @@ class ScopPruner:
         self.plan = select(space, scores, cfg.policy, **cfg.policy_params())
         self.results["importance"] = {n: s.detach().cpu().tolist() for n, s in scores.items()}
         self.results["removed"] = self.plan
+        self.results["cuts"] = cuts(space, scores, self.plan)
         self.results["predicted_flops_reduction"] = space.reduction(self.plan)
         if distributed.is_main():
             checkpoint.write_json(self._path("plan.json"), self.plan)

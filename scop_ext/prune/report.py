@@ -113,8 +113,14 @@ def plot_betas(betas: dict[str, list[float]], path: str) -> None:
     plt.close(fig)
 
 
-def plot_importance(importance: dict[str, list[float]], removed: dict[str, list[int]], path: str) -> None:
-    """Histogram of all filters' importance, kept and removed stacked, so the cut is visible."""
+def plot_importance(importance: dict[str, list[float]], removed: dict[str, list[int]], path: str,
+                    cut_points: list[tuple[float, float]] = ()) -> None:
+    """Histogram of all filters' importance, kept and removed stacked, with the cut the policy made.
+
+    ``cut_points``: ``(highest removed, lowest kept)`` per pruned group
+    (:func:`~scop_ext.prune.select.cuts`). Where one threshold separates removed from kept in
+    every group it is drawn as one line midway; otherwise each group's cut is drawn faintly.
+    """
     plt = _figure()
     kept, cut = [], []
     for name, values in importance.items():
@@ -124,7 +130,15 @@ def plot_importance(importance: dict[str, list[float]], removed: dict[str, list[
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist([kept, cut], bins=40, stacked=True, label=[f"kept ({len(kept)})", f"removed ({len(cut)})"],
             color=["tab:blue", "tab:red"])
-    ax.axvline(0.0, color="grey", lw=0.8, ls="--")
+    if cut_points:
+        below, above = max(r for r, _ in cut_points), min(k for _, k in cut_points)
+        if below < above:
+            threshold = (below + above) / 2
+            ax.axvline(threshold, color="black", lw=1.0, ls="--", label=f"cut at {threshold:.3g}")
+        else:
+            for i, (r, k) in enumerate(cut_points):
+                ax.axvline((r + k) / 2, color="black", lw=0.6, ls="--", alpha=0.35,
+                           label=f"cut per group ({len(cut_points)})" if i == 0 else None)
     ax.set_xlabel("importance")
     ax.set_ylabel("filters")
     ax.set_title("Filter importance and the cut")
@@ -157,7 +171,7 @@ def write_report(out_dir: str, results: dict) -> dict[str, str]:
     ``results`` holds ``before`` / ``after`` metric dicts (keys of :data:`ROWS`), optionally
     ``after_prune`` (metrics right after pruning, before fine-tuning), ``widths_before`` /
     ``widths_after``, ``betas`` and ``importance`` (per layer lists), ``removed`` (the plan),
-    and free-form ``config`` and ``notes``.
+    ``cuts`` (see :func:`plot_importance`), and free-form ``config`` and ``notes``.
     """
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md")}
@@ -167,7 +181,7 @@ def write_report(out_dir: str, results: dict) -> dict[str, str]:
         plot_betas(results["betas"], paths["betas_png"])
     if results.get("importance"):
         paths["importance_png"] = os.path.join(out_dir, "importance.png")
-        plot_importance(results["importance"], results.get("removed", {}), paths["importance_png"])
+        plot_importance(results["importance"], results.get("removed", {}), paths["importance_png"], results.get("cuts", []))
     if results.get("widths_before"):
         paths["channels_png"] = os.path.join(out_dir, "channels.png")
         plot_channels(results["widths_before"], results.get("widths_after", {}), paths["channels_png"])

@@ -44,6 +44,7 @@ __all__ = [
     "flops_target",
     "fdr",
     "select",
+    "cuts",
 ]
 
 
@@ -465,6 +466,27 @@ def fdr(
         threshold = knockoff_threshold(s, q) if scope == "layer" else t
         keep[i] = int((s >= threshold).sum())
     return _plan_from_keep(space, group_scores, keep, min_channels, round_to)
+
+
+def cuts(space: PruningSpace, scores: Mapping[str, Tensor], plan: Mapping[str, Iterable[int]]) -> list[tuple[float, float]]:
+    """Where ``plan`` cut each group it prunes: ``(highest removed, lowest kept)`` (group-mean)
+    score, one pair per pruned group, in group order.
+
+    When every group's highest removed score lies below every group's lowest kept one, a single
+    threshold between them reproduces the plan (global ranking of raw scores, FDR over all
+    channels); otherwise each group was cut at its own place (uniform ratio, per-group FDR,
+    normalised ranking, channel floors).
+    """
+    result = []
+    for g, s in zip(space.groups, space.group_scores(scores)):
+        conv = next((c for c in g.convs if plan.get(c)), None)
+        if s is None or conv is None:
+            continue
+        inverse = {c: k for k, c in g.index[conv].items()}
+        removed = {inverse[c] for c in plan[conv]}
+        kept = [float(s[k]) for k in range(g.size) if k not in removed]  # never empty: min_channels >= 1
+        result.append((max(float(s[k]) for k in removed), min(kept)))
+    return result
 
 
 _POLICIES: dict[str, Callable[..., Plan]] = {
