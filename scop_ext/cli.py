@@ -267,9 +267,8 @@ def cmd_demo(args) -> int:
     device = _device(args.device)
     base = os.path.join(args.out, "baseline")
     if not os.path.exists(os.path.join(base, "model.json")):
-        cmd_train(argparse.Namespace(model="resnet_digits", dataset="digits", data_root=None, epochs=args.train_epochs,
-                                     lr=0.1, batch_size=64, weight_decay=5e-4, val_fraction=0.1, device=device,
-                                     seed=args.seed, out=base))
+        cmd_train(build_parser().parse_args(["train", "--epochs", str(args.train_epochs), "--device", device,
+                                             "--seed", str(args.seed), "--out", base]))
     config = PruneConfig(model="resnet_digits", weights=os.path.join(base, "model"), dataset="digits",
                          scales_epochs=args.scales_epochs, finetune_epochs=args.finetune_epochs, finetune_lr=0.02,
                          policy="flops_target", flops_reduction=0.5, device=device, seed=args.seed)

@@ -15,6 +15,16 @@ CUDA = torch.cuda.is_available() and scop_ext.build_info()["cuda"]
 # output so a killed process has printed what it did.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
+# The smallest pipeline settings that still run every stage.
+TINY = dict(scales_epochs=1, finetune_epochs=1, bn_batches=2, latency=False, batch_size=128)
+
+
+def prune_args(baseline: str, out, *extra: str) -> list[str]:
+    """`scop prune` arguments for a small run of every stage on the session baseline."""
+    return ["prune", "--weights", baseline, "--scales-epochs", "2", "--finetune-epochs", "2", "--batch-size", "128",
+            "--set", "latency=false", "--set", "bn_batches=2", "--quiet", "--out", str(out), *extra]
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA build"))]
 
 

@@ -43,12 +43,9 @@ from scop_ext.prune.report import write_report
 from scop_ext.prune.scales import fit_knockoff_biases, learn_scales
 from scop_ext.prune.train import NonFiniteError, fit, make_loader
 
-from .conftest import ENV
+from .conftest import ENV, TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-# Child processes get one thread too: on a loaded 2-core machine two OpenMP threads per process
-# can make a tiny run ten times slower.
-TINY = dict(scales_epochs=1, finetune_epochs=1, bn_batches=2, latency=False, batch_size=128)
 
 
 def cli(capsys, *args) -> tuple[int, list[str]]:

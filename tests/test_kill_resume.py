@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from scop_ext import checkpoint
 from scop_ext.prune.pipeline import STAGES
 
-from .conftest import ENV
+from .conftest import ENV, prune_args
 
 KILLS_PER_STAGE = 10
 KINDS = {"knockoffs.pt": "knockoff-generator", "scales.pt": "scales", "scales-progress.pt": "scales-progress",
@@ -121,15 +121,10 @@ def assert_files_whole(folder) -> int:
     return count
 
 
-def _prune_args(baseline: str, out) -> list[str]:
-    return ["prune", "--weights", baseline, "--scales-epochs", "2", "--finetune-epochs", "2", "--batch-size", "128",
-            "--set", "latency=false", "--set", "bn_batches=2", "--quiet", "--out", str(out), "--resume"]
-
-
 @pytest.mark.slow
 def test_sigkill_in_every_stage_then_resume_gives_the_uninterrupted_result(baseline, tmp_path):
     start = time.monotonic()
-    whole = Run(_prune_args(baseline, tmp_path / "whole"))
+    whole = Run(prune_args(baseline, tmp_path / "whole", "--resume"))
     assert whole.finish() == 0, whole.output()
     times = dict((line, t) for t, line in whole.lines)
     duration = {}
@@ -144,7 +139,7 @@ def test_sigkill_in_every_stage_then_resume_gives_the_uninterrupted_result(basel
     window: dict[str, float] = {}  # stage -> how long it ran when resumed from that copy
     rewinds = processes = files_checked = 0
     while (target := next((s for s in STAGES if len(kills[s]) < KILLS_PER_STAGE), None)) is not None:
-        run = Run(_prune_args(baseline, out))
+        run = Run(prune_args(baseline, out, "--resume"))
         processes += 1
         began = run.wait_line(f"[{target}] running")
         assert began is not None, f"the run ended before {target}:\n{run.output()}"
@@ -172,7 +167,7 @@ def test_sigkill_in_every_stage_then_resume_gives_the_uninterrupted_result(basel
             rewinds += 1
         for old in set((tmp_path / "copies").iterdir()) - set(unfinished.values()):
             shutil.rmtree(old)
-    final = Run(_prune_args(baseline, out))
+    final = Run(prune_args(baseline, out, "--resume"))
     assert final.finish() == 0, final.output()
     processes += 1
 

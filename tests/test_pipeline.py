@@ -1,5 +1,6 @@
 """The pruning pipeline and the `scop` command end to end on the bundled digits (tiny settings)."""
 
+import re
 import signal
 import socket
 import subprocess
@@ -18,9 +19,7 @@ from scop_ext.prune import PruningSpace, apply_plan, count_flops, make_importanc
 from scop_ext.prune.export import export_onnx, export_torchscript, load_model
 from scop_ext.prune.pipeline import PruneConfig, ScopPruner
 
-from .conftest import ENV
-
-TINY = dict(scales_epochs=1, finetune_epochs=1, bn_batches=2, latency=False, batch_size=128)
+from .conftest import ENV, TINY, prune_args
 
 
 def scop(*args, check=True, timeout=600):
@@ -148,17 +147,12 @@ def test_torchvision_models_convert_prune_and_run(name):
     assert model(x).shape == (4, 10)
 
 
-def _run_prune(baseline, out, *extra):
-    return ["prune", "--weights", baseline, "--scales-epochs", "2", "--finetune-epochs", "2", "--batch-size", "128",
-            "--set", "latency=false", "--set", "bn_batches=2", "--quiet", "--out", str(out), *extra]
-
-
 def test_resume_after_kill_mid_stage(baseline, tmp_path):
     """SIGKILL during fine-tuning, then --resume: same final weights as a run never interrupted."""
     whole = tmp_path / "whole"
-    scop(*_run_prune(baseline, whole))
+    scop(*prune_args(baseline, whole))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "scop_ext.cli", *_run_prune(baseline, killed)], env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "scop_ext.cli", *prune_args(baseline, killed)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "finetune-progress.pt").exists() and proc.poll() is None and time.time() < deadline:
@@ -166,7 +160,7 @@ def test_resume_after_kill_mid_stage(baseline, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "final.safetensors").exists(), "the run finished before it could be killed"
-    scop(*_run_prune(baseline, killed), "--resume")
+    scop(*prune_args(baseline, killed), "--resume")
     a, _ = load_model(whole / "final")
     b, _ = load_model(killed / "final")
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
@@ -174,8 +168,8 @@ def test_resume_after_kill_mid_stage(baseline, tmp_path):
 
 
 def test_resume_refuses_a_changed_config(baseline, tmp_path):
-    scop(*_run_prune(baseline, tmp_path))
-    proc = scop(*_run_prune(baseline, tmp_path, "--fdr-q", "0.3"), "--resume", check=False)
+    scop(*prune_args(baseline, tmp_path))
+    proc = scop(*prune_args(baseline, tmp_path, "--fdr-q", "0.3"), "--resume", check=False)
     assert proc.returncode == 2 and "config differs" in proc.stderr and "fdr_q" in proc.stderr
 
 
@@ -316,8 +310,6 @@ def test_malformed_configs_give_one_line(tmp_path, content, match):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(cfg) in lines[0]
-    import re
-
     assert re.search(match, lines[0]), lines[0]
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .. import checkpoint, lemma2
 from ..layers import scop_layers
 from . import distributed
-from .train import NonFiniteError, model_signature, nonfinite_error, raise_on_every_process, set_epoch
+from .train import NonFiniteError, batchnorms, model_signature, nonfinite_error, raise_on_every_process, set_epoch
 
 __all__ = ["pair_dataset", "PairedDataset", "fit_knockoff_biases", "layer_seed", "learn_scales", "ScaleHistory"]
 
@@ -128,10 +128,6 @@ class ScaleHistory:
         return {"loss": self.loss, "beta_mean": self.beta_mean}
 
 
-def _bn_layers(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 def layer_seed(seed: int, name: str) -> int:
     """The seed of layer ``name``'s Lemma 2 bias stream in a run seeded ``seed``.
 
@@ -200,7 +196,7 @@ def learn_scales(
     model.to(device)
     rank, world = distributed.rank(), distributed.world_size()
     trainable = {p: p.requires_grad for p in model.parameters()}
-    bn_state = {i: {k: v.clone() for k, v in m.state_dict().items()} for i, m in enumerate(_bn_layers(model))}
+    bn_state = {i: {k: v.clone() for k, v in m.state_dict().items()} for i, m in enumerate(batchnorms(model))}
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in layers.items():
@@ -230,7 +226,7 @@ def learn_scales(
         start = int(state["epoch"]) + 1
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     model.eval()
-    for m in _bn_layers(model):
+    for m in batchnorms(model):
         m.train(bn == "batch")
     try:
         for epoch in range(start, epochs):
@@ -279,7 +275,7 @@ def learn_scales(
     finally:
         for p, flag in trainable.items():
             p.requires_grad_(flag)
-        for i, m in enumerate(_bn_layers(model)):
+        for i, m in enumerate(batchnorms(model)):
             m.load_state_dict(bn_state[i])
         for layer in layers.values():
             layer.bias_shard = (0, 1)

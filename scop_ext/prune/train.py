@@ -18,7 +18,7 @@ from .. import checkpoint
 from . import distributed
 
 __all__ = ["NonFiniteError", "first_nonfinite_layer", "nonfinite_error", "raise_on_every_process", "make_loader", "evaluate",
-           "recalibrate_bn", "fit", "FitResult", "model_signature", "amp_dtype", "default_amp"]
+           "recalibrate_bn", "fit", "FitResult", "batchnorms", "model_signature", "amp_dtype", "default_amp"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -163,6 +163,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str, *
     return result
 
 
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def model_signature(named: dict[str, tuple[int, ...]]) -> str:
     """A short record of an architecture, ``{name: shape}``, for progress files to be matched by:
     the count of tensors and values and a digest of every name and shape."""
@@ -184,7 +189,7 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device | 
     sharded=False)``): every process then computes the same statistics.
     """
     device = torch.device(device)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = batchnorms(model)
     if not bns:
         return 0
     momenta = [bn.momentum for bn in bns]
