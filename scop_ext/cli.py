@@ -193,7 +193,8 @@ def cmd_knockoffs_check(args) -> int:
     if args.model:
         model, _ = load_model(args.model, map_location=device)
         layers = args.layers or None
-    report = check(gen, test, args.out, model=model, layers=layers, seed=args.seed, n=args.n)
+    report = check(gen, test, args.out, model=model, layers=layers, seed=args.seed, n=args.n, grid=args.grid,
+                   **({} if args.max_dim is None else {"max_dim": args.max_dim}))
     print(json.dumps({k: report[k] for k in ("exchangeability", "power", "leakage") if k in report}, indent=2, default=str))
     print(f"report and figures in {args.out}")
     return 0
@@ -338,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--model", help="model stem (`scop train` output) to measure features of")
     k.add_argument("--layers", nargs="*", help="module names of --model to measure at")
     k.add_argument("-n", type=int, default=1000, help="images to use")
+    k.add_argument("--grid", type=int, nargs=2, metavar=("ROWS", "COLS"),
+                   help="swap blocks down and across (default: the generator's own grid)")
+    k.add_argument("--max-dim", type=int,
+                   help="most coordinates the exchangeability covariance is measured at; larger images are "
+                        "block-cell averaged (default: scop_ext.knockoffs.diagnostics.MAX_DIM)")
     _common(k, device_help="where the knockoffs and --model run: cpu, cuda, cuda:1 ... (default: cuda if available)")
     k.set_defaults(func=cmd_knockoffs_check)
 

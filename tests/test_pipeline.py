@@ -1,5 +1,6 @@
 """The pruning pipeline and the `scop` command end to end on the bundled digits (tiny settings)."""
 
+import json
 import re
 import signal
 import socket
@@ -176,8 +177,15 @@ def test_resume_refuses_a_changed_config(baseline, tmp_path):
 def test_cli_commands(baseline, tmp_path):
     kn = tmp_path / "kn"
     scop("knockoffs", "fit", "--kind", "gaussian", "--out", str(kn))
-    proc = scop("knockoffs", "check", "--knockoffs", str(kn / "knockoffs.pt"), "-n", "300", "--out", str(kn / "check"))
-    assert "exchangeability" in proc.stdout and (kn / "check" / "report.json").exists()
+    proc = scop("knockoffs", "check", "--knockoffs", str(kn / "knockoffs.pt"), "-n", "300", "--grid", "2", "2",
+                "--max-dim", "16", "--out", str(kn / "check"))
+    assert "exchangeability" in proc.stdout
+    measured = json.loads((kn / "check" / "report.json").read_text())
+    assert measured["grid"] == [2, 2] and measured["resolution"] == [1, 4, 4]  # 8x8 digits, 2x2 cells per block
+    # the Gaussian's own 4x4 grid of 2x2 blocks is already 16 coordinates
+    proc = scop("knockoffs", "check", "--knockoffs", str(kn / "knockoffs.pt"), "--max-dim", "8",
+                "--out", str(kn / "small"), check=False)
+    assert proc.returncode == 2 and "max_dim=8" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     run = tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"weights: {baseline}\npolicy: uniform\nratio: 0.25\nscales_epochs: 1\nfinetune_epochs: 1\n"
