@@ -671,6 +671,33 @@ def test_every_run_file_is_written_through_a_temporary_and_renamed(tmp_path, mon
 # --------------------------------------------------------------------------- memory limits
 
 
+# Appended to a script that defines `estimate`, `step(b)` and `batch`: prints the predicted bytes
+# (optimizer state left out: the script makes none) and the measured rise of the peak RSS.
+PEAK_RSS = r"""
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+step(2)  # thread pools, primitive caches and the allocator's arenas exist before the baseline
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS (VmHWM) to the current RSS
+base = status("VmRSS:")
+step(batch)
+print(estimate.total(batch) - estimate.fixed["optimizer state"], status("VmHWM:") - base)
+"""
+
+
+def predicted_and_measured(tmp_path, script: str, *args) -> tuple[int, int]:
+    path = tmp_path / "measure.py"
+    path.write_text(script + PEAK_RSS)
+    proc = subprocess.run([sys.executable, str(path), *map(str, args)], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    predicted, measured = map(int, proc.stdout.split())
+    assert measured > 20 * 2**20, "too small to measure against the process's noise"
+    return predicted, measured
+
+
 MEASURE = r"""
 import sys, torch, torch.nn.functional as F
 torch.set_num_threads(1)
@@ -695,17 +722,6 @@ def step(b):
     F.cross_entropy(out, torch.randint(0, 10, (b,))).backward()
     for p in model.parameters():
         p.grad = None
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
-step(2)  # thread pools, primitive caches and the allocator's arenas exist before the baseline
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS (VmHWM) to the current RSS
-base = status("VmRSS:")
-step(batch)
-print(estimate.total(batch) - estimate.fixed["optimizer state"], status("VmHWM:") - base)
 """
 
 # Prediction over measurement stays within this factor either way (measured on the ResNets here:
@@ -716,15 +732,9 @@ FACTOR = 1.6
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure peak RSS")
 @pytest.mark.parametrize("name,size,batch", [("resnet20", 32, 64), ("resnet_digits", 8, 1024)])
 def test_stage2_memory_prediction_matches_measurement(tmp_path, name, size, batch):
-    script = tmp_path / "measure.py"
-    script.write_text(MEASURE)
-    proc = subprocess.run([sys.executable, str(script), name, str(size), str(batch)], capture_output=True, text=True,
-                          env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    predicted, measured = map(int, proc.stdout.split())
+    predicted, measured = predicted_and_measured(tmp_path, MEASURE, name, size, batch)
     print(f"{name} {size}px, paired batch of {2 * batch}: predicted {predicted / 2**20:.0f} MiB, "
           f"measured {measured / 2**20:.0f} MiB")
-    assert measured > 20 * 2**20, "too small to measure against the process's noise"
     assert 1 / FACTOR <= predicted / measured <= FACTOR
 
 
@@ -744,32 +754,15 @@ def step(b):
     loss.backward()
     for p in model.parameters():
         p.grad = None
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
-step(2)
-open("/proc/self/clear_refs", "w").write("5")
-base = status("VmRSS:")
-step(batch)
-print(estimate.total(batch) - estimate.fixed["optimizer state"], status("VmHWM:") - base)
 """
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure peak RSS")
 def test_mixed_precision_memory_prediction_matches_measurement(tmp_path):
     """Fine-tuning under autocast (bfloat16 on the CPU, as float16/bfloat16 on CUDA) holds 16-bit activations."""
-    script = tmp_path / "measure_amp.py"
-    script.write_text(MEASURE_AMP)
-    proc = subprocess.run([sys.executable, str(script), "resnet20", "32", "64"], capture_output=True, text=True,
-                          env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    predicted, measured = map(int, proc.stdout.split())
+    predicted, measured = predicted_and_measured(tmp_path, MEASURE_AMP, "resnet20", 32, 64)
     print(f"resnet20 32px under bfloat16 autocast, batch 64: predicted {predicted / 2**20:.0f} MiB, "
           f"measured {measured / 2**20:.0f} MiB")
-    assert measured > 20 * 2**20, "too small to measure against the process's noise"
     assert 1 / FACTOR <= predicted / measured <= FACTOR
 
 

@@ -54,6 +54,15 @@ def draw(mean: torch.Tensor, cov: torch.Tensor, n: int, seed: int) -> torch.Tens
     return mean + z @ chol.T
 
 
+def gaussian_pairs(n: int, d: int = 20):
+    """(mean, cov, generator, x, x~): n draws of a heteroscedastic AR(1) Gaussian and their knockoffs."""
+    cov = ar1(d, 0.6, torch.linspace(0.5, 2.0, d, dtype=torch.float64))
+    mean = torch.linspace(-1, 1, d, dtype=torch.float64)
+    gen = GaussianKnockoffs.from_covariance(mean, cov)
+    x = draw(mean, cov, n, seed=0)
+    return mean, cov, gen, x, gen.sample(x, generator=torch.Generator().manual_seed(1))
+
+
 def bonferroni_z(count: int, alpha: float = 1e-3) -> float:
     """Two-sided normal quantile that keeps the family-wise error of ``count`` tests at alpha."""
     return NormalDist().inv_cdf(1 - alpha / (2 * count))
@@ -107,12 +116,8 @@ def test_ledoit_wolf_matches_sklearn():
 
 
 def test_gaussian_joint_covariance_has_knockoff_form():
-    d, n = 20, 100_000
-    cov = ar1(d, 0.6, torch.linspace(0.5, 2.0, d, dtype=torch.float64))
-    mean = torch.linspace(-1, 1, d, dtype=torch.float64)
-    gen = GaussianKnockoffs.from_covariance(mean, cov)
-    x = draw(mean, cov, n, seed=0)
-    xk = gen.sample(x, generator=torch.Generator().manual_seed(1))
+    mean, cov, gen, x, xk = gaussian_pairs(100_000)
+    n, d = x.shape
     assert xk.dtype == torch.float64 and xk.shape == x.shape
 
     s = gen.S
@@ -178,12 +183,8 @@ def test_sdp_is_feasible_and_beats_equicorrelated():
 def test_float64_inputs_are_sampled_in_float64():
     """x~ - x + (x - mu) Sigma^-1 S must be L z with L L^T = 2S - S Sigma^-1 S to float64
     precision; float32 factors leave errors near 1e-7."""
-    d, n = 20, 500
-    cov = ar1(d, 0.6, torch.linspace(0.5, 2.0, d, dtype=torch.float64))
-    mean = torch.linspace(-1, 1, d, dtype=torch.float64)
-    gen = GaussianKnockoffs.from_covariance(mean, cov)
-    x = draw(mean, cov, n, seed=0)
-    xk = gen.sample(x, generator=torch.Generator().manual_seed(1))
+    mean, cov, gen, x, xk = gaussian_pairs(500)
+    n, d = x.shape
     s = gen.S
     proj = torch.linalg.solve(cov, s)
     factor = gen.noise_factor
