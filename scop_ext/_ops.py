@@ -67,10 +67,11 @@ def _require_kernel_dtype(name: str, t: Tensor, dtype: torch.dtype | None = None
 
 def _same_dtype_device(ref_name: str, ref: Tensor, **others: Tensor | None) -> None:
     """Compares dtypes as the kernel will see them, after autocast (see _autocast_dtype)."""
+    ref_dtype = _autocast_dtype(ref)
     for name, t in others.items():
         if t is None:
             continue
-        if _autocast_dtype(t) != _autocast_dtype(ref):
+        if _autocast_dtype(t) != ref_dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
         if t.device != ref.device:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must match")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -171,8 +172,6 @@ def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def model_signature(named: dict[str, tuple[int, ...]]) -> str:
     """A short record of an architecture, ``{name: shape}``, for progress files to be matched by:
     the count of tensors and values and a digest of every name and shape."""
-    import hashlib
-
     digest = hashlib.sha256(repr(sorted((k, tuple(v)) for k, v in named.items())).encode()).hexdigest()[:12]
     return f"{len(named)} tensors, {sum(math.prod(v) for v in named.values())} values, digest {digest}"
 
