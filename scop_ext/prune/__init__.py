@@ -2,11 +2,12 @@
 
 - :mod:`.importance`: criteria, ``criterion(model) -> {conv name: (C_out,) scores}``.
 - :mod:`.select`: :class:`PruningSpace` (coupled channel groups + FLOPs prediction) and the
-  policies ``uniform``, ``global_ranking``, ``flops_target``, ``fdr`` returning a plan
+  policies ``uniform``, ``global_ranking``, ``flops_target``, ``latency_target``, ``fdr`` returning a plan
   ``{conv name: [channel indices to remove]}``, and ``cuts`` (where a plan cut each group).
 - :mod:`.surgery`: ``apply_plan`` (physical removal with torch-pruning), ``channel_widths``
   and ``rebuild`` (re-create a pruned architecture from JSON widths).
-- :mod:`.flops`: FLOPs (= 2 x MACs), MACs and parameter counts.
+- :mod:`.flops`: FLOPs (= 2 x MACs), MACs and parameter counts; :mod:`.latency`: the latency
+  model measured on the device (:class:`LatencyModel`), :mod:`.knapsack`: spending its budget.
 - :mod:`.scales` (stage 2), :mod:`.train` (fine-tuning, evaluation, BN recalibration),
   :mod:`.export` (pickle-free model files), :mod:`.report`, :mod:`.distributed`, and
   :mod:`.pipeline`: :class:`ScopPruner`, the whole run as one object with plain steps.
@@ -29,9 +30,11 @@ from .select import (
     flops_target,
     global_ranking,
     knockoff_threshold,
+    latency_target,
     select,
     uniform,
 )
+from .latency import LatencyModel, measure_latency
 from .surgery import ChannelGroup, Plan, apply_plan, channel_groups, channel_widths, rebuild
 from .pipeline import STAGES, PruneConfig, ScopPruner
 
@@ -51,6 +54,9 @@ __all__ = [
     "uniform",
     "global_ranking",
     "flops_target",
+    "latency_target",
+    "LatencyModel",
+    "measure_latency",
     "fdr",
     "knockoff_threshold",
     "select",
