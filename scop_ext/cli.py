@@ -119,7 +119,7 @@ PRUNE_FLAGS = {
 
 
 def _prune_config(args):
-    from .pipeline import PruneConfig
+    from .config import PruneConfig
 
     values = PruneConfig.file_values(args.config) if args.config else {}
     for key in PRUNE_FLAGS:
@@ -261,7 +261,8 @@ def cmd_demo(args) -> int:
     """Baseline on digits, SCOP to about half the FLOPs, fine-tune, print the table."""
     import time
 
-    from .pipeline import PruneConfig, ScopPruner
+    from .config import PruneConfig
+    from .pipeline import ScopPruner
     from .report import format_table
 
     start = time.time()

@@ -18,7 +18,8 @@ from scop_ext import convert, scop_layers
 from scop_ext.checkpoint import CheckpointError
 from scop_ext.prune import PruningSpace, apply_plan, count_flops, make_importance, select
 from scop_ext.export import export_onnx, export_torchscript, load_model
-from scop_ext.pipeline import PruneConfig, ScopPruner
+from scop_ext.config import PruneConfig
+from scop_ext.pipeline import ScopPruner
 
 from .conftest import ENV, TINY, prune_args
 
@@ -343,7 +344,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from scop_ext import convert, scop_layers
 from scop_ext import distributed
-from scop_ext.pipeline import PruneConfig, ScopPruner
+from scop_ext.config import PruneConfig
+from scop_ext.pipeline import ScopPruner
 from scop_ext.prune.excavate import learn_scales, fit_knockoff_biases
 from scop_ext.train import NonFiniteError, fit, make_loader, evaluate
 torch.set_num_threads(1)
