@@ -33,7 +33,6 @@ from .select import (
     uniform,
 )
 from .surgery import ChannelGroup, Plan, apply_plan, channel_groups, channel_widths, rebuild
-from .pipeline import STAGES, PruneConfig, ScopPruner
 
 __all__ = [
     "count_flops",
@@ -61,7 +60,4 @@ __all__ = [
     "apply_plan",
     "channel_widths",
     "rebuild",
-    "PruneConfig",
-    "ScopPruner",
-    "STAGES",
 ]

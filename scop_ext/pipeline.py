@@ -23,19 +23,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .. import checkpoint
-from ..data import holdout, load_dataset
-from ..layers import convert as convert_layers
-from ..layers import scop_layers
-from ..models import build_model
-from . import distributed, resources
+from . import checkpoint, distributed, resources
+from .data import holdout, load_dataset
 from .export import load_model, save_model
-from .flops import count_flops, count_params
-from .importance import make_importance
+from .layers import convert as convert_layers
+from .layers import scop_layers
+from .models import build_model
+from .prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
+from .prune.flops import count_flops, count_params
+from .prune.importance import make_importance
+from .prune.select import PruningSpace, cuts, select
+from .prune.surgery import apply_plan, channel_widths
 from .report import measure_latency, write_report
-from .scales import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
-from .select import PruningSpace, cuts, select
-from .surgery import apply_plan, channel_widths
 from .train import amp_dtype, default_amp, evaluate, fit, make_loader, recalibrate_bn
 
 __all__ = ["PruneConfig", "ScopPruner", "STAGES"]
@@ -151,8 +150,8 @@ class PruneConfig:
             value = getattr(self, f.name)
             if not _has_type(value, hints[f.name]):
                 raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {type(value).__name__} {value!r}")
-        from ..knockoffs.base import _REGISTRY as knockoff_kinds
-        from .importance import _CRITERIA
+        from .knockoffs.base import _REGISTRY as knockoff_kinds
+        from .prune.importance import _CRITERIA
 
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -319,7 +318,7 @@ class ScopPruner:
         process group's timeout), then all take process 0's state, so they sample the same
         knockoffs even where CUDA kernels are not deterministic.
         """
-        from ..knockoffs import KnockoffGAN, make_generator
+        from .knockoffs import KnockoffGAN, make_generator
 
         torch.manual_seed(self.config.seed)
         gen = make_generator(self.config.knockoffs, **self.config.knockoff_options)
@@ -552,7 +551,7 @@ class ScopPruner:
         return state
 
     def _load_knockoffs(self):
-        from ..knockoffs import load
+        from .knockoffs import load
 
         self.knockoffs = load(self._path("knockoffs.pt"))
 
