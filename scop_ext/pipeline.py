@@ -1,7 +1,13 @@
 """The whole SCOP run as one object with plain steps (DESIGN.md §1, stages 1-4).
 
-    fit_knockoffs -> convert -> learn_scales -> select -> prune -> recalibrate_bn -> finetune
-    -> evaluate -> report
+    stage 1 (``knockoffs``)   fit_knockoffs
+    stage 2 (``scales``)      convert -> learn_scales
+    stage 3 (``select``)      select
+    stage 4 (``prune``)       prune -> recalibrate_bn
+            (``finetune``)    finetune
+    the report (``report``)   evaluate -> report
+
+The names in brackets are :data:`STAGES`, recorded in ``state.json`` as each one completes.
 
 :class:`ScopPruner` holds the model, data and configuration; each step can be called on its own,
 and :meth:`ScopPruner.run` calls them in order, writing every stage's result atomically into
@@ -141,7 +147,7 @@ class ScopPruner:
         return gen
 
     def convert(self) -> dict[str, nn.Module]:
-        """Wrap the convolutions (all but ``config.skip``) as ScopConv2d in SCOP mode."""
+        """Stage 2, first step: wrap the convolutions (all but ``config.skip``) as ScopConv2d in SCOP mode."""
         self.results.setdefault("before", self._metrics(self.model))
         self.results.setdefault("widths_before", channel_widths(self.model))
         convert_layers(self.model, skip=self.config.skip)
@@ -223,7 +229,7 @@ class ScopPruner:
         return self.plan
 
     def prune(self) -> nn.Module:
-        """Stage 4a: remove the planned filters physically; the model becomes plain nn.Conv2d layers."""
+        """Stage 4, physical pruning: remove the planned filters; the model becomes plain nn.Conv2d layers."""
         if self.plan is None:
             raise RuntimeError("prune() needs a plan: call select() first")
         apply_plan(self.model, self.example.to(self.device), self.plan, keep_block_width=self.config.keep_block_width)
@@ -231,7 +237,7 @@ class ScopPruner:
         return self.model
 
     def recalibrate_bn(self) -> int:
-        """Stage 4b: re-estimate BN statistics of the pruned network on training data.
+        """Stage 4, after pruning: re-estimate BN statistics of the pruned network on training data.
 
         Under torchrun every process runs the same whole batches, so all hold the same statistics.
         """
@@ -243,7 +249,7 @@ class ScopPruner:
         return used
 
     def finetune(self):
-        """Stage 4c: fine-tune all weights; the best epoch on the held-out validation part is kept
+        """Stage 4, fine-tuning: train all weights; the best epoch on the held-out validation part is kept
         (the last epoch with ``val_fraction = 0``)."""
         cfg = self.config
         if cfg.finetune_epochs > 0:
