@@ -231,3 +231,34 @@ def models_and_space(name):
     model = models.build_model(name, 10, 1).eval()
     x = models.example_input(name, 1)
     return model, x, PruningSpace(model, x)
+
+
+# ------------------------------------------------------------------------- through the pipeline
+
+
+def test_latency_target_end_to_end_cli(baseline, tmp_path):
+    """`scop prune` with latency_target: the plan fits the predicted budget, and report.md and
+    report.json show predicted beside measured latency for batch 1 and the chosen batch."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ENV, prune_args
+
+    out = tmp_path / "run"
+    args = prune_args(baseline, out, "--set", "policy=latency_target", "--set", "latency_reduction=0.2",
+                      "--set", "latency_batch=64", "--set", "latency_memory_format=channels_last",
+                      "--set", "latency_fold_bn=true")
+    proc = subprocess.run([sys.executable, "-m", "scop_ext.cli", *args], capture_output=True, text=True, env=ENV,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    section = json.loads((out / "report.json").read_text())["latency"]
+    assert set(section["batches"]) == {"1", "64"}
+    assert section["memory_format"] == "channels_last" and section["fold_bn"] is True
+    for row in section["batches"].values():
+        assert all(row[k] > 0 for k in ("predicted_before", "measured_before", "predicted_after", "measured_after"))
+    main = section["batches"]["64"]
+    assert main["predicted_after"] <= 0.8 * main["predicted_before"] + 1e-9
+    assert main["predicted_before"] == pytest.approx(main["measured_before"])
+    stored = json.loads((out / "latency-table-b64.json").read_text())
+    assert stored["settings"]["batch"] == 64 and stored["settings"]["memory_format"] == "channels_last"
+    assert "predicted / measured" in (out / "report.md").read_text()

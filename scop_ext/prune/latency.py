@@ -38,9 +38,10 @@ from torch import Tensor, nn
 
 from .. import checkpoint
 from ..layers import restore
-from .surgery import ChannelGroup, _is_depthwise, _plain_forward
+from .surgery import ChannelGroup, is_depthwise, plain_forward
 
-__all__ = ["ConvShape", "LatencyModel", "conv_timer", "measure_latency", "settings", "MEMORY_FORMATS", "DTYPES"]
+__all__ = ["ConvShape", "LatencyModel", "conv_timer", "measure_latency", "settings", "latency_models", "latency_section",
+           "measure_after", "MEMORY_FORMATS", "DTYPES"]
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,6 +119,11 @@ def measure_latency(model: nn.Module, example: Tensor, batch: int, device: str |
 
 
 # --------------------------------------------------------------------------- the table
+
+
+def cache_file(folder: str | os.PathLike, batch: int) -> str:
+    """Where a run keeps its latency table for ``batch`` (settings are checked inside the file)."""
+    return os.path.join(folder, f"latency-table-b{batch}.json")
 
 
 @dataclass(frozen=True)
@@ -262,7 +268,7 @@ class LatencyModel:
             return record
 
         convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-        with _plain_forward(model), torch.no_grad():
+        with plain_forward(model), torch.no_grad():
             handles = [m.register_forward_hook(hook(n)) for n, m in convs.items()]
             try:
                 model.eval()
@@ -281,9 +287,9 @@ class LatencyModel:
         for name, m in convs.items():
             if name not in seen:
                 continue  # did not run in the traced forward: costs nothing
-            if m.groups > 1 and not _is_depthwise(m):
+            if m.groups > 1 and not is_depthwise(m):
                 continue  # grouped (non-depthwise) convs are left to the rest term at their dense time
-            depthwise = _is_depthwise(m)
+            depthwise = is_depthwise(m)
             shape = ConvShape(m.kernel_size, m.stride, m.padding, m.dilation, depthwise, m.bias is not None, seen[name][0])
             result.append(_Conv(name, shape, m.in_channels, m.out_channels, seen[name][1], out_group.get(name),
                                 () if depthwise else tuple(in_groups.get(name, ()))))
@@ -359,3 +365,35 @@ class LatencyModel:
     def save(self) -> None:
         """Write the measured points to the cache file (if any, and if anything new was measured)."""
         self._table.save()
+
+
+# --------------------------------------------------------------------------- predicted beside measured
+
+
+def latency_models(model: nn.Module, example_input: Tensor, groups: Sequence[ChannelGroup], batch: int,
+                   folder: str | os.PathLike, **kw) -> dict[int, LatencyModel]:
+    """Latency models at batch 1 and at ``batch``, their tables cached in ``folder`` (``kw``: of
+    :class:`LatencyModel`)."""
+    return {b: LatencyModel(model, example_input, groups, batch=b, cache=cache_file(folder, b), **kw)
+            for b in sorted({1, batch})}
+
+
+def latency_section(models: Mapping[int, LatencyModel], plan: Mapping[str, Iterable[int]], **settings) -> dict:
+    """Per batch, the predicted latency (ms) of the dense network and of ``plan``, and the measured
+    dense one; ``settings`` (dtype, memory_format, fold_bn) are stored beside them for :func:`measure_after`."""
+    batches = {}
+    for b, lat in models.items():
+        batches[str(b)] = {"predicted_before": lat.dense_ms, "measured_before": lat.measured_dense_ms,
+                           "predicted_after": lat.predict_plan(plan)}
+        lat.save()
+    return {**settings, "batches": batches}
+
+
+def measure_after(section: dict, model: nn.Module, example: Tensor, device: str | torch.device) -> dict:
+    """Fill ``measured_after`` of every batch of a :func:`latency_section` with ``model`` (pruned) timed
+    under the section's settings; returns the section, with ``error`` = predicted / measured - 1."""
+    for b, row in section["batches"].items():
+        row["measured_after"] = measure_latency(model, example, int(b), device, dtype=section["dtype"],
+                                                memory_format=section["memory_format"], fold_bn=section["fold_bn"])
+        row["error"] = row["predicted_after"] / row["measured_after"] - 1
+    return section
