@@ -67,8 +67,8 @@ def cmd_train(args) -> int:
 
     from .data import holdout, load_dataset
     from .models import build_model
-    from .prune.export import save_model
-    from .prune.train import evaluate, fit, make_loader
+    from .export import save_model
+    from .train import evaluate, fit, make_loader
 
     device = _device(args.device)
     torch.manual_seed(args.seed)
@@ -119,7 +119,7 @@ PRUNE_FLAGS = {
 
 
 def _prune_config(args):
-    from .prune.pipeline import PruneConfig
+    from .config import PruneConfig
 
     values = PruneConfig.file_values(args.config) if args.config else {}
     for key in PRUNE_FLAGS:
@@ -136,9 +136,9 @@ def _prune_config(args):
 
 
 def cmd_prune(args) -> int:
-    from .prune import distributed
-    from .prune.pipeline import ScopPruner
-    from .prune.report import format_table
+    from . import distributed
+    from .pipeline import ScopPruner
+    from .report import format_table
 
     config = _prune_config(args)
     distributed.setup(config.device)
@@ -184,7 +184,7 @@ def cmd_knockoffs_fit(args) -> int:
 def cmd_knockoffs_check(args) -> int:
     from .data import load_dataset
     from .knockoffs import check, load
-    from .prune.export import load_model
+    from .export import load_model
 
     device = _device(args.device)
     gen = load(args.knockoffs, map_location=device)
@@ -203,7 +203,7 @@ def cmd_knockoffs_check(args) -> int:
 # -------------------------------------------------------------------------- report / export
 
 def cmd_report(args) -> int:
-    from .prune.report import format_table, write_report
+    from .report import format_table, write_report
 
     path = os.path.join(args.run, "state.json")
     try:
@@ -221,7 +221,7 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from .prune.export import export_onnx, export_torchscript, load_model, onnx_missing, save_model
+    from .export import export_onnx, export_torchscript, load_model, onnx_missing, save_model
 
     missing = onnx_missing() if args.format in ("onnx", "all") else None
     if missing and args.format == "onnx":
@@ -261,8 +261,9 @@ def cmd_demo(args) -> int:
     """Baseline on digits, SCOP to about half the FLOPs, fine-tune, print the table."""
     import time
 
-    from .prune.pipeline import PruneConfig, ScopPruner
-    from .prune.report import format_table
+    from .config import PruneConfig
+    from .pipeline import ScopPruner
+    from .report import format_table
 
     start = time.time()
     device = _device(args.device)
@@ -376,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
-    from .prune.resources import ResourceError
-    from .prune.train import NonFiniteError
+    from .resources import ResourceError
+    from .train import NonFiniteError
 
     try:
         return args.func(args)

@@ -38,8 +38,9 @@ from scop_ext.knockoffs.exchangeability import (
 )
 from scop_ext.knockoffs.gaussian import _Moments, ledoit_wolf
 from scop_ext.knockoffs.leakage import label_leakage
-from scop_ext.knockoffs.plots import embedding_figure, knockoff_grid
 from scop_ext.knockoffs.report import sample_batched
+from scop_ext.plots import embedding_figure, knockoff_grid
+
 from .conftest import ENV
 
 
@@ -500,7 +501,7 @@ def test_importing_knockoffs_does_not_load_matplotlib():
     """Plotting is imported only when check() draws, so a user of the generators never pays for
     matplotlib; importing the plotting module itself, in the same process, shows the probe sees it."""
     probe = "import sys; print(any(m.split('.')[0] == 'matplotlib' for m in sys.modules))"
-    code = f"import scop_ext.knockoffs; {probe}; import scop_ext.knockoffs.plots; {probe}"
+    code = f"import scop_ext.knockoffs; {probe}; import scop_ext.plots; {probe}"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "True"]

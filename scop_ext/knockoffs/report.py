@@ -159,7 +159,7 @@ def check(
             panels.append((name, a, b, torch.arange(a.shape[1])))
         shown = [layers[0], layers[-1]] if len(layers) > 1 else list(layers)
         maps = [(name, *features[name]) for name in shown if features[name][0].dim() == 4]
-    from .plots import embedding_figure, knockoff_grid  # here, not at the top: matplotlib only when drawing
+    from ..plots import embedding_figure, knockoff_grid  # here, not at the top: matplotlib only when drawing
 
     embedding_figure(panels, os.path.join(out_dir, "embedding.png"), seed)
     knockoff_grid(x, xk, os.path.join(out_dir, "grid.png"), maps)
