@@ -102,11 +102,11 @@ PRUNE_FLAGS = {
     "dataset": (str, "digits (bundled), cifar10 or imagefolder"),
     "data_root": (str, "local folder of cifar10 / imagefolder data"),
     "batch_size": (int, "images per batch (real images; stage 2 adds as many knockoffs)"),
-    "knockoffs": (str, "knockoff generator: gaussian, gan, permutation"),
+    "knockoffs": (str, "knockoff generator (see `scop info`)"),
     "scales_epochs": (int, "stage 2 epochs"),
     "bn": (str, "batch (authors) or frozen"),
-    "importance": (str, "scop, l1, l2, bn_scale, random"),
-    "policy": (str, "uniform, global_ranking, flops_target, fdr"),
+    "importance": (str, "importance criterion (see `scop info`)"),
+    "policy": (str, "selection policy (see `scop info`)"),
     "ratio": (float, "fraction of channels removed (uniform / global_ranking)"),
     "normalize": (str, "global_ranking: auto (raw scores for scop, else max), max or none"),
     "flops_reduction": (float, "target FLOPs reduction (flops_target)"),
@@ -249,9 +249,13 @@ def cmd_export(args) -> int:
 def cmd_info(args) -> int:
     import scop_ext
 
+    from .knockoffs import generator_kinds
     from .models import model_names
+    from .prune.importance import criterion_names
+    from .prune.select import policy_names
 
-    print(json.dumps({"build": scop_ext.build_info(), "models": model_names()}, indent=2))
+    print(json.dumps({"build": scop_ext.build_info(), "models": model_names(), "knockoffs": generator_kinds(),
+                      "importance": criterion_names(), "policies": policy_names()}, indent=2))
     return 0
 
 
@@ -322,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("knockoffs", help="fit or check knockoff generators")
     ksub = p.add_subparsers(dest="knockoffs_command", required=True)
     k = ksub.add_parser("fit", help="fit a knockoff generator", description="Fit a knockoff generator on training images.")
-    k.add_argument("--kind", default="gaussian", help="gaussian, gan or permutation")
+    k.add_argument("--kind", default="gaussian", help="knockoff generator (see `scop info`)")
     k.add_argument("--dataset", default="digits")
     k.add_argument("--data-root", default=None)
     k.add_argument("--batch-size", type=int, default=256)

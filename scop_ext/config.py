@@ -126,8 +126,9 @@ class PruneConfig:
             value = getattr(self, f.name)
             if not _has_type(value, hints[f.name]):
                 raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {type(value).__name__} {value!r}")
-        from .knockoffs.base import _REGISTRY as knockoff_kinds
-        from .prune.importance import _CRITERIA
+        from .knockoffs import generator_kinds
+        from .prune.importance import criterion_names
+        from .prune.select import policy_names
 
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -135,8 +136,7 @@ class PruneConfig:
             (self.scales_epochs >= 1, "scales_epochs must be >= 1"),
             (self.finetune_epochs >= 0, "finetune_epochs must be >= 0"),
             (self.bn in ("batch", "frozen"), "bn must be 'batch' or 'frozen'"),
-            (self.policy in ("uniform", "global_ranking", "flops_target", "fdr"),
-             "policy must be one of uniform, global_ranking, flops_target, fdr"),
+            (self.policy in policy_names(), f"policy must be one of {', '.join(policy_names())}"),
             (0.0 <= self.ratio < 1.0, "ratio must be in [0, 1)"),
             (self.normalize in ("auto", "max", "none"), "normalize must be 'auto', 'max' or 'none'"),
             (0.0 <= self.flops_reduction < 1.0, "flops_reduction must be in [0, 1)"),
@@ -149,8 +149,8 @@ class PruneConfig:
             (self.bias_gamma is None or self.bias_gamma > 0, "bias_gamma must be > 0 (or null for the default)"),
             (self.bn_batches >= 1 and self.image_size >= 1, "bn_batches and image_size must be >= 1"),
             (self.fdr_scope in ("layer", "global"), "fdr_scope must be 'layer' or 'global'"),
-            (self.importance in _CRITERIA, f"importance must be one of {', '.join(sorted(_CRITERIA))}"),
-            (self.knockoffs in knockoff_kinds, f"knockoffs must be one of {', '.join(sorted(knockoff_kinds))}"),
+            (self.importance in criterion_names(), f"importance must be one of {', '.join(criterion_names())}"),
+            (self.knockoffs in generator_kinds(), f"knockoffs must be one of {', '.join(generator_kinds())}"),
             (all(isinstance(v, str) for v in [*self.skip, *self.ignored_layers, *self.knockoff_options]),
              "skip, ignored_layers and the keys of knockoff_options must be strings"),
             (_is_device(self.device), f"device must be a device name such as cpu or cuda:0, got {self.device!r}"),

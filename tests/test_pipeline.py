@@ -303,6 +303,24 @@ def test_cli_help_on_every_command(capsys):
         assert "usage: scop" in capsys.readouterr().out
 
 
+def test_info_lists_every_registry(capsys):
+    from scop_ext.cli import main
+    from scop_ext.knockoffs import generator_kinds, make_generator
+    from scop_ext.prune import criterion_names, policy_names
+
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["knockoffs"] == generator_kinds() and "gaussian" in info["knockoffs"]
+    assert info["importance"] == criterion_names() and "scop" in info["importance"]
+    assert info["policies"] == policy_names() and "fdr" in info["policies"]
+    for name in info["policies"]:  # every listed name is one a config accepts
+        PruneConfig(policy=name).validate()
+    for name in info["importance"]:
+        PruneConfig(importance=name).validate()
+        make_importance(name)
+    assert type(make_generator("gaussian")).kind == "gaussian"
+
+
 @pytest.mark.parametrize(
     "content,match",
     [

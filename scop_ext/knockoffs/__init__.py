@@ -20,7 +20,7 @@ Example::
     torch.Size([16, 1, 8, 8])
 """
 
-from .base import KnockoffGenerator, load, make_generator
+from .base import KnockoffGenerator, generator_kinds, load, make_generator
 from .baselines import ExternalKnockoffs, PermutationKnockoffs
 from .gan import KnockoffGAN
 from .gaussian import GaussianKnockoffs
@@ -33,6 +33,7 @@ __all__ = [
     "PermutationKnockoffs",
     "ExternalKnockoffs",
     "make_generator",
+    "generator_kinds",
     "load",
     "check",
 ]

@@ -22,6 +22,7 @@ from .importance import (
     L2Importance,
     RandomImportance,
     ScopImportance,
+    criterion_names,
     following_batchnorm,
     make_importance,
 )
@@ -32,6 +33,8 @@ from .select import (
     flops_target,
     global_ranking,
     knockoff_threshold,
+    make_policy,
+    policy_names,
     select,
     uniform,
 )
@@ -48,6 +51,7 @@ __all__ = [
     "BNScaleImportance",
     "RandomImportance",
     "make_importance",
+    "criterion_names",
     "following_batchnorm",
     "PruningSpace",
     "uniform",
@@ -56,6 +60,8 @@ __all__ = [
     "fdr",
     "knockoff_threshold",
     "select",
+    "make_policy",
+    "policy_names",
     "cuts",
     "Plan",
     "ChannelGroup",
