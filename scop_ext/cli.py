@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="swap blocks down and across (default: the generator's own grid)")
     k.add_argument("--max-dim", type=int,
                    help="most coordinates the exchangeability covariance is measured at; larger images are "
-                        "block-cell averaged (default: scop_ext.knockoffs.diagnostics.MAX_DIM)")
+                        "block-cell averaged (default: scop_ext.knockoffs.exchangeability.MAX_DIM)")
     _common(k, device_help="where the knockoffs and --model run: cpu, cuda, cuda:1 ... (default: cuda if available)")
     k.set_defaults(func=cmd_knockoffs_check)
 
