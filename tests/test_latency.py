@@ -18,7 +18,7 @@ import torch
 from scop_ext import models
 from scop_ext.prune import LatencyModel, PruningSpace, RandomImportance, apply_plan, channel_widths, select
 from scop_ext.prune.knapsack import choose_widths, knapsack
-from scop_ext.prune.latency import settings
+from scop_ext.prune.timing import settings
 
 
 def block_timer(block=8, calls=None):
@@ -47,7 +47,7 @@ def digits():
 
 
 def make(model, x, space, timer, **kw):
-    return LatencyModel(model, x, space.groups, batch=4, timer=timer, rest=False, progress=False, **kw)
+    return LatencyModel(model, x, space.groups, batch=4, timer=timer, measure_network=False, progress=False, **kw)
 
 
 # ------------------------------------------------------------------------- the cache

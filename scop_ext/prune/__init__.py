@@ -10,7 +10,8 @@
   ``channel_widths`` and ``rebuild`` (re-create a pruned architecture from JSON widths); the
   fine-tuning that follows is the generic :func:`scop_ext.train.fit`.
 - :mod:`.flops`: FLOPs (= 2 x MACs), MACs and parameter counts; :mod:`.latency`: the latency
-  model measured on the device (:class:`LatencyModel`), :mod:`.knapsack`: spending its budget.
+  model measured on the device (:class:`LatencyModel`), :mod:`.timing`: timing on it,
+  :mod:`.knapsack`: spending its budget.
 
 The whole run (:class:`scop_ext.pipeline.ScopPruner`) sits above this package, since it also
 drives stage 1 (:mod:`scop_ext.knockoffs`).
@@ -40,7 +41,8 @@ from .select import (
     select,
     uniform,
 )
-from .latency import LatencyModel, measure_latency
+from .latency import LatencyModel
+from .timing import measure_latency
 from .surgery import ChannelGroup, Plan, apply_plan, channel_groups, channel_widths, rebuild
 
 __all__ = [
