@@ -170,7 +170,12 @@ class PruneConfig:
             return None if self.normalize == "none" else "max"
         return None if self.importance == "scop" and not self.multiply_bn_gamma else "max"
 
+    def importance_params(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~scop_ext.prune.importance.make_importance` for ``importance``."""
+        return {"scop": {"multiply_bn_gamma": self.multiply_bn_gamma}, "random": {"seed": self.seed}}.get(self.importance, {})
+
     def policy_params(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~scop_ext.prune.select.make_policy` for ``policy``."""
         common = {"min_channels": self.min_channels, "round_to": self.round_to}
         specific = {
             "uniform": {"ratio": self.ratio},
