@@ -106,6 +106,9 @@ PRUNE_FLAGS = {
     "ratio": (float, "fraction of channels removed (uniform / global_ranking)"),
     "normalize": (str, "global_ranking: auto (raw scores for scop, else max), max or none"),
     "flops_reduction": (float, "target FLOPs reduction (flops_target)"),
+    "latency_reduction": (float, "target share of predicted latency removed (latency_target)"),
+    "latency_ms": (float, "or an absolute latency budget in ms at --latency-batch (latency_target)"),
+    "latency_batch": (int, "batch the latency model is measured at (latency_target; default 64)"),
     "fdr_q": (float, "target false discovery rate (fdr)"),
     "min_channels": (int, "fewest channels a layer keeps"),
     "round_to": (int, "kept channels rounded up to a multiple of this"),
@@ -344,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="swap blocks down and across (default: the generator's own grid)")
     k.add_argument("--max-dim", type=int,
                    help="most coordinates the exchangeability covariance is measured at; larger images are "
-                        "block-cell averaged (default: scop_ext.knockoffs.diagnostics.MAX_DIM)")
+                        "block-cell averaged (default: scop_ext.knockoffs.exchangeability.MAX_DIM)")
     _common(k, device_help="where the knockoffs and --model run: cpu, cuda, cuda:1 ... (default: cuda if available)")
     k.set_defaults(func=cmd_knockoffs_check)
 

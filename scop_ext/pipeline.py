@@ -37,10 +37,11 @@ from .models import build_model
 from .prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
 from .prune.flops import count_flops, count_params
 from .prune.importance import make_importance
+from .prune.latency import latency_models, latency_section, measure_after, measure_latency
 from .prune.select import Plan, PruningSpace, cuts, make_policy
 from .prune.surgery import apply_plan, channel_widths
+from .report import write_report
 from .runfolder import RunFolder
-from .report import measure_latency, write_report
 from .train import amp_dtype, default_amp, evaluate, fit, make_loader, recalibrate_bn
 
 __all__ = ["ScopPruner", "STAGES"]
@@ -56,7 +57,7 @@ def _load_weights(model_name: str, info, weights: str | None) -> nn.Module:
 
 
 Importance = Callable[[nn.Module], Mapping[str, Tensor]]
-Policy = Callable[[PruningSpace, Mapping[str, Tensor]], Plan]
+Policy = Callable[..., Plan]  # (space, scores, **measured) -> plan
 
 
 class ScopPruner:
@@ -71,7 +72,8 @@ class ScopPruner:
         importance: stage 3's criterion, ``importance(model) -> {conv name: (C_out,) scores}``
             (:mod:`scop_ext.prune.importance`).
         policy: stage 3's policy, ``policy(space, scores) -> {conv name: [channels to remove]}``
-            (:func:`scop_ext.prune.make_policy`).
+            (:func:`scop_ext.prune.make_policy`); ``latency_target`` is also given the
+            ``latency_model`` measured on ``model`` when it runs.
         data: what the run trains on, picks the fine-tuning epoch with and reports on
             (:func:`scop_ext.data.load_splits`): everything trained (knockoffs, scales, BN
             statistics, weights) sees ``data.train``; the test split only reports.
@@ -232,7 +234,16 @@ class ScopPruner:
         scores = self.importance(self.model)
         space = PruningSpace(self.model, self.example.to(self.device), ignored_layers=cfg.ignored_layers,
                              keep_block_width=cfg.keep_block_width)
-        self.plan = self.policy(space, scores)
+        measured = {}  # latency_target's model is measured on this model, so it joins the policy here
+        if cfg.policy == "latency_target":
+            latency = latency_models(self.model, self.example.to(self.device), space.groups, cfg.latency_batch,
+                                     cfg.latency_cache or self.out_dir, device=self.device, progress=self.progress,
+                                     log=self.log, **cfg.latency_settings())
+            measured["latency_model"] = latency[cfg.latency_batch]
+        self.plan = self.policy(space, scores, **measured)
+        if cfg.policy == "latency_target":  # timings differ between processes: all take process 0's plan
+            self.plan = distributed.gather_objects(self.plan)[0]
+            self.results["latency"] = latency_section(latency, self.plan, **cfg.latency_settings())
         self.results["importance"] = {n: s.detach().cpu().tolist() for n, s in scores.items()}
         self.results["removed"] = self.plan
         self.results["cuts"] = cuts(space, scores, self.plan)
@@ -281,6 +292,8 @@ class ScopPruner:
 
     def evaluate(self) -> dict[str, Any]:
         self.results["after"] = self._metrics(self.model)
+        if self.results.get("latency") and distributed.is_main():
+            measure_after(self.results["latency"], self.model, self.example, self.device)
         return self.results["after"]
 
     def report(self) -> dict[str, str]:

@@ -22,9 +22,9 @@ Example::
 
 from .base import KnockoffGenerator, generator_kinds, load, make_generator
 from .baselines import ExternalKnockoffs, PermutationKnockoffs
-from .diagnostics import check
 from .gan import KnockoffGAN
 from .gaussian import GaussianKnockoffs
+from .report import check
 
 __all__ = [
     "KnockoffGenerator",
