@@ -44,7 +44,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import checkpoint
-from .base import KnockoffGenerator, check_counts, draw_normal, images_of, resize, working_layout
+from .._checks import check_counts
+from .base import KnockoffGenerator, draw_normal, images_of, resize, working_layout
 from .swap import ResBlock, SwapDiscriminator, hidden_bce, swap_blocks
 
 __all__ = ["KnockoffGAN", "CHECKPOINT_KIND"]
