@@ -1,4 +1,4 @@
-"""Small pieces the operator tests share (kept out of conftest.py, which holds fixtures)."""
+"""Small pieces several test files share (kept out of conftest.py, which holds fixtures)."""
 
 import torch
 
@@ -16,3 +16,12 @@ def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind != "contiguous":
         raise ValueError(f"kind must be contiguous, channels_last, strided or transposed, got {kind!r}")
     return x
+
+
+def ar1(d: int, rho: float, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """(d, d) float64 AR(1) covariance ``rho^|i - j|``, rows and columns times ``scales`` when given."""
+    idx = torch.arange(d)
+    corr = rho ** (idx[:, None] - idx[None, :]).abs().to(torch.float64)
+    if scales is None:
+        return corr
+    return corr * scales[:, None] * scales[None, :]

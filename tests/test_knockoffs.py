@@ -38,14 +38,7 @@ from scop_ext.knockoffs.diagnostics import (
 )
 from scop_ext.knockoffs.gaussian import _Moments, ledoit_wolf
 from scop_ext.knockoffs.plots import embedding_figure, knockoff_grid
-
-
-def ar1(d: int, rho: float, scales: torch.Tensor | None = None) -> torch.Tensor:
-    idx = torch.arange(d)
-    corr = rho ** (idx[:, None] - idx[None, :]).abs().to(torch.float64)
-    if scales is None:
-        return corr
-    return corr * scales[:, None] * scales[None, :]
+from tests._helpers import ar1
 
 
 def draw(mean: torch.Tensor, cov: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -165,21 +158,6 @@ def test_group_equicorrelated_s():
     assert float(torch.diagonal(gen.S).sum()) > float(torch.diagonal(single.S).sum())
 
 
-def test_sdp_is_feasible_and_beats_equicorrelated():
-    d = 20
-    cov = ar1(d, 0.5)
-    sdp = GaussianKnockoffs.from_covariance(torch.zeros(d), cov, method="sdp")
-    equi = GaussianKnockoffs.from_covariance(torch.zeros(d), cov)
-    s = torch.diagonal(sdp.S)
-    assert float(torch.linalg.eigvalsh(2 * cov - sdp.S)[0]) > -1e-9
-    assert bool((s >= 0).all() and (s <= 1 + 1e-12).all())
-    assert float(s.sum()) > float(torch.diagonal(equi.S).sum()) + 0.1
-    # compound symmetry with rho >= 0: the SDP optimum is the equicorrelated 2 (1 - rho)
-    compound = torch.full((d, d), 0.7, dtype=torch.float64).fill_diagonal_(1.0)
-    cs = GaussianKnockoffs.from_covariance(torch.zeros(d), compound, method="sdp")
-    assert torch.allclose(torch.diagonal(cs.S), torch.full((d,), 0.6, dtype=torch.float64), atol=1e-3)
-
-
 def test_float64_inputs_are_sampled_in_float64():
     """x~ - x + (x - mu) Sigma^-1 S must be L z with L L^T = 2S - S Sigma^-1 S to float64
     precision; float32 factors leave errors near 1e-7."""
@@ -198,17 +176,6 @@ def test_sdp_refuses_large_dimensions():
     with pytest.raises(ValueError, match=r"method='sdp' takes at most SDP_MAX_DIM=512 .* d=3072 \(3 x 32 x 32\): use method='equi' or a smaller working_size"):
         GaussianKnockoffs(shape=(3, 224, 224), method="sdp")
     assert GaussianKnockoffs(shape=(3, 224, 224), method="sdp", working_size=12).work_shape == (3, 12, 12)
-
-
-def test_sdp_stays_accurate_on_strong_correlation():
-    """AR(1) 0.9: steps sit next to the barrier's pole at small mu; the Woodbury-updated inverse
-    used to diverge there (ZeroDivisionError, or a singular inverse for grouped d = 96)."""
-    d = 48
-    cov = ar1(d, 0.9)
-    sdp = GaussianKnockoffs.from_covariance(torch.zeros(d), cov, method="sdp")
-    equi = GaussianKnockoffs.from_covariance(torch.zeros(d), cov)
-    assert float(torch.linalg.eigvalsh(2 * cov - sdp.S)[0]) > -1e-9
-    assert float(torch.diagonal(sdp.S).sum()) > float(torch.diagonal(equi.S).sum())
 
 
 def test_working_resolution_and_swap_grid():
