@@ -6,7 +6,7 @@ Importing the package loads the compiled operators (``torch.ops.scop.*``);
 
 from ._loader import build_info
 from ._ops import draw_seed, dual_scaled_conv2d, lemma2_sample
-from .layers import ScopConv2d, convert, restore, scop_layers
+from .layers import ChannelScatter, ScopConv2d, convert, restore, scop_layers
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,7 @@ __all__ = [
     "lemma2_sample",
     "draw_seed",
     "ScopConv2d",
+    "ChannelScatter",
     "convert",
     "restore",
     "scop_layers",

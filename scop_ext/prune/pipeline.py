@@ -32,10 +32,11 @@ from . import distributed, resources
 from .export import load_model, save_model
 from .flops import count_flops, count_params
 from .importance import make_importance
+from .presets import PRESETS, with_preset
 from .report import measure_latency, write_report
 from .scales import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
 from .select import PruningSpace, cuts, select
-from .surgery import apply_plan, channel_widths
+from .surgery import BLOCK_WIDTHS, apply_plan, channel_widths
 from .train import amp_dtype, default_amp, evaluate, fit, make_loader, recalibrate_bn
 
 __all__ = ["PruneConfig", "ScopPruner", "STAGES"]
@@ -48,9 +49,12 @@ class PruneConfig:
     """Every setting of a run; plain values only, so it round-trips through JSON and YAML.
 
     Stage 2 defaults are the authors' (Adam 0.004, betas (0.5, 0.9), beta from 0.5); fine-tuning
-    is SGD Nesterov with momentum 0.9, weight decay 1e-4 and a cosine schedule.
+    is SGD Nesterov with momentum 0.9, weight decay 1e-4 and a cosine schedule. ``preset``
+    (:mod:`~scop_ext.prune.presets`, e.g. ``"authors"``) fills the keys a dict or file leaves out
+    when read by :meth:`from_dict` / :meth:`from_file`; the constructor takes keys as given.
     """
 
+    preset: str | None = None
     model: str = "resnet_digits"
     weights: str | None = None  # trained baseline: .safetensors / state_dict file, or a save_model stem
     dataset: str = "digits"
@@ -82,7 +86,7 @@ class PruneConfig:
     min_channels: int = 1
     round_to: int = 1
     ignored_layers: list = field(default_factory=list)
-    keep_block_width: bool = False
+    block_width: str = "prune"  # residual widths: prune, keep, or scatter (the authors' scheme)
     # stage 4
     bn_batches: int = 50
     finetune_epochs: int = 10
@@ -96,6 +100,10 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PruneConfig:
+        if "keep_block_width" in values:
+            raise ValueError("keep_block_width was replaced by block_width: keep (what keep_block_width=true did), "
+                             "scatter (the authors' scheme) or prune (the default)")
+        values = with_preset(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in set(values) - known)  # YAML keys need not be strings
         if unknown:
@@ -174,6 +182,8 @@ class PruneConfig:
             (self.bias_gamma is None or self.bias_gamma > 0, "bias_gamma must be > 0 (or null for the default)"),
             (self.bn_batches >= 1 and self.image_size >= 1, "bn_batches and image_size must be >= 1"),
             (self.fdr_scope in ("layer", "global"), "fdr_scope must be 'layer' or 'global'"),
+            (self.block_width in BLOCK_WIDTHS, f"block_width must be one of {', '.join(BLOCK_WIDTHS)}"),
+            (self.preset is None or self.preset in PRESETS, f"preset must be one of {', '.join(sorted(PRESETS))} (or null)"),
             (self.importance in _CRITERIA, f"importance must be one of {', '.join(sorted(_CRITERIA))}"),
             (self.knockoffs in knockoff_kinds, f"knockoffs must be one of {', '.join(sorted(knockoff_kinds))}"),
             (all(isinstance(v, str) for v in [*self.skip, *self.ignored_layers, *self.knockoff_options]),
@@ -410,7 +420,7 @@ class ScopPruner:
             kw = {"seed": cfg.seed}
         scores = make_importance(cfg.importance, **kw)(self.model)
         space = PruningSpace(self.model, self.example.to(self.device), ignored_layers=cfg.ignored_layers,
-                             keep_block_width=cfg.keep_block_width)
+                             block_width=cfg.block_width)
         self.plan = select(space, scores, cfg.policy, **cfg.policy_params())
         self.results["importance"] = {n: s.detach().cpu().tolist() for n, s in scores.items()}
         self.results["removed"] = self.plan
@@ -424,7 +434,7 @@ class ScopPruner:
         """Stage 4a: remove the planned filters physically; the model becomes plain nn.Conv2d layers."""
         if self.plan is None:
             raise RuntimeError("prune() needs a plan: call select() first")
-        apply_plan(self.model, self.example.to(self.device), self.plan, keep_block_width=self.config.keep_block_width)
+        apply_plan(self.model, self.example.to(self.device), self.plan, block_width=self.config.block_width)
         self.results["widths_after"] = channel_widths(self.model)
         return self.model
 

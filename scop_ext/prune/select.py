@@ -57,8 +57,8 @@ class PruningSpace:
         ignored_layers: conv names or ``fnmatch`` patterns (``"conv1"``, ``"*.shortcut.0"``); a
             group containing a matching conv is not pruned. The classifier (any linear layer's
             outputs, and anything feeding the model output) is never pruned.
-        keep_block_width: leave out the groups coupled through a residual add or a
-            concatenation (the authors' behaviour); pass the same flag to
+        block_width: ``"prune"``, ``"keep"`` or ``"scatter"`` (the authors' scheme), see
+            :mod:`scop_ext.prune.surgery`; pass the same to
             :func:`~scop_ext.prune.surgery.apply_plan`.
 
     Attributes:
@@ -72,16 +72,15 @@ class PruningSpace:
         example_input: Tensor,
         *,
         ignored_layers: Iterable[str] = (),
-        keep_block_width: bool = False,
+        block_width: str = "prune",
     ) -> None:
         if isinstance(ignored_layers, str):
             raise ValueError("ignored_layers must be a list of names/patterns, not a single string")
         patterns = list(ignored_layers)
         self.groups: list[ChannelGroup] = [
             g
-            for g in channel_groups(model, example_input)
-            if not (keep_block_width and g.residual)
-            and not any(fnmatch.fnmatchcase(c, p) for c in g.convs for p in patterns)
+            for g in channel_groups(model, example_input, block_width=block_width)
+            if not any(fnmatch.fnmatchcase(c, p) for c in g.convs for p in patterns)
         ]
         with _plain_forward(model), torch.no_grad():
             self._layer_flops = flops_by_module(model, example_input)
