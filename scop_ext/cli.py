@@ -1,4 +1,4 @@
-"""The ``scop`` command: train a baseline, prune it with SCOP, inspect knockoffs, export.
+"""The ``scop`` command: train a baseline, prune it with SCOP, plan a pruning dry run, inspect knockoffs, export.
 
 Every sub-command has ``--help``; those that compute (``train``, ``prune``, ``knockoffs fit``,
 ``knockoffs check``, ``demo``) take ``--device`` and ``--seed``, and every one that writes files
@@ -67,8 +67,8 @@ def cmd_train(args) -> int:
 
     from .data import holdout, load_dataset
     from .models import build_model
-    from .prune.export import save_model
-    from .prune.train import evaluate, fit, make_loader
+    from .export import save_model
+    from .train import evaluate, fit, make_loader
 
     device = _device(args.device)
     torch.manual_seed(args.seed)
@@ -97,6 +97,7 @@ def cmd_train(args) -> int:
 
 PRUNE_FLAGS = {
     # config key (the flag is --key-with-dashes): (type, help)
+    "preset": (str, "authors: the authors' whole recipe (README); other settings override it"),
     "model": (str, "model name (see `scop info`)"),
     "weights": (str, "trained weights: a .safetensors/state_dict file or a `scop train` model stem"),
     "dataset": (str, "digits (bundled), cifar10 or imagefolder"),
@@ -113,13 +114,15 @@ PRUNE_FLAGS = {
     "fdr_q": (float, "target false discovery rate (fdr)"),
     "min_channels": (int, "fewest channels a layer keeps"),
     "round_to": (int, "kept channels rounded up to a multiple of this"),
+    "block_width": (str, "residual widths: prune (default), keep, or scatter (the authors' scheme)"),
     "finetune_epochs": (int, "fine-tuning epochs"),
     "finetune_lr": (float, "fine-tuning learning rate"),
 }
 
 
-def _prune_config(args):
-    from .prune.pipeline import PruneConfig
+def _config_values(args) -> dict:
+    """The PruneConfig keys --config, the flags and --set give, later ones winning."""
+    from .pipeline import PruneConfig
 
     values = PruneConfig.file_values(args.config) if args.config else {}
     for key in PRUNE_FLAGS:
@@ -127,18 +130,31 @@ def _prune_config(args):
             values[key] = getattr(args, key)
     if args.no_knockoff_bias:
         values["knockoff_bias"] = False
-    if args.keep_block_width:
-        values["keep_block_width"] = True
     values.update(_key_values(args.set, "--set"))
-    values["device"] = _device(args.device or values.get("device"))
     values["seed"] = args.seed if args.seed is not None else values.get("seed", 0)
+    return values
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or JSON file of PruneConfig keys")
+    for key, (kind, text) in PRUNE_FLAGS.items():
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=text)
+    p.add_argument("--no-knockoff-bias", action="store_true", help="turn the Lemma 2 biases off")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any PruneConfig key (repeatable)")
+
+
+def _prune_config(args):
+    from .pipeline import PruneConfig
+
+    values = _config_values(args)
+    values["device"] = _device(args.device or values.get("device"))
     return PruneConfig.from_dict(values)
 
 
 def cmd_prune(args) -> int:
-    from .prune import distributed
-    from .prune.pipeline import ScopPruner
-    from .prune.report import format_table
+    from . import distributed
+    from .pipeline import ScopPruner
+    from .report import format_table
 
     config = _prune_config(args)
     distributed.setup(config.device)
@@ -151,6 +167,21 @@ def cmd_prune(args) -> int:
     if main:
         print(format_table(results.get("before", {}), results.get("after", {})))
         print(f"report: {os.path.join(args.out, 'report.md')}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .pipeline import PruneConfig
+    from .planner import dry_run, format_plan, run_defaults
+
+    values = {**run_defaults(args.scores), **_config_values(args), "device": "cpu"}
+    for flag, value in (("--num-classes", args.num_classes), ("--in-channels", args.in_channels),
+                        ("--image-size", args.image_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    result = dry_run(PruneConfig.from_dict(values), args.scores, num_classes=args.num_classes,
+                     in_channels=args.in_channels, image_size=args.image_size)
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
     return 0
 
 
@@ -184,7 +215,7 @@ def cmd_knockoffs_fit(args) -> int:
 def cmd_knockoffs_check(args) -> int:
     from .data import load_dataset
     from .knockoffs import check, load
-    from .prune.export import load_model
+    from .export import load_model
 
     device = _device(args.device)
     gen = load(args.knockoffs, map_location=device)
@@ -203,7 +234,7 @@ def cmd_knockoffs_check(args) -> int:
 # -------------------------------------------------------------------------- report / export
 
 def cmd_report(args) -> int:
-    from .prune.report import format_table, write_report
+    from .report import format_table, write_report
 
     path = os.path.join(args.run, "state.json")
     try:
@@ -221,7 +252,7 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from .prune.export import export_onnx, export_torchscript, load_model, onnx_missing, save_model
+    from .export import export_onnx, export_torchscript, load_model, onnx_missing, save_model
 
     missing = onnx_missing() if args.format in ("onnx", "all") else None
     if missing and args.format == "onnx":
@@ -261,8 +292,8 @@ def cmd_demo(args) -> int:
     """Baseline on digits, SCOP to about half the FLOPs, fine-tune, print the table."""
     import time
 
-    from .prune.pipeline import PruneConfig, ScopPruner
-    from .prune.report import format_table
+    from .pipeline import PruneConfig, ScopPruner
+    from .report import format_table
 
     start = time.time()
     device = _device(args.device)
@@ -305,18 +336,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune a trained model with SCOP: knockoffs, scales, selection, surgery, "
                                    "fine-tuning, report. Settings come from --config (YAML/JSON), then flags, "
                                    "then --set KEY=VALUE (any PruneConfig key).")
-    p.add_argument("--config", help="YAML or JSON file of PruneConfig keys")
-    for key, (kind, text) in PRUNE_FLAGS.items():
-        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=text)
-    p.add_argument("--no-knockoff-bias", action="store_true", help="turn the Lemma 2 biases off")
-    p.add_argument("--keep-block-width", action="store_true", help="the authors' behaviour: keep residual widths")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any PruneConfig key (repeatable)")
+    _add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last complete stage")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("plan", help="what a policy would prune, without training",
+                       description="Dry run of selection and surgery: per-layer widths before and after, FLOPs and "
+                                   "params reductions. Settings as for `scop prune` (--config, flags, --preset, --set).")
+    _add_config_flags(p)
+    p.add_argument("--scores", default="random",
+                   help="random (seeded by --seed), l1, or run:<dir> (the learned scales of a `scop prune` run; "
+                        "its model and weights unless --model/--weights say otherwise)")
+    p.add_argument("--num-classes", type=int, help="classes of the model (default: 1000 for torchvision, else 10)")
+    p.add_argument("--in-channels", type=int, help="input channels (default: the model's own, e.g. 1 for resnet_digits)")
+    p.add_argument("--image-size", type=int, help="side of the input FLOPs are counted on (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("knockoffs", help="fit or check knockoff generators")
     ksub = p.add_subparsers(dest="knockoffs_command", required=True)
@@ -376,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
-    from .prune.resources import ResourceError
-    from .prune.train import NonFiniteError
+    from .resources import ResourceError
+    from .train import NonFiniteError
 
     try:
         return args.func(args)

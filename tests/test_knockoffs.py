@@ -37,7 +37,7 @@ from scop_ext.knockoffs.diagnostics import (
     swap_gaps,
 )
 from scop_ext.knockoffs.gaussian import _Moments, ledoit_wolf
-from scop_ext.knockoffs.plots import embedding_figure, knockoff_grid
+from scop_ext.plots import embedding_figure, knockoff_grid
 
 
 def ar1(d: int, rho: float, scales: torch.Tensor | None = None) -> torch.Tensor:

@@ -44,7 +44,7 @@ from ..checkpoint import write_json
 from .base import KnockoffGenerator, check_counts, images_of, pixel_groups, resize
 from .baselines import PermutationKnockoffs
 from .gan import SwapDiscriminator, hidden_bce, swap_blocks
-from .plots import embedding_figure, knockoff_grid
+from ..plots import embedding_figure, knockoff_grid
 
 __all__ = [
     "MAX_DIM",

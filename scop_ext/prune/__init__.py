@@ -4,8 +4,9 @@
 - :mod:`.select`: :class:`PruningSpace` (coupled channel groups + FLOPs prediction) and the
   policies ``uniform``, ``global_ranking``, ``flops_target``, ``fdr`` returning a plan
   ``{conv name: [channel indices to remove]}``, and ``cuts`` (where a plan cut each group).
-- :mod:`.surgery`: ``apply_plan`` (physical removal with torch-pruning), ``channel_widths``
-  and ``rebuild`` (re-create a pruned architecture from JSON widths).
+- :mod:`.surgery`: ``apply_plan`` (physical removal with torch-pruning; ``block_width`` prune,
+  keep or scatter, the authors' scheme), ``channel_widths``, ``scattered_convs`` and ``rebuild``
+  (re-create a pruned architecture from JSON widths).
 - :mod:`.flops`: FLOPs (= 2 x MACs), MACs and parameter counts.
 - :mod:`.scales` (stage 2), :mod:`.train` (fine-tuning, evaluation, BN recalibration),
   :mod:`.export` (pickle-free model files), :mod:`.report`, :mod:`.distributed`, and
@@ -32,8 +33,7 @@ from .select import (
     select,
     uniform,
 )
-from .surgery import ChannelGroup, Plan, apply_plan, channel_groups, channel_widths, rebuild
-from .pipeline import STAGES, PruneConfig, ScopPruner
+from .surgery import BLOCK_WIDTHS, ChannelGroup, Plan, apply_plan, channel_groups, channel_widths, rebuild, scattered_convs
 
 __all__ = [
     "count_flops",
@@ -61,7 +61,6 @@ __all__ = [
     "apply_plan",
     "channel_widths",
     "rebuild",
-    "PruneConfig",
-    "ScopPruner",
-    "STAGES",
+    "scattered_convs",
+    "BLOCK_WIDTHS",
 ]

@@ -22,6 +22,10 @@ so the FDR threshold applies to groups unchanged.
   rounding keeps the next best channels, never removes more than the policy chose.
 
 Ties between equal scores go to the lower channel index (it is kept).
+
+**Grouped convs.** A group meeting a grouped conv's slices loses channels a whole unit at a
+time (:attr:`~scop_ext.prune.surgery.ChannelGroup.units`): each unit scores the mean of its
+channels, and a policy's kept count is rounded up to whole units.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .flops import flops_by_module
-from .surgery import ChannelGroup, Plan, _is_depthwise, _plain_forward, channel_groups
+from .surgery import ChannelGroup, Plan, _is_depthwise, _plain_forward, traced_groups
 
 __all__ = [
     "PruningSpace",
@@ -63,6 +67,7 @@ class PruningSpace:
 
     Attributes:
         groups: the prunable :class:`~scop_ext.prune.surgery.ChannelGroup` s.
+        refused: ``{root conv: why its group is not in groups}`` for the other groups.
         base_flops: FLOPs (= 2 x MACs) of the unpruned model on ``example_input``.
     """
 
@@ -77,11 +82,13 @@ class PruningSpace:
         if isinstance(ignored_layers, str):
             raise ValueError("ignored_layers must be a list of names/patterns, not a single string")
         patterns = list(ignored_layers)
-        self.groups: list[ChannelGroup] = [
-            g
-            for g in channel_groups(model, example_input, block_width=block_width)
-            if not any(fnmatch.fnmatchcase(c, p) for c in g.convs for p in patterns)
-        ]
+        groups, self.refused = traced_groups(model, example_input, block_width)
+        self.groups: list[ChannelGroup] = []
+        for g in groups:
+            if any(fnmatch.fnmatchcase(c, p) for c in g.convs for p in patterns):
+                self.refused[g.convs[0]] = "it holds a conv of ignored_layers"
+            else:
+                self.groups.append(g)
         with _plain_forward(model), torch.no_grad():
             self._layer_flops = flops_by_module(model, example_input)
         self.base_flops = sum(self._layer_flops.values())
@@ -111,7 +118,11 @@ class PruningSpace:
                 k = torch.tensor(list(g.index[conv]))
                 total[k] += s[torch.tensor(list(g.index[conv].values()))]
                 count[k] += 1
-            result.append(total / count if bool((count > 0).all()) else None)
+            mean = total / count if bool((count > 0).all()) else None
+            if mean is not None and g.units:  # a unit is removed whole, so it has one score
+                for u in g.units:
+                    mean[list(u)] = mean[list(u)].mean()
+            result.append(mean)
         return result
 
     def _to_plan(self, removed: Mapping[int, Iterable[int]]) -> Plan:
@@ -198,15 +209,23 @@ def _plan_from_keep(
     removed = {}
     for i, wanted in keep.items():
         score = group_scores[i]
-        size = space.groups[i].size
-        n = _n_keep(size, wanted, min_channels, round_to)
-        removed[i] = _lowest(score, size - n)
+        group = space.groups[i]
+        n = _n_keep(group.size, wanted, min_channels, round_to)
+        if not group.units:
+            removed[i] = _lowest(score, group.size - n)
+            continue
+        # A grouped conv's slices lose whole units: keep the count rounded up to whole units.
+        units = sorted(group.units, key=lambda u: (float(score[u[0]]), -min(u)))
+        removed[i] = [k for u in units[: (group.size - n) // len(units[0])] for k in u]
     return space._to_plan(removed)
 
 
 def _scored(space: PruningSpace, scores: Mapping[str, Tensor]) -> list[Tensor | None]:
     group_scores = space.group_scores(scores)
     if all(s is None for s in group_scores):
+        if not space.groups:
+            why = "; ".join(f"{conv!r}: {reason}" for conv, reason in list(space.refused.items())[:3])
+            raise ValueError(f"the model has no prunable channel group ({len(space.refused)} refused; {why or 'no convs'})")
         raise ValueError("scores name no conv of any prunable group")
     return group_scores
 

@@ -18,8 +18,8 @@ import warnings
 import torch
 from torch import nn
 
-from .. import checkpoint
-from .surgery import channel_widths, rebuild, scattered_convs
+from . import checkpoint
+from .prune.surgery import channel_widths, rebuild, scattered_convs
 
 __all__ = ["ARCH_VERSION", "save_model", "load_model", "export_torchscript", "export_onnx", "onnx_missing"]
 

@@ -23,20 +23,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .. import checkpoint
-from ..data import holdout, load_dataset
-from ..layers import convert as convert_layers
-from ..layers import scop_layers
-from ..models import build_model
-from . import distributed, resources
+from . import checkpoint, distributed, resources
+from .data import holdout, load_dataset
 from .export import load_model, save_model
-from .flops import count_flops, count_params
-from .importance import make_importance
+from .layers import convert as convert_layers
+from .layers import scop_layers
+from .models import build_model
 from .presets import PRESETS, with_preset
+from .prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
+from .prune.flops import count_flops, count_params
+from .prune.importance import make_importance
+from .prune.select import PruningSpace, cuts, select
+from .prune.surgery import BLOCK_WIDTHS, apply_plan, channel_widths
 from .report import measure_latency, write_report
-from .scales import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
-from .select import PruningSpace, cuts, select
-from .surgery import BLOCK_WIDTHS, apply_plan, channel_widths
 from .train import amp_dtype, default_amp, evaluate, fit, make_loader, recalibrate_bn
 
 __all__ = ["PruneConfig", "ScopPruner", "STAGES"]
@@ -50,7 +49,7 @@ class PruneConfig:
 
     Stage 2 defaults are the authors' (Adam 0.004, betas (0.5, 0.9), beta from 0.5); fine-tuning
     is SGD Nesterov with momentum 0.9, weight decay 1e-4 and a cosine schedule. ``preset``
-    (:mod:`~scop_ext.prune.presets`, e.g. ``"authors"``) fills the keys a dict or file leaves out
+    (:mod:`~scop_ext.presets`, e.g. ``"authors"``) fills the keys a dict or file leaves out
     when read by :meth:`from_dict` / :meth:`from_file`; the constructor takes keys as given.
     """
 
@@ -159,8 +158,8 @@ class PruneConfig:
             value = getattr(self, f.name)
             if not _has_type(value, hints[f.name]):
                 raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {type(value).__name__} {value!r}")
-        from ..knockoffs.base import _REGISTRY as knockoff_kinds
-        from .importance import _CRITERIA
+        from .knockoffs.base import _REGISTRY as knockoff_kinds
+        from .prune.importance import _CRITERIA
 
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -329,7 +328,7 @@ class ScopPruner:
         process group's timeout), then all take process 0's state, so they sample the same
         knockoffs even where CUDA kernels are not deterministic.
         """
-        from ..knockoffs import KnockoffGAN, make_generator
+        from .knockoffs import KnockoffGAN, make_generator
 
         torch.manual_seed(self.config.seed)
         gen = make_generator(self.config.knockoffs, **self.config.knockoff_options)
@@ -562,7 +561,7 @@ class ScopPruner:
         return state
 
     def _load_knockoffs(self):
-        from ..knockoffs import load
+        from .knockoffs import load
 
         self.knockoffs = load(self._path("knockoffs.pt"))
 

@@ -8,7 +8,7 @@ import os
 import torch
 from torch import nn
 
-from .. import checkpoint
+from . import checkpoint
 
 __all__ = ["measure_latency", "format_table", "plot_betas", "plot_importance", "plot_channels", "write_report"]
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .. import checkpoint
+from . import checkpoint
 from . import distributed
 
 __all__ = ["NonFiniteError", "first_nonfinite_layer", "nonfinite_error", "raise_on_every_process", "make_loader", "evaluate",
