@@ -103,11 +103,11 @@ PRUNE_FLAGS = {
     "dataset": (str, "digits (bundled), cifar10 or imagefolder"),
     "data_root": (str, "local folder of cifar10 / imagefolder data"),
     "batch_size": (int, "images per batch (real images; stage 2 adds as many knockoffs)"),
-    "knockoffs": (str, "knockoff generator: gaussian, gan, permutation"),
+    "knockoffs": (str, "knockoff generator (see `scop info`)"),
     "scales_epochs": (int, "stage 2 epochs"),
     "bn": (str, "batch (authors) or frozen"),
-    "importance": (str, "scop, l1, l2, bn_scale, random"),
-    "policy": (str, "uniform, global_ranking, flops_target, fdr"),
+    "importance": (str, "importance criterion (see `scop info`)"),
+    "policy": (str, "selection policy (see `scop info`)"),
     "ratio": (float, "fraction of channels removed (uniform / global_ranking)"),
     "normalize": (str, "global_ranking: auto (raw scores for scop, else max), max or none"),
     "flops_reduction": (float, "target FLOPs reduction (flops_target)"),
@@ -122,7 +122,7 @@ PRUNE_FLAGS = {
 
 def _config_values(args) -> dict:
     """The PruneConfig keys --config, the flags and --set give, later ones winning."""
-    from .pipeline import PruneConfig
+    from .config import PruneConfig
 
     values = PruneConfig.file_values(args.config) if args.config else {}
     for key in PRUNE_FLAGS:
@@ -144,7 +144,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _prune_config(args):
-    from .pipeline import PruneConfig
+    from .config import PruneConfig
 
     values = _config_values(args)
     values["device"] = _device(args.device or values.get("device"))
@@ -171,7 +171,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .pipeline import PruneConfig
+    from .config import PruneConfig
     from .planner import dry_run, format_plan, run_defaults
 
     values = {**run_defaults(args.scores), **_config_values(args), "device": "cpu"}
@@ -280,9 +280,13 @@ def cmd_export(args) -> int:
 def cmd_info(args) -> int:
     import scop_ext
 
+    from .knockoffs import generator_kinds
     from .models import model_names
+    from .prune.importance import criterion_names
+    from .prune.select import policy_names
 
-    print(json.dumps({"build": scop_ext.build_info(), "models": model_names()}, indent=2))
+    print(json.dumps({"build": scop_ext.build_info(), "models": model_names(), "knockoffs": generator_kinds(),
+                      "importance": criterion_names(), "policies": policy_names()}, indent=2))
     return 0
 
 
@@ -292,7 +296,8 @@ def cmd_demo(args) -> int:
     """Baseline on digits, SCOP to about half the FLOPs, fine-tune, print the table."""
     import time
 
-    from .pipeline import PruneConfig, ScopPruner
+    from .config import PruneConfig
+    from .pipeline import ScopPruner
     from .report import format_table
 
     start = time.time()
@@ -361,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("knockoffs", help="fit or check knockoff generators")
     ksub = p.add_subparsers(dest="knockoffs_command", required=True)
     k = ksub.add_parser("fit", help="fit a knockoff generator", description="Fit a knockoff generator on training images.")
-    k.add_argument("--kind", default="gaussian", help="gaussian, gan or permutation")
+    k.add_argument("--kind", default="gaussian", help="knockoff generator (see `scop info`)")
     k.add_argument("--dataset", default="digits")
     k.add_argument("--data-root", default=None)
     k.add_argument("--batch-size", type=int, default=256)
@@ -383,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="swap blocks down and across (default: the generator's own grid)")
     k.add_argument("--max-dim", type=int,
                    help="most coordinates the exchangeability covariance is measured at; larger images are "
-                        "block-cell averaged (default: scop_ext.knockoffs.diagnostics.MAX_DIM)")
+                        "block-cell averaged (default: scop_ext.knockoffs.exchangeability.MAX_DIM)")
     _common(k, device_help="where the knockoffs and --model run: cpu, cuda, cuda:1 ... (default: cuda if available)")
     k.set_defaults(func=cmd_knockoffs_check)
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import models
 from .export import load_model
 from .layers import ScopConv2d, convert, restore
-from .pipeline import PruneConfig
+from .config import PruneConfig
 from .prune.flops import count_flops, count_params
 from .prune.importance import make_importance
 from .prune.select import PruningSpace, select

@@ -1,4 +1,4 @@
-"""Named bundles of :class:`~scop_ext.pipeline.PruneConfig` settings, chosen by one key.
+"""Named bundles of :class:`~scop_ext.config.PruneConfig` settings, chosen by one key.
 
 ``preset: authors`` (``--preset authors``) is the recipe of the authors' release
 (huawei-noah/Efficient-Computing, ``Pruning/SCOP_NeurIPS2020``; DESIGN.md §1 lists what their

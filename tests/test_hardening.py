@@ -38,7 +38,8 @@ from scop_ext.knockoffs import load as load_generator
 from scop_ext.models import build_model
 from scop_ext import resources
 from scop_ext.export import load_model, save_model
-from scop_ext.pipeline import PruneConfig, ScopPruner
+from scop_ext.config import PruneConfig
+from scop_ext.pipeline import ScopPruner
 from scop_ext.report import write_report
 from scop_ext.prune.excavate import fit_knockoff_biases, learn_scales
 from scop_ext.train import NonFiniteError, fit, make_loader

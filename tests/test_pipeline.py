@@ -18,7 +18,8 @@ from scop_ext import convert, scop_layers
 from scop_ext.checkpoint import CheckpointError
 from scop_ext.prune import PruningSpace, apply_plan, count_flops, make_importance, select
 from scop_ext.export import export_onnx, export_torchscript, load_model
-from scop_ext.pipeline import PruneConfig, ScopPruner
+from scop_ext.config import PruneConfig
+from scop_ext.pipeline import ScopPruner
 
 from .conftest import ENV, TINY, prune_args
 
@@ -302,6 +303,24 @@ def test_cli_help_on_every_command(capsys):
         assert "usage: scop" in capsys.readouterr().out
 
 
+def test_info_lists_every_registry(capsys):
+    from scop_ext.cli import main
+    from scop_ext.knockoffs import generator_kinds, make_generator
+    from scop_ext.prune import criterion_names, policy_names
+
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["knockoffs"] == generator_kinds() and "gaussian" in info["knockoffs"]
+    assert info["importance"] == criterion_names() and "scop" in info["importance"]
+    assert info["policies"] == policy_names() and "fdr" in info["policies"]
+    for name in info["policies"]:  # every listed name is one a config accepts
+        PruneConfig(policy=name).validate()
+    for name in info["importance"]:
+        PruneConfig(importance=name).validate()
+        make_importance(name)
+    assert type(make_generator("gaussian")).kind == "gaussian"
+
+
 @pytest.mark.parametrize(
     "content,match",
     [
@@ -343,7 +362,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from scop_ext import convert, scop_layers
 from scop_ext import distributed
-from scop_ext.pipeline import PruneConfig, ScopPruner
+from scop_ext.config import PruneConfig
+from scop_ext.pipeline import ScopPruner
 from scop_ext.prune.excavate import learn_scales, fit_knockoff_biases
 from scop_ext.train import NonFiniteError, fit, make_loader, evaluate
 torch.set_num_threads(1)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from scop_ext.cli import main
-from scop_ext.pipeline import PruneConfig
+from scop_ext.config import PruneConfig
 from scop_ext.planner import dry_run
 from scop_ext.presets import PRESETS
 

@@ -31,6 +31,7 @@ channels, and a policy's kept count is rounded up to whole units.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .flops import flops_by_module
-from .surgery import ChannelGroup, Plan, _is_depthwise, _plain_forward, traced_groups
+from .surgery import ChannelGroup, Plan, is_depthwise, plain_forward, traced_groups
 
 __all__ = [
     "PruningSpace",
@@ -48,6 +49,8 @@ __all__ = [
     "flops_target",
     "fdr",
     "select",
+    "make_policy",
+    "policy_names",
     "cuts",
 ]
 
@@ -89,14 +92,14 @@ class PruningSpace:
                 self.refused[g.convs[0]] = "it holds a conv of ignored_layers"
             else:
                 self.groups.append(g)
-        with _plain_forward(model), torch.no_grad():
+        with plain_forward(model), torch.no_grad():
             self._layer_flops = flops_by_module(model, example_input)
         self.base_flops = sum(self._layer_flops.values())
         # Shapes are copied, not referenced: the model may be pruned in place afterwards.
         self._shapes = {}  # name: (C_in, C_out, groups, depthwise) of every conv and linear layer
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d):
-                self._shapes[name] = (m.in_channels, m.out_channels, m.groups, _is_depthwise(m))
+                self._shapes[name] = (m.in_channels, m.out_channels, m.groups, is_depthwise(m))
             elif isinstance(m, nn.Linear):
                 self._shapes[name] = (m.in_features, m.out_features, 1, False)
 
@@ -515,6 +518,24 @@ _POLICIES: dict[str, Callable[..., Plan]] = {
 }
 
 
+def policy_names() -> list[str]:
+    """The names :func:`make_policy` and :func:`select` accept, sorted."""
+    return sorted(_POLICIES)
+
+
+def make_policy(name: str, **params) -> Callable[[PruningSpace, Mapping[str, Tensor]], Plan]:
+    """The policy called ``name`` with ``params`` bound: ``policy(space, scores) -> plan``.
+
+    Example::
+
+        >>> policy = make_policy("fdr", q=0.1, min_channels=4)
+        >>> plan = policy(PruningSpace(model, torch.randn(1, 3, 32, 32)), ScopImportance()(model))
+    """
+    if name not in _POLICIES:
+        raise ValueError(f"unknown policy {name!r}; expected one of {policy_names()}")
+    return functools.partial(_POLICIES[name], **params)
+
+
 def select(space: PruningSpace, scores: Mapping[str, Tensor], policy: str, **params) -> Plan:
     """Run the policy called ``policy`` ("uniform", "global_ranking", "flops_target", "fdr") with ``params``.
 
@@ -523,6 +544,4 @@ def select(space: PruningSpace, scores: Mapping[str, Tensor], policy: str, **par
         >>> space = PruningSpace(model, torch.randn(1, 3, 32, 32))
         >>> plan = select(space, ScopImportance()(model), "fdr", q=0.1, min_channels=4)
     """
-    if policy not in _POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; expected one of {sorted(_POLICIES)}")
-    return _POLICIES[policy](space, scores, **params)
+    return make_policy(policy, **params)(space, scores)

@@ -47,11 +47,11 @@ from torch import Tensor, nn
 
 from .. import models
 from ..layers import ChannelScatter, ScopConv2d, restore
-from .flops import _modes_kept
+from .flops import modes_kept
 from .importance import following_batchnorm
 
 __all__ = ["BLOCK_WIDTHS", "ChannelGroup", "channel_groups", "traced_groups", "apply_plan", "channel_widths",
-           "scattered_convs", "rebuild", "Plan"]
+           "scattered_convs", "rebuild", "Plan", "plain_forward", "is_depthwise"]
 
 Plan = dict[str, list[int]]
 
@@ -91,7 +91,8 @@ class ChannelGroup:
     scatter: bool = False
 
 
-def _is_depthwise(module: nn.Module) -> bool:
+def is_depthwise(module: nn.Module) -> bool:
+    """Whether torch-pruning treats ``module`` as a depthwise conv (one filter per input channel)."""
     return tp.ops.module2type(module) == tp.ops.OPTYPE.DEPTHWISE_CONV
 
 
@@ -104,14 +105,17 @@ def _couples_blocks(node) -> bool:
 
 
 @contextmanager
-def _plain_forward(model: nn.Module) -> Iterator[None]:
-    # The graph is traced with an ordinary forward: SCOP mode would need a paired batch and
-    # hides the convolution inside a custom operator. Tracing also switches to eval mode.
+def plain_forward(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as an ordinary network inside: SCOP mode off, train/eval flags restored on exit.
+
+    Tracing needs an ordinary forward: SCOP mode would need a paired batch and hides the
+    convolution inside a custom operator (and torch-pruning's tracing switches to eval mode).
+    """
     scop_on = [m for m in model.modules() if isinstance(m, ScopConv2d) and m.scop_enabled]
     for m in scop_on:
         m.disable_scop()
     try:
-        with _modes_kept(model), torch.enable_grad():
+        with modes_kept(model), torch.enable_grad():
             yield
     finally:
         for m in scop_on:
@@ -121,12 +125,12 @@ def _plain_forward(model: nn.Module) -> Iterator[None]:
 def _dependency_graph(model: nn.Module, example_input: Tensor) -> tp.DependencyGraph:
     if not isinstance(example_input, Tensor):
         raise ValueError(f"example_input must be a Tensor, got {type(example_input).__name__}")
-    with _plain_forward(model):
+    with plain_forward(model):
         return tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
 
 
 def _is_grouped(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and not _is_depthwise(module)
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and not is_depthwise(module)
 
 
 def _units(size: int, slices: Sequence[tuple[dict[int, int], int, int]]) -> tuple[tuple[int, ...], ...] | None:
@@ -183,7 +187,7 @@ def _graph_groups(
             if not isinstance(module, (nn.Conv2d, nn.Linear)):
                 continue
             out = graph.is_out_channel_pruning_fn(dep.handler)
-            kind = "depthwise" if _is_depthwise(module) else ("out" if out else "in")
+            kind = "depthwise" if is_depthwise(module) else ("out" if out else "in")
             shrinks.append((names[module], kind, tuple(item.root_idxs)))
             if kind != "in":
                 index[names[module]] = dict(zip(item.root_idxs, item.idxs))
@@ -366,7 +370,7 @@ def apply_plan(
         elif channels:
             todo.append((root_dep, channels))
     bns = following_batchnorm(work) if scatter else {}
-    with _modes_kept(work):
+    with modes_kept(work):
         for root_dep, channels in todo:
             graph.get_pruning_group(root_dep.target.module, root_dep.handler, channels).prune()
         # After the graph's groups: those shrink the inputs of these convs, never their outputs.
