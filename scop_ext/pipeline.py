@@ -35,9 +35,10 @@ from .models import build_model
 from .prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
 from .prune.flops import count_flops, count_params
 from .prune.importance import make_importance
+from .prune.latency import latency_models, latency_section, measure_after, measure_latency
 from .prune.select import PruningSpace, cuts, select
 from .prune.surgery import apply_plan, channel_widths
-from .report import measure_latency, write_report
+from .report import write_report
 from .train import amp_dtype, default_amp, evaluate, fit, make_loader, recalibrate_bn
 
 __all__ = ["ScopPruner", "STAGES"]
@@ -219,7 +220,16 @@ class ScopPruner:
         scores = make_importance(cfg.importance, **kw)(self.model)
         space = PruningSpace(self.model, self.example.to(self.device), ignored_layers=cfg.ignored_layers,
                              block_width=cfg.block_width)
-        self.plan = select(space, scores, cfg.policy, **cfg.policy_params())
+        params = cfg.policy_params()
+        if cfg.policy == "latency_target":
+            latency = latency_models(self.model, self.example.to(self.device), space.groups, cfg.latency_batch,
+                                     cfg.latency_cache or self.out_dir, device=self.device, progress=self.progress,
+                                     log=self.log, **cfg.latency_settings())
+            params["latency_model"] = latency[cfg.latency_batch]
+        self.plan = select(space, scores, cfg.policy, **params)
+        if cfg.policy == "latency_target":  # timings differ between processes: all take process 0's plan
+            self.plan = distributed.gather_objects(self.plan)[0]
+            self.results["latency"] = latency_section(latency, self.plan, **cfg.latency_settings())
         self.results["importance"] = {n: s.detach().cpu().tolist() for n, s in scores.items()}
         self.results["removed"] = self.plan
         self.results["cuts"] = cuts(space, scores, self.plan)
@@ -268,6 +278,8 @@ class ScopPruner:
 
     def evaluate(self) -> dict[str, Any]:
         self.results["after"] = self._metrics(self.model)
+        if self.results.get("latency") and distributed.is_main():
+            measure_after(self.results["latency"], self.model, self.example, self.device)
         return self.results["after"]
 
     def report(self) -> dict[str, str]:
