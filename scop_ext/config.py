@@ -199,7 +199,12 @@ class PruneConfig:
         """How the network is timed for ``latency_target`` (keywords of the latency model)."""
         return {"dtype": self.latency_dtype, "memory_format": self.latency_memory_format, "fold_bn": self.latency_fold_bn}
 
+    def importance_params(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~scop_ext.prune.importance.make_importance` for ``importance``."""
+        return {"scop": {"multiply_bn_gamma": self.multiply_bn_gamma}, "random": {"seed": self.seed}}.get(self.importance, {})
+
     def policy_params(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~scop_ext.prune.select.make_policy` for ``policy``."""
         common = {"min_channels": self.min_channels, "round_to": self.round_to}
         specific = {
             "uniform": {"ratio": self.ratio},

@@ -28,7 +28,7 @@ from .layers import ScopConv2d, convert, restore
 from .config import PruneConfig
 from .prune.flops import count_flops, count_params
 from .prune.importance import make_importance
-from .prune.select import PruningSpace, select
+from .prune.select import PruningSpace, make_policy
 from .prune.surgery import apply_plan, channel_widths, scattered_convs
 
 __all__ = ["SCORE_SOURCES", "dry_run", "format_plan", "run_defaults", "default_io"]
@@ -151,7 +151,7 @@ def dry_run(config: PruneConfig, scores: str = "random", *, num_classes: int | N
         x = torch.randn(1, in_channels, image_size, image_size)
     scored = _run_scores(run, model, config) if run else _stand_in_scores(scores, model, config)
     space = PruningSpace(model, x, ignored_layers=config.ignored_layers, block_width=config.block_width)
-    plan = select(space, scored, config.policy, **config.policy_params())
+    plan = make_policy(config.policy, **config.policy_params())(space, scored)
     pruned = apply_plan(copy.deepcopy(model), x, plan, block_width=config.block_width)
     before, after, scattered = channel_widths(model), channel_widths(pruned), set(scattered_convs(pruned))
     flops, params = (count_flops(model, x), count_flops(pruned, x)), (count_params(model), count_params(pruned))
