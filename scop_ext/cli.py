@@ -63,29 +63,25 @@ def cmd_train(args) -> int:
     import torch
 
     from .checkpoint import write_json
-    from torch.utils.data import Subset
-
-    from .data import holdout, load_dataset
-    from .models import build_model
+    from .data import load_splits
     from .export import save_model
+    from .models import build_model
     from .train import evaluate, fit, make_loader
 
     device = _device(args.device)
     torch.manual_seed(args.seed)
-    train, info = load_dataset(args.dataset, args.data_root, "train")
-    plain, _ = load_dataset(args.dataset, args.data_root, "train", augment=False)
-    test, _ = load_dataset(args.dataset, args.data_root, "test")
-    fit_idx, val_idx = holdout(len(train), args.val_fraction)
-    val = make_loader(Subset(plain, val_idx), 256, shuffle=False, evaluation=True) if val_idx else None
+    data = load_splits(args.dataset, args.data_root, val_fraction=args.val_fraction)
+    info = data.info
+    val = make_loader(data.val, 256, shuffle=False, evaluation=True) if data.val is not None else None
     model = build_model(args.model, info.num_classes, info.in_channels)
     # An earlier run's progress in --out is resumed only if it had these same settings.
     settings = {"model_name": args.model, "dataset": args.dataset, "data_root": args.data_root,
                 "batch_size": args.batch_size, "val_fraction": args.val_fraction, "seed": args.seed}
-    result = fit(model, make_loader(Subset(train, fit_idx), args.batch_size, shuffle=True, seed=args.seed),
+    result = fit(model, make_loader(data.train_aug, args.batch_size, shuffle=True, seed=args.seed),
                  val, epochs=args.epochs, lr=args.lr,
                  device=device, weight_decay=args.weight_decay, stage="train",
                  checkpoint_path=os.path.join(args.out, "train-progress.pt"), settings=settings, log=print)
-    metrics = evaluate(model, make_loader(test, 256, shuffle=False, evaluation=True), device)
+    metrics = evaluate(model, make_loader(data.test, 256, shuffle=False, evaluation=True), device)
     paths = save_model(model, os.path.join(args.out, "model"), model_name=args.model,
                        num_classes=info.num_classes, in_channels=info.in_channels)
     write_json(os.path.join(args.out, "metrics.json"), {"test": metrics, "history": result.history})
@@ -110,6 +106,9 @@ PRUNE_FLAGS = {
     "ratio": (float, "fraction of channels removed (uniform / global_ranking)"),
     "normalize": (str, "global_ranking: auto (raw scores for scop, else max), max or none"),
     "flops_reduction": (float, "target FLOPs reduction (flops_target)"),
+    "latency_reduction": (float, "target share of predicted latency removed (latency_target)"),
+    "latency_ms": (float, "or an absolute latency budget in ms at --latency-batch (latency_target)"),
+    "latency_batch": (int, "batch the latency model is measured at (latency_target; default 64)"),
     "fdr_q": (float, "target false discovery rate (fdr)"),
     "min_channels": (int, "fewest channels a layer keeps"),
     "round_to": (int, "kept channels rounded up to a multiple of this"),
@@ -144,7 +143,7 @@ def cmd_prune(args) -> int:
     distributed.setup(config.device)
     main = distributed.is_main()  # after teardown every process would call itself the main one
     try:
-        pruner = ScopPruner(config, args.out, progress=not args.quiet)
+        pruner = ScopPruner.from_config(config, args.out, progress=not args.quiet)
         results = pruner.run(resume=args.resume)
     finally:
         distributed.teardown()
@@ -278,7 +277,7 @@ def cmd_demo(args) -> int:
     config = PruneConfig(model="resnet_digits", weights=os.path.join(base, "model"), dataset="digits",
                          scales_epochs=args.scales_epochs, finetune_epochs=args.finetune_epochs, finetune_lr=0.02,
                          policy="flops_target", flops_reduction=0.5, device=device, seed=args.seed)
-    results = ScopPruner(config, os.path.join(args.out, "prune")).run(resume=True)
+    results = ScopPruner.from_config(config, os.path.join(args.out, "prune")).run(resume=True)
     print()
     print(format_table(results["before"], results["after"]))
     print(f"\nFLOPs reduction {100 * results.get('flops_reduction', 0):.1f}%, "

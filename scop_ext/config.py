@@ -52,6 +52,13 @@ class PruneConfig:
     ratio: float = 0.5  # uniform / global_ranking
     normalize: str = "auto"  # global_ranking: "max", "none", or "auto" (by criterion, see ranking_normalize)
     flops_reduction: float = 0.5  # flops_target
+    latency_reduction: float = 0.5  # latency_target: share of the dense network's predicted latency removed
+    latency_ms: float | None = None  # latency_target: an absolute budget at latency_batch instead (ms)
+    latency_batch: int = 64  # the latency model's batch (besides batch 1 in the report)
+    latency_dtype: str = "float32"  # float32, bfloat16 or float16
+    latency_memory_format: str = "contiguous"  # or channels_last
+    latency_fold_bn: bool = False  # time the network with BatchNorm folded into the convs
+    latency_cache: str | None = None  # folder of measured latency tables (default: the run's out_dir)
     fdr_q: float = 0.1  # fdr
     fdr_scope: str = "layer"
     min_channels: int = 1
@@ -128,6 +135,7 @@ class PruneConfig:
                 raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {type(value).__name__} {value!r}")
         from .knockoffs import generator_kinds
         from .prune.importance import criterion_names
+        from .prune.latency import DTYPES, MEMORY_FORMATS
         from .prune.select import policy_names
 
         checks = [
@@ -140,6 +148,12 @@ class PruneConfig:
             (0.0 <= self.ratio < 1.0, "ratio must be in [0, 1)"),
             (self.normalize in ("auto", "max", "none"), "normalize must be 'auto', 'max' or 'none'"),
             (0.0 <= self.flops_reduction < 1.0, "flops_reduction must be in [0, 1)"),
+            (0.0 < self.latency_reduction < 1.0, "latency_reduction must be in (0, 1)"),
+            (self.latency_ms is None or self.latency_ms > 0, "latency_ms must be > 0 (or null to use latency_reduction)"),
+            (self.latency_batch >= 1, "latency_batch must be >= 1"),
+            (self.latency_dtype in DTYPES, f"latency_dtype must be one of {', '.join(DTYPES)}"),
+            (self.latency_memory_format in MEMORY_FORMATS,
+             f"latency_memory_format must be one of {', '.join(MEMORY_FORMATS)}"),
             (0.0 < self.fdr_q < 1.0, "fdr_q must be in (0, 1)"),
             (self.min_channels >= 1 and self.round_to >= 1, "min_channels and round_to must be >= 1"),
             (len(self.scales_betas) == 2 and all(_has_type(b, float) and 0.0 <= b < 1.0 for b in self.scales_betas),
@@ -170,12 +184,24 @@ class PruneConfig:
             return None if self.normalize == "none" else "max"
         return None if self.importance == "scop" and not self.multiply_bn_gamma else "max"
 
+    def latency_settings(self) -> dict[str, Any]:
+        """How the network is timed for ``latency_target`` (keywords of the latency model)."""
+        return {"dtype": self.latency_dtype, "memory_format": self.latency_memory_format, "fold_bn": self.latency_fold_bn}
+
+    def importance_params(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~scop_ext.prune.importance.make_importance` for ``importance``."""
+        return {"scop": {"multiply_bn_gamma": self.multiply_bn_gamma}, "random": {"seed": self.seed}}.get(self.importance, {})
+
     def policy_params(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~scop_ext.prune.select.make_policy` for ``policy``."""
         common = {"min_channels": self.min_channels, "round_to": self.round_to}
         specific = {
             "uniform": {"ratio": self.ratio},
             "global_ranking": {"ratio": self.ratio, "normalize": self.ranking_normalize()},
             "flops_target": {"reduction": self.flops_reduction},
+            "latency_target": {"normalize": self.ranking_normalize(),
+                               **({"latency_reduction": self.latency_reduction} if self.latency_ms is None
+                                  else {"latency_ms": self.latency_ms})},
             "fdr": {"q": self.fdr_q, "scope": self.fdr_scope},
         }[self.policy]
         return {**common, **specific}

@@ -214,7 +214,7 @@ class GANTrainer:
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: incomplete KnockoffGAN checkpoint ({exc})") from None
         ours = self.gan.config()
-        differ = sorted(k for k in set(saved) | set(ours) if k not in _RESUMABLE_CHANGES and saved.get(k) != ours.get(k))
+        differ = checkpoint.differing_keys(saved, ours, ignore=_RESUMABLE_CHANGES)
         if differ:
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs {ours.get(k)!r}" for k in differ)
             raise ValueError(f"{path}: checkpoint was written with another config ({detail})")

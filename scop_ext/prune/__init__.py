@@ -4,12 +4,13 @@
   frozen, on [real; knockoff] batches).
 - :mod:`.importance` (stage 3): criteria, ``criterion(model) -> {conv name: (C_out,) scores}``.
 - :mod:`.select` (stage 3): :class:`PruningSpace` (coupled channel groups + FLOPs prediction) and
-  the policies ``uniform``, ``global_ranking``, ``flops_target``, ``fdr`` returning a plan
+  the policies ``uniform``, ``global_ranking``, ``flops_target``, ``latency_target``, ``fdr`` returning a plan
   ``{conv name: [channel indices to remove]}``, and ``cuts`` (where a plan cut each group).
 - :mod:`.surgery` (stage 4): ``apply_plan`` (physical removal with torch-pruning),
   ``channel_widths`` and ``rebuild`` (re-create a pruned architecture from JSON widths); the
   fine-tuning that follows is the generic :func:`scop_ext.train.fit`.
-- :mod:`.flops`: FLOPs (= 2 x MACs), MACs and parameter counts.
+- :mod:`.flops`: FLOPs (= 2 x MACs), MACs and parameter counts; :mod:`.latency`: the latency
+  model measured on the device (:class:`LatencyModel`), :mod:`.knapsack`: spending its budget.
 
 The whole run (:class:`scop_ext.pipeline.ScopPruner`) sits above this package, since it also
 drives stage 1 (:mod:`scop_ext.knockoffs`).
@@ -33,11 +34,13 @@ from .select import (
     flops_target,
     global_ranking,
     knockoff_threshold,
+    latency_target,
     make_policy,
     policy_names,
     select,
     uniform,
 )
+from .latency import LatencyModel, measure_latency
 from .surgery import ChannelGroup, Plan, apply_plan, channel_groups, channel_widths, rebuild
 
 __all__ = [
@@ -57,6 +60,9 @@ __all__ = [
     "uniform",
     "global_ranking",
     "flops_target",
+    "latency_target",
+    "LatencyModel",
+    "measure_latency",
     "fdr",
     "knockoff_threshold",
     "select",
