@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from statistics import NormalDist
 
 import pytest
@@ -42,6 +43,7 @@ from scop_ext.knockoffs.report import sample_batched
 from scop_ext.plots import embedding_figure, knockoff_grid
 from tests._helpers import ar1
 
+from ._helpers import _psd_floor
 from .conftest import ENV
 
 
@@ -618,3 +620,44 @@ def test_random_subsets_are_seeded():
     with pytest.raises(ValueError, match="n_subsets must be a positive int, got 0"):
         exchangeability(torch.rand(8, 4), torch.rand(8, 4), n_subsets=0)
     assert random_subsets(1000, 1, seed=0).float().mean() == pytest.approx(0.5, abs=0.06)
+
+
+# ---------------------------------------------- singular covariances: jitter, never a crash
+
+
+def _degenerate_images(kind: str) -> torch.Tensor:
+    x = torch.rand(200, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    if kind == "constant pixels":
+        x[:, :, 0, :] = 0.0  # a border that never changes, as on digits
+    elif kind == "duplicated channels":
+        x[:, 1] = x[:, 0]
+    elif kind == "all constant":
+        x[:] = 0.25
+    return x
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("kind", ["constant pixels", "duplicated channels", "all constant"])
+@pytest.mark.parametrize("method", ["equi", "sdp"])
+def test_singular_image_covariance_is_jittered_with_a_warning(kind, method):
+    shrinkage = "ledoit-wolf" if kind == "all constant" else 0.0  # Ledoit-Wolf has nothing to shrink there
+    loader = DataLoader(TensorDataset(_degenerate_images(kind)), batch_size=50)
+    with pytest.warns(UserWarning, match="covariance is singular or ill-conditioned.*added .* to its diagonal"):
+        gen = GaussianKnockoffs(method=method, block=2, shrinkage=shrinkage).fit(loader)
+    sigma, s = gen.cov, gen.S
+    joint = torch.cat([torch.cat([sigma, sigma - s], 1), torch.cat([sigma - s, sigma], 1)])
+    assert _psd_floor(joint) > -1e-9
+    # the sampler draws exactly from 2S - S Sigma^-1 S: its factor was not clipped
+    cond = 2 * s - s @ torch.linalg.solve(sigma, s)
+    noise = gen.noise_factor.double()
+    torch.testing.assert_close(noise @ noise.T, cond, atol=1e-5 * float(cond.abs().max()) + 1e-12, rtol=0)
+    xk = gen.sample(_degenerate_images(kind)[:8], generator=torch.Generator().manual_seed(1))
+    assert bool(torch.isfinite(xk).all())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_well_conditioned_covariance_gives_no_warning():
+    loader = DataLoader(TensorDataset(torch.rand(200, 1, 4, 4, generator=torch.Generator().manual_seed(0))), batch_size=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GaussianKnockoffs(block=2).fit(loader)
