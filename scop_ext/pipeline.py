@@ -1,30 +1,35 @@
 """The whole SCOP run as one object with plain steps (DESIGN.md §1, stages 1-4).
 
-    fit_knockoffs -> convert -> learn_scales -> select -> prune -> recalibrate_bn -> finetune
-    -> evaluate -> report
+    stage 1 (``knockoffs``)   fit_knockoffs
+    stage 2 (``scales``)      convert -> learn_scales
+    stage 3 (``select``)      select
+    stage 4 (``prune``)       prune -> recalibrate_bn
+            (``finetune``)    finetune
+    the report (``report``)   evaluate -> report
 
-:class:`ScopPruner` holds the model, data and configuration; each step can be called on its own,
-and :meth:`ScopPruner.run` calls them in order, writing every stage's result atomically into
-``out_dir`` so an interrupted run resumes from its last complete stage.
+The names in brackets are :data:`STAGES`, recorded in ``state.json`` as each one completes.
+
+:class:`ScopPruner` holds the model, its importance criterion and selection policy, the data and
+the settings; each step can be called on its own, and :meth:`ScopPruner.run` calls them in order,
+writing every stage's result atomically into ``out_dir`` so an interrupted run resumes from its
+last complete stage.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-import types
-import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from . import checkpoint, distributed, resources
-from .data import holdout, load_dataset
+from .config import PruneConfig
+from .data import Splits, load_splits
 from .export import load_model, save_model
 from .layers import convert as convert_layers
 from .layers import scop_layers
@@ -32,208 +37,16 @@ from .models import build_model
 from .prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
 from .prune.flops import count_flops, count_params
 from .prune.importance import make_importance
-from .prune.select import PruningSpace, cuts, select
+from .prune.latency import latency_models, latency_section, measure_after, measure_latency
+from .prune.select import Plan, PruningSpace, cuts, make_policy
 from .prune.surgery import apply_plan, channel_widths
-from .report import measure_latency, write_report
+from .report import write_report
+from .runfolder import RunFolder
 from .train import amp_dtype, default_amp, evaluate, fit, make_loader, recalibrate_bn
 
-__all__ = ["PruneConfig", "ScopPruner", "STAGES"]
+__all__ = ["ScopPruner", "STAGES"]
 
 STAGES = ("knockoffs", "scales", "select", "prune", "finetune", "report")
-
-
-@dataclass
-class PruneConfig:
-    """Every setting of a run; plain values only, so it round-trips through JSON and YAML.
-
-    Stage 2 defaults are the authors' (Adam 0.004, betas (0.5, 0.9), beta from 0.5); fine-tuning
-    is SGD Nesterov with momentum 0.9, weight decay 1e-4 and a cosine schedule.
-    """
-
-    model: str = "resnet_digits"
-    weights: str | None = None  # trained baseline: .safetensors / state_dict file, or a save_model stem
-    dataset: str = "digits"
-    data_root: str | None = None
-    image_size: int = 224  # imagefolder only
-    batch_size: int = 64
-    val_fraction: float = 0.1  # of the training split, held out to pick the best fine-tuning epoch
-    # stage 1
-    knockoffs: str = "gaussian"
-    knockoff_options: dict = field(default_factory=dict)
-    pair_cache: bool = True  # draw one knockoff per image up front (False: on the fly, for big data)
-    # stage 2
-    skip: list = field(default_factory=list)  # conv names/patterns left unwrapped
-    scales_epochs: int = 20
-    scales_lr: float = 0.004
-    scales_betas: tuple = (0.5, 0.9)
-    knockoff_bias: bool = True
-    bias_gamma: float | None = None
-    bn: str = "batch"
-    # stage 3
-    importance: str = "scop"
-    multiply_bn_gamma: bool = False
-    policy: str = "flops_target"
-    ratio: float = 0.5  # uniform / global_ranking
-    normalize: str = "auto"  # global_ranking: "max", "none", or "auto" (by criterion, see ranking_normalize)
-    flops_reduction: float = 0.5  # flops_target
-    fdr_q: float = 0.1  # fdr
-    fdr_scope: str = "layer"
-    min_channels: int = 1
-    round_to: int = 1
-    ignored_layers: list = field(default_factory=list)
-    keep_block_width: bool = False
-    # stage 4
-    bn_batches: int = 50
-    finetune_epochs: int = 10
-    finetune_lr: float = 0.01
-    weight_decay: float = 1e-4
-    amp: bool | None = None
-    # run
-    device: str = "cpu"
-    seed: int = 0
-    latency: bool = True
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PruneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in set(values) - known)  # YAML keys need not be strings
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> PruneConfig:
-        """Read a YAML or JSON config (by extension; YAML also reads JSON)."""
-        return cls.from_dict(cls.file_values(path))
-
-    @classmethod
-    def file_values(cls, path: str | os.PathLike) -> dict[str, Any]:
-        """The keys a YAML or JSON config file sets, checked as :meth:`from_file` checks them; keys
-        it leaves out are absent (not filled with defaults), so a caller can tell them apart."""
-        path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as exc:
-            raise ValueError(f"{path}: cannot read config ({exc.strerror})") from None
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: malformed config (not UTF-8 text: byte {exc.start})") from None
-        try:
-            if path.endswith(".json"):
-                values = json.loads(text)
-            else:
-                values = checkpoint.load_yaml(text)
-        except Exception as exc:  # the parsers' own error types vary; one clear line either way
-            raise ValueError(f"{path}: malformed config ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: a config must be a mapping of keys to values, got {type(values).__name__}")
-        try:
-            cls.from_dict(values)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from None
-        return values
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["scales_betas"] = list(self.scales_betas)
-        return d
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first key whose value has the wrong type or is out of range.
-
-        Everything is checked here, before any work: a typo found at stage 3 would cost stage 2.
-        """
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not _has_type(value, hints[f.name]):
-                raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {type(value).__name__} {value!r}")
-        from .knockoffs.base import _REGISTRY as knockoff_kinds
-        from .prune.importance import _CRITERIA
-
-        checks = [
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
-            (self.scales_epochs >= 1, "scales_epochs must be >= 1"),
-            (self.finetune_epochs >= 0, "finetune_epochs must be >= 0"),
-            (self.bn in ("batch", "frozen"), "bn must be 'batch' or 'frozen'"),
-            (self.policy in ("uniform", "global_ranking", "flops_target", "fdr"),
-             "policy must be one of uniform, global_ranking, flops_target, fdr"),
-            (0.0 <= self.ratio < 1.0, "ratio must be in [0, 1)"),
-            (self.normalize in ("auto", "max", "none"), "normalize must be 'auto', 'max' or 'none'"),
-            (0.0 <= self.flops_reduction < 1.0, "flops_reduction must be in [0, 1)"),
-            (0.0 < self.fdr_q < 1.0, "fdr_q must be in (0, 1)"),
-            (self.min_channels >= 1 and self.round_to >= 1, "min_channels and round_to must be >= 1"),
-            (len(self.scales_betas) == 2 and all(_has_type(b, float) and 0.0 <= b < 1.0 for b in self.scales_betas),
-             "scales_betas must be a pair of numbers in [0, 1)"),
-            (self.scales_lr > 0 and self.finetune_lr > 0, "scales_lr and finetune_lr must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.bias_gamma is None or self.bias_gamma > 0, "bias_gamma must be > 0 (or null for the default)"),
-            (self.bn_batches >= 1 and self.image_size >= 1, "bn_batches and image_size must be >= 1"),
-            (self.fdr_scope in ("layer", "global"), "fdr_scope must be 'layer' or 'global'"),
-            (self.importance in _CRITERIA, f"importance must be one of {', '.join(sorted(_CRITERIA))}"),
-            (self.knockoffs in knockoff_kinds, f"knockoffs must be one of {', '.join(sorted(knockoff_kinds))}"),
-            (all(isinstance(v, str) for v in [*self.skip, *self.ignored_layers, *self.knockoff_options]),
-             "skip, ignored_layers and the keys of knockoff_options must be strings"),
-            (_is_device(self.device), f"device must be a device name such as cpu or cuda:0, got {self.device!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    def ranking_normalize(self) -> str | None:
-        """The ``normalize`` of :func:`~scop_ext.prune.select.global_ranking`.
-
-        ``"auto"`` ranks SCOP's ``2 beta - 1`` raw, since it is on one scale in [-1, 1] in every
-        layer, and divides by each group's largest score for every other criterion (and for SCOP
-        times |gamma|), whose scale differs from layer to layer.
-        """
-        if self.normalize != "auto":
-            return None if self.normalize == "none" else "max"
-        return None if self.importance == "scop" and not self.multiply_bn_gamma else "max"
-
-    def policy_params(self) -> dict[str, Any]:
-        common = {"min_channels": self.min_channels, "round_to": self.round_to}
-        specific = {
-            "uniform": {"ratio": self.ratio},
-            "global_ranking": {"ratio": self.ratio, "normalize": self.ranking_normalize()},
-            "flops_target": {"reduction": self.flops_reduction},
-            "fdr": {"q": self.fdr_q, "scope": self.fdr_scope},
-        }[self.policy]
-        return {**common, **specific}
-
-
-def _has_type(value, hint) -> bool:
-    if isinstance(hint, types.UnionType):
-        return any(_has_type(value, h) for h in typing.get_args(hint))
-    hint = typing.get_origin(hint) or hint
-    if hint is type(None):
-        return value is None
-    if isinstance(value, bool):  # bool is an int subclass, but "batch_size: true" is a mistake
-        return hint is bool
-    if hint is float:
-        return isinstance(value, (int, float))
-    if hint is tuple:  # JSON and YAML have lists only
-        return isinstance(value, (tuple, list))
-    return isinstance(value, hint)
-
-
-def _type_name(hint) -> str:
-    if isinstance(hint, types.UnionType):
-        return " or ".join(_type_name(h) for h in typing.get_args(hint))
-    hint = typing.get_origin(hint) or hint
-    return {type(None): "null", int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            dict: "a mapping", list: "a list", tuple: "a list"}[hint]
-
-
-def _is_device(name: str) -> bool:
-    try:
-        torch.device(name)
-    except RuntimeError:
-        return False
-    return True
 
 
 def _load_weights(model_name: str, info, weights: str | None) -> nn.Module:
@@ -243,48 +56,72 @@ def _load_weights(model_name: str, info, weights: str | None) -> nn.Module:
     return build_model(model_name, info.num_classes, info.in_channels, weights=weights)
 
 
+Importance = Callable[[nn.Module], Mapping[str, Tensor]]
+Policy = Callable[..., Plan]  # (space, scores, **measured) -> plan
+
+
 class ScopPruner:
     """One SCOP run: from a trained model to a smaller, fine-tuned one.
 
+    Built, like Torch-Pruning's pruners, from the objects it works with; :meth:`from_config`
+    builds them from a :class:`PruneConfig`.
+
     Args:
-        config: a :class:`PruneConfig`.
+        model: the trained network.
+        example_input: one input, (1, C, H, W): traced for the channel groups, FLOPs and memory.
+        importance: stage 3's criterion, ``importance(model) -> {conv name: (C_out,) scores}``
+            (:mod:`scop_ext.prune.importance`).
+        policy: stage 3's policy, ``policy(space, scores) -> {conv name: [channels to remove]}``
+            (:func:`scop_ext.prune.make_policy`); ``latency_target`` is also given the
+            ``latency_model`` measured on ``model`` when it runs.
+        data: what the run trains on, picks the fine-tuning epoch with and reports on
+            (:func:`scop_ext.data.load_splits`): everything trained (knockoffs, scales, BN
+            statistics, weights) sees ``data.train``; the test split only reports.
+        config: the settings of every stage (its ``importance`` and ``policy`` keys are recorded;
+            the objects above are what runs).
         out_dir: where every stage writes its result (``state.json`` lists the completed stages).
-        model: the trained network; built from ``config.model`` / ``config.weights`` if None.
 
     Example::
 
-        >>> pruner = ScopPruner(PruneConfig(weights="runs/base/model"), "runs/prune")
+        >>> pruner = ScopPruner.from_config(PruneConfig(weights="runs/base/model"), "runs/prune")
         >>> results = pruner.run()          # or call the steps one by one:
         >>> pruner.fit_knockoffs(); pruner.convert(); pruner.learn_scales(); ...
     """
 
-    def __init__(self, config: PruneConfig, out_dir: str | os.PathLike, model: nn.Module | None = None,
-                 progress: bool = True, log=print):
+    def __init__(self, model: nn.Module, example_input: Tensor, importance: Importance, policy: Policy, *,
+                 data: Splits, config: PruneConfig, out_dir: str | os.PathLike, progress: bool = True, log=print):
         config.validate()
         self.config, self.out_dir, self.progress = config, os.fspath(out_dir), progress
+        self.folder = RunFolder(self.out_dir)
         self.log = log if distributed.is_main() else (lambda *a, **k: None)
         self.device = torch.device(config.device)
-        train_plain, self.info = load_dataset(config.dataset, config.data_root, "train",
-                                                 image_size=config.image_size, augment=False)
-        train_aug, _ = load_dataset(config.dataset, config.data_root, "train", image_size=config.image_size)
-        self.test_set, _ = load_dataset(config.dataset, config.data_root, "test", image_size=config.image_size)
-        # Everything trained (knockoffs, scales, BN statistics, weights) sees the training part;
-        # the held-out part picks the fine-tuning epoch; the test split only reports.
-        fit_idx, val_idx = holdout(len(train_plain), config.val_fraction)
-        self.train_set, self.train_aug = Subset(train_plain, fit_idx), Subset(train_aug, fit_idx)
-        self.val_set = Subset(train_plain, val_idx) if val_idx else None
-        self.model = model if model is not None else _load_weights(config.model, self.info, config.weights)
-        self.model.to(self.device)
-        self.example = self.train_set[0][0][None]
+        self.importance, self.policy, self.info = importance, policy, data.info
+        self.train_set, self.train_aug, self.val_set, self.test_set = data.train, data.train_aug, data.val, data.test
+        self.model = model.to(self.device)
+        self.example = example_input
         self.knockoffs = None
         self.plan: dict[str, list[int]] | None = None
         self.results: dict[str, Any] = {"config": config.to_dict(), "notes": []}
         self.completed: list[str] = []
 
+    @classmethod
+    def from_config(cls, config: PruneConfig, out_dir: str | os.PathLike, model: nn.Module | None = None,
+                    progress: bool = True, log=print) -> ScopPruner:
+        """The run ``config`` describes: its data, its criterion and policy, and ``model`` (built
+        from ``config.model`` / ``config.weights`` if None)."""
+        config.validate()
+        data = load_splits(config.dataset, config.data_root, image_size=config.image_size,
+                           val_fraction=config.val_fraction)
+        if model is None:
+            model = _load_weights(config.model, data.info, config.weights)
+        return cls(model, data.train[0][0][None], make_importance(config.importance, **config.importance_params()),
+                   make_policy(config.policy, **config.policy_params()), data=data, config=config, out_dir=out_dir,
+                   progress=progress, log=log)
+
     # ------------------------------------------------------------------ bookkeeping
 
     def _path(self, name: str) -> str:
-        return os.path.join(self.out_dir, name)
+        return self.folder.path(name)
 
     def _loader(self, dataset, *, shuffle: bool, evaluation: bool = False, batch_size: int | None = None,
                 sharded: bool = True):
@@ -294,7 +131,7 @@ class ScopPruner:
     def _finish(self, stage: str) -> None:
         self.completed.append(stage)
         if distributed.is_main():
-            checkpoint.write_json(self._path("state.json"), {"completed": self.completed, "results": self.results})
+            self.folder.write_state(self.completed, self.results)
         distributed.barrier()
 
     def _metrics(self, model: nn.Module) -> dict[str, Any]:
@@ -338,7 +175,7 @@ class ScopPruner:
         return gen
 
     def convert(self) -> dict[str, nn.Module]:
-        """Wrap the convolutions (all but ``config.skip``) as ScopConv2d in SCOP mode."""
+        """Stage 2, first step: wrap the convolutions (all but ``config.skip``) as ScopConv2d in SCOP mode."""
         self.results.setdefault("before", self._metrics(self.model))
         self.results.setdefault("widths_before", channel_widths(self.model))
         convert_layers(self.model, skip=self.config.skip)
@@ -352,26 +189,16 @@ class ScopPruner:
 
     def _require_memory(self, what: str, *, paired: bool, optimizer_slots: int, host_cache: int = 0,
                         amp: bool = False) -> None:
-        """Stop with a ResourceError before ``what`` starts if its batch would not fit (see resources.py).
-
-        Under torchrun each process holds batch_size images (the global batch is batch_size x
-        world), so the check is of what every process needs on its own device.
-        """
+        """Stop with a ResourceError before ``what`` starts if one process's batch would not fit
+        (:func:`scop_ext.resources.require_step`); stage 2 (``paired``) trains the scales only."""
         trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        if paired:  # stage 2 trains the scales only
+        if paired:
             trainable = {f"{name}.beta" for name in scop_layers(self.model)}
-        try:
-            estimate = resources.estimate_step(self.model, self.example, paired=paired, trainable=trainable.__contains__,
-                                               optimizer_slots=optimizer_slots,
-                                               activation_dtype=amp_dtype(self.device) if amp else None)
-        except (NotImplementedError, RuntimeError) as exc:  # a model the meta device cannot run
-            self.results["notes"].append(f"{what}: memory use not predicted ({type(exc).__name__}: {str(exc).splitlines()[0]})")
-            return
-        if host_cache and self.device.type != "cpu":
-            resources.require(resources.MemoryEstimate(0, {"pair cache": host_cache}), 0, "cpu", what)
-        elif host_cache:
-            estimate.fixed["pair cache"] = host_cache
-        resources.require(estimate, self.config.batch_size, self.device, what)
+        note = resources.require_step(self.model, self.example, self.config.batch_size, self.device, what,
+                                      paired=paired, trainable=trainable.__contains__, optimizer_slots=optimizer_slots,
+                                      host_cache=host_cache, activation_dtype=amp_dtype(self.device) if amp else None)
+        if note:
+            self.results["notes"].append(note)
 
     def learn_scales(self):
         """Stage 2: Lemma 2 bias fit, then beta trained with the weights frozen."""
@@ -404,13 +231,19 @@ class ScopPruner:
     def select(self) -> dict[str, list[int]]:
         """Stage 3: score every filter and choose what to remove."""
         cfg = self.config
-        kw = {"multiply_bn_gamma": cfg.multiply_bn_gamma} if cfg.importance == "scop" else {}
-        if cfg.importance == "random":
-            kw = {"seed": cfg.seed}
-        scores = make_importance(cfg.importance, **kw)(self.model)
+        scores = self.importance(self.model)
         space = PruningSpace(self.model, self.example.to(self.device), ignored_layers=cfg.ignored_layers,
-                             keep_block_width=cfg.keep_block_width)
-        self.plan = select(space, scores, cfg.policy, **cfg.policy_params())
+                             block_width=cfg.block_width)
+        measured = {}  # latency_target's model is measured on this model, so it joins the policy here
+        if cfg.policy == "latency_target":
+            latency = latency_models(self.model, self.example.to(self.device), space.groups, cfg.latency_batch,
+                                     cfg.latency_cache or self.out_dir, device=self.device, progress=self.progress,
+                                     log=self.log, **cfg.latency_settings())
+            measured["latency_model"] = latency[cfg.latency_batch]
+        self.plan = self.policy(space, scores, **measured)
+        if cfg.policy == "latency_target":  # timings differ between processes: all take process 0's plan
+            self.plan = distributed.gather_objects(self.plan)[0]
+            self.results["latency"] = latency_section(latency, self.plan, **cfg.latency_settings())
         self.results["importance"] = {n: s.detach().cpu().tolist() for n, s in scores.items()}
         self.results["removed"] = self.plan
         self.results["cuts"] = cuts(space, scores, self.plan)
@@ -420,15 +253,15 @@ class ScopPruner:
         return self.plan
 
     def prune(self) -> nn.Module:
-        """Stage 4a: remove the planned filters physically; the model becomes plain nn.Conv2d layers."""
+        """Stage 4, physical pruning: remove the planned filters; the model becomes plain nn.Conv2d layers."""
         if self.plan is None:
             raise RuntimeError("prune() needs a plan: call select() first")
-        apply_plan(self.model, self.example.to(self.device), self.plan, keep_block_width=self.config.keep_block_width)
+        apply_plan(self.model, self.example.to(self.device), self.plan, block_width=self.config.block_width)
         self.results["widths_after"] = channel_widths(self.model)
         return self.model
 
     def recalibrate_bn(self) -> int:
-        """Stage 4b: re-estimate BN statistics of the pruned network on training data.
+        """Stage 4, after pruning: re-estimate BN statistics of the pruned network on training data.
 
         Under torchrun every process runs the same whole batches, so all hold the same statistics.
         """
@@ -440,7 +273,7 @@ class ScopPruner:
         return used
 
     def finetune(self):
-        """Stage 4c: fine-tune all weights; the best epoch on the held-out validation part is kept
+        """Stage 4, fine-tuning: train all weights; the best epoch on the held-out validation part is kept
         (the last epoch with ``val_fraction = 0``)."""
         cfg = self.config
         if cfg.finetune_epochs > 0:
@@ -459,6 +292,8 @@ class ScopPruner:
 
     def evaluate(self) -> dict[str, Any]:
         self.results["after"] = self._metrics(self.model)
+        if self.results.get("latency") and distributed.is_main():
+            measure_after(self.results["latency"], self.model, self.example, self.device)
         return self.results["after"]
 
     def report(self) -> dict[str, str]:
@@ -477,23 +312,16 @@ class ScopPruner:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """All steps in order; with ``resume`` completed stages are loaded from out_dir instead of rerun."""
-        os.makedirs(self.out_dir, exist_ok=True)
         if distributed.is_main():
-            for name in os.listdir(self.out_dir):  # left by writes a kill interrupted (checkpoint.atomic_write_bytes)
-                if name.startswith(checkpoint.TEMP_PREFIX):
-                    os.unlink(self._path(name))
-        state = self._resume_state() if resume else None
+            self.folder.clear(keep_progress=resume)
+        else:
+            os.makedirs(self.out_dir, exist_ok=True)
+        state = self.folder.read_state(self.config.to_dict()) if resume else None
         done = set(state["completed"]) if state else set()
         if state:
             self.results.update(state["results"])
-        if not resume and distributed.is_main():
-            # Not resuming means starting over. With --resume they stay, even before state.json
-            # exists (a kill in stage 1), and each one is refused if it belongs to another config.
-            for name in os.listdir(self.out_dir):
-                if name.endswith("-progress.pt"):
-                    os.unlink(self._path(name))
         if distributed.is_main():
-            checkpoint.write_json(self._path("config.json"), self.config.to_dict())
+            self.folder.write_config(self.config.to_dict())
         distributed.barrier()  # the others start once process 0 has cleaned the folder
         start = time.time()
         steps = {
@@ -533,22 +361,6 @@ class ScopPruner:
     def _stage_report(self):
         self.evaluate()
         self.report()
-
-    def _resume_state(self) -> dict | None:
-        path = self._path("state.json")
-        if not os.path.exists(path):
-            return None
-        try:
-            with open(path) as f:
-                state = json.load(f)
-            with open(self._path("config.json")) as f:
-                saved = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise checkpoint.CheckpointError(f"{self.out_dir}: cannot resume, run state unreadable ({exc})") from None
-        if saved != self.config.to_dict():
-            changed = sorted(k for k in set(saved) | set(self.config.to_dict()) if saved.get(k) != self.config.to_dict().get(k))
-            raise ValueError(f"{self.out_dir}: cannot resume: the config differs from the interrupted run's in {changed}")
-        return state
 
     def _load_knockoffs(self):
         from .knockoffs import load

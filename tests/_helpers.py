@@ -40,7 +40,7 @@ def masked_dense(model, example, plan):
             for item in graph.get_pruning_group(root.target.module, root.handler, channels):
                 m = item.dep.target.module
                 reads = isinstance(m, (nn.Conv2d, nn.Linear)) and not graph.is_out_channel_pruning_fn(item.dep.handler)
-                if not reads or surgery._is_depthwise(m):
+                if not reads or surgery.is_depthwise(m):
                     continue  # a depthwise conv's removed outputs are cut off at their own readers
                 if isinstance(m, nn.Linear):
                     m.weight[:, list(item.idxs)] = 0

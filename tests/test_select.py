@@ -28,6 +28,8 @@ from scop_ext.prune import (
     global_ranking,
     knockoff_threshold,
     make_importance,
+    make_policy,
+    policy_names,
     select,
     uniform,
 )
@@ -135,8 +137,14 @@ def test_space_ignores_layers_and_never_the_classifier(digits_space):
     model, _ = digits_space
     space = PruningSpace(model, torch.randn(1, 1, 8, 8), ignored_layers=["layers.1.*"])
     assert {c for g in space.groups for c in g.convs} == {"conv1", "layers.0.0.conv1", "layers.0.0.conv2"}
-    kbw = PruningSpace(model, torch.randn(1, 1, 8, 8), keep_block_width=True)
+    kbw = PruningSpace(model, torch.randn(1, 1, 8, 8), block_width="keep")
     assert sorted(c for g in kbw.groups for c in g.convs) == ["layers.0.0.conv1", "layers.1.0.conv1"]
+    # scatter: the internal groups as they are, and each residual conv with its own BatchNorm alone
+    sc = PruningSpace(model, torch.randn(1, 1, 8, 8), block_width="scatter")
+    units = {g.convs: (g.size, g.scatter) for g in sc.groups}
+    assert units == {("layers.0.0.conv1",): (16, False), ("layers.1.0.conv1",): (32, False),
+                     ("conv1",): (16, True), ("layers.0.0.conv2",): (16, True),
+                     ("layers.1.0.conv2",): (32, True), ("layers.1.0.shortcut.0",): (32, True)}
     with pytest.raises(ValueError, match="single string"):
         PruningSpace(model, torch.randn(1, 1, 8, 8), ignored_layers="conv1")
 
@@ -292,6 +300,11 @@ def test_select_dispatch(digits_space):
     assert select(space, scores, "fdr", q=0.3, min_channels=3) == fdr(space, scores, 0.3, min_channels=3)
     with pytest.raises(ValueError, match="unknown policy"):
         select(space, scores, "magic")
+    # make_policy binds the same function: select is make_policy(name, **params)(space, scores)
+    assert make_policy("flops_target", reduction=0.3)(space, scores) == flops_target(space, scores, 0.3)
+    with pytest.raises(ValueError, match="unknown policy 'magic'; expected one of"):
+        make_policy("magic")
+    assert {"uniform", "global_ranking", "flops_target", "fdr"} <= set(policy_names())
 
 
 # ---------------------------------------------------------------------- importance criteria

@@ -6,7 +6,9 @@ Conventions, stated once and used in every name here:
   them: a multiply-accumulate is 2 FLOPs, so a convolution costs
   ``2 * N * C_out * H_out * W_out * (C_in / groups) * kH * kW`` FLOPs. Only matrix products and
   convolutions are counted; bias adds, BatchNorm, activations, pooling and other elementwise work
-  are 0 FLOPs, as in ``FlopCounterMode``.
+  are 0 FLOPs, as in ``FlopCounterMode``. So is the scatter of ``block_width="scatter"``
+  (:class:`~scop_ext.layers.ChannelScatter`: a zero fill and an index copy, memory traffic with
+  no multiply-accumulate); what it saves is the narrower conv before it.
 - **MACs** (multiply-accumulates) are FLOPs / 2. Papers that say "FLOPs" for ResNets on
   CIFAR/ImageNet (including SCOP's) usually mean MACs; compare with care.
 
@@ -27,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, register_
 
 from .. import _ops  # noqa: F401  (defines torch.ops.scop.*)
 
-__all__ = ["count_flops", "count_macs", "count_params", "flops_by_module"]
+__all__ = ["count_flops", "count_macs", "count_params", "flops_by_module", "modes_kept"]
 
 
 @register_flop_formula(torch.ops.scop.dual_scaled_conv2d)
@@ -39,7 +41,7 @@ def _dual_scaled_conv2d_flops(
 
 
 @contextmanager
-def _modes_kept(model: nn.Module) -> Iterator[None]:
+def modes_kept(model: nn.Module) -> Iterator[None]:
     """Restore every submodule's own train/eval flag on exit (a model may mix them, e.g. frozen BN)."""
     modes = [(m, m.training) for m in model.modules()]
     try:
@@ -52,7 +54,7 @@ def _modes_kept(model: nn.Module) -> Iterator[None]:
 @contextmanager
 def _eval_no_grad(model: nn.Module) -> Iterator[None]:
     # Counting runs a forward: eval mode keeps BatchNorm running statistics untouched.
-    with _modes_kept(model), torch.no_grad():
+    with modes_kept(model), torch.no_grad():
         model.eval()
         yield
 
