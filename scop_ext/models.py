@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_counts
+
 __all__ = [
     "BasicBlock",
     "CifarResNet",
@@ -91,7 +93,7 @@ class CifarResNet(nn.Module):
                 f"depths and widths must be non-empty sequences of positive ints of equal length, "
                 f"got depths={tuple(depths)}, widths={tuple(widths)}"
             )
-        _check_positive(num_classes=num_classes, in_channels=in_channels)
+        check_counts(False, num_classes=num_classes, in_channels=in_channels)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
@@ -117,12 +119,6 @@ class CifarResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layers(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _cifar_resnet(depth: int, num_classes: int, in_channels: int) -> CifarResNet:
@@ -243,7 +239,7 @@ def build_model(name: str, num_classes: int, in_channels: int, weights: str | os
         ValueError: an unknown name, or a weights file that is missing, unreadable, not a
             state_dict, or does not match the architecture (the message names the file).
     """
-    _check_positive(num_classes=num_classes, in_channels=in_channels)
+    check_counts(False, num_classes=num_classes, in_channels=in_channels)
     if name in _BUILDERS:
         model = _BUILDERS[name](num_classes=num_classes, in_channels=in_channels)
     elif name.startswith(TORCHVISION_PREFIX):
@@ -291,8 +287,7 @@ def _build_torchvision(tv_name: str, num_classes: int, in_channels: int) -> nn.M
             bias=conv.bias is not None,
             padding_mode=conv.padding_mode,
         )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, new)
     return model
 
 
