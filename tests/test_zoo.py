@@ -1,4 +1,4 @@
-"""Every torchvision CNN classifier (and a few timm ones) through the whole SCOP path at small
+"""Every torchvision CNN classifier and five timm ones through the whole SCOP path at small
 resolution with random weights: convert, one stage-2 step, a 50% FLOPs plan, prune, pruned ==
 masked dense, save/load. A fast subset runs in `make test`; the rest is `slow` (`make test-all`)."""
 
@@ -28,6 +28,7 @@ UNSUPPORTED = {"shufflenet_v2_*": "channel shuffle"}
 # One or two of each family, small ones: about a minute on a loaded 2-core machine.
 FAST = {"resnet18", "resnext50_32x4d", "regnet_x_400mf", "mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5",
         "efficientnet_b0", "convnext_tiny", "googlenet", "squeezenet1_1"}
+TIMM_FAST = {"regnetx_002", "convnext_atto", "mobilenetv3_small_050"}
 SIZES = {"inception_v3": 80}  # its stem needs 75 px
 
 
@@ -38,6 +39,8 @@ def _matches(name: str, table: dict[str, str]) -> bool:
 TORCHVISION = sorted(torchvision.models.list_models(module=torchvision.models))
 ZOO = [pytest.param("torchvision:" + n, marks=() if n in FAST else pytest.mark.slow)
        for n in TORCHVISION if not _matches(n, EXCLUDED) and not _matches(n, UNSUPPORTED)]
+TIMM = ["resnet18", "efficientnet_b0", "regnetx_002", "convnext_atto", "mobilenetv3_small_050"]
+ZOO += [pytest.param("timm:" + n, marks=() if n in TIMM_FAST else pytest.mark.slow) for n in TIMM]
 
 
 @torch.no_grad()
