@@ -411,8 +411,7 @@ def _scatter_outputs(model: nn.Module, conv_name: str, bn_name: str, removed: Se
     width, gone = conv.out_channels, set(removed)
     tp.prune_conv_out_channels(conv, list(removed))
     tp.prune_batchnorm_out_channels(bn, list(removed))
-    parent, _, child = bn_name.rpartition(".")
-    setattr(model.get_submodule(parent), child, ChannelScatter(bn, [c for c in range(width) if c not in gone], width))
+    model.set_submodule(bn_name, ChannelScatter(bn, [c for c in range(width) if c not in gone], width))
 
 
 def scattered_convs(model: nn.Module) -> list[str]:
