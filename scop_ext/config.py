@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from . import checkpoint
+from .presets import PRESETS, with_preset
 
-__all__ = ["PruneConfig"]
+__all__ = ["PruneConfig", "load_yaml"]
 
 
 @dataclass
@@ -23,9 +23,12 @@ class PruneConfig:
     """Every setting of a run; plain values only, so it round-trips through JSON and YAML.
 
     Stage 2 defaults are the authors' (Adam 0.004, betas (0.5, 0.9), beta from 0.5); fine-tuning
-    is SGD Nesterov with momentum 0.9, weight decay 1e-4 and a cosine schedule.
+    is SGD Nesterov with momentum 0.9, weight decay 1e-4 and a cosine schedule. ``preset``
+    (:mod:`~scop_ext.presets`, e.g. ``"authors"``) fills the keys a dict or file leaves out
+    when read by :meth:`from_dict` / :meth:`from_file`; the constructor takes keys as given.
     """
 
+    preset: str | None = None
     model: str = "resnet_digits"
     weights: str | None = None  # trained baseline: .safetensors / state_dict file, or a save_model stem
     dataset: str = "digits"
@@ -64,7 +67,7 @@ class PruneConfig:
     min_channels: int = 1
     round_to: int = 1
     ignored_layers: list = field(default_factory=list)
-    keep_block_width: bool = False
+    block_width: str = "prune"  # residual widths: prune, keep, or scatter (the authors' scheme)
     # stage 4
     bn_batches: int = 50
     finetune_epochs: int = 10
@@ -78,6 +81,10 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PruneConfig:
+        if "keep_block_width" in values:
+            raise ValueError("keep_block_width was replaced by block_width: keep (what keep_block_width=true did), "
+                             "scatter (the authors' scheme) or prune (the default)")
+        values = with_preset(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in set(values) - known)  # YAML keys need not be strings
         if unknown:
@@ -107,7 +114,7 @@ class PruneConfig:
             if path.endswith(".json"):
                 values = json.loads(text)
             else:
-                values = checkpoint.load_yaml(text)
+                values = load_yaml(text)
         except Exception as exc:  # the parsers' own error types vary; one clear line either way
             raise ValueError(f"{path}: malformed config ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
         if not isinstance(values, dict):
@@ -135,8 +142,9 @@ class PruneConfig:
                 raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {type(value).__name__} {value!r}")
         from .knockoffs import generator_kinds
         from .prune.importance import criterion_names
-        from .prune.timing import DTYPES, MEMORY_FORMATS
+        from .timing import DTYPES, MEMORY_FORMATS
         from .prune.select import policy_names
+        from .prune.surgery import BLOCK_WIDTHS
 
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -162,6 +170,8 @@ class PruneConfig:
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.bias_gamma is None or self.bias_gamma > 0, "bias_gamma must be > 0 (or null for the default)"),
             (self.bn_batches >= 1 and self.image_size >= 1, "bn_batches and image_size must be >= 1"),
+            (self.block_width in BLOCK_WIDTHS, f"block_width must be one of {', '.join(BLOCK_WIDTHS)}"),
+            (self.preset is None or self.preset in PRESETS, f"preset must be one of {', '.join(sorted(PRESETS))} (or null)"),
             (self.fdr_scope in ("layer", "global"), "fdr_scope must be 'layer' or 'global'"),
             (self.importance in criterion_names(), f"importance must be one of {', '.join(criterion_names())}"),
             (self.knockoffs in generator_kinds(), f"knockoffs must be one of {', '.join(generator_kinds())}"),
@@ -188,7 +198,12 @@ class PruneConfig:
         """How the network is timed for ``latency_target`` (keywords of the latency model)."""
         return {"dtype": self.latency_dtype, "memory_format": self.latency_memory_format, "fold_bn": self.latency_fold_bn}
 
+    def importance_params(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~scop_ext.prune.importance.make_importance` for ``importance``."""
+        return {"scop": {"multiply_bn_gamma": self.multiply_bn_gamma}, "random": {"seed": self.seed}}.get(self.importance, {})
+
     def policy_params(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~scop_ext.prune.select.make_policy` for ``policy``."""
         common = {"min_channels": self.min_channels, "round_to": self.round_to}
         specific = {
             "uniform": {"ratio": self.ratio},
@@ -200,6 +215,26 @@ class PruneConfig:
             "fdr": {"q": self.fdr_q, "scope": self.fdr_scope},
         }[self.policy]
         return {**common, **specific}
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML with the safe loader and no aliases.
+
+    Configs are a few flat keys; an alias (``*name``) is never needed there, and a few nested ones
+    (the "billion laughs" file) expand into billions of elements as soon as anything walks the
+    result. Raises ``yaml.YAMLError`` on an alias.
+    """
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed in a config",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliasLoader)
 
 
 def _has_type(value, hint) -> bool:

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checkpoint
+from ..timing import DTYPES, MEMORY_FORMATS, measure_latency, settings, time_ms
 from .surgery import ChannelGroup, apply_plan, is_depthwise, plain_forward
-from .timing import DTYPES, MEMORY_FORMATS, measure_latency, settings, time_ms
 
 __all__ = ["ConvShape", "LatencyModel", "conv_timer", "cache_file"]
 
@@ -82,7 +82,8 @@ def conv_timer(device: str | torch.device, dtype: str, memory_format: str, batch
         x = torch.randn(batch, c_in, *shape.in_hw, device=device, dtype=dt).contiguous(memory_format=fmt)
         w = torch.randn(c_out, c_in // groups, *shape.kernel, device=device, dtype=dt).contiguous(memory_format=fmt)
         b = torch.randn(c_out, device=device, dtype=dt) if shape.bias else None
-        return time_ms(lambda: F.conv2d(x, w, b, shape.stride, shape.padding, shape.dilation, groups), device, min_time)
+        return time_ms(lambda: F.conv2d(x, w, b, shape.stride, shape.padding, shape.dilation, groups), device, min_time,
+                       fastest=True)
 
     return timer
 
@@ -266,7 +267,7 @@ class LatencyModel:
             points.append((volume, ms - sum(self._table.ms(c.shape, *self._widths_of(c, widths)) for c in self._convs)))
         (v1, r1), (v2, r2) = points[0], points[-1]
         per = max((r1 - r2) / (v1 - v2), 0.0) if v1 != v2 else 0.0
-        self._rest = (max(r1 - per * v1, 0.0), per)
+        self._rest = (r1 - per * v1, per)  # exact at the dense network (fixed < 0: convs run faster in it)
 
     def _measure(self, model: nn.Module) -> float:
         _, x, device, how = self._network

@@ -1,4 +1,5 @@
-"""Timing on the target device: one forward of a whole network, one function, the settings a time belongs to."""
+"""Wall-clock timing: of a callable (warm-up, then timed blocks), of a whole network's forward, and
+the settings a time belongs to."""
 
 from __future__ import annotations
 
@@ -7,15 +8,45 @@ import platform
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..layers import restore
+from .layers import restore
 
-__all__ = ["measure_latency", "time_ms", "settings", "MEMORY_FORMATS", "DTYPES"]
+__all__ = ["time_ms", "measure_latency", "settings", "MEMORY_FORMATS", "DTYPES"]
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def time_ms(fn: Callable[[], object], device: torch.device | str, min_time: float, warmup: int = 2,
+            fastest: bool = False) -> float:
+    """Median milliseconds of ``fn`` over 5 blocks that together last about ``min_time`` seconds.
+
+    ``warmup`` calls come first: they create the kernels' primitives (and compile, for a
+    ``torch.compile``d ``fn``). On CUDA every block ends with a synchronize. ``fastest``: the
+    fastest block instead of the median (other processes only ever add time, so on a shared
+    machine the fastest block is the least disturbed one).
+    """
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    once = max(time.perf_counter() - t, 1e-7)
+    repeats = max(1, int(min_time / 5 / once))
+    blocks = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        blocks.append((time.perf_counter() - t) / repeats)
+    return (min(blocks) if fastest else float(np.median(blocks))) * 1e3
 
 
 def _device_name(device: torch.device) -> str:
@@ -36,28 +67,6 @@ def settings(device: str | torch.device, dtype: str, memory_format: str, batch: 
     device = torch.device(device)
     return {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "dtype": dtype, "memory_format": memory_format, "batch": batch}
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, min_time: float) -> float:
-    """Milliseconds of ``fn``: the fastest of 5 blocks that together last about ``min_time`` seconds
-    (other processes only ever add time, so the fastest block is the least disturbed one)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):  # first calls create the kernels' primitives
-        fn()
-    sync()
-    t = time.perf_counter()
-    fn()
-    sync()
-    once = max(time.perf_counter() - t, 1e-7)
-    repeats = max(1, int(min_time / 5 / once))
-    blocks = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync()
-        blocks.append((time.perf_counter() - t) / repeats)
-    return min(blocks) * 1e3
 
 
 def _runnable(model: nn.Module, fmt: torch.memory_format, dtype: torch.dtype, fold_bn: bool, device) -> nn.Module:
@@ -83,4 +92,4 @@ def measure_latency(model: nn.Module, example: Tensor, batch: int, device: str |
     run = _runnable(model, fmt, DTYPES[dtype], fold_bn, device)
     x = example[:1].expand(batch, *example.shape[1:]).to(device=device, dtype=DTYPES[dtype])
     x = x.contiguous(memory_format=fmt)
-    return time_ms(lambda: run(x), device, min_run_time)
+    return time_ms(lambda: run(x), device, min_run_time, fastest=True)
