@@ -18,7 +18,7 @@ from torch.utils.data import Subset
 
 from scop_ext.data import holdout, load_dataset
 from scop_ext.models import build_model
-from scop_ext.prune.train import evaluate, fit, make_loader
+from scop_ext.train import evaluate, fit, make_loader
 
 
 def datasets(name: str = "digits", root: str | None = None):

@@ -45,7 +45,8 @@ import _report  # noqa: E402
 
 from scop_ext.models import example_input  # noqa: E402
 from scop_ext.prune import count_flops  # noqa: E402
-from scop_ext.prune.pipeline import PruneConfig, ScopPruner  # noqa: E402
+from scop_ext.config import PruneConfig  # noqa: E402
+from scop_ext.pipeline import ScopPruner  # noqa: E402
 
 METHODS = {
     # name: (importance, knockoffs, knockoff_bias)

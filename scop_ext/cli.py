@@ -67,8 +67,8 @@ def cmd_train(args) -> int:
 
     from .data import holdout, load_dataset
     from .models import build_model
-    from .prune.export import save_model
-    from .prune.train import evaluate, fit, make_loader
+    from .export import save_model
+    from .train import evaluate, fit, make_loader
 
     device = _device(args.device)
     torch.manual_seed(args.seed)
@@ -102,14 +102,17 @@ PRUNE_FLAGS = {
     "dataset": (str, "digits (bundled), cifar10 or imagefolder"),
     "data_root": (str, "local folder of cifar10 / imagefolder data"),
     "batch_size": (int, "images per batch (real images; stage 2 adds as many knockoffs)"),
-    "knockoffs": (str, "knockoff generator: gaussian, gan, permutation"),
+    "knockoffs": (str, "knockoff generator (see `scop info`)"),
     "scales_epochs": (int, "stage 2 epochs"),
     "bn": (str, "batch (authors) or frozen"),
-    "importance": (str, "scop, l1, l2, bn_scale, random"),
-    "policy": (str, "uniform, global_ranking, flops_target, fdr"),
+    "importance": (str, "importance criterion (see `scop info`)"),
+    "policy": (str, "selection policy (see `scop info`)"),
     "ratio": (float, "fraction of channels removed (uniform / global_ranking)"),
     "normalize": (str, "global_ranking: auto (raw scores for scop, else max), max or none"),
     "flops_reduction": (float, "target FLOPs reduction (flops_target)"),
+    "latency_reduction": (float, "target share of predicted latency removed (latency_target)"),
+    "latency_ms": (float, "or an absolute latency budget in ms at --latency-batch (latency_target)"),
+    "latency_batch": (int, "batch the latency model is measured at (latency_target; default 64)"),
     "fdr_q": (float, "target false discovery rate (fdr)"),
     "min_channels": (int, "fewest channels a layer keeps"),
     "round_to": (int, "kept channels rounded up to a multiple of this"),
@@ -119,7 +122,7 @@ PRUNE_FLAGS = {
 
 
 def _prune_config(args):
-    from .prune.pipeline import PruneConfig
+    from .config import PruneConfig
 
     values = PruneConfig.file_values(args.config) if args.config else {}
     for key in PRUNE_FLAGS:
@@ -136,9 +139,9 @@ def _prune_config(args):
 
 
 def cmd_prune(args) -> int:
-    from .prune import distributed
-    from .prune.pipeline import ScopPruner
-    from .prune.report import format_table
+    from . import distributed
+    from .pipeline import ScopPruner
+    from .report import format_table
 
     config = _prune_config(args)
     distributed.setup(config.device)
@@ -184,7 +187,7 @@ def cmd_knockoffs_fit(args) -> int:
 def cmd_knockoffs_check(args) -> int:
     from .data import load_dataset
     from .knockoffs import check, load
-    from .prune.export import load_model
+    from .export import load_model
 
     device = _device(args.device)
     gen = load(args.knockoffs, map_location=device)
@@ -203,7 +206,7 @@ def cmd_knockoffs_check(args) -> int:
 # -------------------------------------------------------------------------- report / export
 
 def cmd_report(args) -> int:
-    from .prune.report import format_table, write_report
+    from .report import format_table, write_report
 
     path = os.path.join(args.run, "state.json")
     try:
@@ -221,7 +224,7 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from .prune.export import export_onnx, export_torchscript, load_model, onnx_missing, save_model
+    from .export import export_onnx, export_torchscript, load_model, onnx_missing, save_model
 
     missing = onnx_missing() if args.format in ("onnx", "all") else None
     if missing and args.format == "onnx":
@@ -249,9 +252,13 @@ def cmd_export(args) -> int:
 def cmd_info(args) -> int:
     import scop_ext
 
+    from .knockoffs import generator_kinds
     from .models import model_names
+    from .prune.importance import criterion_names
+    from .prune.select import policy_names
 
-    print(json.dumps({"build": scop_ext.build_info(), "models": model_names()}, indent=2))
+    print(json.dumps({"build": scop_ext.build_info(), "models": model_names(), "knockoffs": generator_kinds(),
+                      "importance": criterion_names(), "policies": policy_names()}, indent=2))
     return 0
 
 
@@ -261,8 +268,9 @@ def cmd_demo(args) -> int:
     """Baseline on digits, SCOP to about half the FLOPs, fine-tune, print the table."""
     import time
 
-    from .prune.pipeline import PruneConfig, ScopPruner
-    from .prune.report import format_table
+    from .config import PruneConfig
+    from .pipeline import ScopPruner
+    from .report import format_table
 
     start = time.time()
     device = _device(args.device)
@@ -321,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("knockoffs", help="fit or check knockoff generators")
     ksub = p.add_subparsers(dest="knockoffs_command", required=True)
     k = ksub.add_parser("fit", help="fit a knockoff generator", description="Fit a knockoff generator on training images.")
-    k.add_argument("--kind", default="gaussian", help="gaussian, gan or permutation")
+    k.add_argument("--kind", default="gaussian", help="knockoff generator (see `scop info`)")
     k.add_argument("--dataset", default="digits")
     k.add_argument("--data-root", default=None)
     k.add_argument("--batch-size", type=int, default=256)
@@ -343,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="swap blocks down and across (default: the generator's own grid)")
     k.add_argument("--max-dim", type=int,
                    help="most coordinates the exchangeability covariance is measured at; larger images are "
-                        "block-cell averaged (default: scop_ext.knockoffs.diagnostics.MAX_DIM)")
+                        "block-cell averaged (default: scop_ext.knockoffs.exchangeability.MAX_DIM)")
     _common(k, device_help="where the knockoffs and --model run: cpu, cuda, cuda:1 ... (default: cuda if available)")
     k.set_defaults(func=cmd_knockoffs_check)
 
@@ -376,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
-    from .prune.resources import ResourceError
-    from .prune.train import NonFiniteError
+    from .resources import ResourceError
+    from .train import NonFiniteError
 
     try:
         return args.func(args)

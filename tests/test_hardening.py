@@ -36,12 +36,13 @@ from scop_ext.cli import main
 from scop_ext.knockoffs import GaussianKnockoffs
 from scop_ext.knockoffs import load as load_generator
 from scop_ext.models import build_model
-from scop_ext.prune import resources
-from scop_ext.prune.export import load_model, save_model
-from scop_ext.prune.pipeline import PruneConfig, ScopPruner
-from scop_ext.prune.report import write_report
-from scop_ext.prune.scales import fit_knockoff_biases, learn_scales
-from scop_ext.prune.train import NonFiniteError, fit, make_loader
+from scop_ext import resources
+from scop_ext.export import load_model, save_model
+from scop_ext.config import PruneConfig
+from scop_ext.pipeline import ScopPruner
+from scop_ext.report import write_report
+from scop_ext.prune.excavate import fit_knockoff_biases, learn_scales
+from scop_ext.train import NonFiniteError, fit, make_loader
 
 from .conftest import ENV, TINY
 
@@ -703,7 +704,7 @@ import sys, torch, torch.nn.functional as F
 torch.set_num_threads(1)
 from scop_ext import convert, scop_layers
 from scop_ext.models import build_model
-from scop_ext.prune import resources
+from scop_ext import resources
 name, size, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 model = convert(build_model(name, 10, 3))
 for layer in scop_layers(model).values():
@@ -742,7 +743,7 @@ MEASURE_AMP = r"""
 import sys, torch, torch.nn.functional as F
 torch.set_num_threads(1)
 from scop_ext.models import build_model
-from scop_ext.prune import resources
+from scop_ext import resources
 name, size, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 model = build_model(name, 10, 3).train()
 estimate = resources.estimate_step(model, torch.zeros(1, 3, size, size), paired=False, trainable=lambda n: True,

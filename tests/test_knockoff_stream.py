@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from scop_ext import convert, scop_layers
 from scop_ext.knockoff_stream import split_forward
-from scop_ext.prune import scales
+from scop_ext.prune import excavate
 
 
 class _SharedConvNet(nn.Module):
@@ -60,8 +60,8 @@ def test_learn_scales_frozen_gives_the_betas_of_the_paired_batch(monkeypatch):
     for path in ("split", "paired"):
         net = _model()
         if path == "paired":
-            monkeypatch.setattr(scales, "split_forward", _paired_forward)
-        scales.learn_scales(net, _pairs(), "cpu", epochs=50, bn="frozen", seed=3, progress=False)
+            monkeypatch.setattr(excavate, "split_forward", _paired_forward)
+        excavate.learn_scales(net, _pairs(), "cpu", epochs=50, bn="frozen", seed=3, progress=False)
         runs[path] = torch.cat([layer.beta.detach() for layer in scop_layers(net).values()])
     assert not torch.equal(runs["split"], torch.full_like(runs["split"], 0.5))  # beta did move
     torch.testing.assert_close(runs["split"], runs["paired"], rtol=0, atol=1e-9)

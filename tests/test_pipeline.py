@@ -17,8 +17,9 @@ import scop_ext
 from scop_ext import convert, scop_layers
 from scop_ext.checkpoint import CheckpointError
 from scop_ext.prune import PruningSpace, apply_plan, count_flops, make_importance, select
-from scop_ext.prune.export import export_onnx, export_torchscript, load_model
-from scop_ext.prune.pipeline import PruneConfig, ScopPruner
+from scop_ext.export import export_onnx, export_torchscript, load_model
+from scop_ext.config import PruneConfig
+from scop_ext.pipeline import ScopPruner
 
 from .conftest import ENV, TINY, prune_args
 
@@ -263,7 +264,7 @@ def test_config_file_and_flags_pick_the_same_default_device(tmp_path):
 
 def test_prune_prints_the_table_on_process_0_only(tmp_path, monkeypatch, capsys):
     from scop_ext.cli import main
-    from scop_ext.prune import distributed
+    from scop_ext import distributed
 
     process = {"rank": 1}
     monkeypatch.setattr(distributed, "setup", lambda device: True)
@@ -278,7 +279,7 @@ def test_prune_prints_the_table_on_process_0_only(tmp_path, monkeypatch, capsys)
 def test_importance_plot_draws_the_cut_the_policy_made(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from scop_ext.prune.report import plot_importance
+    from scop_ext.report import plot_importance
 
     lines = []
     monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda self, x, **kw: lines.append(x))
@@ -300,6 +301,24 @@ def test_cli_help_on_every_command(capsys):
             main(cmd)
         assert exit_info.value.code == 0
         assert "usage: scop" in capsys.readouterr().out
+
+
+def test_info_lists_every_registry(capsys):
+    from scop_ext.cli import main
+    from scop_ext.knockoffs import generator_kinds, make_generator
+    from scop_ext.prune import criterion_names, policy_names
+
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["knockoffs"] == generator_kinds() and "gaussian" in info["knockoffs"]
+    assert info["importance"] == criterion_names() and "scop" in info["importance"]
+    assert info["policies"] == policy_names() and "fdr" in info["policies"]
+    for name in info["policies"]:  # every listed name is one a config accepts
+        PruneConfig(policy=name).validate()
+    for name in info["importance"]:
+        PruneConfig(importance=name).validate()
+        make_importance(name)
+    assert type(make_generator("gaussian")).kind == "gaussian"
 
 
 @pytest.mark.parametrize(
@@ -342,10 +361,11 @@ import sys, torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from scop_ext import convert, scop_layers
-from scop_ext.prune import distributed
-from scop_ext.prune.pipeline import PruneConfig, ScopPruner
-from scop_ext.prune.scales import learn_scales, fit_knockoff_biases
-from scop_ext.prune.train import NonFiniteError, fit, make_loader, evaluate
+from scop_ext import distributed
+from scop_ext.config import PruneConfig
+from scop_ext.pipeline import ScopPruner
+from scop_ext.prune.excavate import learn_scales, fit_knockoff_biases
+from scop_ext.train import NonFiniteError, fit, make_loader, evaluate
 torch.set_num_threads(1)
 distributed.setup("cpu")
 out, global_batch, run_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]

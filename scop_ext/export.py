@@ -16,8 +16,8 @@ import warnings
 import torch
 from torch import nn
 
-from .. import checkpoint
-from .surgery import channel_widths, rebuild
+from . import checkpoint
+from .prune.surgery import channel_widths, rebuild
 
 __all__ = ["ARCH_VERSION", "save_model", "load_model", "export_torchscript", "export_onnx", "onnx_missing"]
 

@@ -152,7 +152,7 @@ def estimate_step(model: nn.Module, example: torch.Tensor, *, paired: bool, trai
     """
     # Lemma 2 draws would consume random numbers; their (N, 2, C) tensors are negligible beside
     # the (N, C, H, W) activations, so the trace runs without them.
-    from ..layers import scop_layers
+    from .layers import scop_layers
 
     layers = scop_layers(model).values()
     bias_on = [layer.knockoff_bias for layer in layers]

@@ -1,7 +1,13 @@
 """The whole SCOP run as one object with plain steps (DESIGN.md §1, stages 1-4).
 
-    fit_knockoffs -> convert -> learn_scales -> select -> prune -> recalibrate_bn -> finetune
-    -> evaluate -> report
+    stage 1 (``knockoffs``)   fit_knockoffs
+    stage 2 (``scales``)      convert -> learn_scales
+    stage 3 (``select``)      select
+    stage 4 (``prune``)       prune -> recalibrate_bn
+            (``finetune``)    finetune
+    the report (``report``)   evaluate -> report
+
+The names in brackets are :data:`STAGES`, recorded in ``state.json`` as each one completes.
 
 :class:`ScopPruner` holds the model, data and configuration; each step can be called on its own,
 and :meth:`ScopPruner.run` calls them in order, writing every stage's result atomically into
@@ -10,231 +16,34 @@ and :meth:`ScopPruner.run` calls them in order, writing every stage's result ato
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-import types
-import typing
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .. import checkpoint
-from ..data import holdout, load_dataset
-from ..layers import convert as convert_layers
-from ..layers import scop_layers
-from ..models import build_model
-from . import distributed, resources
+from . import checkpoint, distributed, resources
+from .config import PruneConfig
+from .data import holdout, load_dataset
 from .export import load_model, save_model
-from .flops import count_flops, count_params
-from .importance import make_importance
-from .report import measure_latency, write_report
-from .scales import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
-from .select import PruningSpace, cuts, select
-from .surgery import apply_plan, channel_widths
+from .layers import convert as convert_layers
+from .layers import scop_layers
+from .models import build_model
+from .prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
+from .prune.flops import count_flops, count_params
+from .prune.importance import make_importance
+from .prune.latency import latency_models, latency_section, measure_after, measure_latency
+from .prune.select import PruningSpace, cuts, select
+from .prune.surgery import apply_plan, channel_widths
+from .report import write_report
 from .train import amp_dtype, default_amp, evaluate, fit, make_loader, recalibrate_bn
 
-__all__ = ["PruneConfig", "ScopPruner", "STAGES"]
+__all__ = ["ScopPruner", "STAGES"]
 
 STAGES = ("knockoffs", "scales", "select", "prune", "finetune", "report")
-
-
-@dataclass
-class PruneConfig:
-    """Every setting of a run; plain values only, so it round-trips through JSON and YAML.
-
-    Stage 2 defaults are the authors' (Adam 0.004, betas (0.5, 0.9), beta from 0.5); fine-tuning
-    is SGD Nesterov with momentum 0.9, weight decay 1e-4 and a cosine schedule.
-    """
-
-    model: str = "resnet_digits"
-    weights: str | None = None  # trained baseline: .safetensors / state_dict file, or a save_model stem
-    dataset: str = "digits"
-    data_root: str | None = None
-    image_size: int = 224  # imagefolder only
-    batch_size: int = 64
-    val_fraction: float = 0.1  # of the training split, held out to pick the best fine-tuning epoch
-    # stage 1
-    knockoffs: str = "gaussian"
-    knockoff_options: dict = field(default_factory=dict)
-    pair_cache: bool = True  # draw one knockoff per image up front (False: on the fly, for big data)
-    # stage 2
-    skip: list = field(default_factory=list)  # conv names/patterns left unwrapped
-    scales_epochs: int = 20
-    scales_lr: float = 0.004
-    scales_betas: tuple = (0.5, 0.9)
-    knockoff_bias: bool = True
-    bias_gamma: float | None = None
-    bn: str = "batch"
-    # stage 3
-    importance: str = "scop"
-    multiply_bn_gamma: bool = False
-    policy: str = "flops_target"
-    ratio: float = 0.5  # uniform / global_ranking
-    normalize: str = "auto"  # global_ranking: "max", "none", or "auto" (by criterion, see ranking_normalize)
-    flops_reduction: float = 0.5  # flops_target
-    fdr_q: float = 0.1  # fdr
-    fdr_scope: str = "layer"
-    min_channels: int = 1
-    round_to: int = 1
-    ignored_layers: list = field(default_factory=list)
-    keep_block_width: bool = False
-    # stage 4
-    bn_batches: int = 50
-    finetune_epochs: int = 10
-    finetune_lr: float = 0.01
-    weight_decay: float = 1e-4
-    amp: bool | None = None
-    # run
-    device: str = "cpu"
-    seed: int = 0
-    latency: bool = True
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PruneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in set(values) - known)  # YAML keys need not be strings
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> PruneConfig:
-        """Read a YAML or JSON config (by extension; YAML also reads JSON)."""
-        return cls.from_dict(cls.file_values(path))
-
-    @classmethod
-    def file_values(cls, path: str | os.PathLike) -> dict[str, Any]:
-        """The keys a YAML or JSON config file sets, checked as :meth:`from_file` checks them; keys
-        it leaves out are absent (not filled with defaults), so a caller can tell them apart."""
-        path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as exc:
-            raise ValueError(f"{path}: cannot read config ({exc.strerror})") from None
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: malformed config (not UTF-8 text: byte {exc.start})") from None
-        try:
-            if path.endswith(".json"):
-                values = json.loads(text)
-            else:
-                values = checkpoint.load_yaml(text)
-        except Exception as exc:  # the parsers' own error types vary; one clear line either way
-            raise ValueError(f"{path}: malformed config ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: a config must be a mapping of keys to values, got {type(values).__name__}")
-        try:
-            cls.from_dict(values)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from None
-        return values
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["scales_betas"] = list(self.scales_betas)
-        return d
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first key whose value has the wrong type or is out of range.
-
-        Everything is checked here, before any work: a typo found at stage 3 would cost stage 2.
-        """
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not _has_type(value, hints[f.name]):
-                raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {type(value).__name__} {value!r}")
-        from ..knockoffs.base import _REGISTRY as knockoff_kinds
-        from .importance import _CRITERIA
-
-        checks = [
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
-            (self.scales_epochs >= 1, "scales_epochs must be >= 1"),
-            (self.finetune_epochs >= 0, "finetune_epochs must be >= 0"),
-            (self.bn in ("batch", "frozen"), "bn must be 'batch' or 'frozen'"),
-            (self.policy in ("uniform", "global_ranking", "flops_target", "fdr"),
-             "policy must be one of uniform, global_ranking, flops_target, fdr"),
-            (0.0 <= self.ratio < 1.0, "ratio must be in [0, 1)"),
-            (self.normalize in ("auto", "max", "none"), "normalize must be 'auto', 'max' or 'none'"),
-            (0.0 <= self.flops_reduction < 1.0, "flops_reduction must be in [0, 1)"),
-            (0.0 < self.fdr_q < 1.0, "fdr_q must be in (0, 1)"),
-            (self.min_channels >= 1 and self.round_to >= 1, "min_channels and round_to must be >= 1"),
-            (len(self.scales_betas) == 2 and all(_has_type(b, float) and 0.0 <= b < 1.0 for b in self.scales_betas),
-             "scales_betas must be a pair of numbers in [0, 1)"),
-            (self.scales_lr > 0 and self.finetune_lr > 0, "scales_lr and finetune_lr must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.bias_gamma is None or self.bias_gamma > 0, "bias_gamma must be > 0 (or null for the default)"),
-            (self.bn_batches >= 1 and self.image_size >= 1, "bn_batches and image_size must be >= 1"),
-            (self.fdr_scope in ("layer", "global"), "fdr_scope must be 'layer' or 'global'"),
-            (self.importance in _CRITERIA, f"importance must be one of {', '.join(sorted(_CRITERIA))}"),
-            (self.knockoffs in knockoff_kinds, f"knockoffs must be one of {', '.join(sorted(knockoff_kinds))}"),
-            (all(isinstance(v, str) for v in [*self.skip, *self.ignored_layers, *self.knockoff_options]),
-             "skip, ignored_layers and the keys of knockoff_options must be strings"),
-            (_is_device(self.device), f"device must be a device name such as cpu or cuda:0, got {self.device!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    def ranking_normalize(self) -> str | None:
-        """The ``normalize`` of :func:`~scop_ext.prune.select.global_ranking`.
-
-        ``"auto"`` ranks SCOP's ``2 beta - 1`` raw, since it is on one scale in [-1, 1] in every
-        layer, and divides by each group's largest score for every other criterion (and for SCOP
-        times |gamma|), whose scale differs from layer to layer.
-        """
-        if self.normalize != "auto":
-            return None if self.normalize == "none" else "max"
-        return None if self.importance == "scop" and not self.multiply_bn_gamma else "max"
-
-    def policy_params(self) -> dict[str, Any]:
-        common = {"min_channels": self.min_channels, "round_to": self.round_to}
-        specific = {
-            "uniform": {"ratio": self.ratio},
-            "global_ranking": {"ratio": self.ratio, "normalize": self.ranking_normalize()},
-            "flops_target": {"reduction": self.flops_reduction},
-            "fdr": {"q": self.fdr_q, "scope": self.fdr_scope},
-        }[self.policy]
-        return {**common, **specific}
-
-
-def _has_type(value, hint) -> bool:
-    if isinstance(hint, types.UnionType):
-        return any(_has_type(value, h) for h in typing.get_args(hint))
-    hint = typing.get_origin(hint) or hint
-    if hint is type(None):
-        return value is None
-    if isinstance(value, bool):  # bool is an int subclass, but "batch_size: true" is a mistake
-        return hint is bool
-    if hint is float:
-        return isinstance(value, (int, float))
-    if hint is tuple:  # JSON and YAML have lists only
-        return isinstance(value, (tuple, list))
-    return isinstance(value, hint)
-
-
-def _type_name(hint) -> str:
-    if isinstance(hint, types.UnionType):
-        return " or ".join(_type_name(h) for h in typing.get_args(hint))
-    hint = typing.get_origin(hint) or hint
-    return {type(None): "null", int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            dict: "a mapping", list: "a list", tuple: "a list"}[hint]
-
-
-def _is_device(name: str) -> bool:
-    try:
-        torch.device(name)
-    except RuntimeError:
-        return False
-    return True
 
 
 def _load_weights(model_name: str, info, weights: str | None) -> nn.Module:
@@ -319,7 +128,7 @@ class ScopPruner:
         process group's timeout), then all take process 0's state, so they sample the same
         knockoffs even where CUDA kernels are not deterministic.
         """
-        from ..knockoffs import KnockoffGAN, make_generator
+        from .knockoffs import KnockoffGAN, make_generator
 
         torch.manual_seed(self.config.seed)
         gen = make_generator(self.config.knockoffs, **self.config.knockoff_options)
@@ -339,7 +148,7 @@ class ScopPruner:
         return gen
 
     def convert(self) -> dict[str, nn.Module]:
-        """Wrap the convolutions (all but ``config.skip``) as ScopConv2d in SCOP mode."""
+        """Stage 2, first step: wrap the convolutions (all but ``config.skip``) as ScopConv2d in SCOP mode."""
         self.results.setdefault("before", self._metrics(self.model))
         self.results.setdefault("widths_before", channel_widths(self.model))
         convert_layers(self.model, skip=self.config.skip)
@@ -411,7 +220,16 @@ class ScopPruner:
         scores = make_importance(cfg.importance, **kw)(self.model)
         space = PruningSpace(self.model, self.example.to(self.device), ignored_layers=cfg.ignored_layers,
                              keep_block_width=cfg.keep_block_width)
-        self.plan = select(space, scores, cfg.policy, **cfg.policy_params())
+        params = cfg.policy_params()
+        if cfg.policy == "latency_target":
+            latency = latency_models(self.model, self.example.to(self.device), space.groups, cfg.latency_batch,
+                                     cfg.latency_cache or self.out_dir, device=self.device, progress=self.progress,
+                                     log=self.log, **cfg.latency_settings())
+            params["latency_model"] = latency[cfg.latency_batch]
+        self.plan = select(space, scores, cfg.policy, **params)
+        if cfg.policy == "latency_target":  # timings differ between processes: all take process 0's plan
+            self.plan = distributed.gather_objects(self.plan)[0]
+            self.results["latency"] = latency_section(latency, self.plan, **cfg.latency_settings())
         self.results["importance"] = {n: s.detach().cpu().tolist() for n, s in scores.items()}
         self.results["removed"] = self.plan
         self.results["cuts"] = cuts(space, scores, self.plan)
@@ -421,7 +239,7 @@ class ScopPruner:
         return self.plan
 
     def prune(self) -> nn.Module:
-        """Stage 4a: remove the planned filters physically; the model becomes plain nn.Conv2d layers."""
+        """Stage 4, physical pruning: remove the planned filters; the model becomes plain nn.Conv2d layers."""
         if self.plan is None:
             raise RuntimeError("prune() needs a plan: call select() first")
         apply_plan(self.model, self.example.to(self.device), self.plan, keep_block_width=self.config.keep_block_width)
@@ -429,7 +247,7 @@ class ScopPruner:
         return self.model
 
     def recalibrate_bn(self) -> int:
-        """Stage 4b: re-estimate BN statistics of the pruned network on training data.
+        """Stage 4, after pruning: re-estimate BN statistics of the pruned network on training data.
 
         Under torchrun every process runs the same whole batches, so all hold the same statistics.
         """
@@ -441,7 +259,7 @@ class ScopPruner:
         return used
 
     def finetune(self):
-        """Stage 4c: fine-tune all weights; the best epoch on the held-out validation part is kept
+        """Stage 4, fine-tuning: train all weights; the best epoch on the held-out validation part is kept
         (the last epoch with ``val_fraction = 0``)."""
         cfg = self.config
         if cfg.finetune_epochs > 0:
@@ -460,6 +278,8 @@ class ScopPruner:
 
     def evaluate(self) -> dict[str, Any]:
         self.results["after"] = self._metrics(self.model)
+        if self.results.get("latency") and distributed.is_main():
+            measure_after(self.results["latency"], self.model, self.example, self.device)
         return self.results["after"]
 
     def report(self) -> dict[str, str]:
@@ -552,7 +372,7 @@ class ScopPruner:
         return state
 
     def _load_knockoffs(self):
-        from ..knockoffs import load
+        from .knockoffs import load
 
         self.knockoffs = load(self._path("knockoffs.pt"))
 
