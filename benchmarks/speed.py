@@ -320,7 +320,7 @@ def _beta_step(model: nn.Module, forward, x2, y):
     return step, fwd_only
 
 
-def _step_variants(name, device, bn, fmt, x2, y, compile_scop: bool) -> dict:
+def _step_variants(name, device, bn, fmt, x2, y, compiled: bool) -> dict:
     """label -> (step, forward-only) for one model and BN mode; "scop" runs as learn_scales does."""
     dense, scop, plain = _stage2_models(name, device, bn, fmt)
     n = y.shape[0]
@@ -328,9 +328,9 @@ def _step_variants(name, device, bn, fmt, x2, y, compile_scop: bool) -> dict:
     variants = {
         "scop": _beta_step(scop, scop_forward, x2, y),
         "plain eager": _beta_step(plain, plain, x2, y),
-        "plain compiled": _beta_step(plain, torch.compile(plain, dynamic=False), x2, y),
     }
-    if compile_scop:
+    if compiled:
+        variants["plain compiled"] = _beta_step(plain, torch.compile(plain, dynamic=False), x2, y)
         variants["scop compiled"] = _beta_step(scop, torch.compile(scop, dynamic=False), x2, y)
     dense.train()
     opt = torch.optim.SGD(dense.parameters(), lr=0.1, momentum=0.9)
@@ -350,7 +350,7 @@ def _step_variants(name, device, bn, fmt, x2, y, compile_scop: bool) -> dict:
     return variants
 
 
-def measure_step(device: str, min_run_time: float, batch: int | None, cases, compile_scop: bool, repeats: int,
+def measure_step(device: str, min_run_time: float, batch: int | None, cases, compiled: list[str], repeats: int,
                  log) -> list[dict]:
     """Every variant of a case timed in turn, ``repeats`` rounds (A B C A B C ...), so load that
     comes and goes hits all of them; median and range over the rounds."""
@@ -363,7 +363,7 @@ def measure_step(device: str, min_run_time: float, batch: int | None, cases, com
             gen = torch.Generator().manual_seed(0)
             x2 = torch.randn(2 * n, 3, px, px, generator=gen).to(device).contiguous(memory_format=fmt)
             y = torch.randint(10, (n,), generator=gen).to(device)
-            variants = _step_variants(name, device, bn, fmt, x2, y, compile_scop)
+            variants = _step_variants(name, device, bn, fmt, x2, y, name in compiled)
             t = time.time()
             for step, _ in variants.values():  # warm-up, compiles
                 for _ in range(3):
@@ -513,7 +513,8 @@ def main(argv=None) -> None:
     parser.add_argument("--step-models", default=",".join(dict.fromkeys(c[0] for c in STEP_CASES)),
                         help="models of the step table (default: all of STEP_CASES)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds per step variant (default 3)")
-    parser.add_argument("--no-compile-scop", action="store_true", help="skip torch.compile of the package's model")
+    parser.add_argument("--compile-models", default=None,
+                        help="models of the step table timed under torch.compile too (default: all; '' for none)")
     parser.add_argument("--quick", action="store_true", help="ResNet-20 only, short timings")
     parser.add_argument("--write", metavar="README", help="write speed-<part>-<device> sections into this file")
     args = parser.parse_args(argv)
@@ -553,7 +554,8 @@ def main(argv=None) -> None:
                 )
             elif part == "step":
                 cases = [c for c in STEP_CASES if c[0] in args.step_models.split(",")]
-                rows = measure_step(device, min_run, args.step_batch, cases, not args.no_compile_scop, args.repeats, log)
+                compiled = args.step_models if args.compile_models is None else args.compile_models
+                rows = measure_step(device, min_run, args.step_batch, cases, compiled.split(","), args.repeats, log)
                 text = step_table(rows)
                 title = f"### Stage-2 training step, whole network ({device})"
                 notes = (
