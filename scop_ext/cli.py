@@ -1,4 +1,4 @@
-"""The ``scop`` command: train a baseline, prune it with SCOP, inspect knockoffs, export.
+"""The ``scop`` command: train a baseline, prune it with SCOP, plan a pruning dry run, inspect knockoffs, export.
 
 Every sub-command has ``--help``; those that compute (``train``, ``prune``, ``knockoffs fit``,
 ``knockoffs check``, ``demo``) take ``--device`` and ``--seed``, and every one that writes files
@@ -63,29 +63,25 @@ def cmd_train(args) -> int:
     import torch
 
     from .checkpoint import write_json
-    from torch.utils.data import Subset
-
-    from .data import holdout, load_dataset
-    from .models import build_model
+    from .data import load_splits
     from .export import save_model
+    from .models import build_model
     from .train import evaluate, fit, make_loader
 
     device = _device(args.device)
     torch.manual_seed(args.seed)
-    train, info = load_dataset(args.dataset, args.data_root, "train")
-    plain, _ = load_dataset(args.dataset, args.data_root, "train", augment=False)
-    test, _ = load_dataset(args.dataset, args.data_root, "test")
-    fit_idx, val_idx = holdout(len(train), args.val_fraction)
-    val = make_loader(Subset(plain, val_idx), 256, shuffle=False, evaluation=True) if val_idx else None
+    data = load_splits(args.dataset, args.data_root, val_fraction=args.val_fraction)
+    info = data.info
+    val = make_loader(data.val, 256, shuffle=False, evaluation=True) if data.val is not None else None
     model = build_model(args.model, info.num_classes, info.in_channels)
     # An earlier run's progress in --out is resumed only if it had these same settings.
     settings = {"model_name": args.model, "dataset": args.dataset, "data_root": args.data_root,
                 "batch_size": args.batch_size, "val_fraction": args.val_fraction, "seed": args.seed}
-    result = fit(model, make_loader(Subset(train, fit_idx), args.batch_size, shuffle=True, seed=args.seed),
+    result = fit(model, make_loader(data.train_aug, args.batch_size, shuffle=True, seed=args.seed),
                  val, epochs=args.epochs, lr=args.lr,
                  device=device, weight_decay=args.weight_decay, stage="train",
                  checkpoint_path=os.path.join(args.out, "train-progress.pt"), settings=settings, log=print)
-    metrics = evaluate(model, make_loader(test, 256, shuffle=False, evaluation=True), device)
+    metrics = evaluate(model, make_loader(data.test, 256, shuffle=False, evaluation=True), device)
     paths = save_model(model, os.path.join(args.out, "model"), model_name=args.model,
                        num_classes=info.num_classes, in_channels=info.in_channels)
     write_json(os.path.join(args.out, "metrics.json"), {"test": metrics, "history": result.history})
@@ -97,6 +93,7 @@ def cmd_train(args) -> int:
 
 PRUNE_FLAGS = {
     # config key (the flag is --key-with-dashes): (type, help)
+    "preset": (str, "authors: the authors' whole recipe (README); other settings override it"),
     "model": (str, "model name (see `scop info`)"),
     "weights": (str, "trained weights: a .safetensors/state_dict file or a `scop train` model stem"),
     "dataset": (str, "digits (bundled), cifar10 or imagefolder"),
@@ -116,12 +113,14 @@ PRUNE_FLAGS = {
     "fdr_q": (float, "target false discovery rate (fdr)"),
     "min_channels": (int, "fewest channels a layer keeps"),
     "round_to": (int, "kept channels rounded up to a multiple of this"),
+    "block_width": (str, "residual widths: prune (default), keep, or scatter (the authors' scheme)"),
     "finetune_epochs": (int, "fine-tuning epochs"),
     "finetune_lr": (float, "fine-tuning learning rate"),
 }
 
 
-def _prune_config(args):
+def _config_values(args) -> dict:
+    """The PruneConfig keys --config, the flags and --set give, later ones winning."""
     from .config import PruneConfig
 
     values = PruneConfig.file_values(args.config) if args.config else {}
@@ -130,11 +129,24 @@ def _prune_config(args):
             values[key] = getattr(args, key)
     if args.no_knockoff_bias:
         values["knockoff_bias"] = False
-    if args.keep_block_width:
-        values["keep_block_width"] = True
     values.update(_key_values(args.set, "--set"))
-    values["device"] = _device(args.device or values.get("device"))
     values["seed"] = args.seed if args.seed is not None else values.get("seed", 0)
+    return values
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or JSON file of PruneConfig keys")
+    for key, (kind, text) in PRUNE_FLAGS.items():
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=text)
+    p.add_argument("--no-knockoff-bias", action="store_true", help="turn the Lemma 2 biases off")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any PruneConfig key (repeatable)")
+
+
+def _prune_config(args):
+    from .config import PruneConfig
+
+    values = _config_values(args)
+    values["device"] = _device(args.device or values.get("device"))
     return PruneConfig.from_dict(values)
 
 
@@ -147,13 +159,28 @@ def cmd_prune(args) -> int:
     distributed.setup(config.device)
     main = distributed.is_main()  # after teardown every process would call itself the main one
     try:
-        pruner = ScopPruner(config, args.out, progress=not args.quiet)
+        pruner = ScopPruner.from_config(config, args.out, progress=not args.quiet)
         results = pruner.run(resume=args.resume)
     finally:
         distributed.teardown()
     if main:
         print(format_table(results.get("before", {}), results.get("after", {})))
         print(f"report: {os.path.join(args.out, 'report.md')}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .config import PruneConfig
+    from .planner import dry_run, format_plan, run_defaults
+
+    values = {**run_defaults(args.scores), **_config_values(args), "device": "cpu"}
+    for flag, value in (("--num-classes", args.num_classes), ("--in-channels", args.in_channels),
+                        ("--image-size", args.image_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    result = dry_run(PruneConfig.from_dict(values), args.scores, num_classes=args.num_classes,
+                     in_channels=args.in_channels, image_size=args.image_size)
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
     return 0
 
 
@@ -281,7 +308,7 @@ def cmd_demo(args) -> int:
     config = PruneConfig(model="resnet_digits", weights=os.path.join(base, "model"), dataset="digits",
                          scales_epochs=args.scales_epochs, finetune_epochs=args.finetune_epochs, finetune_lr=0.02,
                          policy="flops_target", flops_reduction=0.5, device=device, seed=args.seed)
-    results = ScopPruner(config, os.path.join(args.out, "prune")).run(resume=True)
+    results = ScopPruner.from_config(config, os.path.join(args.out, "prune")).run(resume=True)
     print()
     print(format_table(results["before"], results["after"]))
     print(f"\nFLOPs reduction {100 * results.get('flops_reduction', 0):.1f}%, "
@@ -313,18 +340,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune a trained model with SCOP: knockoffs, scales, selection, surgery, "
                                    "fine-tuning, report. Settings come from --config (YAML/JSON), then flags, "
                                    "then --set KEY=VALUE (any PruneConfig key).")
-    p.add_argument("--config", help="YAML or JSON file of PruneConfig keys")
-    for key, (kind, text) in PRUNE_FLAGS.items():
-        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=text)
-    p.add_argument("--no-knockoff-bias", action="store_true", help="turn the Lemma 2 biases off")
-    p.add_argument("--keep-block-width", action="store_true", help="the authors' behaviour: keep residual widths")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any PruneConfig key (repeatable)")
+    _add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last complete stage")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("plan", help="what a policy would prune, without training",
+                       description="Dry run of selection and surgery: per-layer widths before and after, FLOPs and "
+                                   "params reductions. Settings as for `scop prune` (--config, flags, --preset, --set).")
+    _add_config_flags(p)
+    p.add_argument("--scores", default="random",
+                   help="random (seeded by --seed), l1, or run:<dir> (the learned scales of a `scop prune` run; "
+                        "its model and weights unless --model/--weights say otherwise)")
+    p.add_argument("--num-classes", type=int, help="classes of the model (default: 1000 for torchvision and timm, else 10)")
+    p.add_argument("--in-channels", type=int, help="input channels (default: the model's own, e.g. 1 for resnet_digits)")
+    p.add_argument("--image-size", type=int, help="side of the input FLOPs are counted on (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("knockoffs", help="fit or check knockoff generators")
     ksub = p.add_subparsers(dest="knockoffs_command", required=True)

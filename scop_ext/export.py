@@ -1,12 +1,15 @@
 """Saving and loading pruned models without pickle, and exports for deployment.
 
 A model is stored as ``<stem>.safetensors`` (its state_dict) beside ``<stem>.json`` (model name,
-classes, input channels and every conv's output width), so a pruned architecture is re-created
-by :func:`~scop_ext.prune.surgery.rebuild` and nothing executable is ever loaded.
+classes, input channels, every conv's output width and, under ``block_width="scatter"``, the
+convs whose outputs are scattered back to full width), so a pruned architecture is re-created by
+:func:`~scop_ext.prune.surgery.rebuild` and nothing executable is ever loaded. A scatter's kept
+channel indices are a buffer of the state_dict.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
 import io
 import json
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .prune.surgery import channel_widths, rebuild
+from .prune.surgery import channel_widths, rebuild, scattered_convs
 
 __all__ = ["ARCH_VERSION", "save_model", "load_model", "export_torchscript", "export_onnx", "onnx_missing"]
 
@@ -30,9 +33,17 @@ def save_model(model: nn.Module, stem: str | os.PathLike, *, model_name: str, nu
     from safetensors.torch import save
 
     stem = os.fspath(stem)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    # Module versions travel in the state_dict's _metadata, which safetensors does not keep;
+    # some modules refuse to load without theirs (torchvision's MNASNet).
+    versions = {prefix: meta["version"] for prefix, meta in state_dict._metadata.items() if "version" in meta}
     arch = {"format": "scop-model", "version": ARCH_VERSION, "model": model_name, "num_classes": num_classes,
-            "in_channels": in_channels, "widths": channel_widths(model), **(extra or {})}
+            "in_channels": in_channels, "widths": channel_widths(model), "module_versions": versions,
+            **(extra or {})}
+    scattered = scattered_convs(model)
+    if scattered:  # absent otherwise, so descriptions of other models read as before
+        arch["scatter"] = scattered
     paths = {"weights": stem + ".safetensors", "arch": stem + ".json"}
     checkpoint.atomic_write_bytes(paths["weights"], save(state))
     checkpoint.write_json(paths["arch"], arch)
@@ -60,11 +71,16 @@ def read_arch(stem: str | os.PathLike) -> dict:
     wrong = [k for k, ok in (("model", isinstance(arch["model"], str)),
                              ("num_classes", positive(arch["num_classes"])),
                              ("in_channels", positive(arch["in_channels"])),
-                             ("widths", isinstance(arch["widths"], dict) and all(positive(w) for w in arch["widths"].values())))
+                             ("widths", isinstance(arch["widths"], dict) and all(positive(w) for w in arch["widths"].values())),
+                             ("module_versions", isinstance(arch.get("module_versions", {}), dict)
+                              and all(positive(v) for v in arch.get("module_versions", {}).values())),
+                             ("scatter", isinstance(arch.get("scatter", []), list)
+                              and all(isinstance(c, str) for c in arch.get("scatter", []))))
              if not ok]
     if wrong:
         raise checkpoint.CheckpointError(f"{path}: malformed model description: {', '.join(wrong)} "
-                                         "(model a name, num_classes and in_channels integers >= 1, widths {conv: integer >= 1})")
+                                         "(model a name, num_classes and in_channels integers >= 1, widths {conv: integer >= 1}, "
+                                         "module_versions {module: integer >= 1}, scatter a list of conv names)")
     return arch
 
 
@@ -82,9 +98,13 @@ def load_model(stem: str | os.PathLike, map_location: str | torch.device = "cpu"
     except (SafetensorError, OSError, ValueError) as exc:
         raise checkpoint.CheckpointError(f"{weights}: truncated or corrupt safetensors file ({exc})") from None
     try:
-        model = rebuild(arch["model"], arch["widths"], arch["num_classes"], arch["in_channels"])
+        model = rebuild(arch["model"], arch["widths"], arch["num_classes"], arch["in_channels"],
+                        scattered=arch.get("scatter", ()))
     except ValueError as exc:
         raise checkpoint.CheckpointError(f"{os.fspath(stem)}.json: describes no model that can be built ({exc})") from None
+    # Files written before module versions were recorded load without them, as they always did.
+    state = collections.OrderedDict(state)  # a plain dict cannot carry _metadata
+    state._metadata = {prefix: {"version": v} for prefix, v in arch.get("module_versions", {}).items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

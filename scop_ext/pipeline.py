@@ -9,9 +9,10 @@
 
 The names in brackets are :data:`STAGES`, recorded in ``state.json`` as each one completes.
 
-:class:`ScopPruner` holds the model, data and configuration; each step can be called on its own,
-and :meth:`ScopPruner.run` calls them in order, writing every stage's result atomically into
-``out_dir`` so an interrupted run resumes from its last complete stage.
+:class:`ScopPruner` holds the model, its importance criterion and selection policy, the data and
+the settings; each step can be called on its own, and :meth:`ScopPruner.run` calls them in order,
+writing every stage's result atomically into ``out_dir`` so an interrupted run resumes from its
+last complete stage.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from . import checkpoint, distributed, resources
 from .config import PruneConfig
-from .data import holdout, load_dataset
+from .data import Splits, load_splits
 from .export import load_model, save_model
 from .layers import convert as convert_layers
 from .layers import scop_layers
@@ -36,9 +38,10 @@ from .prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pa
 from .prune.flops import count_flops, count_params
 from .prune.importance import make_importance
 from .prune.latency import latency_models, latency_section, measure_after, measure_latency
-from .prune.select import PruningSpace, cuts, select
+from .prune.select import Plan, PruningSpace, cuts, make_policy
 from .prune.surgery import apply_plan, channel_widths
 from .report import write_report
+from .runfolder import RunFolder
 from .train import amp_dtype, default_amp, evaluate, fit, make_loader, recalibrate_bn
 
 __all__ = ["ScopPruner", "STAGES"]
@@ -53,48 +56,72 @@ def _load_weights(model_name: str, info, weights: str | None) -> nn.Module:
     return build_model(model_name, info.num_classes, info.in_channels, weights=weights)
 
 
+Importance = Callable[[nn.Module], Mapping[str, Tensor]]
+Policy = Callable[..., Plan]  # (space, scores, **measured) -> plan
+
+
 class ScopPruner:
     """One SCOP run: from a trained model to a smaller, fine-tuned one.
 
+    Built, like Torch-Pruning's pruners, from the objects it works with; :meth:`from_config`
+    builds them from a :class:`PruneConfig`.
+
     Args:
-        config: a :class:`PruneConfig`.
+        model: the trained network.
+        example_input: one input, (1, C, H, W): traced for the channel groups, FLOPs and memory.
+        importance: stage 3's criterion, ``importance(model) -> {conv name: (C_out,) scores}``
+            (:mod:`scop_ext.prune.importance`).
+        policy: stage 3's policy, ``policy(space, scores) -> {conv name: [channels to remove]}``
+            (:func:`scop_ext.prune.make_policy`); ``latency_target`` is also given the
+            ``latency_model`` measured on ``model`` when it runs.
+        data: what the run trains on, picks the fine-tuning epoch with and reports on
+            (:func:`scop_ext.data.load_splits`): everything trained (knockoffs, scales, BN
+            statistics, weights) sees ``data.train``; the test split only reports.
+        config: the settings of every stage (its ``importance`` and ``policy`` keys are recorded;
+            the objects above are what runs).
         out_dir: where every stage writes its result (``state.json`` lists the completed stages).
-        model: the trained network; built from ``config.model`` / ``config.weights`` if None.
 
     Example::
 
-        >>> pruner = ScopPruner(PruneConfig(weights="runs/base/model"), "runs/prune")
+        >>> pruner = ScopPruner.from_config(PruneConfig(weights="runs/base/model"), "runs/prune")
         >>> results = pruner.run()          # or call the steps one by one:
         >>> pruner.fit_knockoffs(); pruner.convert(); pruner.learn_scales(); ...
     """
 
-    def __init__(self, config: PruneConfig, out_dir: str | os.PathLike, model: nn.Module | None = None,
-                 progress: bool = True, log=print):
+    def __init__(self, model: nn.Module, example_input: Tensor, importance: Importance, policy: Policy, *,
+                 data: Splits, config: PruneConfig, out_dir: str | os.PathLike, progress: bool = True, log=print):
         config.validate()
         self.config, self.out_dir, self.progress = config, os.fspath(out_dir), progress
+        self.folder = RunFolder(self.out_dir)
         self.log = log if distributed.is_main() else (lambda *a, **k: None)
         self.device = torch.device(config.device)
-        train_plain, self.info = load_dataset(config.dataset, config.data_root, "train",
-                                                 image_size=config.image_size, augment=False)
-        train_aug, _ = load_dataset(config.dataset, config.data_root, "train", image_size=config.image_size)
-        self.test_set, _ = load_dataset(config.dataset, config.data_root, "test", image_size=config.image_size)
-        # Everything trained (knockoffs, scales, BN statistics, weights) sees the training part;
-        # the held-out part picks the fine-tuning epoch; the test split only reports.
-        fit_idx, val_idx = holdout(len(train_plain), config.val_fraction)
-        self.train_set, self.train_aug = Subset(train_plain, fit_idx), Subset(train_aug, fit_idx)
-        self.val_set = Subset(train_plain, val_idx) if val_idx else None
-        self.model = model if model is not None else _load_weights(config.model, self.info, config.weights)
-        self.model.to(self.device)
-        self.example = self.train_set[0][0][None]
+        self.importance, self.policy, self.info = importance, policy, data.info
+        self.train_set, self.train_aug, self.val_set, self.test_set = data.train, data.train_aug, data.val, data.test
+        self.model = model.to(self.device)
+        self.example = example_input
         self.knockoffs = None
         self.plan: dict[str, list[int]] | None = None
         self.results: dict[str, Any] = {"config": config.to_dict(), "notes": []}
         self.completed: list[str] = []
 
+    @classmethod
+    def from_config(cls, config: PruneConfig, out_dir: str | os.PathLike, model: nn.Module | None = None,
+                    progress: bool = True, log=print) -> ScopPruner:
+        """The run ``config`` describes: its data, its criterion and policy, and ``model`` (built
+        from ``config.model`` / ``config.weights`` if None)."""
+        config.validate()
+        data = load_splits(config.dataset, config.data_root, image_size=config.image_size,
+                           val_fraction=config.val_fraction)
+        if model is None:
+            model = _load_weights(config.model, data.info, config.weights)
+        return cls(model, data.train[0][0][None], make_importance(config.importance, **config.importance_params()),
+                   make_policy(config.policy, **config.policy_params()), data=data, config=config, out_dir=out_dir,
+                   progress=progress, log=log)
+
     # ------------------------------------------------------------------ bookkeeping
 
     def _path(self, name: str) -> str:
-        return os.path.join(self.out_dir, name)
+        return self.folder.path(name)
 
     def _loader(self, dataset, *, shuffle: bool, evaluation: bool = False, batch_size: int | None = None,
                 sharded: bool = True):
@@ -104,7 +131,7 @@ class ScopPruner:
     def _finish(self, stage: str) -> None:
         self.completed.append(stage)
         if distributed.is_main():
-            checkpoint.write_json(self._path("state.json"), {"completed": self.completed, "results": self.results})
+            self.folder.write_state(self.completed, self.results)
         distributed.barrier()
 
     def _metrics(self, model: nn.Module) -> dict[str, Any]:
@@ -162,26 +189,16 @@ class ScopPruner:
 
     def _require_memory(self, what: str, *, paired: bool, optimizer_slots: int, host_cache: int = 0,
                         amp: bool = False) -> None:
-        """Stop with a ResourceError before ``what`` starts if its batch would not fit (see resources.py).
-
-        Under torchrun each process holds batch_size images (the global batch is batch_size x
-        world), so the check is of what every process needs on its own device.
-        """
+        """Stop with a ResourceError before ``what`` starts if one process's batch would not fit
+        (:func:`scop_ext.resources.require_step`); stage 2 (``paired``) trains the scales only."""
         trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        if paired:  # stage 2 trains the scales only
+        if paired:
             trainable = {f"{name}.beta" for name in scop_layers(self.model)}
-        try:
-            estimate = resources.estimate_step(self.model, self.example, paired=paired, trainable=trainable.__contains__,
-                                               optimizer_slots=optimizer_slots,
-                                               activation_dtype=amp_dtype(self.device) if amp else None)
-        except (NotImplementedError, RuntimeError) as exc:  # a model the meta device cannot run
-            self.results["notes"].append(f"{what}: memory use not predicted ({type(exc).__name__}: {str(exc).splitlines()[0]})")
-            return
-        if host_cache and self.device.type != "cpu":
-            resources.require(resources.MemoryEstimate(0, {"pair cache": host_cache}), 0, "cpu", what)
-        elif host_cache:
-            estimate.fixed["pair cache"] = host_cache
-        resources.require(estimate, self.config.batch_size, self.device, what)
+        note = resources.require_step(self.model, self.example, self.config.batch_size, self.device, what,
+                                      paired=paired, trainable=trainable.__contains__, optimizer_slots=optimizer_slots,
+                                      host_cache=host_cache, activation_dtype=amp_dtype(self.device) if amp else None)
+        if note:
+            self.results["notes"].append(note)
 
     def learn_scales(self):
         """Stage 2: Lemma 2 bias fit, then beta trained with the weights frozen."""
@@ -214,19 +231,16 @@ class ScopPruner:
     def select(self) -> dict[str, list[int]]:
         """Stage 3: score every filter and choose what to remove."""
         cfg = self.config
-        kw = {"multiply_bn_gamma": cfg.multiply_bn_gamma} if cfg.importance == "scop" else {}
-        if cfg.importance == "random":
-            kw = {"seed": cfg.seed}
-        scores = make_importance(cfg.importance, **kw)(self.model)
+        scores = self.importance(self.model)
         space = PruningSpace(self.model, self.example.to(self.device), ignored_layers=cfg.ignored_layers,
-                             keep_block_width=cfg.keep_block_width)
-        params = cfg.policy_params()
+                             block_width=cfg.block_width)
+        measured = {}  # latency_target's model is measured on this model, so it joins the policy here
         if cfg.policy == "latency_target":
             latency = latency_models(self.model, self.example.to(self.device), space.groups, cfg.latency_batch,
                                      cfg.latency_cache or self.out_dir, device=self.device, progress=self.progress,
                                      log=self.log, **cfg.latency_settings())
-            params["latency_model"] = latency[cfg.latency_batch]
-        self.plan = select(space, scores, cfg.policy, **params)
+            measured["latency_model"] = latency[cfg.latency_batch]
+        self.plan = self.policy(space, scores, **measured)
         if cfg.policy == "latency_target":  # timings differ between processes: all take process 0's plan
             self.plan = distributed.gather_objects(self.plan)[0]
             self.results["latency"] = latency_section(latency, self.plan, **cfg.latency_settings())
@@ -242,7 +256,7 @@ class ScopPruner:
         """Stage 4, physical pruning: remove the planned filters; the model becomes plain nn.Conv2d layers."""
         if self.plan is None:
             raise RuntimeError("prune() needs a plan: call select() first")
-        apply_plan(self.model, self.example.to(self.device), self.plan, keep_block_width=self.config.keep_block_width)
+        apply_plan(self.model, self.example.to(self.device), self.plan, block_width=self.config.block_width)
         self.results["widths_after"] = channel_widths(self.model)
         return self.model
 
@@ -298,23 +312,16 @@ class ScopPruner:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """All steps in order; with ``resume`` completed stages are loaded from out_dir instead of rerun."""
-        os.makedirs(self.out_dir, exist_ok=True)
         if distributed.is_main():
-            for name in os.listdir(self.out_dir):  # left by writes a kill interrupted (checkpoint.atomic_write_bytes)
-                if name.startswith(checkpoint.TEMP_PREFIX):
-                    os.unlink(self._path(name))
-        state = self._resume_state() if resume else None
+            self.folder.clear(keep_progress=resume)
+        else:
+            os.makedirs(self.out_dir, exist_ok=True)
+        state = self.folder.read_state(self.config.to_dict()) if resume else None
         done = set(state["completed"]) if state else set()
         if state:
             self.results.update(state["results"])
-        if not resume and distributed.is_main():
-            # Not resuming means starting over. With --resume they stay, even before state.json
-            # exists (a kill in stage 1), and each one is refused if it belongs to another config.
-            for name in os.listdir(self.out_dir):
-                if name.endswith("-progress.pt"):
-                    os.unlink(self._path(name))
         if distributed.is_main():
-            checkpoint.write_json(self._path("config.json"), self.config.to_dict())
+            self.folder.write_config(self.config.to_dict())
         distributed.barrier()  # the others start once process 0 has cleaned the folder
         start = time.time()
         steps = {
@@ -354,22 +361,6 @@ class ScopPruner:
     def _stage_report(self):
         self.evaluate()
         self.report()
-
-    def _resume_state(self) -> dict | None:
-        path = self._path("state.json")
-        if not os.path.exists(path):
-            return None
-        try:
-            with open(path) as f:
-                state = json.load(f)
-            with open(self._path("config.json")) as f:
-                saved = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise checkpoint.CheckpointError(f"{self.out_dir}: cannot resume, run state unreadable ({exc})") from None
-        if saved != self.config.to_dict():
-            changed = sorted(k for k in set(saved) | set(self.config.to_dict()) if saved.get(k) != self.config.to_dict().get(k))
-            raise ValueError(f"{self.out_dir}: cannot resume: the config differs from the interrupted run's in {changed}")
-        return state
 
     def _load_knockoffs(self):
         from .knockoffs import load

@@ -11,17 +11,19 @@ gradients and optimizer state of what it trains, and any cache it builds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["ResourceError", "MemoryEstimate", "available_memory", "estimate_step", "require", "format_bytes"]
+__all__ = ["ResourceError", "MemoryEstimate", "available_memory", "estimate_step", "require", "require_step",
+           "format_bytes", "saved_for_backward"]
 
 # The backward's own transients (the gradient being computed beside the one flowing in, the
 # logits and their gradient) on top of the saved activations, as a fraction of them; measured on
-# ResNets (tests/test_hardening.py compares prediction and measurement).
+# ResNets (tests/test_resources.py compares prediction and measurement).
 _BACKWARD_OVERHEAD = 0.5
 
 
@@ -98,6 +100,32 @@ def available_memory(device: torch.device | str) -> int | None:
     return available if room is None else min(available, room)
 
 
+@contextmanager
+def saved_for_backward(exclude: set[int] = frozenset()) -> Iterator[list[tuple[int, torch.dtype]]]:
+    """Record ``(bytes, dtype)`` of every storage autograd saves for the backward inside the block,
+    each storage once (keyed by its C++ address, ``untyped_storage()._cdata``, which a meta storage
+    has too), leaving out the keys in ``exclude``.
+
+    Example::
+
+        >>> with saved_for_backward() as saved:
+        ...     loss = model(x).sum()
+        >>> sum(n for n, _ in saved)   # bytes held for loss.backward()
+    """
+    seen = set(exclude)
+    saved: list[tuple[int, torch.dtype]] = []
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            saved.append((storage.nbytes(), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+
+
 def _saved_activation_bytes(model: nn.Module, batch: torch.Tensor, trainable: Callable[[str], bool],
                             float_itemsize: int | None) -> tuple[int, int]:
     """(bytes of tensors saved for the backward, bytes of the largest) for one step on meta, floating
@@ -105,27 +133,16 @@ def _saved_activation_bytes(model: nn.Module, batch: torch.Tensor, trainable: Ca
     state = {name: torch.empty_like(p, device="meta").requires_grad_(trainable(name))
              for name, p in model.named_parameters()}
     state.update({name: torch.empty_like(b, device="meta") for name, b in model.named_buffers()})
-    # Storages are keyed by their C++ address (untyped_storage() makes a new Python wrapper on
-    # every call); every one seen stays alive in the graph or in `state` until the trace ends.
+    # Every storage seen stays alive in the graph or in `state` until the trace ends, so no
+    # address is reused while they are being counted.
     resident = {t.untyped_storage()._cdata for t in state.values()}
-    seen: set[int] = set()
-    sizes: list[int] = []
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        if storage._cdata not in resident and storage._cdata not in seen:
-            seen.add(storage._cdata)
-            size = storage.nbytes()
-            if float_itemsize is not None and t.is_floating_point():
-                size = size // t.element_size() * float_itemsize
-            sizes.append(size)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_for_backward(exclude=resident) as saved:
         out = torch.func.functional_call(model, state, (batch,))
         loss = out.float().logsumexp(1).sum()
     if loss.requires_grad:
         loss.backward()
+    sizes = [n // dtype.itemsize * float_itemsize if float_itemsize is not None and dtype.is_floating_point else n
+             for n, dtype in saved]
     return sum(sizes), max(sizes, default=0)
 
 
@@ -195,3 +212,27 @@ def require(estimate: MemoryEstimate, batch_size: int, device: torch.device | st
         f"{format_bytes(available)} is available on {torch.device(device)}; {advice}"
     )
 
+
+def require_step(model: nn.Module, example: torch.Tensor, batch_size: int, device: torch.device | str, what: str, *,
+                 paired: bool, trainable: Callable[[str], bool], optimizer_slots: int, host_cache: int = 0,
+                 activation_dtype: torch.dtype | None = None) -> str | None:
+    """Stop with :class:`ResourceError` before ``what`` starts if one step at ``batch_size`` would not fit.
+
+    Arguments as :func:`estimate_step`; ``host_cache`` is the bytes of a cache the stage builds in
+    host memory (counted on the CPU whatever ``device`` is). Under torchrun give the batch of one
+    process: each checks what it needs on its own device.
+
+    Returns:
+        None, or a note saying why nothing could be predicted (a model the meta device cannot run).
+    """
+    try:
+        estimate = estimate_step(model, example, paired=paired, trainable=trainable, optimizer_slots=optimizer_slots,
+                                 activation_dtype=activation_dtype)
+    except (NotImplementedError, RuntimeError) as exc:
+        return f"{what}: memory use not predicted ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    if host_cache and torch.device(device).type != "cpu":
+        require(MemoryEstimate(0, {"pair cache": host_cache}), 0, "cpu", what)
+    elif host_cache:
+        estimate.fixed["pair cache"] = host_cache
+    require(estimate, batch_size, device, what)
+    return None

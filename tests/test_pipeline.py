@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import scop_ext
@@ -20,7 +21,9 @@ from scop_ext.prune import PruningSpace, apply_plan, count_flops, make_importanc
 from scop_ext.export import export_onnx, export_torchscript, load_model
 from scop_ext.config import PruneConfig
 from scop_ext.pipeline import ScopPruner
+from scop_ext.train import NonFiniteError
 
+from ._helpers import cli
 from .conftest import ENV, TINY, prune_args
 
 
@@ -34,7 +37,7 @@ def scop(*args, check=True, timeout=600):
 
 def test_api_end_to_end(baseline, tmp_path):
     config = PruneConfig(weights=baseline, flops_reduction=0.4, **TINY)
-    results = ScopPruner(config, tmp_path, progress=False).run()
+    results = ScopPruner.from_config(config, tmp_path, progress=False).run()
     assert results["flops_reduction"] == pytest.approx(0.4, abs=0.01)
     assert results["after"]["flops"] < results["before"]["flops"]
     assert results["after"]["top1"] > 0.5  # well above the 10% of chance after one epoch of fine-tuning
@@ -57,12 +60,12 @@ def test_api_end_to_end(baseline, tmp_path):
 
 def test_validation_is_held_out_of_training(baseline, tmp_path):
     """Fine-tuning picks its epoch on a part of the training split nothing is trained on."""
-    pruner = ScopPruner(PruneConfig(weights=baseline, val_fraction=0.2, **TINY), tmp_path, progress=False)
+    pruner = ScopPruner.from_config(PruneConfig(weights=baseline, val_fraction=0.2, **TINY), tmp_path, progress=False)
     fit_idx, val_idx = set(pruner.train_set.indices), set(pruner.val_set.indices)
     assert not fit_idx & val_idx and len(fit_idx | val_idx) == len(pruner.train_set.dataset)
     assert len(val_idx) == round(0.2 * len(pruner.train_set.dataset))
     assert pruner.train_aug.indices == pruner.train_set.indices
-    assert ScopPruner(PruneConfig(weights=baseline, val_fraction=0.0, **TINY), tmp_path,
+    assert ScopPruner.from_config(PruneConfig(weights=baseline, val_fraction=0.0, **TINY), tmp_path,
                       progress=False).val_set is None
     with pytest.raises(ValueError, match="val_fraction"):
         PruneConfig(weights=baseline, val_fraction=1.0).validate()
@@ -77,7 +80,7 @@ def test_validation_is_held_out_of_training(baseline, tmp_path):
     ],
 )
 def test_policies_through_the_pipeline(baseline, tmp_path, policy, params, check):
-    pruner = ScopPruner(PruneConfig(weights=baseline, policy=policy, **params, **TINY), tmp_path, progress=False)
+    pruner = ScopPruner.from_config(PruneConfig(weights=baseline, policy=policy, **params, **TINY), tmp_path, progress=False)
     pruner.knockoffs = scop_ext.knockoffs.make_generator("gaussian").fit(pruner._loader(pruner.train_set, shuffle=False))
     pruner.convert()
     pruner.learn_scales()
@@ -90,12 +93,12 @@ def test_policies_through_the_pipeline(baseline, tmp_path, policy, params, check
 
 def test_progress_of_other_settings_is_refused_not_resumed(baseline, tmp_path):
     """A progress file left by a run with other settings is neither resumed nor overwritten."""
-    first = ScopPruner(PruneConfig(weights=baseline, **TINY), tmp_path, progress=False)
+    first = ScopPruner.from_config(PruneConfig(weights=baseline, **TINY), tmp_path, progress=False)
     first.fit_knockoffs()
     first.convert()
     first.learn_scales()
     kept = (tmp_path / "scales-progress.pt").read_bytes()
-    other = ScopPruner(PruneConfig(weights=baseline, **{**TINY, "scales_lr": 0.01}), tmp_path, progress=False)
+    other = ScopPruner.from_config(PruneConfig(weights=baseline, **{**TINY, "scales_lr": 0.01}), tmp_path, progress=False)
     other.knockoffs = first.knockoffs
     other.convert()
     with pytest.raises(CheckpointError, match=r"scales-progress.pt: progress of a run with other settings "
@@ -240,7 +243,7 @@ def test_pipeline_gan_checkpoints_in_the_run_folder(tmp_path):
     """A killed stage 1 resumes from knockoffs-progress.pt: the same generator as an uninterrupted fit."""
     def stage1(out, iterations):
         config = PruneConfig(knockoffs="gan", knockoff_options={"iterations": iterations, "checkpoint_every": 5, "batch_size": 32, "width": 8}, **TINY)
-        return ScopPruner(config, out, progress=False).fit_knockoffs()
+        return ScopPruner.from_config(config, out, progress=False).fit_knockoffs()
 
     stage1(tmp_path / "cut", 10)
     assert (tmp_path / "cut" / "knockoffs-progress.pt").exists()
@@ -270,7 +273,7 @@ def test_prune_prints_the_table_on_process_0_only(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(distributed, "setup", lambda device: True)
     monkeypatch.setattr(distributed, "teardown", lambda: process.update(rank=0))  # no group left: rank 0 everywhere
     monkeypatch.setattr(distributed, "rank", lambda: process["rank"])
-    monkeypatch.setattr(ScopPruner, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(ScopPruner, "from_config", classmethod(lambda cls, *a, **k: object.__new__(cls)))
     monkeypatch.setattr(ScopPruner, "run", lambda self, resume=False: {"before": {}, "after": {}})
     assert main(["prune", "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out == ""
@@ -388,7 +391,7 @@ for layer in scop_layers(net).values():
 metrics = evaluate(net, make_loader(TensorDataset(x, y), 50, shuffle=False, evaluation=True), "cpu")
 # stage 1 and the BN recalibration of stage 4, through the pipeline
 torch.manual_seed(0)
-pruner = ScopPruner(PruneConfig(batch_size=64, bn_batches=3, latency=False), run_dir, progress=False)
+pruner = ScopPruner.from_config(PruneConfig(batch_size=64, bn_batches=3, latency=False), run_dir, progress=False)
 knockoffs = {k: v.clone() for k, v in pruner.fit_knockoffs().state_dict().items()}
 pruner.recalibrate_bn()
 bn = {k: v.clone() for k, v in pruner.model.state_dict().items() if ".running_" in k}
@@ -432,3 +435,36 @@ def test_ddp_two_processes_match_one(tmp_path):
     # a NaN only process 1 saw stopped both processes, with one message
     assert a["error"].startswith("finetune: loss became nan at epoch 0, step 0")
     assert b["error"] == b1["error"] == a["error"] + " (found by process 1 of 2)"
+
+
+# ------------------------------------------------------------------- faults and determinism
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cli_reports_a_numerical_fault_in_one_line(monkeypatch, tmp_path, capsys):
+    def fail(self, resume=False):
+        raise NonFiniteError("learn_scales: loss became nan at epoch 3, step 7; first non-finite output: layer conv1 (ScopConv2d)")
+
+    monkeypatch.setattr(ScopPruner, "from_config", classmethod(lambda cls, *a, **k: object.__new__(cls)))
+    monkeypatch.setattr(ScopPruner, "run", fail)
+    status, lines = cli(capsys, "prune", "--out", tmp_path)
+    assert status == 1 and len(lines) == 1
+    assert "epoch 3, step 7" in lines[0] and "layer conv1" in lines[0] and "rerun with --resume" in lines[0]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_same_seed_same_device_same_betas_plan_and_weights(tmp_path, baseline):
+    runs = []
+    for name in ("a", "b"):
+        config = PruneConfig(weights=baseline, policy="uniform", ratio=0.4, **TINY)
+        results = ScopPruner.from_config(config, tmp_path / name, progress=False, log=lambda *a: None).run()
+        runs.append((results, tmp_path / name))
+    (ra, a), (rb, b) = runs
+    assert ra["betas"] == rb["betas"] and any(v != 0.5 for betas in ra["betas"].values() for v in betas)
+    assert json.loads((a / "plan.json").read_text()) == json.loads((b / "plan.json").read_text())
+    assert sum(len(v) for v in json.loads((a / "plan.json").read_text()).values()) > 0
+    for stem in ("pruned", "final"):
+        wa, wb = load_file(str(a / f"{stem}.safetensors")), load_file(str(b / f"{stem}.safetensors"))
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), f"{stem}: {key}"

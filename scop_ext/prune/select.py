@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_counts
 from .flops import flops_by_module
 from .knapsack import choose_widths
 from .surgery import ChannelGroup, Plan, is_depthwise, plain_forward, traced_groups
@@ -66,8 +67,8 @@ class PruningSpace:
         ignored_layers: conv names or ``fnmatch`` patterns (``"conv1"``, ``"*.shortcut.0"``); a
             group containing a matching conv is not pruned. The classifier (any linear layer's
             outputs, and anything feeding the model output) is never pruned.
-        keep_block_width: leave out the groups coupled through a residual add or a
-            concatenation (the authors' behaviour); pass the same flag to
+        block_width: ``"prune"``, ``"keep"`` or ``"scatter"`` (the authors' scheme), see
+            :mod:`scop_ext.prune.surgery`; pass the same to
             :func:`~scop_ext.prune.surgery.apply_plan`.
 
     Attributes:
@@ -82,17 +83,15 @@ class PruningSpace:
         example_input: Tensor,
         *,
         ignored_layers: Iterable[str] = (),
-        keep_block_width: bool = False,
+        block_width: str = "prune",
     ) -> None:
         if isinstance(ignored_layers, str):
             raise ValueError("ignored_layers must be a list of names/patterns, not a single string")
         patterns = list(ignored_layers)
-        groups, self.refused = traced_groups(model, example_input)
+        groups, self.refused = traced_groups(model, example_input, block_width)
         self.groups: list[ChannelGroup] = []
         for g in groups:
-            if keep_block_width and g.residual:
-                self.refused[g.convs[0]] = "keep_block_width keeps residual and concatenated widths"
-            elif any(fnmatch.fnmatchcase(c, p) for c in g.convs for p in patterns):
+            if any(fnmatch.fnmatchcase(c, p) for c in g.convs for p in patterns):
                 self.refused[g.convs[0]] = "it holds a conv of ignored_layers"
             else:
                 self.groups.append(g)
@@ -190,10 +189,7 @@ class PruningSpace:
 
 
 def _check_common(min_channels: int, round_to: int) -> None:
-    if not isinstance(min_channels, int) or min_channels < 1:
-        raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
-    if not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+    check_counts(False, min_channels=min_channels, round_to=round_to)
 
 
 def _n_keep(size: int, wanted: int, min_channels: int, round_to: int) -> int:
