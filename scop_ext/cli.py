@@ -39,7 +39,7 @@ def _device(name: str | None) -> str:
 
 
 def _parse_value(text: str):
-    from .checkpoint import load_yaml
+    from .config import load_yaml
 
     return load_yaml(text)
 
