@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .. import checkpoint, distributed, lemma2
+from ..knockoff_stream import split_forward
 from ..layers import convert, scop_layers
 from ..train import NonFiniteError, batchnorms, model_signature, nonfinite_error, raise_on_every_process, set_epoch
 from .importance import ScopImportance
@@ -163,7 +164,9 @@ def learn_scales(
         knockoff_bias: add the Lemma 2 biases fitted by :func:`fit_knockoff_biases`.
         bn: ``"batch"`` normalises over the 2N batch as the authors do (running statistics are
             restored afterwards, so the pretrained model is unchanged); ``"frozen"`` uses the
-            stored statistics. Under torchrun ``"batch"`` normalises over each process's own
+            stored statistics, which couple no samples, so each step runs the knockoff stream
+            apart without autograd (:func:`scop_ext.knockoff_stream.split_forward`): the same
+            beta for about half the backward work. Under torchrun ``"batch"`` normalises over each process's own
             part of the batch (BatchNorm is not synchronised: torch's SyncBatchNorm runs on GPUs
             only), so beta then depends on the number of processes; ``"frozen"`` does not.
         seed: keys the Lemma 2 bias draws (each layer its own stream, see :func:`layer_seed`);
@@ -235,13 +238,13 @@ def learn_scales(
             bar = tqdm(pairs, desc=f"scales {epoch + 1}/{epochs}", disable=None if (progress and distributed.is_main()) else True, leave=False)
             for step, (x, xk, y) in enumerate(bar):
                 x, xk, y = x.to(device), xk.to(device), y.to(device)
-                paired = torch.cat([x, xk])
-                logits = ddp(paired)[: x.shape[0]]
+                # Frozen BN couples no samples, so the knockoff stream runs apart without autograd.
+                logits = split_forward(ddp, x, xk) if bn == "frozen" else ddp(torch.cat([x, xk]))[: x.shape[0]]
                 loss = F.cross_entropy(logits, y)
                 finite = bool(torch.isfinite(loss))
                 if distributed.any_process(not finite):
                     raise_on_every_process(None if finite else nonfinite_error(
-                        "learn_scales", f"loss became {loss.item()}", epoch, step, model, paired))
+                        "learn_scales", f"loss became {loss.item()}", epoch, step, model, torch.cat([x, xk])))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
