@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .. import distributed, lemma2
+from ..knockoff_stream import split_forward
 from ..layers import convert, scop_layers
 from ..epochs import EpochLoop, NonFiniteError
 from ..train import batchnorms, model_signature
@@ -164,7 +165,9 @@ def learn_scales(
         knockoff_bias: add the Lemma 2 biases fitted by :func:`fit_knockoff_biases`.
         bn: ``"batch"`` normalises over the 2N batch as the authors do (running statistics are
             restored afterwards, so the pretrained model is unchanged); ``"frozen"`` uses the
-            stored statistics. Under torchrun ``"batch"`` normalises over each process's own
+            stored statistics, which couple no samples, so each step runs the knockoff stream
+            apart without autograd (:func:`scop_ext.knockoff_stream.split_forward`): the same
+            beta for about half the backward work. Under torchrun ``"batch"`` normalises over each process's own
             part of the batch (BatchNorm is not synchronised: torch's SyncBatchNorm runs on GPUs
             only), so beta then depends on the number of processes; ``"frozen"`` does not.
         seed: keys the Lemma 2 bias draws (each layer its own stream, see :func:`layer_seed`);
@@ -240,6 +243,9 @@ class _ScaleLoop(EpochLoop):
 
     def forward(self, batch):
         x, xk, self.y = (t.to(self.device) for t in batch)
+        # Frozen BN couples no samples, so the knockoff stream runs apart without autograd.
+        if self.bn == "frozen":
+            return F.cross_entropy(split_forward(self.ddp, x, xk), self.y), torch.cat([x, xk])
         paired = torch.cat([x, xk])
         return F.cross_entropy(self.ddp(paired)[: x.shape[0]], self.y), paired
 
