@@ -140,6 +140,26 @@ def layer_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
+def _train_betas_only(model: nn.Module, layers: dict[str, nn.Module]) -> Callable[[], None]:
+    """Freeze every parameter of ``model`` but the betas of ``layers``; returns the function that
+    unfreezes what was trainable, puts the BatchNorm running statistics back and sets eval mode."""
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    bn_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in batchnorms(model)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        layer.beta.requires_grad_(True)
+
+    def restore() -> None:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+        for m, state in zip(batchnorms(model), bn_state):
+            m.load_state_dict(state)
+        model.eval()
+
+    return restore
+
+
 def learn_scales(
     model: nn.Module,
     pairs: DataLoader,
@@ -197,13 +217,9 @@ def learn_scales(
         raise ValueError("model has no ScopConv2d layers: call scop_ext.convert(model) first")
     model.to(device)
     rank, world = distributed.rank(), distributed.world_size()
-    trainable = {p: p.requires_grad for p in model.parameters()}
-    bn_state = {i: {k: v.clone() for k, v in m.state_dict().items()} for i, m in enumerate(batchnorms(model))}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    restore = _train_betas_only(model, layers)
     for name, layer in layers.items():
         layer.enable_scop()
-        layer.beta.requires_grad_(True)
         layer.knockoff_bias = knockoff_bias
         layer.generator = torch.Generator(device="cpu").manual_seed(layer_seed(seed, name))
         layer.bias_shard = (rank, world)
@@ -215,13 +231,9 @@ def learn_scales(
     try:
         loop.run()
     finally:
-        for p, flag in trainable.items():
-            p.requires_grad_(flag)
-        for i, m in enumerate(batchnorms(model)):
-            m.load_state_dict(bn_state[i])
+        restore()
         for layer in layers.values():
             layer.bias_shard = (0, 1)
-        model.eval()
     return loop.history
 
 
@@ -323,12 +335,7 @@ class ScaleLearner:
         self.layers = scop_layers(self.model)
         if not self.layers:
             raise ValueError("model has no nn.Conv2d left to wrap (all skipped?)")
-        self._trainable = {p: p.requires_grad for p in self.model.parameters()}
-        self._bn_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in batchnorms(self.model)]
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for layer in self.layers.values():
-            layer.beta.requires_grad_(True)
+        self._restore = _train_betas_only(self.model, self.layers)
 
     def parameters(self) -> list[nn.Parameter]:
         """The betas, one (C_out,) Parameter per wrapped conv: all an optimizer should see."""
@@ -354,9 +361,5 @@ class ScaleLearner:
 
     def finish(self) -> dict[str, Tensor]:
         """Unfreeze what was trainable, put the BatchNorm statistics back, return SCOP's scores."""
-        for p, flag in self._trainable.items():
-            p.requires_grad_(flag)
-        for m, state in zip(batchnorms(self.model), self._bn_state):
-            m.load_state_dict(state)
-        self.model.eval()
+        self._restore()
         return ScopImportance()(self.model)
