@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .prune.latency import LatencyModel, cache_file
-from .prune.surgery import ChannelGroup
+from .prune.groups import ChannelGroup
 from .timing import measure_latency
 
 __all__ = ["format_table", "latency_models", "latency_section", "measure_after", "latency_table", "write_report"]

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from .. import checkpoint
 from ..timing import DTYPES, MEMORY_FORMATS, measure_latency, settings, time_ms
-from .surgery import ChannelGroup, apply_plan, is_depthwise, plain_forward
+from .groups import ChannelGroup, is_depthwise, plain_forward
+from .surgery import apply_plan
 
 __all__ = ["ConvShape", "LatencyModel", "conv_timer", "cache_file"]
 
