@@ -195,13 +195,8 @@ def learn_scales(
         raise ValueError("model has no ScopConv2d layers: call scop_ext.convert(model) first")
     model.to(device)
     rank, world = distributed.rank(), distributed.world_size()
-    trainable = {p: p.requires_grad for p in model.parameters()}
-    bn_state = {i: {k: v.clone() for k, v in m.state_dict().items()} for i, m in enumerate(batchnorms(model))}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    learner = ScaleLearner(model, bn=bn)  # everything but beta frozen until learner.restore()
     for name, layer in layers.items():
-        layer.enable_scop()
-        layer.beta.requires_grad_(True)
         layer.knockoff_bias = knockoff_bias
         layer.generator = torch.Generator(device="cpu").manual_seed(layer_seed(seed, name))
         layer.bias_shard = (rank, world)
@@ -225,9 +220,7 @@ def learn_scales(
         history = ScaleHistory(loss=list(state["loss"]), beta_mean={k: list(v) for k, v in state["beta_mean"].items()})
         start = int(state["epoch"]) + 1
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    model.eval()
-    for m in batchnorms(model):
-        m.train(bn == "batch")
+    learner.set_modes()
     try:
         for epoch in range(start, epochs):
             set_epoch(pairs, epoch)
@@ -245,8 +238,7 @@ def learn_scales(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                for layer in layers.values():
-                    layer.clamp_beta_()
+                learner.clamp_()
                 # One check of every beta after the update (a single sync): a NaN/Inf gradient or
                 # anything else that corrupted a beta shows up here, at the step that did it. The
                 # gradients are averaged across processes, so every process stops here together.
@@ -273,21 +265,18 @@ def learn_scales(
                 })
             distributed.barrier()
     finally:
-        for p, flag in trainable.items():
-            p.requires_grad_(flag)
-        for i, m in enumerate(batchnorms(model)):
-            m.load_state_dict(bn_state[i])
+        learner.restore()
         for layer in layers.values():
             layer.bias_shard = (0, 1)
-        model.eval()
     return history
 
 
 class ScaleLearner:
     """Stage 2 inside your own training loop (Lightning, accelerate, or a hand-written one).
 
-    Converts ``model`` (:func:`scop_ext.convert`), freezes every parameter but the scales beta
-    and puts the model in eval mode, its BatchNorms normalising over each [real; knockoff]
+    Converts ``model`` (:func:`scop_ext.convert`; a model that already has ScopConv2d layers is
+    used as it is), switches its layers to SCOP mode, freezes every parameter but the scales
+    beta and puts the model in eval mode, its BatchNorms normalising over each [real; knockoff]
     batch when ``bn="batch"`` (the authors' choice; the running statistics are put back by
     :meth:`finish`) or using the stored statistics when ``bn="frozen"``. :func:`learn_scales`
     is the same stage as one call, with resumable progress, Lemma 2 biases and torchrun.
@@ -311,7 +300,7 @@ class ScaleLearner:
     def __init__(self, model: nn.Module, skip=None, bn: str = "batch") -> None:
         if bn not in ("batch", "frozen"):
             raise ValueError(f"bn must be 'batch' or 'frozen', got {bn!r}")
-        self.model, self.bn = convert(model, skip), bn
+        self.model, self.bn = (model if scop_layers(model) else convert(model, skip)), bn
         self.layers = scop_layers(self.model)
         if not self.layers:
             raise ValueError("model has no nn.Conv2d left to wrap (all skipped?)")
@@ -320,11 +309,18 @@ class ScaleLearner:
         for p in self.model.parameters():
             p.requires_grad_(False)
         for layer in self.layers.values():
+            layer.enable_scop()
             layer.beta.requires_grad_(True)
 
     def parameters(self) -> list[nn.Parameter]:
         """The betas, one (C_out,) Parameter per wrapped conv: all an optimizer should see."""
         return [layer.beta for layer in self.layers.values()]
+
+    def set_modes(self) -> None:
+        """Eval mode, BatchNorms in training mode under ``bn="batch"`` (:meth:`loss` calls it)."""
+        self.model.eval()
+        for m in batchnorms(self.model):
+            m.train(self.bn == "batch")
 
     def loss(self, x: Tensor, x_knockoff: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> Tensor:
         """``loss_fn`` on the real half's logits of the paired batch ``[x; x_knockoff]``.
@@ -333,9 +329,7 @@ class ScaleLearner:
         """
         if x.shape != x_knockoff.shape:
             raise ValueError(f"x_knockoff must have x's shape {tuple(x.shape)}, got {tuple(x_knockoff.shape)}")
-        self.model.eval()
-        for m in batchnorms(self.model):
-            m.train(self.bn == "batch")
+        self.set_modes()
         return loss_fn(self.model(torch.cat([x, x_knockoff]))[: x.shape[0]], y)
 
     @torch.no_grad()
@@ -344,11 +338,15 @@ class ScaleLearner:
         for layer in self.layers.values():
             layer.clamp_beta_()
 
-    def finish(self) -> dict[str, Tensor]:
-        """Unfreeze what was trainable, put the BatchNorm statistics back, return SCOP's scores."""
+    def restore(self) -> None:
+        """Unfreeze what was trainable, put the BatchNorm statistics back, eval mode."""
         for p, flag in self._trainable.items():
             p.requires_grad_(flag)
         for m, state in zip(batchnorms(self.model), self._bn_state):
             m.load_state_dict(state)
         self.model.eval()
+
+    def finish(self) -> dict[str, Tensor]:
+        """:meth:`restore`, then SCOP's scores ``{conv name: (C_out,) 2 beta - 1}``."""
+        self.restore()
         return ScopImportance()(self.model)
