@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
     from .resources import ResourceError
-    from .train import NonFiniteError
+    from .epochs import NonFiniteError
 
     try:
         return args.func(args)
