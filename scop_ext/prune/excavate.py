@@ -140,6 +140,26 @@ def layer_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
+def _train_betas_only(model: nn.Module, layers: dict[str, nn.Module]) -> Callable[[], None]:
+    """Freeze every parameter of ``model`` but the betas of ``layers``; returns the function that
+    unfreezes what was trainable, puts the BatchNorm running statistics back and sets eval mode."""
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    bn_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in batchnorms(model)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        layer.beta.requires_grad_(True)
+
+    def restore() -> None:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+        for m, state in zip(batchnorms(model), bn_state):
+            m.load_state_dict(state)
+        model.eval()
+
+    return restore
+
+
 def learn_scales(
     model: nn.Module,
     pairs: DataLoader,
@@ -197,20 +217,21 @@ def learn_scales(
         raise ValueError("model has no ScopConv2d layers: call scop_ext.convert(model) first")
     model.to(device)
     rank, world = distributed.rank(), distributed.world_size()
-    learner = ScaleLearner(model, bn=bn)  # everything but beta frozen until learner.restore()
+    restore = _train_betas_only(model, layers)
     for name, layer in layers.items():
+        layer.enable_scop()
         layer.knockoff_bias = knockoff_bias
         layer.generator = torch.Generator(device="cpu").manual_seed(layer_seed(seed, name))
         layer.bias_shard = (rank, world)
     run_settings = {**(settings or {}), "lr": lr, "betas": list(betas), "knockoff_bias": knockoff_bias, "bn": bn,
                     "seed": seed, "layers": model_signature({name: (layer.out_channels,) for name, layer in layers.items()}),
                     "batches": len(pairs), "samples": len(pairs.dataset)}
-    loop = _ScaleLoop(model, pairs, epochs, device, learner=learner, lr=lr, adam_betas=betas,
+    loop = _ScaleLoop(model, pairs, epochs, device, layers=layers, lr=lr, adam_betas=betas, bn=bn,
                       checkpoint_path=checkpoint_path, settings=run_settings, progress=progress)
     try:
         loop.run()
     finally:
-        learner.restore()
+        restore()
         for layer in layers.values():
             layer.bias_shard = (0, 1)
     return loop.history
@@ -219,15 +240,17 @@ def learn_scales(
 class _ScaleLoop(EpochLoop):
     """:func:`learn_scales`'s epochs: Adam on the betas only, each clamped to [0, 1] after every step."""
 
-    def __init__(self, model, pairs, epochs, device, *, learner, lr, adam_betas, **kw):
+    def __init__(self, model, pairs, epochs, device, *, layers, lr, adam_betas, bn, **kw):
         super().__init__("scales", model, pairs, epochs, device, error_name="learn_scales", **kw)
-        self.learner, self.layers, self.bn = learner, learner.layers, learner.bn
-        self.named_betas = {name: layer.beta for name, layer in self.layers.items()}
+        self.layers, self.bn = layers, bn
+        self.named_betas = {name: layer.beta for name, layer in layers.items()}
         self.optimizer = torch.optim.Adam(self.named_betas.values(), lr=lr, betas=adam_betas)
-        self.history = ScaleHistory(beta_mean={name: [] for name in self.layers})
+        self.history = ScaleHistory(beta_mean={name: [] for name in layers})
 
     def start_epoch(self, epoch):
-        self.learner.set_modes()
+        self.model.eval()
+        for m in batchnorms(self.model):
+            m.train(self.bn == "batch")
         self.loss_sum, self.seen = 0.0, 0
 
     def forward(self, batch):
@@ -242,7 +265,8 @@ class _ScaleLoop(EpochLoop):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.learner.clamp_()
+        for layer in self.layers.values():
+            layer.clamp_beta_()
         # One check of every beta after the update (a single sync): a NaN/Inf gradient or
         # anything else that corrupted a beta shows up here, at the step that did it. The
         # gradients are averaged across processes, so every process stops here together.
@@ -282,9 +306,8 @@ class _ScaleLoop(EpochLoop):
 class ScaleLearner:
     """Stage 2 inside your own training loop (Lightning, accelerate, or a hand-written one).
 
-    Converts ``model`` (:func:`scop_ext.convert`; a model that already has ScopConv2d layers is
-    used as it is), switches its layers to SCOP mode, freezes every parameter but the scales
-    beta and puts the model in eval mode, its BatchNorms normalising over each [real; knockoff]
+    Converts ``model`` (:func:`scop_ext.convert`), freezes every parameter but the scales beta
+    and puts the model in eval mode, its BatchNorms normalising over each [real; knockoff]
     batch when ``bn="batch"`` (the authors' choice; the running statistics are put back by
     :meth:`finish`) or using the stored statistics when ``bn="frozen"``. :func:`learn_scales`
     is the same stage as one call, with resumable progress, Lemma 2 biases and torchrun.
@@ -308,27 +331,15 @@ class ScaleLearner:
     def __init__(self, model: nn.Module, skip=None, bn: str = "batch") -> None:
         if bn not in ("batch", "frozen"):
             raise ValueError(f"bn must be 'batch' or 'frozen', got {bn!r}")
-        self.model, self.bn = (model if scop_layers(model) else convert(model, skip)), bn
+        self.model, self.bn = convert(model, skip), bn
         self.layers = scop_layers(self.model)
         if not self.layers:
             raise ValueError("model has no nn.Conv2d left to wrap (all skipped?)")
-        self._trainable = {p: p.requires_grad for p in self.model.parameters()}
-        self._bn_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in batchnorms(self.model)]
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for layer in self.layers.values():
-            layer.enable_scop()
-            layer.beta.requires_grad_(True)
+        self._restore = _train_betas_only(self.model, self.layers)
 
     def parameters(self) -> list[nn.Parameter]:
         """The betas, one (C_out,) Parameter per wrapped conv: all an optimizer should see."""
         return [layer.beta for layer in self.layers.values()]
-
-    def set_modes(self) -> None:
-        """Eval mode, BatchNorms in training mode under ``bn="batch"`` (:meth:`loss` calls it)."""
-        self.model.eval()
-        for m in batchnorms(self.model):
-            m.train(self.bn == "batch")
 
     def loss(self, x: Tensor, x_knockoff: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> Tensor:
         """``loss_fn`` on the real half's logits of the paired batch ``[x; x_knockoff]``.
@@ -337,7 +348,9 @@ class ScaleLearner:
         """
         if x.shape != x_knockoff.shape:
             raise ValueError(f"x_knockoff must have x's shape {tuple(x.shape)}, got {tuple(x_knockoff.shape)}")
-        self.set_modes()
+        self.model.eval()
+        for m in batchnorms(self.model):
+            m.train(self.bn == "batch")
         return loss_fn(self.model(torch.cat([x, x_knockoff]))[: x.shape[0]], y)
 
     @torch.no_grad()
@@ -346,15 +359,7 @@ class ScaleLearner:
         for layer in self.layers.values():
             layer.clamp_beta_()
 
-    def restore(self) -> None:
-        """Unfreeze what was trainable, put the BatchNorm statistics back, eval mode."""
-        for p, flag in self._trainable.items():
-            p.requires_grad_(flag)
-        for m, state in zip(batchnorms(self.model), self._bn_state):
-            m.load_state_dict(state)
-        self.model.eval()
-
     def finish(self) -> dict[str, Tensor]:
-        """:meth:`restore`, then SCOP's scores ``{conv name: (C_out,) 2 beta - 1}``."""
-        self.restore()
+        """Unfreeze what was trainable, put the BatchNorm statistics back, return SCOP's scores."""
+        self._restore()
         return ScopImportance()(self.model)
