@@ -144,7 +144,7 @@ class PruneConfig:
         from .prune.importance import criterion_names
         from .prune.latency import DTYPES, MEMORY_FORMATS
         from .prune.select import policy_names
-        from .prune.surgery import BLOCK_WIDTHS
+        from .prune.groups import BLOCK_WIDTHS
 
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
