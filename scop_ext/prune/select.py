@@ -355,13 +355,7 @@ def flops_target(
             prunable groups allow, or ``round_to`` makes the steps too coarse); the message gives
             the closest reduction found.
     """
-    if not 0.0 < reduction < 1.0:
-        raise ValueError(f"reduction must be in (0, 1), got {reduction}")
-    if not tolerance > 0:
-        raise ValueError(f"tolerance must be > 0, got {tolerance}")
-    if search not in ("uniform", "global_ranking"):
-        raise ValueError(f"search must be 'uniform' or 'global_ranking', got {search!r}")
-    _check_common(min_channels, round_to)
+    _check_flops_target(reduction, tolerance, search, min_channels, round_to)
     group_scores = _scored(space, scores)
     order = _global_order(space, group_scores, normalize, min_channels) if search == "global_ranking" else []
 
@@ -393,18 +387,50 @@ def flops_target(
             return plan
         lo, hi = (mid, hi) if achieved < reduction else (lo, mid)
     # One step of the ratio jumps over the target: finish group by group from the lower side.
-    keep, below = keep_at(lo), evaluate(keep_at(lo))[1]
-    upper = keep_at(hi)
+    keep = keep_at(lo)
+    moves = _finishing_moves(space, search, keep, keep_at(hi), order, evaluate)
+    plan, closest = _take_moves(keep, moves, evaluate, reduction, tolerance, evaluate(keep)[1])
+    if plan is not None:
+        return plan
+    raise ValueError(
+        f"no {search} plan reaches a FLOPs reduction of {reduction:.4f} within {tolerance}: the closest from "
+        f"below is {closest:.4f} (loosen min_channels/round_to/ignored_layers, or the tolerance)"
+    )
+
+
+def _check_flops_target(reduction: float, tolerance: float, search: str, min_channels: int, round_to: int) -> None:
+    if not 0.0 < reduction < 1.0:
+        raise ValueError(f"reduction must be in (0, 1), got {reduction}")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    if search not in ("uniform", "global_ranking"):
+        raise ValueError(f"search must be 'uniform' or 'global_ranking', got {search!r}")
+    _check_common(min_channels, round_to)
+
+
+def _finishing_moves(space: PruningSpace, search: str, keep: dict[int, int], upper: dict[int, int], order: list[int],
+                     evaluate: Callable[[dict[int, int]], tuple[Plan, float]]) -> list[tuple[int, int]]:
+    """One-group moves (group, kept count) from ``keep`` towards ``upper``: for ``"uniform"`` each
+    group's next step, largest FLOPs saving first; for ``"global_ranking"`` the next channels in
+    ranking ``order``."""
     if search == "uniform":
+        below = evaluate(keep)[1]
         steps = [i for i in keep if upper[i] < keep[i]]
         saving = {i: evaluate({**keep, i: upper[i]})[1] - below for i in steps}
-        moves = [(i, upper[i]) for i in sorted(steps, key=lambda i: -saving[i])]
-    else:
-        removed = sum(space.groups[i].size - keep[i] for i in keep)
-        moves, taken = [], dict(keep)
-        for i in order[removed:]:
-            taken[i] -= 1
-            moves.append((i, taken[i]))
+        return [(i, upper[i]) for i in sorted(steps, key=lambda i: -saving[i])]
+    removed = sum(space.groups[i].size - keep[i] for i in keep)
+    moves, taken = [], dict(keep)
+    for i in order[removed:]:
+        taken[i] -= 1
+        moves.append((i, taken[i]))
+    return moves
+
+
+def _take_moves(keep: dict[int, int], moves: list[tuple[int, int]], evaluate: Callable[[dict[int, int]], tuple[Plan, float]],
+                reduction: float, tolerance: float, below: float) -> tuple[Plan | None, float]:
+    """Apply ``moves`` (group, kept count) to ``keep`` in order, skipping a group once a move of
+    it would overshoot ``reduction + tolerance``; ``(plan, reduction)`` at the first move that
+    lands within ``tolerance``, else ``(None, the closest reduction from below)``."""
     closest, blocked = below, set()
     for i, count in moves:
         if i in blocked:
@@ -415,12 +441,9 @@ def flops_target(
             continue
         keep[i] = count
         closest = achieved
-        if on_target(achieved):
-            return plan
-    raise ValueError(
-        f"no {search} plan reaches a FLOPs reduction of {reduction:.4f} within {tolerance}: the closest from "
-        f"below is {closest:.4f} (loosen min_channels/round_to/ignored_layers, or the tolerance)"
-    )
+        if abs(achieved - reduction) <= tolerance:
+            return plan, achieved
+    return None, closest
 
 
 def latency_target(
