@@ -147,14 +147,14 @@ def accuracy_rows(task: dict, targets, repeats: int) -> list[dict]:
         base_flops = count_flops(base, x)
         ratio_of = lambda m: statistics.median(timed_ratio(base, m.eval(), x, 64, repeats))  # noqa: E731
         with tempfile.TemporaryDirectory() as tmp:
-            scorer = ScopPruner(_config(task, seed, "scop", "gaussian", True), os.path.join(tmp, "s"),
+            scorer = ScopPruner.from_config(_config(task, seed, "scop", "gaussian", True), os.path.join(tmp, "s"),
                                 model=copy.deepcopy(base), progress=False, log=lambda *a: None)
             scorer.knockoffs = _generator(task, "gaussian", seed, scorer.train_set)
             scorer.convert()
             scorer.learn_scales()
             for target in targets:
                 def pruner(cfg, model, name):
-                    return ScopPruner(cfg, os.path.join(tmp, f"{name}-{target}"), model=model, progress=False,
+                    return ScopPruner.from_config(cfg, os.path.join(tmp, f"{name}-{target}"), model=model, progress=False,
                                       log=lambda *a: None)
 
                 cfg = _config(task, seed, "scop", "gaussian", True, target)
