@@ -109,7 +109,10 @@ def fit_knockoff_biases(model: nn.Module, pairs: DataLoader, device: torch.devic
         s_in = lemma2.estimate_s(torch.cat(real[name]), torch.cat(knock[name]))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            sol = layer.fit_knockoff_bias(s_in, gamma)
+            try:
+                sol = layer.fit_knockoff_bias(s_in, gamma)
+            except ValueError as exc:  # e.g. "weight contains NaN or Inf": say which layer
+                raise ValueError(f"layer {name!r}: {exc}") from None
         for w in caught:  # lemma2.solve does not know which layer it solves for
             warnings.warn(f"layer {name!r}: {w.message}", w.category, stacklevel=2)
         report[name] = {"s_in": s_in, "lambda_max": sol.lambda_max, "gamma": sol.gamma, "margin": sol.margin,
@@ -212,18 +215,18 @@ def learn_scales(
                     "seed": seed, "layers": model_signature({name: (layer.out_channels,) for name, layer in layers.items()}),
                     "batches": len(pairs), "samples": len(pairs.dataset)}
     state = checkpoint.load_progress(checkpoint_path, "scales-progress", run_settings, device) if checkpoint_path else None
-    if state is not None and int(state["epoch"]) + 1 > epochs:
-        raise checkpoint.CheckpointError(f"{checkpoint_path}: holds {int(state['epoch']) + 1} epochs of progress, more "
-                                         f"than the epochs={epochs} asked for; delete it to start over")
     if state is not None:
-        with torch.no_grad():
+        with checkpoint.malformed(checkpoint_path), torch.no_grad():
+            if int(state["epoch"]) + 1 > epochs:
+                raise checkpoint.CheckpointError(f"{checkpoint_path}: holds {int(state['epoch']) + 1} epochs of progress, "
+                                                 f"more than the epochs={epochs} asked for; delete it to start over")
             for name, beta in named_betas.items():
                 beta.copy_(state["betas"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        for name, layer in layers.items():
-            layer.generator.set_state(state["generators"][name])
-        history = ScaleHistory(loss=list(state["loss"]), beta_mean={k: list(v) for k, v in state["beta_mean"].items()})
-        start = int(state["epoch"]) + 1
+            optimizer.load_state_dict(state["optimizer"])
+            for name, layer in layers.items():
+                layer.generator.set_state(state["generators"][name])
+            history = ScaleHistory(loss=list(state["loss"]), beta_mean={k: list(v) for k, v in state["beta_mean"].items()})
+            start = int(state["epoch"]) + 1
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     model.eval()
     for m in batchnorms(model):

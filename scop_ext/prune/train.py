@@ -231,6 +231,17 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+def _check_hyperparameters(*, epochs, lr, momentum, weight_decay) -> None:
+    """ValueError naming the first argument of :func:`fit` out of range; NaN and Inf never pass."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    for name, value, low, strict in (("lr", lr, 0.0, True), ("momentum", momentum, 0.0, False),
+                                     ("weight_decay", weight_decay, 0.0, False)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and (value > low if strict else value >= low)):
+            raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
@@ -268,6 +279,7 @@ def fit(
     """
     from tqdm.auto import tqdm
 
+    _check_hyperparameters(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay)
     device = torch.device(device)
     amp = default_amp(device) if amp is None else amp
     model.to(device)
@@ -286,12 +298,14 @@ def fit(
                     "batches": len(train_loader), "samples": len(train_loader.dataset)}
     state = checkpoint.load_progress(checkpoint_path, f"{stage}-progress", run_settings, device) if checkpoint_path else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        best_state, start = state["best_model"], int(state["epoch"]) + 1
-        _set_rng_state(state["rng"], device)
-        result = FitResult(history=list(state["history"]), best_top1=float(state["best_top1"]), best_epoch=int(state["best_epoch"]))
+        with checkpoint.malformed(checkpoint_path):
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            best_state, start = state["best_model"], int(state["epoch"]) + 1
+            _set_rng_state(state["rng"], device)
+            result = FitResult(history=list(state["history"]), best_top1=float(state["best_top1"]),
+                               best_epoch=int(state["best_epoch"]))
     for epoch in range(start, epochs):
         set_epoch(train_loader, epoch)
         model.train()
