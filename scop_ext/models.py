@@ -28,9 +28,17 @@ __all__ = [
     "build_model",
     "model_names",
     "example_input",
+    "check_sizes",
+    "MAX_CLASSES",
+    "MAX_IN_CHANNELS",
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
+
+# Bounds on sizes that may come from a file (a model description): beyond them a classifier or a
+# stem is gigabytes before anything could check it. ImageNet-21k has 21,841 classes.
+MAX_CLASSES = 100_000
+MAX_IN_CHANNELS = 1024
 
 
 class BasicBlock(nn.Module):
@@ -90,7 +98,7 @@ class CifarResNet(nn.Module):
                 f"depths and widths must be non-empty sequences of positive ints of equal length, "
                 f"got depths={tuple(depths)}, widths={tuple(widths)}"
             )
-        _check_positive(num_classes=num_classes, in_channels=in_channels)
+        check_sizes(num_classes, in_channels)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
@@ -118,10 +126,12 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+def check_sizes(num_classes, in_channels) -> None:
+    """ValueError naming ``num_classes`` or ``in_channels`` unless each is an int in 1..its bound
+    (:data:`MAX_CLASSES`, :data:`MAX_IN_CHANNELS`)."""
+    for name, value, bound in (("num_classes", num_classes, MAX_CLASSES), ("in_channels", in_channels, MAX_IN_CHANNELS)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
+            raise ValueError(f"{name} must be an int in 1..{bound}, got {value!r}")
 
 
 def _cifar_resnet(depth: int, num_classes: int, in_channels: int) -> CifarResNet:
@@ -220,7 +230,7 @@ def build_model(name: str, num_classes: int, in_channels: int, weights: str | os
         ValueError: an unknown name, or a weights file that is missing, unreadable, not a
             state_dict, or does not match the architecture (the message names the file).
     """
-    _check_positive(num_classes=num_classes, in_channels=in_channels)
+    check_sizes(num_classes, in_channels)
     if name in _BUILDERS:
         model = _BUILDERS[name](num_classes=num_classes, in_channels=in_channels)
     elif name.startswith(TORCHVISION_PREFIX):
@@ -284,6 +294,11 @@ def _load_weights(model: nn.Module, name: str, path: str | os.PathLike) -> None:
         raise ValueError(f"weights file {path!r} could not be read as a state_dict: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise ValueError(f"weights file {path!r} does not hold a state_dict (a dict of str -> Tensor)")
+    from .checkpoint import first_nonfinite
+
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise ValueError(f"weights file {path!r}: tensor {bad!r} holds NaN or Inf; the model is unusable")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

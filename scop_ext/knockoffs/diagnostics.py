@@ -564,6 +564,7 @@ def check(
     """
     if (model is None) != (not layers):
         raise ValueError("model and layers go together: pass both or neither")
+    check_counts(False, n=n)
     if not isinstance(swap_test_steps, int) or swap_test_steps < 0:
         raise ValueError(f"swap_test_steps must be an int >= 0, got {swap_test_steps!r}")
     out_dir = os.fspath(out_dir)

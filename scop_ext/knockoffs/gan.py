@@ -49,6 +49,7 @@ from .base import KnockoffGenerator, check_counts, draw_normal, images_of, resiz
 __all__ = ["KnockoffGAN", "SwapDiscriminator", "swap_blocks", "hidden_bce", "CHECKPOINT_KIND"]
 
 CHECKPOINT_KIND = "knockoff-gan-progress"
+MAX_PARAMETERS = 10**9  # 4 GB of float32 weights, several times the largest GAN a knockoff needs
 
 # keys of config() a checkpoint may differ in and still be resumed
 _RESUMABLE_CHANGES = {"iterations", "checkpoint_every"}
@@ -307,6 +308,13 @@ class KnockoffGAN(KnockoffGenerator):
         self.shape = shape
         self.layout = (c, *self.work_hw, self.block)
         resnet = self.arch == "resnet"
+        with torch.device("meta"):  # sizes may come from a file: count before anything is allocated
+            count = sum(p.numel() for net in (_Generator(c, self.noise_channels, self.work_hw, self.width, resnet),
+                                              SwapDiscriminator(c, self.block, self.width, resnet))
+                        for p in net.parameters())
+        if count > MAX_PARAMETERS:
+            raise ValueError(f"KnockoffGAN with width={self.width}, noise_channels={self.noise_channels} on {c} channels "
+                             f"would hold {count:.3g} parameters; at most {MAX_PARAMETERS:.0e}")
         with torch.random.fork_rng(devices=[]):  # initialise from our seed, leave the global RNG alone
             torch.manual_seed(self.seed)
             self.G = _Generator(c, self.noise_channels, self.work_hw, self.width, resnet)
