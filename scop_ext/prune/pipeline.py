@@ -11,7 +11,10 @@ and :meth:`ScopPruner.run` calls them in order, writing every stage's result ato
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import fnmatch
 import json
+import math
 import os
 import time
 import types
@@ -28,8 +31,9 @@ from ..data import holdout, load_dataset
 from ..layers import convert as convert_layers
 from ..layers import scop_layers
 from ..models import build_model
+from ..runlock import RunLock
 from . import distributed, resources
-from .export import load_model, save_model
+from .export import load_model, read_arch, save_model
 from .flops import count_flops, count_params
 from .importance import make_importance
 from .report import measure_latency, write_report
@@ -123,7 +127,7 @@ class PruneConfig:
             raise ValueError(f"{path}: malformed config (not UTF-8 text: byte {exc.start})") from None
         try:
             if path.endswith(".json"):
-                values = json.loads(text)
+                values = checkpoint.load_json(text)
             else:
                 values = checkpoint.load_yaml(text)
         except Exception as exc:  # the parsers' own error types vary; one clear line either way
@@ -151,6 +155,9 @@ class PruneConfig:
             value = getattr(self, f.name)
             if not _has_type(value, hints[f.name]):
                 raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {type(value).__name__} {value!r}")
+            where = _nonfinite(value, f.name)
+            if where:  # inf passes "> 0" and NaN fails every range test silently: refuse both by name
+                raise ValueError(f"{where} must be a finite number, got {value!r}")
         from ..knockoffs.base import _REGISTRY as knockoff_kinds
         from .importance import _CRITERIA
 
@@ -183,6 +190,12 @@ class PruneConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        from ..knockoffs import make_generator
+
+        try:  # the generator's own constructor is the list of what it takes and accepts
+            make_generator(self.knockoffs, **self.knockoff_options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"knockoff_options: {exc}") from None
 
     def ranking_normalize(self) -> str | None:
         """The ``normalize`` of :func:`~scop_ext.prune.select.global_ranking`.
@@ -229,6 +242,18 @@ def _type_name(hint) -> str:
             dict: "a mapping", list: "a list", tuple: "a list"}[hint]
 
 
+def _nonfinite(value, key: str) -> str | None:
+    """The key (``scales_betas[1]``, ``knockoff_options.lr``) of the first NaN/Inf in ``value``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        found = _nonfinite(v, f"{key}.{k}" if isinstance(value, dict) else f"{key}[{k}]")
+        if found:
+            return found
+    return None
+
+
 def _is_device(name: str) -> bool:
     try:
         torch.device(name)
@@ -237,11 +262,36 @@ def _is_device(name: str) -> bool:
     return True
 
 
-def _load_weights(model_name: str, info, weights: str | None) -> nn.Module:
+def _load_weights(model_name: str, info, weights: str | None) -> tuple[nn.Module, dict]:
+    """The trained model and what it was built for: ``(model, {"num_classes", "in_channels"})``.
+
+    A ``save_model`` stem (the output of ``scop train``) describes its own architecture; a config
+    naming another model is refused rather than recorded beside weights it cannot reload.
+    """
     if weights and os.path.isfile(str(weights) + ".json"):
-        model, _ = load_model(weights)  # a save_model stem (e.g. the output of `scop train`)
-        return model
-    return build_model(model_name, info.num_classes, info.in_channels, weights=weights)
+        arch = read_arch(weights)
+        if arch["model"] != model_name:
+            raise ValueError(f"weights {weights}: is a {arch['model']!r} model ({weights}.json), but model is "
+                             f"{model_name!r}; set model to {arch['model']!r}")
+        model, arch = load_model(weights)
+        return model, {"num_classes": arch["num_classes"], "in_channels": arch["in_channels"]}
+    model = build_model(model_name, info.num_classes, info.in_channels, weights=weights)
+    return model, {"num_classes": info.num_classes, "in_channels": info.in_channels}
+
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if conv is None else conv.in_channels
+
+
+def _check_names(model: nn.Module, key: str, patterns: list[str]) -> None:
+    """Every name or pattern in ``patterns`` must match a convolution of ``model`` (a typo would
+    otherwise be ignored silently and the layer wrapped or pruned after all)."""
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in convs):
+            near = difflib.get_close_matches(pattern, convs, n=3, cutoff=0.3) or convs[:3]
+            raise ValueError(f"{key}: {pattern!r} names no convolution of the model; nearest: {', '.join(near)}")
 
 
 class ScopPruner:
@@ -274,13 +324,29 @@ class ScopPruner:
         fit_idx, val_idx = holdout(len(train_plain), config.val_fraction)
         self.train_set, self.train_aug = Subset(train_plain, fit_idx), Subset(train_aug, fit_idx)
         self.val_set = Subset(train_plain, val_idx) if val_idx else None
-        self.model = model if model is not None else _load_weights(config.model, self.info, config.weights)
+        if model is None:
+            self.model, built = _load_weights(config.model, self.info, config.weights)
+        else:
+            self.model, built = model, {"num_classes": self.info.num_classes, "in_channels": _first_conv_channels(model)}
+        self.num_classes, self.in_channels = built["num_classes"], built["in_channels"]
+        self._check_model_fits_data()
+        _check_names(self.model, "skip", config.skip)
+        _check_names(self.model, "ignored_layers", config.ignored_layers)
         self.model.to(self.device)
         self.example = self.train_set[0][0][None]
         self.knockoffs = None
         self.plan: dict[str, list[int]] | None = None
         self.results: dict[str, Any] = {"config": config.to_dict(), "notes": []}
         self.completed: list[str] = []
+
+    def _check_model_fits_data(self) -> None:
+        what = f"the model ({self.config.weights})" if self.config.weights else "the model"
+        if self.in_channels is not None and self.in_channels != self.info.in_channels:
+            raise ValueError(f"dataset {self.config.dataset!r} has {self.info.in_channels}-channel images, but {what} "
+                             f"takes {self.in_channels} channels")
+        if self.info.num_classes > self.num_classes:
+            raise ValueError(f"dataset {self.config.dataset!r} has {self.info.num_classes} classes, but {what} has "
+                             f"{self.num_classes} outputs")
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -471,14 +537,27 @@ class ScopPruner:
         return paths
 
     def _save_model(self, stem: str) -> None:
-        save_model(self.model, self._path(stem), model_name=self.config.model, num_classes=self.info.num_classes,
-                   in_channels=self.info.in_channels)
+        save_model(self.model, self._path(stem), model_name=self.config.model, num_classes=self.num_classes,
+                   in_channels=self.in_channels or self.info.in_channels)
 
     # ------------------------------------------------------------------ the whole run
 
     def run(self, resume: bool = False) -> dict[str, Any]:
-        """All steps in order; with ``resume`` completed stages are loaded from out_dir instead of rerun."""
-        os.makedirs(self.out_dir, exist_ok=True)
+        """All steps in order; with ``resume`` completed stages are loaded from out_dir instead of rerun.
+
+        Process 0 holds out_dir's :class:`~scop_ext.runlock.RunLock` for the whole run, so a
+        second run into the same folder is refused (naming this one's pid) instead of mixing
+        the two; the lock of a killed run is free at once, for ``resume``.
+        """
+        lock = RunLock(self.out_dir)
+        try:
+            if distributed.is_main():
+                lock.acquire()
+            return self._run(resume)
+        finally:
+            lock.release()
+
+    def _run(self, resume: bool) -> dict[str, Any]:
         if distributed.is_main():
             for name in os.listdir(self.out_dir):  # left by writes a kill interrupted (checkpoint.atomic_write_bytes)
                 if name.startswith(checkpoint.TEMP_PREFIX):
@@ -488,11 +567,13 @@ class ScopPruner:
         if state:
             self.results.update(state["results"])
         if not resume and distributed.is_main():
-            # Not resuming means starting over. With --resume they stay, even before state.json
-            # exists (a kill in stage 1), and each one is refused if it belongs to another config.
-            for name in os.listdir(self.out_dir):
-                if name.endswith("-progress.pt"):
-                    os.unlink(self._path(name))
+            # Not resuming means starting over, but only over a run of these same settings: the
+            # work of another is never deleted. With --resume progress files stay, even before
+            # state.json exists (a kill in stage 1), and each is refused if it belongs to another config.
+            progress = sorted(name for name in os.listdir(self.out_dir) if name.endswith("-progress.pt"))
+            self._refuse_another_run(progress)
+            for name in progress:
+                os.unlink(self._path(name))
         if distributed.is_main():
             checkpoint.write_json(self._path("config.json"), self.config.to_dict())
         distributed.barrier()  # the others start once process 0 has cleaned the folder
@@ -535,17 +616,33 @@ class ScopPruner:
         self.evaluate()
         self.report()
 
+    def _refuse_another_run(self, progress: list[str]) -> None:
+        """ValueError when out_dir holds the files of a run with other settings (or of another
+        command), which starting over would overwrite."""
+        config_path = self._path("config.json")
+        if os.path.exists(config_path):
+            saved = _read_json(config_path, dict)
+            ours = self.config.to_dict()
+            if saved != ours:
+                differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+                detail = ", ".join(f"{k}: {json.dumps(saved.get(k))} there, {json.dumps(ours.get(k))} now" for k in differ)
+                raise ValueError(f"{self.out_dir}: holds a run of other settings ({detail}), which is never overwritten; "
+                                 "rerun with its settings and --resume, or give another --out")
+        elif progress or os.path.exists(self._path("state.json")):
+            found = progress or ["state.json"]
+            raise ValueError(f"{self.out_dir}: holds {', '.join(found)} but no config.json, so not a run this one can "
+                             "start over; give another --out, or delete them")
+
     def _resume_state(self) -> dict | None:
         path = self._path("state.json")
         if not os.path.exists(path):
             return None
-        try:
-            with open(path) as f:
-                state = json.load(f)
-            with open(self._path("config.json")) as f:
-                saved = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise checkpoint.CheckpointError(f"{self.out_dir}: cannot resume, run state unreadable ({exc})") from None
+        state = _read_json(path, dict)
+        saved = _read_json(self._path("config.json"), dict)
+        completed, results = state.get("completed"), state.get("results")
+        if not (isinstance(completed, list) and set(completed) <= set(STAGES) and isinstance(results, dict)):
+            raise checkpoint.CheckpointError(f"{path}: cannot resume: not a scop run state (expected "
+                                             f"{{\"completed\": [stages of {', '.join(STAGES)}], \"results\": {{...}}}})")
         if saved != self.config.to_dict():
             changed = sorted(k for k in set(saved) | set(self.config.to_dict()) if saved.get(k) != self.config.to_dict().get(k))
             raise ValueError(f"{self.out_dir}: cannot resume: the config differs from the interrupted run's in {changed}")
@@ -562,8 +659,20 @@ class ScopPruner:
         self.model.to(self.device)
 
     def _load_plan(self):
-        with open(self._path("plan.json")) as f:
-            self.plan = json.load(f)
+        self.plan = _read_json(self._path("plan.json"), dict)
 
     def _load_model_stage(self, stem: str):
         self.model, _ = load_model(self._path(stem), map_location=self.device)
+
+
+def _read_json(path: str, kind: type):
+    """The JSON value in ``path``, which must be a ``kind``; CheckpointError naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise checkpoint.CheckpointError(f"{path}: run file unreadable ({exc})") from None
+    if not isinstance(value, kind):
+        raise checkpoint.CheckpointError(f"{path}: run file holds a {type(value).__name__}, expected a "
+                                         f"{'mapping' if kind is dict else kind.__name__}")
+    return value
