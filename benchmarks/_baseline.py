@@ -14,19 +14,15 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.data import Subset
-
-from scop_ext.data import holdout, load_dataset
+from scop_ext.data import load_splits
 from scop_ext.models import build_model
-from scop_ext.prune.train import evaluate, fit, make_loader
+from scop_ext.train import evaluate, fit, make_loader
 
 
 def datasets(name: str = "digits", root: str | None = None):
-    """``(train without augmentation, train with augmentation, test, info)``."""
-    train, info = load_dataset(name, root, "train", augment=False)
-    train_aug, _ = load_dataset(name, root, "train")
-    test, _ = load_dataset(name, root, "test")
-    return train, train_aug, test, info
+    """``(train without augmentation, train with augmentation, test, info)``, the whole training split."""
+    data = load_splits(name, root, val_fraction=0.0)
+    return data.train, data.train_aug, data.test, data.info
 
 
 def test_loader(test, batch_size: int = 256):
@@ -48,7 +44,8 @@ def baseline(model_name: str, dataset: str, seed: int, epochs: int, *, root: str
     """A trained ``model_name`` on ``dataset`` for ``seed`` (from ``cache`` when it is there), in eval mode."""
     from safetensors.torch import load_file, save_file
 
-    train, train_aug, test, info = datasets(dataset, root)
+    data = load_splits(dataset, root, val_fraction=0.1)
+    info, test = data.info, data.test
     path = None
     if cache:
         os.makedirs(cache, exist_ok=True)
@@ -59,8 +56,7 @@ def baseline(model_name: str, dataset: str, seed: int, epochs: int, *, root: str
         model.load_state_dict(load_file(path))
         return model.to(device).eval()
     start = time.time()
-    fit_idx, _ = holdout(len(train_aug), 0.1)
-    fit(model, make_loader(Subset(train_aug, fit_idx), batch_size, shuffle=True, seed=seed), None, epochs=epochs, lr=lr,
+    fit(model, make_loader(data.train_aug, batch_size, shuffle=True, seed=seed), None, epochs=epochs, lr=lr,
         device=device, weight_decay=weight_decay, stage="train", progress=False)
     model.eval()
     log(f"  baseline {model_name} seed {seed}: {epochs} epochs in {time.time() - start:.0f} s, "

@@ -45,7 +45,8 @@ import _report  # noqa: E402
 
 from scop_ext.models import example_input  # noqa: E402
 from scop_ext.prune import count_flops  # noqa: E402
-from scop_ext.prune.pipeline import PruneConfig, ScopPruner  # noqa: E402
+from scop_ext.config import PruneConfig  # noqa: E402
+from scop_ext.pipeline import ScopPruner  # noqa: E402
 
 METHODS = {
     # name: (importance, knockoffs, knockoff_bias)
@@ -153,7 +154,7 @@ def run_unit(task: dict, seed: int, method: str) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if importance == "scop":
-            pruner = ScopPruner(_config(task, seed, importance, knockoffs, bias), os.path.join(tmp, "scales"),
+            pruner = ScopPruner.from_config(_config(task, seed, importance, knockoffs, bias), os.path.join(tmp, "scales"),
                                 model=copy.deepcopy(base), progress=False, log=_quiet)
             pruner.knockoffs = _generator(task, knockoffs, seed, pruner.train_set)
             pruner.convert()
@@ -166,9 +167,9 @@ def run_unit(task: dict, seed: int, method: str) -> list[dict]:
             cfg = _config(task, seed, importance if importance != "tp" else "l1", knockoffs, bias, target)
             if importance == "tp":
                 model, _ = tp_prune(base, example, target)
-                pruner = ScopPruner(cfg, out, model=model, progress=False, log=_quiet)
+                pruner = ScopPruner.from_config(cfg, out, model=model, progress=False, log=_quiet)
             else:
-                pruner = ScopPruner(cfg, out, model=copy.deepcopy(scored), progress=False, log=_quiet)
+                pruner = ScopPruner.from_config(cfg, out, model=copy.deepcopy(scored), progress=False, log=_quiet)
                 pruner.select()
                 pruner.prune()
             row = _finish(pruner, base_flops, example, pruner.test_set)

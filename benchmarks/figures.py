@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _baseline  # noqa: E402
 
 from scop_ext.knockoffs import check, make_generator  # noqa: E402
-from scop_ext.prune.pipeline import PruneConfig, ScopPruner  # noqa: E402
+from scop_ext.config import PruneConfig  # noqa: E402
+from scop_ext.pipeline import ScopPruner  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = ["layers.0.0", "layers.1.0"]
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
                              finetune_epochs=args.finetune_epochs, finetune_lr=0.02, policy="flops_target",
                              flops_reduction=0.5, seed=args.seed, latency=False)
         run_dir = os.path.join(tmp, "demo")
-        results = ScopPruner(config, run_dir, model=model, progress=False).run()
+        results = ScopPruner.from_config(config, run_dir, model=model, progress=False).run()
         for name in ("betas", "importance", "channels"):
             dst = os.path.join(args.out, f"demo_{name}.png")
             shutil.copyfile(os.path.join(run_dir, f"{name}.png"), dst)

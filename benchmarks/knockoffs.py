@@ -2,7 +2,8 @@
 
 Datasets: scikit-learn's bundled 8 x 8 digits (fit on the train split, measured on the test
 split) and a CIFAR-sized synthetic set (3 x 32 x 32 smooth images of 10 classes, made here).
-Quality is measured on held-out images with ``scop_ext.knockoffs.diagnostics``.
+Quality is measured on held-out images with ``scop_ext.knockoffs.exchangeability``, ``.leakage``
+and ``.swap``.
 
     python benchmarks/knockoffs.py                                  # print the table
     python benchmarks/knockoffs.py --write benchmarks/README.md     # and write its section
@@ -27,14 +28,10 @@ from _report import command_line, machine, markdown_table, write_section  # noqa
 from scop_ext.data import digits  # noqa: E402
 from scop_ext.knockoffs import ExternalKnockoffs, GaussianKnockoffs, KnockoffGAN, PermutationKnockoffs  # noqa: E402
 from scop_ext.knockoffs.base import resize  # noqa: E402
-from scop_ext.knockoffs.diagnostics import (  # noqa: E402
-    exchangeability,
-    label_leakage,
-    measurement_shape,
-    power,
-    sample_batched,
-    swap_advantage,
-)
+from scop_ext.knockoffs.exchangeability import exchangeability, measurement_shape, power  # noqa: E402
+from scop_ext.knockoffs.leakage import label_leakage  # noqa: E402
+from scop_ext.knockoffs.report import sample_batched  # noqa: E402
+from scop_ext.knockoffs.swap import swap_advantage  # noqa: E402
 
 
 def smooth_images(n: int, seed: int = 0, classes: int = 10) -> tuple[Tensor, Tensor]:

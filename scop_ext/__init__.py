@@ -1,7 +1,23 @@
 """scop_ext: knockoff-controlled filter pruning (SCOP, NeurIPS 2020) for PyTorch.
 
 Importing the package loads the compiled operators (``torch.ops.scop.*``);
-:func:`build_info` says which backends were built.
+:func:`build_info` says which backends were built. Where each stage lives (paths under
+``scop_ext/``):
+
+| stage (DESIGN.md §1) | `STAGES` name | `ScopPruner` step | module |
+|---|---|---|---|
+| 1. knockoff data | `knockoffs` | `fit_knockoffs` | `knockoffs/` |
+| 2. excavating: learn β, weights frozen | `scales` | `convert`, `learn_scales` | `prune/excavate.py` (on `layers.py`, `lemma2.py`) |
+| 3. selecting filters | `select` | `select` | `prune/importance.py`, `prune/select.py` |
+| 4. physical pruning and fine-tuning | `prune`, `finetune` | `prune`, `recalibrate_bn`, `finetune` | `prune/surgery.py`, `train.py` |
+| the report | `report` | `evaluate`, `report` | `report.py` |
+
+Beside the stages: `_ops.py` (the compiled operators; `reference.py` is their plain-PyTorch
+twin), `layers.py` (`ScopConv2d`), `lemma2.py` (the knockoff bias), `config.py` (`PruneConfig`),
+`pipeline.py` (`ScopPruner`, `STAGES`), `cli.py`; generic pieces that baseline training uses as
+much as pruning: `train.py` (`fit`, `evaluate`, `recalibrate_bn`), `export.py` (pickle-free model
+files), `distributed.py` (torchrun), `resources.py` (memory checks), `checkpoint.py`, `data.py`,
+`models.py`, `plots.py`, `prune/flops.py`.
 """
 
 from ._loader import build_info

@@ -15,14 +15,14 @@ import json
 import os
 import pickle
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
 __all__ = ["FORMAT_VERSION", "TEMP_PREFIX", "CheckpointError", "save", "load", "save_progress", "load_progress",
            "atomic_write_bytes", "atomic_write_text", "write_json", "load_json", "load_yaml", "malformed", "file_mode",
-           "first_nonfinite"]
+           "first_nonfinite", "differing_keys"]
 
 FORMAT_VERSION = 1
 TEMP_PREFIX = ".tmp-"  # files being written; a killed writer leaves one behind, never a half target
@@ -169,12 +169,19 @@ def load_progress(path: str | os.PathLike, kind: str, settings: dict, map_locati
     except (KeyError, TypeError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: records no settings to match this run against; {start_over}") from None
     ours = json.loads(json.dumps(settings, sort_keys=True, default=_json_default))
-    if saved != ours:
-        differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+    differ = differing_keys(saved, ours)
+    if differ:
         detail = ", ".join(f"{k}: {_brief(saved.get(k))} there, {_brief(ours.get(k))} now" for k in differ)
         raise CheckpointError(f"{path}: progress of a run with other settings ({detail}); rerun with its settings "
                               f"to resume it, or {start_over}")
     return payload
+
+
+def differing_keys(saved: dict, ours: dict, ignore: Iterable[str] = ()) -> list[str]:
+    """The keys, sorted, whose values differ between two settings mappings (a key one of them
+    lacks counts as differing), leaving out ``ignore``."""
+    ignore = set(ignore)
+    return sorted(k for k in set(saved) | set(ours) if k not in ignore and saved.get(k) != ours.get(k))
 
 
 def _brief(value) -> str:

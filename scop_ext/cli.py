@@ -72,28 +72,24 @@ def _train(args, device: str) -> int:
     import torch
 
     from .checkpoint import write_json
-    from torch.utils.data import Subset
-
-    from .data import holdout, load_dataset
+    from .data import load_splits
+    from .export import save_model
     from .models import build_model
-    from .prune.export import save_model
-    from .prune.train import evaluate, fit, make_loader
+    from .train import evaluate, fit, make_loader
 
     torch.manual_seed(args.seed)
-    train, info = load_dataset(args.dataset, args.data_root, "train")
-    plain, _ = load_dataset(args.dataset, args.data_root, "train", augment=False)
-    test, _ = load_dataset(args.dataset, args.data_root, "test")
-    fit_idx, val_idx = holdout(len(train), args.val_fraction)
-    val = make_loader(Subset(plain, val_idx), 256, shuffle=False, evaluation=True) if val_idx else None
+    data = load_splits(args.dataset, args.data_root, val_fraction=args.val_fraction)
+    info = data.info
+    val = make_loader(data.val, 256, shuffle=False, evaluation=True) if data.val is not None else None
     model = build_model(args.model, info.num_classes, info.in_channels)
     # An earlier run's progress in --out is resumed only if it had these same settings.
     settings = {"model_name": args.model, "dataset": args.dataset, "data_root": args.data_root,
                 "batch_size": args.batch_size, "val_fraction": args.val_fraction, "seed": args.seed}
-    result = fit(model, make_loader(Subset(train, fit_idx), args.batch_size, shuffle=True, seed=args.seed),
+    result = fit(model, make_loader(data.train_aug, args.batch_size, shuffle=True, seed=args.seed),
                  val, epochs=args.epochs, lr=args.lr,
                  device=device, weight_decay=args.weight_decay, stage="train",
                  checkpoint_path=os.path.join(args.out, "train-progress.pt"), settings=settings, log=print)
-    metrics = evaluate(model, make_loader(test, 256, shuffle=False, evaluation=True), device)
+    metrics = evaluate(model, make_loader(data.test, 256, shuffle=False, evaluation=True), device)
     paths = save_model(model, os.path.join(args.out, "model"), model_name=args.model,
                        num_classes=info.num_classes, in_channels=info.in_channels)
     write_json(os.path.join(args.out, "metrics.json"), {"test": metrics, "history": result.history})
@@ -110,14 +106,17 @@ PRUNE_FLAGS = {
     "dataset": (str, "digits (bundled), cifar10 or imagefolder"),
     "data_root": (str, "local folder of cifar10 / imagefolder data"),
     "batch_size": (int, "images per batch (real images; stage 2 adds as many knockoffs)"),
-    "knockoffs": (str, "knockoff generator: gaussian, gan, permutation"),
+    "knockoffs": (str, "knockoff generator (see `scop info`)"),
     "scales_epochs": (int, "stage 2 epochs"),
     "bn": (str, "batch (authors) or frozen"),
-    "importance": (str, "scop, l1, l2, bn_scale, random"),
-    "policy": (str, "uniform, global_ranking, flops_target, fdr"),
+    "importance": (str, "importance criterion (see `scop info`)"),
+    "policy": (str, "selection policy (see `scop info`)"),
     "ratio": (float, "fraction of channels removed (uniform / global_ranking)"),
     "normalize": (str, "global_ranking: auto (raw scores for scop, else max), max or none"),
     "flops_reduction": (float, "target FLOPs reduction (flops_target)"),
+    "latency_reduction": (float, "target share of predicted latency removed (latency_target)"),
+    "latency_ms": (float, "or an absolute latency budget in ms at --latency-batch (latency_target)"),
+    "latency_batch": (int, "batch the latency model is measured at (latency_target; default 64)"),
     "fdr_q": (float, "target false discovery rate (fdr)"),
     "min_channels": (int, "fewest channels a layer keeps"),
     "round_to": (int, "kept channels rounded up to a multiple of this"),
@@ -127,9 +126,9 @@ PRUNE_FLAGS = {
 
 
 def _prune_config(args):
-    from .prune.pipeline import PruneConfig
+    from .config import PruneConfig
 
-    from .prune.export import read_arch
+    from .export import read_arch
 
     values = PruneConfig.file_values(args.config) if args.config else {}
     for key in PRUNE_FLAGS:
@@ -149,15 +148,15 @@ def _prune_config(args):
 
 
 def cmd_prune(args) -> int:
-    from .prune import distributed
-    from .prune.pipeline import ScopPruner
-    from .prune.report import format_table
+    from . import distributed
+    from .pipeline import ScopPruner
+    from .report import format_table
 
     config = _prune_config(args)
     distributed.setup(config.device)
     main = distributed.is_main()  # after teardown every process would call itself the main one
     try:
-        pruner = ScopPruner(config, args.out, progress=not args.quiet)
+        pruner = ScopPruner.from_config(config, args.out, progress=not args.quiet)
         results = pruner.run(resume=args.resume)
     finally:
         distributed.teardown()
@@ -205,7 +204,7 @@ def _fit_generator(gen, args, device: str) -> None:
 def cmd_knockoffs_check(args) -> int:
     from .data import load_dataset
     from .knockoffs import check, load
-    from .prune.export import load_model
+    from .export import load_model
 
     device = _device(args.device)
     gen = load(args.knockoffs, map_location=device)
@@ -224,7 +223,7 @@ def cmd_knockoffs_check(args) -> int:
 # -------------------------------------------------------------------------- report / export
 
 def cmd_report(args) -> int:
-    from .prune.report import format_table, write_report
+    from .report import format_table, write_report
 
     path = os.path.join(args.run, "state.json")
     try:
@@ -245,9 +244,8 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from .prune.export import export_onnx, export_torchscript, load_model, onnx_missing, save_model
-
     from .data import MAX_IMAGE_SIZE
+    from .export import export_onnx, export_torchscript, load_model, onnx_missing, save_model
 
     if not 1 <= args.image_size <= MAX_IMAGE_SIZE:
         raise ValueError(f"--image-size must be in 1..{MAX_IMAGE_SIZE}, got {args.image_size}")
@@ -283,9 +281,13 @@ def cmd_export(args) -> int:
 def cmd_info(args) -> int:
     import scop_ext
 
+    from .knockoffs import generator_kinds
     from .models import model_names
+    from .prune.importance import criterion_names
+    from .prune.select import policy_names
 
-    print(json.dumps({"build": scop_ext.build_info(), "models": model_names()}, indent=2))
+    print(json.dumps({"build": scop_ext.build_info(), "models": model_names(), "knockoffs": generator_kinds(),
+                      "importance": criterion_names(), "policies": policy_names()}, indent=2))
     return 0
 
 
@@ -295,8 +297,9 @@ def cmd_demo(args) -> int:
     """Baseline on digits, SCOP to about half the FLOPs, fine-tune, print the table."""
     import time
 
-    from .prune.pipeline import PruneConfig, ScopPruner
-    from .prune.report import format_table
+    from .config import PruneConfig
+    from .pipeline import ScopPruner
+    from .report import format_table
 
     start = time.time()
     device = _device(args.device)
@@ -307,7 +310,7 @@ def cmd_demo(args) -> int:
     config = PruneConfig(model="resnet_digits", weights=os.path.join(base, "model"), dataset="digits",
                          scales_epochs=args.scales_epochs, finetune_epochs=args.finetune_epochs, finetune_lr=0.02,
                          policy="flops_target", flops_reduction=0.5, device=device, seed=args.seed)
-    results = ScopPruner(config, os.path.join(args.out, "prune")).run(resume=True)
+    results = ScopPruner.from_config(config, os.path.join(args.out, "prune")).run(resume=True)
     print()
     print(format_table(results["before"], results["after"]))
     print(f"\nFLOPs reduction {100 * results.get('flops_reduction', 0):.1f}%, "
@@ -355,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("knockoffs", help="fit or check knockoff generators")
     ksub = p.add_subparsers(dest="knockoffs_command", required=True)
     k = ksub.add_parser("fit", help="fit a knockoff generator", description="Fit a knockoff generator on training images.")
-    k.add_argument("--kind", default="gaussian", help="gaussian, gan or permutation")
+    k.add_argument("--kind", default="gaussian", help="knockoff generator (see `scop info`)")
     k.add_argument("--dataset", default="digits")
     k.add_argument("--data-root", default=None)
     k.add_argument("--batch-size", type=int, default=256)
@@ -377,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="swap blocks down and across (default: the generator's own grid)")
     k.add_argument("--max-dim", type=int,
                    help="most coordinates the exchangeability covariance is measured at; larger images are "
-                        "block-cell averaged (default: scop_ext.knockoffs.diagnostics.MAX_DIM)")
+                        "block-cell averaged (default: scop_ext.knockoffs.exchangeability.MAX_DIM)")
     _common(k, device_help="where the knockoffs and --model run: cpu, cuda, cuda:1 ... (default: cuda if available)")
     k.set_defaults(func=cmd_knockoffs_check)
 
@@ -410,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
-    from .prune.resources import ResourceError
-    from .prune.train import NonFiniteError
+    from .resources import ResourceError
+    from .train import NonFiniteError
 
     try:
         _check_out(getattr(args, "out", None))

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["DatasetInfo", "MAX_IMAGE_SIZE", "digits", "cifar10", "image_folder", "load_dataset", "holdout"]
+__all__ = ["DatasetInfo", "MAX_IMAGE_SIZE", "digits", "cifar10", "image_folder", "load_dataset", "holdout", "Splits",
+           "load_splits"]
 
 # Largest edge an image is resized to: one 3 x 4096 x 4096 float32 image is already 200 MB, and a
 # larger size would fail on allocation while loading data, before any memory check could run.
@@ -264,3 +265,35 @@ def holdout(length: int, fraction: float, seed: int = 0) -> tuple[list[int], lis
     order = torch.randperm(length, generator=torch.Generator().manual_seed(seed)).tolist()
     cut = int(round(length * fraction))
     return sorted(order[cut:]), sorted(order[:cut])
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The parts of one dataset a training run uses.
+
+    Attributes:
+        train, train_aug: the same images (the training split less ``val``), without and with
+            random augmentation.
+        val: the held-out part of the training split (no augmentation), which picks the best
+            epoch; None when ``val_fraction`` is 0.
+        test: the test split; it only ever reports.
+        info: what :func:`load_dataset` says about the data.
+    """
+
+    train: Dataset
+    train_aug: Dataset
+    val: Dataset | None
+    test: Dataset
+    info: DatasetInfo
+
+
+def load_splits(name: str, root: str | os.PathLike | None = None, *, image_size: int = 224,
+                val_fraction: float = 0.1) -> Splits:
+    """The :class:`Splits` of a dataset (arguments as :func:`load_dataset`), the validation part
+    chosen by :func:`holdout`: the same images for ``scop train`` and ``scop prune``."""
+    train, info = load_dataset(name, root, "train", image_size=image_size, augment=False)
+    train_aug, _ = load_dataset(name, root, "train", image_size=image_size)
+    test, _ = load_dataset(name, root, "test", image_size=image_size)
+    fit_idx, val_idx = holdout(len(train), val_fraction)
+    return Splits(Subset(train, fit_idx), Subset(train_aug, fit_idx), Subset(train, val_idx) if val_idx else None,
+                  test, info)

@@ -29,7 +29,7 @@ from scop_ext import checkpoint
 from scop_ext.cli import _prune_config, build_parser, main
 from scop_ext.knockoffs import KnockoffGAN, make_generator
 from scop_ext.models import build_model
-from scop_ext.prune.export import load_model, save_model
+from scop_ext.export import load_model, save_model
 from scop_ext.runlock import LOCK_NAME, RunLock
 
 from .conftest import ENV, prune_args
@@ -322,13 +322,14 @@ def test_the_stem_names_the_model_and_its_classes_survive(tmp_path, capsys):
 
 def test_nan_weights_given_as_a_module_name_the_layer(baseline):
     """The Lemma 2 fit of a model handed over in memory names the layer whose weight is NaN."""
-    from scop_ext.prune.pipeline import PruneConfig, ScopPruner
+    from scop_ext.config import PruneConfig
+    from scop_ext.pipeline import ScopPruner
 
     model, _ = load_model(baseline)
     with torch.no_grad():
         model.layers[1][0].conv2.weight[0, 0, 0, 0] = float("inf")
-    pruner = ScopPruner(PruneConfig(weights=baseline, scales_epochs=1, bn_batches=2, latency=False, batch_size=128),
-                        "/nonexistent/never-written", model=model, progress=False, log=lambda *a: None)
+    config = PruneConfig(weights=baseline, scales_epochs=1, bn_batches=2, latency=False, batch_size=128)
+    pruner = ScopPruner.from_config(config, "/nonexistent/never-written", model=model, progress=False, log=lambda *a: None)
     pruner.knockoffs = make_generator("gaussian").fit(pruner._loader(pruner.train_set, shuffle=False))
     pruner.convert()
     with pytest.raises(ValueError, match=r"layer 'layers.1.0.conv2': weight contains NaN or Inf"):

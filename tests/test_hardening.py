@@ -36,12 +36,13 @@ from scop_ext.cli import main
 from scop_ext.knockoffs import GaussianKnockoffs
 from scop_ext.knockoffs import load as load_generator
 from scop_ext.models import build_model
-from scop_ext.prune import resources
-from scop_ext.prune.export import load_model, save_model
-from scop_ext.prune.pipeline import PruneConfig, ScopPruner
-from scop_ext.prune.report import write_report
-from scop_ext.prune.scales import fit_knockoff_biases, learn_scales
-from scop_ext.prune.train import NonFiniteError, fit, make_loader
+from scop_ext import resources
+from scop_ext.export import load_model, save_model
+from scop_ext.config import PruneConfig
+from scop_ext.pipeline import ScopPruner
+from scop_ext.report import write_report
+from scop_ext.prune.excavate import fit_knockoff_biases, learn_scales
+from scop_ext.train import NonFiniteError, fit, make_loader
 
 from .conftest import ENV, TINY
 
@@ -478,7 +479,7 @@ def test_cli_reports_a_numerical_fault_in_one_line(monkeypatch, tmp_path, capsys
     def fail(self, resume=False):
         raise NonFiniteError("learn_scales: loss became nan at epoch 3, step 7; first non-finite output: layer conv1 (ScopConv2d)")
 
-    monkeypatch.setattr(ScopPruner, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(ScopPruner, "from_config", classmethod(lambda cls, *a, **k: object.__new__(cls)))
     monkeypatch.setattr(ScopPruner, "run", fail)
     status, lines = cli(capsys, "prune", "--out", tmp_path)
     assert status == 1 and len(lines) == 1
@@ -582,7 +583,7 @@ def test_same_seed_same_device_same_betas_plan_and_weights(tmp_path, baseline):
     runs = []
     for name in ("a", "b"):
         config = PruneConfig(weights=baseline, policy="uniform", ratio=0.4, **TINY)
-        results = ScopPruner(config, tmp_path / name, progress=False, log=lambda *a: None).run()
+        results = ScopPruner.from_config(config, tmp_path / name, progress=False, log=lambda *a: None).run()
         runs.append((results, tmp_path / name))
     (ra, a), (rb, b) = runs
     assert ra["betas"] == rb["betas"] and any(v != 0.5 for betas in ra["betas"].values() for v in betas)
@@ -703,7 +704,7 @@ import sys, torch, torch.nn.functional as F
 torch.set_num_threads(1)
 from scop_ext import convert, scop_layers
 from scop_ext.models import build_model
-from scop_ext.prune import resources
+from scop_ext import resources
 name, size, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 model = convert(build_model(name, 10, 3))
 for layer in scop_layers(model).values():
@@ -742,7 +743,7 @@ MEASURE_AMP = r"""
 import sys, torch, torch.nn.functional as F
 torch.set_num_threads(1)
 from scop_ext.models import build_model
-from scop_ext.prune import resources
+from scop_ext import resources
 name, size, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 model = build_model(name, 10, 3).train()
 estimate = resources.estimate_step(model, torch.zeros(1, 3, size, size), paired=False, trainable=lambda n: True,
@@ -788,7 +789,7 @@ def test_estimate_scales_linearly_and_doubles_for_the_paired_batch():
 
 def test_stage2_that_would_not_fit_is_refused_before_any_work(tmp_path, monkeypatch, capsys, baseline):
     config = PruneConfig(weights=baseline, **TINY)
-    pruner = ScopPruner(config, tmp_path, progress=False, log=lambda *a: None)
+    pruner = ScopPruner.from_config(config, tmp_path, progress=False, log=lambda *a: None)
     pruner.convert()
     betas = {name: layer.beta.detach().clone() for name, layer in scop_layers(pruner.model).items()}
     monkeypatch.setattr(resources, "available_memory", lambda device: 3 * 2**20)
@@ -823,8 +824,8 @@ def test_cli_reports_a_batch_that_would_not_fit_in_one_line(tmp_path, monkeypatc
 @pytest.mark.parametrize("amp", [False, True])
 def test_finetuning_is_checked_too(tmp_path, monkeypatch, baseline, amp):
     model, _ = load_model(baseline)
-    pruner = ScopPruner(PruneConfig(weights=baseline, amp=amp, **TINY), tmp_path, model=model, progress=False,
-                        log=lambda *a: None)
+    pruner = ScopPruner.from_config(PruneConfig(weights=baseline, amp=amp, **TINY), tmp_path, model=model,
+                                    progress=False, log=lambda *a: None)
     monkeypatch.setattr(resources, "available_memory", lambda device: 2**20)
     with pytest.raises(resources.ResourceError, match="fine-tuning with batch_size=128 needs about .*optimizer state") as info:
         pruner.finetune()

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from scop_ext import checkpoint
-from scop_ext.prune.pipeline import STAGES
+from scop_ext.pipeline import STAGES
 
 from .conftest import ENV, prune_args
 

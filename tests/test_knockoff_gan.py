@@ -11,7 +11,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from scop_ext.data import digits
 from scop_ext.knockoffs import ExternalKnockoffs, GaussianKnockoffs, KnockoffGAN
-from scop_ext.knockoffs.diagnostics import power, sample_batched, swap_advantage
+from scop_ext.knockoffs.exchangeability import power
+from scop_ext.knockoffs.report import sample_batched
+from scop_ext.knockoffs.swap import swap_advantage
 from scop_ext.knockoffs.gan import CHECKPOINT_KIND
 from tests.test_knockoffs import MAX_MEAN_CORR
 

@@ -6,6 +6,8 @@ import copy
 import json
 import math
 import os
+import subprocess
+import sys
 from statistics import NormalDist
 
 import pytest
@@ -26,18 +28,20 @@ from scop_ext.knockoffs import (
     make_generator,
 )
 from scop_ext.knockoffs.base import pixel_groups, working_layout
-from scop_ext.knockoffs.diagnostics import (
+from scop_ext.knockoffs.exchangeability import (
     exchangeability,
     feature_exchangeability,
-    label_leakage,
     measurement_shape,
     power,
     random_subsets,
-    sample_batched,
     swap_gaps,
 )
 from scop_ext.knockoffs.gaussian import _Moments, ledoit_wolf
-from scop_ext.knockoffs.plots import embedding_figure, knockoff_grid
+from scop_ext.knockoffs.leakage import label_leakage
+from scop_ext.knockoffs.report import sample_batched
+from scop_ext.plots import embedding_figure, knockoff_grid
+
+from .conftest import ENV
 
 
 def ar1(d: int, rho: float, scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -491,6 +495,16 @@ def test_interface_errors(digit_data):
 
 
 # ---------------------------------------------------------------------------------- diagnostics
+
+
+def test_importing_knockoffs_does_not_load_matplotlib():
+    """Plotting is imported only when check() draws, so a user of the generators never pays for
+    matplotlib; importing the plotting module itself, in the same process, shows the probe sees it."""
+    probe = "import sys; print(any(m.split('.')[0] == 'matplotlib' for m in sys.modules))"
+    code = f"import scop_ext.knockoffs; {probe}; import scop_ext.plots; {probe}"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True"]
 
 
 def test_swap_gap_matches_explicit_permutation():

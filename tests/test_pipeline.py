@@ -17,8 +17,9 @@ import scop_ext
 from scop_ext import convert, scop_layers
 from scop_ext.checkpoint import CheckpointError
 from scop_ext.prune import PruningSpace, apply_plan, count_flops, make_importance, select
-from scop_ext.prune.export import export_onnx, export_torchscript, load_model
-from scop_ext.prune.pipeline import PruneConfig, ScopPruner
+from scop_ext.export import export_onnx, export_torchscript, load_model
+from scop_ext.config import PruneConfig
+from scop_ext.pipeline import ScopPruner
 
 from .conftest import ENV, TINY, prune_args
 
@@ -33,7 +34,7 @@ def scop(*args, check=True, timeout=600):
 
 def test_api_end_to_end(baseline, tmp_path):
     config = PruneConfig(weights=baseline, flops_reduction=0.4, **TINY)
-    results = ScopPruner(config, tmp_path, progress=False).run()
+    results = ScopPruner.from_config(config, tmp_path, progress=False).run()
     assert results["flops_reduction"] == pytest.approx(0.4, abs=0.01)
     assert results["after"]["flops"] < results["before"]["flops"]
     assert results["after"]["top1"] > 0.5  # well above the 10% of chance after one epoch of fine-tuning
@@ -56,12 +57,12 @@ def test_api_end_to_end(baseline, tmp_path):
 
 def test_validation_is_held_out_of_training(baseline, tmp_path):
     """Fine-tuning picks its epoch on a part of the training split nothing is trained on."""
-    pruner = ScopPruner(PruneConfig(weights=baseline, val_fraction=0.2, **TINY), tmp_path, progress=False)
+    pruner = ScopPruner.from_config(PruneConfig(weights=baseline, val_fraction=0.2, **TINY), tmp_path, progress=False)
     fit_idx, val_idx = set(pruner.train_set.indices), set(pruner.val_set.indices)
     assert not fit_idx & val_idx and len(fit_idx | val_idx) == len(pruner.train_set.dataset)
     assert len(val_idx) == round(0.2 * len(pruner.train_set.dataset))
     assert pruner.train_aug.indices == pruner.train_set.indices
-    assert ScopPruner(PruneConfig(weights=baseline, val_fraction=0.0, **TINY), tmp_path,
+    assert ScopPruner.from_config(PruneConfig(weights=baseline, val_fraction=0.0, **TINY), tmp_path,
                       progress=False).val_set is None
     with pytest.raises(ValueError, match="val_fraction"):
         PruneConfig(weights=baseline, val_fraction=1.0).validate()
@@ -76,7 +77,7 @@ def test_validation_is_held_out_of_training(baseline, tmp_path):
     ],
 )
 def test_policies_through_the_pipeline(baseline, tmp_path, policy, params, check):
-    pruner = ScopPruner(PruneConfig(weights=baseline, policy=policy, **params, **TINY), tmp_path, progress=False)
+    pruner = ScopPruner.from_config(PruneConfig(weights=baseline, policy=policy, **params, **TINY), tmp_path, progress=False)
     pruner.knockoffs = scop_ext.knockoffs.make_generator("gaussian").fit(pruner._loader(pruner.train_set, shuffle=False))
     pruner.convert()
     pruner.learn_scales()
@@ -89,12 +90,12 @@ def test_policies_through_the_pipeline(baseline, tmp_path, policy, params, check
 
 def test_progress_of_other_settings_is_refused_not_resumed(baseline, tmp_path):
     """A progress file left by a run with other settings is neither resumed nor overwritten."""
-    first = ScopPruner(PruneConfig(weights=baseline, **TINY), tmp_path, progress=False)
+    first = ScopPruner.from_config(PruneConfig(weights=baseline, **TINY), tmp_path, progress=False)
     first.fit_knockoffs()
     first.convert()
     first.learn_scales()
     kept = (tmp_path / "scales-progress.pt").read_bytes()
-    other = ScopPruner(PruneConfig(weights=baseline, **{**TINY, "scales_lr": 0.01}), tmp_path, progress=False)
+    other = ScopPruner.from_config(PruneConfig(weights=baseline, **{**TINY, "scales_lr": 0.01}), tmp_path, progress=False)
     other.knockoffs = first.knockoffs
     other.convert()
     with pytest.raises(CheckpointError, match=r"scales-progress.pt: progress of a run with other settings "
@@ -239,7 +240,7 @@ def test_pipeline_gan_checkpoints_in_the_run_folder(tmp_path):
     """A killed stage 1 resumes from knockoffs-progress.pt: the same generator as an uninterrupted fit."""
     def stage1(out, iterations):
         config = PruneConfig(knockoffs="gan", knockoff_options={"iterations": iterations, "checkpoint_every": 5, "batch_size": 32, "width": 8}, **TINY)
-        return ScopPruner(config, out, progress=False).fit_knockoffs()
+        return ScopPruner.from_config(config, out, progress=False).fit_knockoffs()
 
     stage1(tmp_path / "cut", 10)
     assert (tmp_path / "cut" / "knockoffs-progress.pt").exists()
@@ -263,13 +264,13 @@ def test_config_file_and_flags_pick_the_same_default_device(tmp_path):
 
 def test_prune_prints_the_table_on_process_0_only(tmp_path, monkeypatch, capsys):
     from scop_ext.cli import main
-    from scop_ext.prune import distributed
+    from scop_ext import distributed
 
     process = {"rank": 1}
     monkeypatch.setattr(distributed, "setup", lambda device: True)
     monkeypatch.setattr(distributed, "teardown", lambda: process.update(rank=0))  # no group left: rank 0 everywhere
     monkeypatch.setattr(distributed, "rank", lambda: process["rank"])
-    monkeypatch.setattr(ScopPruner, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(ScopPruner, "from_config", classmethod(lambda cls, *a, **k: object.__new__(cls)))
     monkeypatch.setattr(ScopPruner, "run", lambda self, resume=False: {"before": {}, "after": {}})
     assert main(["prune", "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out == ""
@@ -278,7 +279,7 @@ def test_prune_prints_the_table_on_process_0_only(tmp_path, monkeypatch, capsys)
 def test_importance_plot_draws_the_cut_the_policy_made(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from scop_ext.prune.report import plot_importance
+    from scop_ext.report import plot_importance
 
     lines = []
     monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda self, x, **kw: lines.append(x))
@@ -300,6 +301,24 @@ def test_cli_help_on_every_command(capsys):
             main(cmd)
         assert exit_info.value.code == 0
         assert "usage: scop" in capsys.readouterr().out
+
+
+def test_info_lists_every_registry(capsys):
+    from scop_ext.cli import main
+    from scop_ext.knockoffs import generator_kinds, make_generator
+    from scop_ext.prune import criterion_names, policy_names
+
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["knockoffs"] == generator_kinds() and "gaussian" in info["knockoffs"]
+    assert info["importance"] == criterion_names() and "scop" in info["importance"]
+    assert info["policies"] == policy_names() and "fdr" in info["policies"]
+    for name in info["policies"]:  # every listed name is one a config accepts
+        PruneConfig(policy=name).validate()
+    for name in info["importance"]:
+        PruneConfig(importance=name).validate()
+        make_importance(name)
+    assert type(make_generator("gaussian")).kind == "gaussian"
 
 
 @pytest.mark.parametrize(
@@ -342,10 +361,11 @@ import sys, torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from scop_ext import convert, scop_layers
-from scop_ext.prune import distributed
-from scop_ext.prune.pipeline import PruneConfig, ScopPruner
-from scop_ext.prune.scales import learn_scales, fit_knockoff_biases
-from scop_ext.prune.train import NonFiniteError, fit, make_loader, evaluate
+from scop_ext import distributed
+from scop_ext.config import PruneConfig
+from scop_ext.pipeline import ScopPruner
+from scop_ext.prune.excavate import learn_scales, fit_knockoff_biases
+from scop_ext.train import NonFiniteError, fit, make_loader, evaluate
 torch.set_num_threads(1)
 distributed.setup("cpu")
 out, global_batch, run_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -368,7 +388,7 @@ for layer in scop_layers(net).values():
 metrics = evaluate(net, make_loader(TensorDataset(x, y), 50, shuffle=False, evaluation=True), "cpu")
 # stage 1 and the BN recalibration of stage 4, through the pipeline
 torch.manual_seed(0)
-pruner = ScopPruner(PruneConfig(batch_size=64, bn_batches=3, latency=False), run_dir, progress=False)
+pruner = ScopPruner.from_config(PruneConfig(batch_size=64, bn_batches=3, latency=False), run_dir, progress=False)
 knockoffs = {k: v.clone() for k, v in pruner.fit_knockoffs().state_dict().items()}
 pruner.recalibrate_bn()
 bn = {k: v.clone() for k, v in pruner.model.state_dict().items() if ".running_" in k}

@@ -8,9 +8,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from scop_ext import checkpoint, convert, lemma2, scop_layers
-from scop_ext.prune.scales import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
-from scop_ext.prune.train import NonFiniteError, evaluate, fit, make_loader, recalibrate_bn
-from scop_ext.prune import train as train_module
+from scop_ext.prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
+from scop_ext.train import NonFiniteError, evaluate, fit, make_loader, recalibrate_bn
+from scop_ext import train as train_module
 
 
 def _data(n=96, seed=0):

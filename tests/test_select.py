@@ -28,6 +28,8 @@ from scop_ext.prune import (
     global_ranking,
     knockoff_threshold,
     make_importance,
+    make_policy,
+    policy_names,
     select,
     uniform,
 )
@@ -292,6 +294,11 @@ def test_select_dispatch(digits_space):
     assert select(space, scores, "fdr", q=0.3, min_channels=3) == fdr(space, scores, 0.3, min_channels=3)
     with pytest.raises(ValueError, match="unknown policy"):
         select(space, scores, "magic")
+    # make_policy binds the same function: select is make_policy(name, **params)(space, scores)
+    assert make_policy("flops_target", reduction=0.3)(space, scores) == flops_target(space, scores, 0.3)
+    with pytest.raises(ValueError, match="unknown policy 'magic'; expected one of"):
+        make_policy("magic")
+    assert {"uniform", "global_ranking", "flops_target", "fdr"} <= set(policy_names())
 
 
 # ---------------------------------------------------------------------- importance criteria

@@ -20,11 +20,11 @@ Example::
     torch.Size([16, 1, 8, 8])
 """
 
-from .base import KnockoffGenerator, load, make_generator
+from .base import KnockoffGenerator, generator_kinds, load, make_generator
 from .baselines import ExternalKnockoffs, PermutationKnockoffs
-from .diagnostics import check
 from .gan import KnockoffGAN
 from .gaussian import GaussianKnockoffs
+from .report import check
 
 __all__ = [
     "KnockoffGenerator",
@@ -33,6 +33,7 @@ __all__ = [
     "PermutationKnockoffs",
     "ExternalKnockoffs",
     "make_generator",
+    "generator_kinds",
     "load",
     "check",
 ]

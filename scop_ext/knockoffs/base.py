@@ -27,6 +27,7 @@ __all__ = [
     "KnockoffGenerator",
     "load",
     "make_generator",
+    "generator_kinds",
     "pixel_groups",
     "default_block",
     "draw_normal",
@@ -248,6 +249,11 @@ def load(path: str | os.PathLike, map_location: Any = "cpu", **kwargs) -> Knocko
     return KnockoffGenerator.load(path, map_location=map_location, **kwargs)
 
 
+def generator_kinds() -> list[str]:
+    """The names :func:`make_generator` accepts (every registered generator), sorted."""
+    return sorted(_REGISTRY)
+
+
 def make_generator(name: str, **kwargs) -> KnockoffGenerator:
     """A generator by name: ``"gaussian"``, ``"gan"``, ``"permutation"`` or ``"external"``;
     ``kwargs`` go to its constructor.
@@ -257,7 +263,7 @@ def make_generator(name: str, **kwargs) -> KnockoffGenerator:
             those it does) or a value it refuses.
     """
     if name not in _REGISTRY:
-        raise ValueError(f"name must be one of {sorted(_REGISTRY)}, got {name!r}")
+        raise ValueError(f"name must be one of {generator_kinds()}, got {name!r}")
     cls = _REGISTRY[name]
     signature = inspect.signature(cls)
     try:

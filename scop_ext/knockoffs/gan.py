@@ -45,31 +45,15 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint
 from .base import KnockoffGenerator, check_counts, draw_normal, images_of, resize, working_layout
+from .swap import ResBlock, SwapDiscriminator, hidden_bce, swap_blocks
 
-__all__ = ["KnockoffGAN", "SwapDiscriminator", "swap_blocks", "hidden_bce", "CHECKPOINT_KIND"]
+__all__ = ["KnockoffGAN", "CHECKPOINT_KIND"]
 
 CHECKPOINT_KIND = "knockoff-gan-progress"
 MAX_PARAMETERS = 10**9  # 4 GB of float32 weights, several times the largest GAN a knockoff needs
 
 # keys of config() a checkpoint may differ in and still be resumed
 _RESUMABLE_CHANGES = {"iterations", "checkpoint_every"}
-
-
-def _per_pixel(blocks: Tensor, like: Tensor) -> Tensor:
-    """(N, 1, H / b, W / b) one value per b x b block -> (N, 1, H, W), the size of ``like``."""
-    b = like.shape[-1] // blocks.shape[-1]
-    return blocks.repeat_interleave(b, -2).repeat_interleave(b, -1)
-
-
-def swap_blocks(x: Tensor, xk: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``[x, x~]_swap(S)``: exchange the pixel blocks where ``mask`` is 1.
-
-    Args:
-        x, xk: (N, C, H, W).
-        mask: (N, 1, H / b, W / b) of 0/1, one entry per b x b block.
-    """
-    full = _per_pixel(mask, x).bool()
-    return torch.where(full, xk, x), torch.where(full, x, xk)
 
 
 def _downsamplings(hw: tuple[int, int], floor: int = 4) -> int:
@@ -79,19 +63,6 @@ def _downsamplings(hw: tuple[int, int], floor: int = 4) -> int:
     while h % 2 == 0 and w % 2 == 0 and min(h, w) > floor:
         h, w, n = h // 2, w // 2, n + 1
     return n
-
-
-class _ResBlock(nn.Module):
-    """conv3-act-conv3 plus identity. Input/Output: (N, width, H, W)."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(width, width, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(width, width, 3, padding=1)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.leaky_relu(x + self.body(x), 0.2)
 
 
 class _Generator(nn.Module):
@@ -112,11 +83,11 @@ class _Generator(nn.Module):
         enc: list[nn.Module] = [nn.Conv2d(channels + noise_channels, widths[0], 3, padding=1), act]
         for i in range(downs):
             enc += [nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1), act]
-            enc += [_ResBlock(widths[i + 1])] if resnet else []
-        dec: list[nn.Module] = [_ResBlock(widths[-1])] if resnet else [nn.Conv2d(widths[-1], widths[-1], 3, padding=1), act]
+            enc += [ResBlock(widths[i + 1])] if resnet else []
+        dec: list[nn.Module] = [ResBlock(widths[-1])] if resnet else [nn.Conv2d(widths[-1], widths[-1], 3, padding=1), act]
         for i in reversed(range(downs)):
             dec += [nn.ConvTranspose2d(widths[i + 1], widths[i], 4, stride=2, padding=1), act]
-            dec += [_ResBlock(widths[i])] if resnet else []
+            dec += [ResBlock(widths[i])] if resnet else []
         self.encode = nn.Sequential(*enc)
         self.decode = nn.Sequential(*dec)
         self.out = nn.Sequential(
@@ -128,52 +99,6 @@ class _Generator(nn.Module):
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
         xz = torch.cat([x, z], 1)
         return self.out(torch.cat([self.decode(self.encode(xz)), xz], 1))
-
-
-class SwapDiscriminator(nn.Module):
-    """Predicts which pixel blocks of ``[x, x~]`` were swapped, given a hint.
-
-    Without a hint the task is blind to some failures: for an ``x~`` independent of ``x`` with
-    the same law (a permutation), ``[x, x~]`` and ``[x~, x]`` are equally likely, so D could only
-    tell which blocks belong together, never which side is which. As in KnockoffGAN (after GAIN)
-    D is therefore told the true swap state of a random part of the blocks and scored on the rest.
-
-    A conv stem, a ``block``-strided patchify conv to the block grid, three 3 x 3 convs (residual
-    blocks when ``resnet``) on that grid, then a 1 x 1 head that sees each block's features next
-    to their image-wide mean, so a block can be judged against the rest of the image.
-
-    Shape:
-        - Input: pair (N, 2C, H, W), ``cat([x_swapped, x~_swapped], 1)``; hint
-          (N, 1, H / block, W / block): +1 swapped, -1 not swapped, 0 not revealed.
-        - Output: (N, 1, H / block, W / block) logits, > 0 meaning "swapped".
-    """
-
-    def __init__(self, channels: int, block: int, width: int, resnet: bool = False) -> None:
-        super().__init__()
-        act = nn.LeakyReLU(0.2)
-        grid: list[nn.Module] = (
-            [_ResBlock(width) for _ in range(2)] if resnet else [m for _ in range(2) for m in (nn.Conv2d(width, width, 3, padding=1), act)]
-        )
-        self.features = nn.Sequential(
-            nn.Conv2d(2 * channels + 1, width, 3, padding=1),
-            act,
-            nn.Conv2d(width, width, block, stride=block),
-            act,
-            *grid,
-        )
-        self.head = nn.Sequential(nn.Conv2d(2 * width, width, 1), act, nn.Conv2d(width, 1, 1))
-
-    def forward(self, pair: Tensor, hint: Tensor) -> Tensor:
-        f = self.features(torch.cat([pair, _per_pixel(hint, pair)], 1))
-        context = f.mean((2, 3), keepdim=True).expand_as(f)
-        return self.head(torch.cat([f, context], 1))
-
-
-def hidden_bce(logits: Tensor, target: Tensor, revealed: Tensor) -> Tensor:
-    """Mean binary cross-entropy over the blocks whose swap state was not revealed."""
-    hidden = 1 - revealed
-    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return (loss * hidden).sum() / hidden.sum().clamp_min(1)
 
 
 def _batch_corr2(x: Tensor, xk: Tensor) -> Tensor:
@@ -503,7 +428,7 @@ class KnockoffGAN(KnockoffGenerator):
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: incomplete KnockoffGAN checkpoint ({exc})") from None
         ours = self.config()
-        differ = sorted(k for k in set(saved) | set(ours) if k not in _RESUMABLE_CHANGES and saved.get(k) != ours.get(k))
+        differ = checkpoint.differing_keys(saved, ours, ignore=_RESUMABLE_CHANGES)
         if differ:
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs {ours.get(k)!r}" for k in differ)
             raise ValueError(f"{path}: checkpoint was written with another config ({detail})")

@@ -1,15 +1,19 @@
-"""Stages 3-4 of SCOP (DESIGN.md §1): score channels, select which to remove, remove them.
+"""Stages 2-4 of SCOP (DESIGN.md §1): learn the scales, score and select channels, remove them.
 
-- :mod:`.importance`: criteria, ``criterion(model) -> {conv name: (C_out,) scores}``.
-- :mod:`.select`: :class:`PruningSpace` (coupled channel groups + FLOPs prediction) and the
-  policies ``uniform``, ``global_ranking``, ``flops_target``, ``fdr`` returning a plan
+- :mod:`.excavate` (stage 2): the Lemma 2 bias fit and ``learn_scales`` (beta with the weights
+  frozen, on [real; knockoff] batches).
+- :mod:`.importance` (stage 3): criteria, ``criterion(model) -> {conv name: (C_out,) scores}``.
+- :mod:`.select` (stage 3): :class:`PruningSpace` (coupled channel groups + FLOPs prediction) and
+  the policies ``uniform``, ``global_ranking``, ``flops_target``, ``latency_target``, ``fdr`` returning a plan
   ``{conv name: [channel indices to remove]}``, and ``cuts`` (where a plan cut each group).
-- :mod:`.surgery`: ``apply_plan`` (physical removal with torch-pruning), ``channel_widths``
-  and ``rebuild`` (re-create a pruned architecture from JSON widths).
-- :mod:`.flops`: FLOPs (= 2 x MACs), MACs and parameter counts.
-- :mod:`.scales` (stage 2), :mod:`.train` (fine-tuning, evaluation, BN recalibration),
-  :mod:`.export` (pickle-free model files), :mod:`.report`, :mod:`.distributed`, and
-  :mod:`.pipeline`: :class:`ScopPruner`, the whole run as one object with plain steps.
+- :mod:`.surgery` (stage 4): ``apply_plan`` (physical removal with torch-pruning),
+  ``channel_widths`` and ``rebuild`` (re-create a pruned architecture from JSON widths); the
+  fine-tuning that follows is the generic :func:`scop_ext.train.fit`.
+- :mod:`.flops`: FLOPs (= 2 x MACs), MACs and parameter counts; :mod:`.latency`: the latency
+  model measured on the device (:class:`LatencyModel`), :mod:`.knapsack`: spending its budget.
+
+The whole run (:class:`scop_ext.pipeline.ScopPruner`) sits above this package, since it also
+drives stage 1 (:mod:`scop_ext.knockoffs`).
 """
 
 from .flops import count_flops, count_macs, count_params, flops_by_module
@@ -19,6 +23,7 @@ from .importance import (
     L2Importance,
     RandomImportance,
     ScopImportance,
+    criterion_names,
     following_batchnorm,
     make_importance,
 )
@@ -29,11 +34,14 @@ from .select import (
     flops_target,
     global_ranking,
     knockoff_threshold,
+    latency_target,
+    make_policy,
+    policy_names,
     select,
     uniform,
 )
+from .latency import LatencyModel, measure_latency
 from .surgery import ChannelGroup, Plan, apply_plan, channel_groups, channel_widths, rebuild
-from .pipeline import STAGES, PruneConfig, ScopPruner
 
 __all__ = [
     "count_flops",
@@ -46,14 +54,20 @@ __all__ = [
     "BNScaleImportance",
     "RandomImportance",
     "make_importance",
+    "criterion_names",
     "following_batchnorm",
     "PruningSpace",
     "uniform",
     "global_ranking",
     "flops_target",
+    "latency_target",
+    "LatencyModel",
+    "measure_latency",
     "fdr",
     "knockoff_threshold",
     "select",
+    "make_policy",
+    "policy_names",
     "cuts",
     "Plan",
     "ChannelGroup",
@@ -61,7 +75,4 @@ __all__ = [
     "apply_plan",
     "channel_widths",
     "rebuild",
-    "PruneConfig",
-    "ScopPruner",
-    "STAGES",
 ]

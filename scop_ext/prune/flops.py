@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, register_
 
 from .. import _ops  # noqa: F401  (defines torch.ops.scop.*)
 
-__all__ = ["count_flops", "count_macs", "count_params", "flops_by_module"]
+__all__ = ["count_flops", "count_macs", "count_params", "flops_by_module", "modes_kept"]
 
 
 @register_flop_formula(torch.ops.scop.dual_scaled_conv2d)
@@ -39,7 +39,7 @@ def _dual_scaled_conv2d_flops(
 
 
 @contextmanager
-def _modes_kept(model: nn.Module) -> Iterator[None]:
+def modes_kept(model: nn.Module) -> Iterator[None]:
     """Restore every submodule's own train/eval flag on exit (a model may mix them, e.g. frozen BN)."""
     modes = [(m, m.training) for m in model.modules()]
     try:
@@ -52,7 +52,7 @@ def _modes_kept(model: nn.Module) -> Iterator[None]:
 @contextmanager
 def _eval_no_grad(model: nn.Module) -> Iterator[None]:
     # Counting runs a forward: eval mode keeps BatchNorm running statistics untouched.
-    with _modes_kept(model), torch.no_grad():
+    with modes_kept(model), torch.no_grad():
         model.eval()
         yield
 

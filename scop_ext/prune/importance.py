@@ -19,6 +19,7 @@ __all__ = [
     "BNScaleImportance",
     "RandomImportance",
     "make_importance",
+    "criterion_names",
     "following_batchnorm",
 ]
 
@@ -172,6 +173,11 @@ _CRITERIA = {
 }
 
 
+def criterion_names() -> list[str]:
+    """The names :func:`make_importance` accepts, sorted."""
+    return sorted(_CRITERIA)
+
+
 def make_importance(name: str, **kwargs):
     """The criterion called ``name`` ("scop", "l1", "l2", "bn_scale", "random"), built with ``kwargs``.
 
@@ -181,5 +187,5 @@ def make_importance(name: str, **kwargs):
         ScopImportance(multiply_bn_gamma=True)
     """
     if name not in _CRITERIA:
-        raise ValueError(f"unknown importance {name!r}; expected one of {sorted(_CRITERIA)}")
+        raise ValueError(f"unknown importance {name!r}; expected one of {criterion_names()}")
     return _CRITERIA[name](**kwargs)

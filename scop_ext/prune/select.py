@@ -22,11 +22,16 @@ so the FDR threshold applies to groups unchanged.
   rounding keeps the next best channels, never removes more than the policy chose.
 
 Ties between equal scores go to the lower channel index (it is kept).
+
+**Grouped convs.** A group meeting a grouped conv's slices loses channels a whole unit at a
+time (:attr:`~scop_ext.prune.surgery.ChannelGroup.units`): each unit scores the mean of its
+channels, and a policy's kept count is rounded up to whole units.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 
@@ -34,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from .flops import flops_by_module
-from .surgery import ChannelGroup, Plan, _is_depthwise, _plain_forward, channel_groups
+from .knapsack import choose_widths
+from .surgery import ChannelGroup, Plan, is_depthwise, plain_forward, traced_groups
 
 __all__ = [
     "PruningSpace",
@@ -42,8 +48,11 @@ __all__ = [
     "uniform",
     "global_ranking",
     "flops_target",
+    "latency_target",
     "fdr",
     "select",
+    "make_policy",
+    "policy_names",
     "cuts",
 ]
 
@@ -63,6 +72,7 @@ class PruningSpace:
 
     Attributes:
         groups: the prunable :class:`~scop_ext.prune.surgery.ChannelGroup` s.
+        refused: ``{root conv: why its group is not in groups}`` for the other groups.
         base_flops: FLOPs (= 2 x MACs) of the unpruned model on ``example_input``.
     """
 
@@ -77,20 +87,23 @@ class PruningSpace:
         if isinstance(ignored_layers, str):
             raise ValueError("ignored_layers must be a list of names/patterns, not a single string")
         patterns = list(ignored_layers)
-        self.groups: list[ChannelGroup] = [
-            g
-            for g in channel_groups(model, example_input)
-            if not (keep_block_width and g.residual)
-            and not any(fnmatch.fnmatchcase(c, p) for c in g.convs for p in patterns)
-        ]
-        with _plain_forward(model), torch.no_grad():
+        groups, self.refused = traced_groups(model, example_input)
+        self.groups: list[ChannelGroup] = []
+        for g in groups:
+            if keep_block_width and g.residual:
+                self.refused[g.convs[0]] = "keep_block_width keeps residual and concatenated widths"
+            elif any(fnmatch.fnmatchcase(c, p) for c in g.convs for p in patterns):
+                self.refused[g.convs[0]] = "it holds a conv of ignored_layers"
+            else:
+                self.groups.append(g)
+        with plain_forward(model), torch.no_grad():
             self._layer_flops = flops_by_module(model, example_input)
         self.base_flops = sum(self._layer_flops.values())
         # Shapes are copied, not referenced: the model may be pruned in place afterwards.
         self._shapes = {}  # name: (C_in, C_out, groups, depthwise) of every conv and linear layer
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d):
-                self._shapes[name] = (m.in_channels, m.out_channels, m.groups, _is_depthwise(m))
+                self._shapes[name] = (m.in_channels, m.out_channels, m.groups, is_depthwise(m))
             elif isinstance(m, nn.Linear):
                 self._shapes[name] = (m.in_features, m.out_features, 1, False)
 
@@ -112,7 +125,11 @@ class PruningSpace:
                 k = torch.tensor(list(g.index[conv]))
                 total[k] += s[torch.tensor(list(g.index[conv].values()))]
                 count[k] += 1
-            result.append(total / count if bool((count > 0).all()) else None)
+            mean = total / count if bool((count > 0).all()) else None
+            if mean is not None and g.units:  # a unit is removed whole, so it has one score
+                for u in g.units:
+                    mean[list(u)] = mean[list(u)].mean()
+            result.append(mean)
         return result
 
     def _to_plan(self, removed: Mapping[int, Iterable[int]]) -> Plan:
@@ -199,15 +216,23 @@ def _plan_from_keep(
     removed = {}
     for i, wanted in keep.items():
         score = group_scores[i]
-        size = space.groups[i].size
-        n = _n_keep(size, wanted, min_channels, round_to)
-        removed[i] = _lowest(score, size - n)
+        group = space.groups[i]
+        n = _n_keep(group.size, wanted, min_channels, round_to)
+        if not group.units:
+            removed[i] = _lowest(score, group.size - n)
+            continue
+        # A grouped conv's slices lose whole units: keep the count rounded up to whole units.
+        units = sorted(group.units, key=lambda u: (float(score[u[0]]), -min(u)))
+        removed[i] = [k for u in units[: (group.size - n) // len(units[0])] for k in u]
     return space._to_plan(removed)
 
 
 def _scored(space: PruningSpace, scores: Mapping[str, Tensor]) -> list[Tensor | None]:
     group_scores = space.group_scores(scores)
     if all(s is None for s in group_scores):
+        if not space.groups:
+            why = "; ".join(f"{conv!r}: {reason}" for conv, reason in list(space.refused.items())[:3])
+            raise ValueError(f"the model has no prunable channel group ({len(space.refused)} refused; {why or 'no convs'})")
         raise ValueError("scores name no conv of any prunable group")
     return group_scores
 
@@ -402,6 +427,69 @@ def flops_target(
     )
 
 
+def latency_target(
+    space: PruningSpace,
+    scores: Mapping[str, Tensor],
+    latency_model,
+    *,
+    latency_reduction: float | None = None,
+    latency_ms: float | None = None,
+    normalize: str | None = None,
+    min_channels: int = 1,
+    round_to: int = 1,
+) -> Plan:
+    """Keep the highest-scored channels whose predicted latency fits a budget (a knapsack over groups).
+
+    Each scored group may take the widths :meth:`~scop_ext.prune.latency.LatencyModel.candidates`
+    finds among those ``min_channels`` and ``round_to`` allow (the last width before each step
+    of its measured time), worth the sum of its kept channels' scores; unscored groups stay
+    whole. :func:`~scop_ext.prune.knapsack.choose_widths` picks one width per group.
+
+    Args:
+        latency_model: a :class:`~scop_ext.prune.latency.LatencyModel` built on ``space.groups``.
+        latency_reduction: the budget as a fraction of the dense network's predicted latency, in (0, 1);
+        latency_ms: or as absolute milliseconds at the model's batch (give exactly one).
+        normalize: as in :func:`global_ranking` (``"max"`` for criteria whose scale differs per
+            layer); scores are then shifted so the lowest is 0, so every kept channel adds value.
+        min_channels, round_to: see the module docstring.
+
+    Raises:
+        ValueError: when even the narrowest allowed widths predict more than the budget.
+    """
+    if (latency_reduction is None) == (latency_ms is None):
+        raise ValueError("give exactly one of latency_reduction and latency_ms")
+    if latency_reduction is not None and not 0.0 < latency_reduction < 1.0:
+        raise ValueError(f"latency_reduction must be in (0, 1), got {latency_reduction}")
+    if latency_ms is not None and not latency_ms > 0:
+        raise ValueError(f"latency_ms must be > 0, got {latency_ms}")
+    if list(latency_model.sizes) != [g.size for g in space.groups]:
+        raise ValueError("latency_model must be built on this space's groups (LatencyModel(model, x, space.groups))")
+    _check_common(min_channels, round_to)
+    if normalize not in ("max", None):
+        raise ValueError(f"normalize must be 'max' or None, got {normalize!r}")
+    group_scores = _scored(space, scores)
+    ranked = [None if s is None else (s / s.abs().max() if normalize and bool(s.abs().max() > 0) else s)
+              for s in group_scores]
+    low = min(float(s.min()) for s in ranked if s is not None)
+    values = []
+    for i, (g, s) in enumerate(zip(space.groups, ranked)):
+        if s is None:
+            values.append({g.size: 0.0})
+            continue
+        gains = [0.0, *torch.sort(s - low, descending=True).values.cumsum(0).tolist()]
+        allowed = sorted({_n_keep(g.size, w, min_channels, round_to) for w in range(1, g.size + 1)})
+        values.append({w: gains[w] for w in latency_model.candidates(i, allowed)})
+    budget = latency_ms if latency_ms is not None else (1 - latency_reduction) * latency_model.dense_ms
+    widths = choose_widths(latency_model, values, budget)
+    latency_model.save()
+    if widths is None:
+        floor = latency_model.predict([min(v) for v in values])
+        raise ValueError(f"a latency of {budget:.3f} ms is out of reach: the narrowest allowed widths predict "
+                         f"{floor:.3f} ms (lower min_channels/round_to or remove entries from ignored_layers)")
+    keep = {i: w for i, w in enumerate(widths) if group_scores[i] is not None}
+    return _plan_from_keep(space, group_scores, keep, min_channels, round_to)
+
+
 def knockoff_threshold(W: Tensor, q: float, *, offset: int = 1) -> float:
     """The knockoff+ threshold of model-X knockoffs (Candès et al. 2018) at FDR level ``q``.
 
@@ -493,18 +581,36 @@ _POLICIES: dict[str, Callable[..., Plan]] = {
     "uniform": uniform,
     "global_ranking": global_ranking,
     "flops_target": flops_target,
+    "latency_target": latency_target,
     "fdr": fdr,
 }
 
 
+def policy_names() -> list[str]:
+    """The names :func:`make_policy` and :func:`select` accept, sorted."""
+    return sorted(_POLICIES)
+
+
+def make_policy(name: str, **params) -> Callable[[PruningSpace, Mapping[str, Tensor]], Plan]:
+    """The policy called ``name`` with ``params`` bound: ``policy(space, scores) -> plan``.
+
+    Example::
+
+        >>> policy = make_policy("fdr", q=0.1, min_channels=4)
+        >>> plan = policy(PruningSpace(model, torch.randn(1, 3, 32, 32)), ScopImportance()(model))
+    """
+    if name not in _POLICIES:
+        raise ValueError(f"unknown policy {name!r}; expected one of {policy_names()}")
+    return functools.partial(_POLICIES[name], **params)
+
+
 def select(space: PruningSpace, scores: Mapping[str, Tensor], policy: str, **params) -> Plan:
-    """Run the policy called ``policy`` ("uniform", "global_ranking", "flops_target", "fdr") with ``params``.
+    """Run the policy called ``policy`` ("uniform", "global_ranking", "flops_target", "latency_target",
+    "fdr") with ``params``.
 
     Example::
 
         >>> space = PruningSpace(model, torch.randn(1, 3, 32, 32))
         >>> plan = select(space, ScopImportance()(model), "fdr", q=0.1, min_channels=4)
     """
-    if policy not in _POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; expected one of {sorted(_POLICIES)}")
-    return _POLICIES[policy](space, scores, **params)
+    return make_policy(policy, **params)(space, scores)

@@ -10,10 +10,21 @@ concatenation, a depthwise conv, ...), the matching channels of those convs. One
 
 Every conv of a coupled group appears in the plan with the channels it loses (for residual
 couplings, the same indices), so the plan is plain JSON and reads without the graph.
+
+**Grouped convolutions** (``groups > 1``, not depthwise) split their input and output channels
+into ``groups`` equal slices. torch-pruning keeps the conv's ``groups``, so a valid pruned conv
+loses the same positions from every slice: a group coupled to a grouped conv's inputs or outputs
+removes channels a whole **unit** at a time (one channel per slice, same position in each,
+:attr:`ChannelGroup.units`), and a plan that splits a unit is refused.
+
+A group may also hold Linear outputs and LayerNorms (ConvNeXt's residual stream is written by
+each block's second Linear layer); only the classifier (the model's output) is never pruned.
 """
 
 from __future__ import annotations
 
+import copy
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,9 +35,10 @@ from torch import Tensor, nn
 
 from .. import models
 from ..layers import ScopConv2d, restore
-from .flops import _modes_kept
+from .flops import modes_kept
 
-__all__ = ["ChannelGroup", "channel_groups", "apply_plan", "channel_widths", "rebuild", "Plan"]
+__all__ = ["ChannelGroup", "channel_groups", "traced_groups", "apply_plan", "channel_widths", "rebuild", "Plan",
+           "plain_forward", "is_depthwise"]
 
 Plan = dict[str, list[int]]
 
@@ -48,6 +60,9 @@ class ChannelGroup:
         shrinks: ``(layer, kind, group channels)`` for every conv/linear layer the group shrinks:
             kind ``"out"`` (output channels), ``"in"`` (input channels; a flatten before a linear
             layer repeats a channel once per spatial position) or ``"depthwise"`` (both at once).
+        units: empty when channels may be removed one by one; otherwise a partition of
+            ``range(size)`` into equal-size tuples that are only removed whole (the group meets
+            a grouped conv: one channel per slice of it).
     """
 
     convs: tuple[str, ...]
@@ -55,9 +70,11 @@ class ChannelGroup:
     index: dict[str, dict[int, int]]
     residual: bool
     shrinks: tuple[tuple[str, str, tuple[int, ...]], ...]
+    units: tuple[tuple[int, ...], ...] = ()
 
 
-def _is_depthwise(module: nn.Module) -> bool:
+def is_depthwise(module: nn.Module) -> bool:
+    """Whether torch-pruning treats ``module`` as a depthwise conv (one filter per input channel)."""
     return tp.ops.module2type(module) == tp.ops.OPTYPE.DEPTHWISE_CONV
 
 
@@ -70,14 +87,17 @@ def _couples_blocks(node) -> bool:
 
 
 @contextmanager
-def _plain_forward(model: nn.Module) -> Iterator[None]:
-    # The graph is traced with an ordinary forward: SCOP mode would need a paired batch and
-    # hides the convolution inside a custom operator. Tracing also switches to eval mode.
+def plain_forward(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as an ordinary network inside: SCOP mode off, train/eval flags restored on exit.
+
+    Tracing needs an ordinary forward: SCOP mode would need a paired batch and hides the
+    convolution inside a custom operator (and torch-pruning's tracing switches to eval mode).
+    """
     scop_on = [m for m in model.modules() if isinstance(m, ScopConv2d) and m.scop_enabled]
     for m in scop_on:
         m.disable_scop()
     try:
-        with _modes_kept(model), torch.enable_grad():
+        with modes_kept(model), torch.enable_grad():
             yield
     finally:
         for m in scop_on:
@@ -87,55 +107,125 @@ def _plain_forward(model: nn.Module) -> Iterator[None]:
 def _dependency_graph(model: nn.Module, example_input: Tensor) -> tp.DependencyGraph:
     if not isinstance(example_input, Tensor):
         raise ValueError(f"example_input must be a Tensor, got {type(example_input).__name__}")
-    with _plain_forward(model):
+    with plain_forward(model):
         return tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+
+
+def _is_grouped(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and not is_depthwise(module)
+
+
+def _units(size: int, slices: Sequence[tuple[dict[int, int], int, int]]) -> tuple[tuple[int, ...], ...] | None:
+    """The removal units of a group meeting grouped convs, ``()`` when it meets none, None when
+    no partition removes the same positions from every slice of each of them.
+
+    Args:
+        slices: per grouped conv touched, ``({group channel: conv channel}, channels per slice, groups)``.
+    """
+    if not slices:
+        return ()
+    parent = list(range(size))
+
+    def find(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for mapping, per, _ in slices:  # channels at one position of a grouped conv's slices go together
+        first: dict[int, int] = {}
+        for k, c in mapping.items():
+            parent[find(k)] = find(first.setdefault(c % per, k))
+    members: dict[int, list[int]] = {}
+    for k in range(size):
+        members.setdefault(find(k), []).append(k)
+    units = tuple(tuple(u) for u in members.values())
+    if len({len(u) for u in units}) != 1:
+        return None
+    for mapping, per, groups in slices:
+        for u in units:
+            counts = Counter(mapping[k] // per for k in u if k in mapping)
+            if len(counts) != groups or len(set(counts.values())) != 1:
+                return None
+    return units
 
 
 def _graph_groups(
     graph: tp.DependencyGraph, model: nn.Module
-) -> list[tuple[ChannelGroup, tp.dependency.Dependency]]:
-    """The prunable channel groups, each with its root dependency (root module and handler)."""
+) -> tuple[list[tuple[ChannelGroup, tp.dependency.Dependency]], dict[str, str]]:
+    """The prunable channel groups, each with its root dependency (root module and handler),
+    and ``{root conv: why its group is not prunable}`` for the others."""
     names = {m: n for n, m in model.named_modules()}
-    result = []
-    for group in graph.get_all_groups(root_module_types=(nn.Conv2d,)):
-        index, shrinks, residual, prunable = {}, [], False, True
+    result, refused = [], {}
+    for group in _all_groups(graph):
+        root = names[group[0].dep.target.module]
+        index, shrinks, slices, residual, why = {}, [], [], False, None
         for item in group:
             dep, node = item.dep, item.dep.target
             module = node.module
             residual |= _couples_blocks(node)
             if node.type == tp.ops.OPTYPE.OUTPUT:
-                prunable = False  # these channels are the model's output
+                why = "its channels are the model's output"
             if not isinstance(module, (nn.Conv2d, nn.Linear)):
                 continue
             out = graph.is_out_channel_pruning_fn(dep.handler)
-            if isinstance(module, nn.Linear) and out:
-                prunable = False  # a linear layer's outputs: the classifier's, or a hidden layer's we do not score
-                continue
-            kind = "depthwise" if _is_depthwise(module) else ("out" if out else "in")
+            kind = "depthwise" if is_depthwise(module) else ("out" if out else "in")
             shrinks.append((names[module], kind, tuple(item.root_idxs)))
             if kind != "in":
                 index[names[module]] = dict(zip(item.root_idxs, item.idxs))
-        if not prunable:
+            if _is_grouped(module):
+                per = (module.out_channels if out else module.in_channels) // module.groups
+                slices.append((dict(zip(item.root_idxs, item.idxs)), per, module.groups))
+        units = _units(len(group[0].idxs), slices)
+        if units is None and why is None:
+            grouped = sorted({n for n, _, _ in shrinks if _is_grouped(model.get_submodule(n))})
+            why = f"it covers the slices of grouped convs {grouped} unevenly"
+        if why is not None:
+            refused[root] = why
             continue
-        root = group[0].dep.target.module
-        convs = (names[root],) + tuple(n for n in index if n != names[root])
-        info = ChannelGroup(convs, len(group[0].idxs), index, residual, tuple(shrinks))
+        convs = (root,) + tuple(n for n in index if n != root)
+        info = ChannelGroup(convs, len(group[0].idxs), index, residual, tuple(shrinks), units)
         result.append((info, group[0].dep))
-    return result
+    return result, refused
+
+
+def _all_groups(graph: tp.DependencyGraph) -> list:
+    try:
+        return list(graph.get_all_groups(root_module_types=(nn.Conv2d,)))
+    except ZeroDivisionError:
+        # torch-pruning maps channel indices through reshapes by dividing sizes; a channel
+        # shuffle (view into groups, transpose, view back) breaks that mapping.
+        raise ValueError(f"cannot trace channels through {_reshapes(graph)}: channel shuffle "
+                         "(view/transpose/view of the channels) is not supported") from None
+
+
+def _reshapes(graph: tp.DependencyGraph) -> str:
+    ops = sorted({n.grad_fn.name() for n in graph.module2node.values()
+                  if n.type == tp.ops.OPTYPE.RESHAPE and n.grad_fn is not None})
+    return "the reshape ops " + ", ".join(ops) if ops else "a reshape"
+
+
+def traced_groups(model: nn.Module, example_input: Tensor) -> tuple[list[ChannelGroup], dict[str, str]]:
+    """:func:`channel_groups`, and ``{root conv: why its group is not prunable}`` for the rest."""
+    groups, refused = _graph_groups(_dependency_graph(model, example_input), model)
+    return [g for g, _ in groups], refused
 
 
 def channel_groups(model: nn.Module, example_input: Tensor) -> list[ChannelGroup]:
     """The prunable channel groups of ``model``, traced on ``example_input``.
 
-    Every conv appears in at most one group. Groups whose channels reach a linear layer's
-    outputs or the model's output (the classifier) are not prunable and are left out.
+    Every conv appears in at most one group. Groups whose channels reach the model's output
+    (the classifier), or that cover a grouped conv's slices unevenly, are left out
+    (:func:`traced_groups` says why).
 
     Args:
         model: any CNN; :class:`~scop_ext.layers.ScopConv2d` layers are traced in plain mode.
         example_input: a plain (N, C, H, W) batch the model accepts.
+
+    Raises:
+        ValueError: the channels cannot be traced through an op (channel shuffle).
     """
-    graph = _dependency_graph(model, example_input)
-    return [g for g, _ in _graph_groups(graph, model)]
+    return traced_groups(model, example_input)[0]
 
 
 def _group_channels(group: ChannelGroup, plan: Mapping[str, Sequence[int]]) -> list[int] | None:
@@ -164,6 +254,14 @@ def _group_channels(group: ChannelGroup, plan: Mapping[str, Sequence[int]]) -> l
             raise ValueError(f"plan must list every conv of the coupled group {group.convs}; missing {missing}")
         if len(chosen) >= group.size:
             raise ValueError(f"plan removes all {group.size} channels of {group.convs}; at least one must stay")
+        removed = set(chosen)
+        split = next((u for u in group.units if 0 < len(removed & set(u)) < len(u)), None)
+        if split is not None:
+            conv = group.convs[0]
+            raise ValueError(
+                f"plan[{conv!r}] splits a unit of a grouped conv: channels {[group.index[conv][k] for k in split]} "
+                "(one per slice, same position) must be removed together or kept together"
+            )
     return chosen
 
 
@@ -174,8 +272,9 @@ def apply_plan(
 
     :class:`~scop_ext.layers.ScopConv2d` layers end up as ``nn.Conv2d``
     (:func:`scop_ext.layers.restore`; their ``beta`` and knockoff state are dropped), so the
-    result holds only ordinary torch layers and runs without scop_ext. The plan is checked in
-    full before anything changes: on an error the model is untouched.
+    result holds only ordinary torch layers and runs without scop_ext. The surgery runs on a deep
+    copy whose modules replace the model's only when all of it succeeded: on an error the model
+    is untouched.
 
     Args:
         model: the network to prune.
@@ -192,10 +291,13 @@ def apply_plan(
 
     Raises:
         ValueError: a plan entry names no prunable conv, has out-of-range or duplicate indices,
-            treats coupled convs differently, or would remove every channel of a group.
+            treats coupled convs differently, splits a grouped conv's unit, or would remove
+            every channel of a group.
     """
-    graph = _dependency_graph(model, example_input)
-    groups = _graph_groups(graph, model)
+    # Surgery runs on a copy that replaces the model's contents only once all of it succeeded.
+    work = copy.deepcopy(model)
+    graph = _dependency_graph(work, example_input)
+    groups, _ = _graph_groups(graph, work)
     known = {conv for g, _ in groups for conv in g.convs}
     unknown = sorted(set(plan) - known)
     if unknown:
@@ -207,12 +309,24 @@ def apply_plan(
         channels = _group_channels(group, plan)
         if channels and not (keep_block_width and group.residual):
             todo.append((root_dep, channels))
-    with _modes_kept(model):
+    with modes_kept(work):
         for root_dep, channels in todo:
             graph.get_pruning_group(root_dep.target.module, root_dep.handler, channels).prune()
     # torch-pruning shrinks a ScopConv2d's weight like any conv's (its beta is left stale);
     # restoring keeps the pruned weight and drops the SCOP state.
-    return restore(model)
+    model.__dict__.update(restore(work).__dict__)
+    return model
+
+
+def _last_channels(group: ChannelGroup, n: int) -> list[int]:
+    """``n`` group channels that ``apply_plan`` can remove: the last ones, or the last whole units."""
+    if not group.units:
+        return list(range(group.size - n, group.size))
+    unit = len(group.units[0])
+    if n % unit:
+        raise ValueError(f"width of {group.convs[0]!r} must keep whole units of {unit} channels "
+                         f"(one per slice of a grouped conv), got {group.size - n}")
+    return sorted(k for u in group.units[len(group.units) - n // unit:] for k in u)
 
 
 def channel_widths(model: nn.Module) -> dict[str, int]:
@@ -251,13 +365,13 @@ def rebuild(
     x = models.example_input(model_name, in_channels)
     plan = {}
     for group in channel_groups(model, x):
-        kept = {widths[c] for c in group.convs}
+        kept = {widths[c] for c in group.convs if c in widths}  # Linear members follow their conv
         if len(kept) > 1:
             raise ValueError(f"coupled convs {group.convs} must have one width, got {sorted(kept)}")
         (width,) = kept
         if not 1 <= width <= group.size:
             raise ValueError(f"width of {group.convs[0]!r} must be in 1..{group.size}, got {width}")
-        removed = range(width, group.size)  # which channels does not matter: weights are loaded after
+        removed = _last_channels(group, group.size - width)  # which ones does not matter: weights are loaded after
         for conv in group.convs:
             plan[conv] = [group.index[conv][k] for k in removed if k in group.index[conv]]
     apply_plan(model, x, {k: v for k, v in plan.items() if v})

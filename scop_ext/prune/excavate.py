@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .. import checkpoint, lemma2
+from .. import checkpoint, distributed, lemma2
 from ..layers import scop_layers
-from . import distributed
-from .train import NonFiniteError, batchnorms, model_signature, nonfinite_error, raise_on_every_process, set_epoch
+from ..train import NonFiniteError, batchnorms, model_signature, nonfinite_error, raise_on_every_process, set_epoch
 
 __all__ = ["pair_dataset", "PairedDataset", "fit_knockoff_biases", "layer_seed", "learn_scales", "ScaleHistory"]
 

@@ -1,5 +1,5 @@
-"""Training, evaluation and BN recalibration shared by baseline training and fine-tuning
-(DESIGN.md §1, stage 4), with per-epoch crash-safe checkpoints and NaN detection."""
+"""Training, evaluation and BN recalibration, shared by baseline training and stage 4
+(DESIGN.md §1: BN recalibration and fine-tuning), with per-epoch crash-safe checkpoints and NaN detection."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .. import checkpoint
+from . import checkpoint
 from . import distributed
 
 __all__ = ["NonFiniteError", "first_nonfinite_layer", "nonfinite_error", "raise_on_every_process", "make_loader", "evaluate",

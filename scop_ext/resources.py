@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["ResourceError", "MemoryEstimate", "available_memory", "estimate_step", "require", "format_bytes"]
+__all__ = ["ResourceError", "MemoryEstimate", "available_memory", "estimate_step", "require", "require_step",
+           "format_bytes"]
 
 # The backward's own transients (the gradient being computed beside the one flowing in, the
 # logits and their gradient) on top of the saved activations, as a fraction of them; measured on
@@ -152,7 +153,7 @@ def estimate_step(model: nn.Module, example: torch.Tensor, *, paired: bool, trai
     """
     # Lemma 2 draws would consume random numbers; their (N, 2, C) tensors are negligible beside
     # the (N, C, H, W) activations, so the trace runs without them.
-    from ..layers import scop_layers
+    from .layers import scop_layers
 
     layers = scop_layers(model).values()
     bias_on = [layer.knockoff_bias for layer in layers]
@@ -195,3 +196,27 @@ def require(estimate: MemoryEstimate, batch_size: int, device: torch.device | st
         f"{format_bytes(available)} is available on {torch.device(device)}; {advice}"
     )
 
+
+def require_step(model: nn.Module, example: torch.Tensor, batch_size: int, device: torch.device | str, what: str, *,
+                 paired: bool, trainable: Callable[[str], bool], optimizer_slots: int, host_cache: int = 0,
+                 activation_dtype: torch.dtype | None = None) -> str | None:
+    """Stop with :class:`ResourceError` before ``what`` starts if one step at ``batch_size`` would not fit.
+
+    Arguments as :func:`estimate_step`; ``host_cache`` is the bytes of a cache the stage builds in
+    host memory (counted on the CPU whatever ``device`` is). Under torchrun give the batch of one
+    process: each checks what it needs on its own device.
+
+    Returns:
+        None, or a note saying why nothing could be predicted (a model the meta device cannot run).
+    """
+    try:
+        estimate = estimate_step(model, example, paired=paired, trainable=trainable, optimizer_slots=optimizer_slots,
+                                 activation_dtype=activation_dtype)
+    except (NotImplementedError, RuntimeError) as exc:
+        return f"{what}: memory use not predicted ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    if host_cache and torch.device(device).type != "cpu":
+        require(MemoryEstimate(0, {"pair cache": host_cache}), 0, "cpu", what)
+    elif host_cache:
+        estimate.fixed["pair cache"] = host_cache
+    require(estimate, batch_size, device, what)
+    return None

@@ -16,9 +16,9 @@ import warnings
 import torch
 from torch import nn
 
-from .. import checkpoint
-from ..models import build_model, check_sizes
-from .surgery import channel_widths, rebuild
+from . import checkpoint
+from .models import build_model, check_sizes
+from .prune.surgery import channel_widths, rebuild
 
 __all__ = ["ARCH_VERSION", "save_model", "load_model", "read_arch", "export_torchscript", "export_onnx", "onnx_missing"]
 

@@ -5,46 +5,9 @@ from __future__ import annotations
 import io
 import os
 
-import torch
-from torch import nn
+from . import checkpoint
 
-from .. import checkpoint
-
-__all__ = ["measure_latency", "format_table", "plot_betas", "plot_importance", "plot_channels", "write_report"]
-
-
-@torch.no_grad()
-def measure_latency(model: nn.Module, example: torch.Tensor, batch: int, device: torch.device | str,
-                    min_run_time: float = 0.5) -> float:
-    """Median forward latency in milliseconds for a batch of ``batch`` inputs shaped like ``example``."""
-    import logging
-
-    # torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on a CUDA build of
-    # torch without a GPU: nothing is compiled here, so the warning would only confuse.
-    extension_log = logging.getLogger("torch.utils.cpp_extension")
-    level = extension_log.level
-    extension_log.setLevel(logging.ERROR)
-    try:
-        from torch.utils import benchmark
-    finally:
-        extension_log.setLevel(level)
-
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    x = example[:1].expand(batch, *example.shape[1:]).contiguous().to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def run():
-        model(x)
-        sync()
-
-    for _ in range(3):
-        run()
-    timer = benchmark.Timer(stmt="run()", globals={"run": run})
-    ms = timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
-    model.train(was_training)
-    return ms
+__all__ = ["format_table", "latency_table", "plot_betas", "plot_importance", "plot_channels", "write_report"]
 
 
 def _fmt(value, kind: str) -> str:
@@ -165,13 +128,28 @@ def plot_channels(widths_before: dict[str, int], widths_after: dict[str, int], p
     plt.close(fig)
 
 
+def latency_table(section: dict) -> str:
+    """Markdown table of a latency section (:func:`~scop_ext.prune.latency.latency_section`):
+    predicted beside measured, before and after pruning, per batch."""
+    fmt = f"{section['dtype']}, {section['memory_format']}" + (", BN folded" if section.get("fold_bn") else "")
+    lines = [f"Latency ({fmt}), predicted by the measured latency model beside measured on the whole network:", "",
+             "| batch | before: predicted / measured (ms) | after: predicted / measured (ms) | "
+             "after: predicted ÷ measured | measured after ÷ before |", "|---|---|---|---|---|"]
+    for b, r in section["batches"].items():
+        pa, ma, mb = r.get("predicted_after"), r.get("measured_after"), r.get("measured_before")
+        lines.append(f"| {b} | {_fmt(r.get('predicted_before'), 'ms')} / {_fmt(mb, 'ms')} | {_fmt(pa, 'ms')} / "
+                     f"{_fmt(ma, 'ms')} | {f'{pa / ma:.3f}' if ma else '–'} | {f'{ma / mb:.3f}' if ma and mb else '–'} |")
+    return "\n".join(lines)
+
+
 def write_report(out_dir: str, results: dict) -> dict[str, str]:
     """Write report.json, report.md and the plots into ``out_dir``; returns their paths.
 
     ``results`` holds ``before`` / ``after`` metric dicts (keys of :data:`ROWS`), optionally
     ``after_prune`` (metrics right after pruning, before fine-tuning), ``widths_before`` /
     ``widths_after``, ``betas`` and ``importance`` (per layer lists), ``removed`` (the plan),
-    ``cuts`` (see :func:`plot_importance`), and free-form ``config`` and ``notes``.
+    ``cuts`` (see :func:`plot_importance`), ``latency`` (see :func:`latency_table`), and free-form
+    ``config`` and ``notes``.
     """
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md")}
@@ -191,6 +169,8 @@ def write_report(out_dir: str, results: dict) -> dict[str, str]:
         md += [f"Model `{cfg.get('model')}` on `{cfg.get('dataset')}`, criterion `{cfg.get('importance')}`, "
                f"policy `{cfg.get('policy')}`.", ""]
     md += [format_table(results.get("before", {}), results.get("after", {})), ""]
+    if results.get("latency"):
+        md += [latency_table(results["latency"]), ""]
     if results.get("after_prune"):
         md += [f"Right after pruning, before fine-tuning: top-1 {_fmt(results['after_prune'].get('top1'), 'pct')}.", ""]
     if results.get("widths_before"):

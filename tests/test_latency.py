@@ -1,0 +1,264 @@
+"""The latency model (scop_ext.prune.latency), its knapsack and the latency_target policy.
+
+Times here come from synthetic timers with known steps, so every assertion is exact; the
+measured figures belong to benchmarks/latency.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from scop_ext import models
+from scop_ext.prune import LatencyModel, PruningSpace, RandomImportance, apply_plan, channel_widths, select
+from scop_ext.prune.knapsack import choose_widths, knapsack
+from scop_ext.prune.latency import settings
+
+
+def block_timer(block=8, calls=None):
+    """A conv whose time steps every ``block`` channels of input and output (as blocked kernels do)."""
+
+    def timer(shape, c_in, c_out):
+        if calls is not None:
+            calls.append((shape, c_in, c_out))
+        taps = shape.kernel[0] * shape.kernel[1] * shape.in_hw[0] * shape.in_hw[1] / (shape.stride[0] * shape.stride[1])
+        return 1e-3 * taps * math.ceil(c_in / block) * math.ceil(c_out / block)
+
+    return timer
+
+
+def out_only_timer(shape, c_in, c_out):
+    """Time depending on the output width alone: the latency is then a sum over groups."""
+    return 0.01 * math.ceil(c_out / 4) * shape.in_hw[0] * shape.in_hw[1]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    torch.manual_seed(0)
+    model = models.resnet_digits().eval()
+    x = torch.randn(1, 1, 8, 8)
+    return model, x, PruningSpace(model, x)
+
+
+def make(model, x, space, timer, **kw):
+    return LatencyModel(model, x, space.groups, batch=4, timer=timer, rest=False, progress=False, **kw)
+
+
+# ------------------------------------------------------------------------- the cache
+
+
+def test_cache_reused_under_same_settings(digits, tmp_path):
+    model, x, space = digits
+    calls = []
+    first = make(model, x, space, block_timer(calls=calls), cache=tmp_path / "t.json")
+    assert calls, "nothing was measured"
+    stored = json.loads((tmp_path / "t.json").read_text())
+    assert stored["settings"] == settings("cpu", "float32", "contiguous", 4)
+    calls.clear()
+    again = make(model, x, space, block_timer(calls=calls), cache=tmp_path / "t.json")
+    assert calls == [] and again.dense_ms == first.dense_ms
+
+
+@pytest.mark.parametrize("key, value", [("threads", 999), ("torch", "0.0"), ("device", "another chip"),
+                                        ("dtype", "bfloat16"), ("memory_format", "channels_last"), ("batch", 128)])
+def test_cache_of_other_settings_is_refused_and_rebuilt(digits, tmp_path, key, value):
+    model, x, space = digits
+    path = tmp_path / "t.json"
+    make(model, x, space, block_timer(), cache=path)
+    stored = json.loads(path.read_text())
+    stored["settings"][key] = value
+    stored["points"] = {k: 1e6 for k in stored["points"]}  # would be visible if used
+    path.write_text(json.dumps(stored))
+    calls, messages = [], []
+    lat = make(model, x, space, block_timer(calls=calls), cache=path, log=messages.append)
+    assert calls, "the refused cache was used instead of measuring"
+    assert lat.dense_ms < 1e6
+    assert len(messages) == 1 and "other settings" in messages[0] and key in messages[0]
+    rebuilt = json.loads(path.read_text())
+    assert rebuilt["settings"] == settings("cpu", "float32", "contiguous", 4)
+    assert max(rebuilt["points"].values()) < 1e6
+
+
+def test_unreadable_cache_is_measured_again(digits, tmp_path):
+    model, x, space = digits
+    path = tmp_path / "t.json"
+    path.write_text("{not json")
+    messages, calls = [], []
+    make(model, x, space, block_timer(calls=calls), cache=path, log=messages.append)
+    assert calls and "unreadable" in messages[0]
+    assert json.loads(path.read_text())["points"]
+
+
+def test_prediction_matches_the_pruned_network(resnet20_space):
+    """The prediction for a plan equals the conv sum of the network apply_plan builds from it."""
+    model, x, space = resnet20_space
+    timer = block_timer()
+    lat = make(model, x, space, timer)
+    plan = select(space, RandomImportance(seed=1)(model), "uniform", ratio=0.4)
+    pruned = apply_plan(copy.deepcopy(model), x, plan)
+    direct = make(pruned, x, PruningSpace(pruned, x), timer)
+    assert lat.predict_plan(plan) == pytest.approx(direct.dense_ms, rel=1e-12)
+    assert lat.predict_plan(plan) < lat.dense_ms
+
+
+def test_measured_table_with_the_default_timer(digits, tmp_path, one_thread):
+    model, x, space = digits
+    lat = LatencyModel(model, x, space.groups, batch=2, cache=tmp_path / "t.json", progress=False)
+    points = json.loads((tmp_path / "t.json").read_text())["points"]
+    assert points and all(v > 0 and math.isfinite(v) for v in points.values())
+    assert lat.dense_ms == pytest.approx(lat.measured_dense_ms)  # the rest term closes the gap
+
+
+# ------------------------------------------------------------------------- the knapsack
+
+
+def brute_force(values, costs, budget):
+    best = None
+    for choice in itertools.product(*(range(len(v)) for v in values)):
+        if sum(costs[g][j] for g, j in enumerate(choice)) <= budget:
+            value = sum(values[g][j] for g, j in enumerate(choice))
+            best = value if best is None or value > best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_knapsack_against_brute_force(seed):
+    rng = random.Random(seed)
+    groups = rng.randint(1, 5)
+    values = [[rng.uniform(0, 10) for _ in range(rng.randint(1, 4))] for _ in range(groups)]
+    integer = [[rng.randint(0, 30) for _ in v] for v in values]
+    budget = rng.randint(10, 80)
+    choice = knapsack(values, integer, budget, bins=budget)  # unit 1: exact
+    optimum = brute_force(values, integer, budget)
+    if optimum is None:
+        assert choice is None
+        return
+    assert sum(integer[g][j] for g, j in enumerate(choice)) <= budget
+    assert sum(values[g][j] for g, j in enumerate(choice)) == pytest.approx(optimum)
+    real = [[c + rng.random() for c in cs] for cs in integer]  # rounding up loses at most a unit per group
+    choice = knapsack(values, real, budget, bins=100)
+    slack = brute_force(values, real, budget - groups * budget / 100)
+    if choice is not None:
+        assert sum(real[g][j] for g, j in enumerate(choice)) <= budget
+    if slack is not None:
+        assert sum(values[g][j] for g, j in enumerate(choice)) >= slack - 1e-9
+
+
+def test_choose_widths_optimal_when_separable(digits):
+    model, x, space = digits
+    lat = make(model, x, space, out_only_timer)
+    rng = random.Random(0)
+    values = [{w: w + rng.random() for w in lat.candidates(i, range(1, g.size + 1))} for i, g in enumerate(space.groups)]
+    for share in (0.3, 0.5, 0.8):
+        budget = share * lat.dense_ms
+        widths = choose_widths(lat, values, budget)
+        assert lat.predict(widths) <= budget
+        best = max((sum(v[w] for v, w in zip(values, ws)) for ws in itertools.product(*(sorted(v) for v in values))
+                    if lat.predict(ws) <= budget * (1 - len(values) / 2000)), default=None)
+        assert sum(v[w] for v, w in zip(values, widths)) >= best - 1e-9
+
+
+# ------------------------------------------------------------------------- steps and the policy
+
+
+def test_candidates_sit_at_the_top_of_each_step(digits):
+    model, x, space = digits
+    lat = make(model, x, space, block_timer(8))
+    for i, g in enumerate(space.groups):
+        assert lat.candidates(i, range(1, g.size + 1)) == list(range(8, g.size + 1, 8))
+
+
+def test_latency_target_keeps_widths_at_steps(resnet20_space):
+    model, x, space = resnet20_space
+    lat = make(model, x, space, block_timer(8))
+    scores = RandomImportance(seed=0)(model)
+    for reduction in (0.3, 0.5, 0.7):
+        plan = select(space, scores, "latency_target", latency_model=lat, latency_reduction=reduction)
+        widths = lat.widths(plan)
+        assert all(w % 8 == 0 for w in widths), widths  # never just above a step (w = 8k + 1 costs a block more)
+        assert lat.predict(widths) <= (1 - reduction) * lat.dense_ms
+        assert lat.predict(widths) >= (1 - reduction - 0.1) * lat.dense_ms  # the budget is spent, not wasted
+
+
+def test_latency_target_honours_round_to_min_channels_and_coupling(resnet20_space):
+    model, x, space = resnet20_space
+    lat = make(model, x, space, block_timer(3))
+    scores = RandomImportance(seed=2)(model)
+    plan = select(space, scores, "latency_target", latency_model=lat, latency_ms=0.5 * lat.dense_ms,
+                  round_to=4, min_channels=12)
+    group_scores = space.group_scores(scores)
+    for g, s, w in zip(space.groups, group_scores, lat.widths(plan)):
+        assert w == g.size or (w % 4 == 0 and w >= 12), (g.convs, w)
+        removed = [plan[c] for c in g.convs if c in plan]
+        assert all(r == [g.index[c][k] for k in sorted(g.index[c]) if g.index[c][k] in r] for r, c in
+                   zip(removed, g.convs)), "coupled convs lose different channels"
+        if removed:  # the lowest-scored channels go
+            inverse = {c: k for k, c in g.index[g.convs[0]].items()}
+            gone = {inverse[c] for c in plan[g.convs[0]]}
+            assert max(float(s[k]) for k in gone) <= min(float(s[k]) for k in range(g.size) if k not in gone)
+    pruned = apply_plan(copy.deepcopy(model), x, plan)
+    after = channel_widths(pruned)
+    for g, w in zip(space.groups, lat.widths(plan)):
+        assert {after[c] for c in g.convs} == {w}
+    assert lat.predict_plan(plan) <= 0.5 * lat.dense_ms
+
+
+def test_latency_target_errors(resnet20_space):
+    model, x, space = resnet20_space
+    lat = make(model, x, space, block_timer())
+    scores = RandomImportance(seed=0)(model)
+    with pytest.raises(ValueError, match="exactly one"):
+        select(space, scores, "latency_target", latency_model=lat)
+    with pytest.raises(ValueError, match="exactly one"):
+        select(space, scores, "latency_target", latency_model=lat, latency_reduction=0.5, latency_ms=1.0)
+    with pytest.raises(ValueError, match="latency_reduction must be in"):
+        select(space, scores, "latency_target", latency_model=lat, latency_reduction=1.5)
+    with pytest.raises(ValueError, match="out of reach"):
+        select(space, scores, "latency_target", latency_model=lat, latency_ms=1e-6)
+    other = make(*models_and_space("resnet_digits"), block_timer())
+    with pytest.raises(ValueError, match="built on this space"):
+        select(space, scores, "latency_target", latency_model=other, latency_reduction=0.5)
+
+
+def models_and_space(name):
+    torch.manual_seed(0)
+    model = models.build_model(name, 10, 1).eval()
+    x = models.example_input(name, 1)
+    return model, x, PruningSpace(model, x)
+
+
+# ------------------------------------------------------------------------- through the pipeline
+
+
+def test_latency_target_end_to_end_cli(baseline, tmp_path):
+    """`scop prune` with latency_target: the plan fits the predicted budget, and report.md and
+    report.json show predicted beside measured latency for batch 1 and the chosen batch."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ENV, prune_args
+
+    out = tmp_path / "run"
+    args = prune_args(baseline, out, "--set", "policy=latency_target", "--set", "latency_reduction=0.2",
+                      "--set", "latency_batch=64", "--set", "latency_memory_format=channels_last",
+                      "--set", "latency_fold_bn=true")
+    proc = subprocess.run([sys.executable, "-m", "scop_ext.cli", *args], capture_output=True, text=True, env=ENV,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    section = json.loads((out / "report.json").read_text())["latency"]
+    assert set(section["batches"]) == {"1", "64"}
+    assert section["memory_format"] == "channels_last" and section["fold_bn"] is True
+    for row in section["batches"].values():
+        assert all(row[k] > 0 for k in ("predicted_before", "measured_before", "predicted_after", "measured_after"))
+    main = section["batches"]["64"]
+    assert main["predicted_after"] <= 0.8 * main["predicted_before"] + 1e-9
+    assert main["predicted_before"] == pytest.approx(main["measured_before"])
+    stored = json.loads((out / "latency-table-b64.json").read_text())
+    assert stored["settings"]["batch"] == 64 and stored["settings"]["memory_format"] == "channels_last"
+    assert "predicted / measured" in (out / "report.md").read_text()
