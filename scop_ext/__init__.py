@@ -22,7 +22,7 @@ files), `distributed.py` (torchrun), `resources.py` (memory checks), `checkpoint
 
 from ._loader import build_info
 from ._ops import draw_seed, dual_scaled_conv2d, lemma2_sample
-from .layers import ScopConv2d, convert, restore, scop_layers
+from .layers import ChannelScatter, ScopConv2d, convert, restore, scop_layers
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "lemma2_sample",
     "draw_seed",
     "ScopConv2d",
+    "ChannelScatter",
     "convert",
     "restore",
     "scop_layers",

@@ -1,4 +1,4 @@
-"""The ``scop`` command: train a baseline, prune it with SCOP, inspect knockoffs, export.
+"""The ``scop`` command: train a baseline, prune it with SCOP, plan a pruning dry run, inspect knockoffs, export.
 
 Every sub-command has ``--help``; those that compute (``train``, ``prune``, ``knockoffs fit``,
 ``knockoffs check``, ``demo``) take ``--device`` and ``--seed``, and every one that writes files
@@ -101,6 +101,7 @@ def _train(args, device: str) -> int:
 
 PRUNE_FLAGS = {
     # config key (the flag is --key-with-dashes): (type, help)
+    "preset": (str, "authors: the authors' whole recipe (README); other settings override it"),
     "model": (str, "model name (see `scop info`)"),
     "weights": (str, "trained weights: a .safetensors/state_dict file or a `scop train` model stem"),
     "dataset": (str, "digits (bundled), cifar10 or imagefolder"),
@@ -120,12 +121,14 @@ PRUNE_FLAGS = {
     "fdr_q": (float, "target false discovery rate (fdr)"),
     "min_channels": (int, "fewest channels a layer keeps"),
     "round_to": (int, "kept channels rounded up to a multiple of this"),
+    "block_width": (str, "residual widths: prune (default), keep, or scatter (the authors' scheme)"),
     "finetune_epochs": (int, "fine-tuning epochs"),
     "finetune_lr": (float, "fine-tuning learning rate"),
 }
 
 
-def _prune_config(args):
+def _config_values(args) -> dict:
+    """The PruneConfig keys --config, the flags and --set give, later ones winning."""
     from .config import PruneConfig
 
     from .export import read_arch
@@ -139,11 +142,24 @@ def _prune_config(args):
         values["model"] = read_arch(stem)["model"]  # a `scop train` stem names its model: no --model needed
     if args.no_knockoff_bias:
         values["knockoff_bias"] = False
-    if args.keep_block_width:
-        values["keep_block_width"] = True
     values.update(_key_values(args.set, "--set"))
-    values["device"] = _device(args.device or values.get("device"))
     values["seed"] = args.seed if args.seed is not None else values.get("seed", 0)
+    return values
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or JSON file of PruneConfig keys")
+    for key, (kind, text) in PRUNE_FLAGS.items():
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=text)
+    p.add_argument("--no-knockoff-bias", action="store_true", help="turn the Lemma 2 biases off")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any PruneConfig key (repeatable)")
+
+
+def _prune_config(args):
+    from .config import PruneConfig
+
+    values = _config_values(args)
+    values["device"] = _device(args.device or values.get("device"))
     return PruneConfig.from_dict(values)
 
 
@@ -163,6 +179,21 @@ def cmd_prune(args) -> int:
     if main:
         print(format_table(results.get("before", {}), results.get("after", {})))
         print(f"report: {os.path.join(args.out, 'report.md')}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .config import PruneConfig
+    from .planner import dry_run, format_plan, run_defaults
+
+    values = {**run_defaults(args.scores), **_config_values(args), "device": "cpu"}
+    for flag, value in (("--num-classes", args.num_classes), ("--in-channels", args.in_channels),
+                        ("--image-size", args.image_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    result = dry_run(PruneConfig.from_dict(values), args.scores, num_classes=args.num_classes,
+                     in_channels=args.in_channels, image_size=args.image_size)
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
     return 0
 
 
@@ -342,18 +373,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune a trained model with SCOP: knockoffs, scales, selection, surgery, "
                                    "fine-tuning, report. Settings come from --config (YAML/JSON), then flags, "
                                    "then --set KEY=VALUE (any PruneConfig key).")
-    p.add_argument("--config", help="YAML or JSON file of PruneConfig keys")
-    for key, (kind, text) in PRUNE_FLAGS.items():
-        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=text)
-    p.add_argument("--no-knockoff-bias", action="store_true", help="turn the Lemma 2 biases off")
-    p.add_argument("--keep-block-width", action="store_true", help="the authors' behaviour: keep residual widths")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any PruneConfig key (repeatable)")
+    _add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last complete stage")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("plan", help="what a policy would prune, without training",
+                       description="Dry run of selection and surgery: per-layer widths before and after, FLOPs and "
+                                   "params reductions. Settings as for `scop prune` (--config, flags, --preset, --set).")
+    _add_config_flags(p)
+    p.add_argument("--scores", default="random",
+                   help="random (seeded by --seed), l1, or run:<dir> (the learned scales of a `scop prune` run; "
+                        "its model and weights unless --model/--weights say otherwise)")
+    p.add_argument("--num-classes", type=int, help="classes of the model (default: 1000 for torchvision, else 10)")
+    p.add_argument("--in-channels", type=int, help="input channels (default: the model's own, e.g. 1 for resnet_digits)")
+    p.add_argument("--image-size", type=int, help="side of the input FLOPs are counted on (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("knockoffs", help="fit or check knockoff generators")
     ksub = p.add_subparsers(dest="knockoffs_command", required=True)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from . import checkpoint
+from .presets import PRESETS, with_preset
 
 __all__ = ["PruneConfig"]
 
@@ -23,9 +24,12 @@ class PruneConfig:
     """Every setting of a run; plain values only, so it round-trips through JSON and YAML.
 
     Stage 2 defaults are the authors' (Adam 0.004, betas (0.5, 0.9), beta from 0.5); fine-tuning
-    is SGD Nesterov with momentum 0.9, weight decay 1e-4 and a cosine schedule.
+    is SGD Nesterov with momentum 0.9, weight decay 1e-4 and a cosine schedule. ``preset``
+    (:mod:`~scop_ext.presets`, e.g. ``"authors"``) fills the keys a dict or file leaves out
+    when read by :meth:`from_dict` / :meth:`from_file`; the constructor takes keys as given.
     """
 
+    preset: str | None = None
     model: str = "resnet_digits"
     weights: str | None = None  # trained baseline: .safetensors / state_dict file, or a save_model stem
     dataset: str = "digits"
@@ -64,7 +68,7 @@ class PruneConfig:
     min_channels: int = 1
     round_to: int = 1
     ignored_layers: list = field(default_factory=list)
-    keep_block_width: bool = False
+    block_width: str = "prune"  # residual widths: prune, keep, or scatter (the authors' scheme)
     # stage 4
     bn_batches: int = 50
     finetune_epochs: int = 10
@@ -78,6 +82,10 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PruneConfig:
+        if "keep_block_width" in values:
+            raise ValueError("keep_block_width was replaced by block_width: keep (what keep_block_width=true did), "
+                             "scatter (the authors' scheme) or prune (the default)")
+        values = with_preset(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in set(values) - known)  # YAML keys need not be strings
         if unknown:
@@ -140,6 +148,7 @@ class PruneConfig:
         from .prune.importance import criterion_names
         from .prune.latency import DTYPES, MEMORY_FORMATS
         from .prune.select import policy_names
+        from .prune.surgery import BLOCK_WIDTHS
 
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -165,6 +174,8 @@ class PruneConfig:
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.bias_gamma is None or self.bias_gamma > 0, "bias_gamma must be > 0 (or null for the default)"),
             (self.bn_batches >= 1 and self.image_size >= 1, "bn_batches and image_size must be >= 1"),
+            (self.block_width in BLOCK_WIDTHS, f"block_width must be one of {', '.join(BLOCK_WIDTHS)}"),
+            (self.preset is None or self.preset in PRESETS, f"preset must be one of {', '.join(sorted(PRESETS))} (or null)"),
             (self.fdr_scope in ("layer", "global"), "fdr_scope must be 'layer' or 'global'"),
             (self.importance in criterion_names(), f"importance must be one of {', '.join(criterion_names())}"),
             (self.knockoffs in generator_kinds(), f"knockoffs must be one of {', '.join(generator_kinds())}"),

@@ -1,8 +1,10 @@
 """Saving and loading pruned models without pickle, and exports for deployment.
 
 A model is stored as ``<stem>.safetensors`` (its state_dict) beside ``<stem>.json`` (model name,
-classes, input channels and every conv's output width), so a pruned architecture is re-created
-by :func:`~scop_ext.prune.surgery.rebuild` and nothing executable is ever loaded.
+classes, input channels, every conv's output width and, under ``block_width="scatter"``, the
+convs whose outputs are scattered back to full width), so a pruned architecture is re-created by
+:func:`~scop_ext.prune.surgery.rebuild` and nothing executable is ever loaded. A scatter's kept
+channel indices are a buffer of the state_dict.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 
 from . import checkpoint
 from .models import build_model, check_sizes
-from .prune.surgery import channel_widths, rebuild
+from .prune.surgery import channel_widths, rebuild, scattered_convs
 
 __all__ = ["ARCH_VERSION", "save_model", "load_model", "read_arch", "export_torchscript", "export_onnx", "onnx_missing"]
 
@@ -34,6 +36,9 @@ def save_model(model: nn.Module, stem: str | os.PathLike, *, model_name: str, nu
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     arch = {"format": "scop-model", "version": ARCH_VERSION, "model": model_name, "num_classes": num_classes,
             "in_channels": in_channels, "widths": channel_widths(model), **(extra or {})}
+    scattered = scattered_convs(model)
+    if scattered:  # absent otherwise, so descriptions of other models read as before
+        arch["scatter"] = scattered
     paths = {"weights": stem + ".safetensors", "arch": stem + ".json"}
     checkpoint.atomic_write_bytes(paths["weights"], save(state))
     checkpoint.write_json(paths["arch"], arch)
@@ -61,11 +66,14 @@ def read_arch(stem: str | os.PathLike) -> dict:
     wrong = [k for k, ok in (("model", isinstance(arch["model"], str)),
                              ("num_classes", positive(arch["num_classes"])),
                              ("in_channels", positive(arch["in_channels"])),
-                             ("widths", isinstance(arch["widths"], dict) and all(positive(w) for w in arch["widths"].values())))
+                             ("widths", isinstance(arch["widths"], dict) and all(positive(w) for w in arch["widths"].values())),
+                             ("scatter", isinstance(arch.get("scatter", []), list)
+                              and all(isinstance(c, str) for c in arch.get("scatter", []))))
              if not ok]
     if wrong:
         raise checkpoint.CheckpointError(f"{path}: malformed model description: {', '.join(wrong)} "
-                                         "(model a name, num_classes and in_channels integers >= 1, widths {conv: integer >= 1})")
+                                         "(model a name, num_classes and in_channels integers >= 1, widths {conv: integer >= 1}, "
+                                         "scatter a list of conv names)")
     try:
         check_sizes(arch["num_classes"], arch["in_channels"])
     except ValueError as exc:
@@ -75,9 +83,10 @@ def read_arch(stem: str | os.PathLike) -> dict:
 
 def _check_tensors(stem: str, arch: dict, weights: str) -> None:
     """Refuse, before the model is built for real, a weights file that is not the model in
-    ``<stem>.json``: the dense model is built on the meta device (no memory), and pruning removes
-    channels, never tensors, so the names must match. A description naming a far larger model
-    than its weights (``vit_h_14`` beside a small net) is caught here instead of after building it."""
+    ``<stem>.json``: the dense model is built on the meta device (no memory) and each of its
+    convolutions must have its weight in the file (pruning narrows convs, never removes them).
+    A description naming a far larger model than its weights (``vit_h_14`` beside a small net)
+    is caught here instead of after building it."""
     from safetensors import safe_open
 
     try:
@@ -87,13 +96,11 @@ def _check_tensors(stem: str, arch: dict, weights: str) -> None:
         raise checkpoint.CheckpointError(f"{stem}.json: describes no model that can be built ({exc})") from None
     with safe_open(weights, framework="pt") as f:
         names = set(f.keys())
-    expected = set(dense.state_dict())
-    if names != expected:
-        missing, unexpected = sorted(expected - names), sorted(names - expected)
-        detail = "; ".join(f"{len(keys)} {what}, e.g. {keys[0]!r}" for what, keys in (("missing", missing),
-                                                                                    ("unexpected", unexpected)) if keys)
-        raise checkpoint.CheckpointError(f"{weights}: does not match the architecture in {stem}.json: not the tensors of "
-                                         f"a {arch['model']!r} model ({detail})")
+    missing = sorted(f"{name}.weight" for name, m in dense.named_modules()
+                     if isinstance(m, nn.Conv2d) and f"{name}.weight" not in names)
+    if missing:
+        raise checkpoint.CheckpointError(f"{weights}: does not match the architecture in {stem}.json: lacks the weights "
+                                         f"of {len(missing)} convolutions of a {arch['model']!r} model, e.g. {missing[0]!r}")
 
 
 def load_model(stem: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -116,7 +123,8 @@ def load_model(stem: str | os.PathLike, map_location: str | torch.device = "cpu"
     if bad is not None:
         raise checkpoint.CheckpointError(f"{weights}: tensor {bad!r} holds NaN or Inf; the model is unusable")
     try:
-        model = rebuild(arch["model"], arch["widths"], arch["num_classes"], arch["in_channels"])
+        model = rebuild(arch["model"], arch["widths"], arch["num_classes"], arch["in_channels"],
+                        scattered=arch.get("scatter", ()))
     except ValueError as exc:
         raise checkpoint.CheckpointError(f"{os.fspath(stem)}.json: describes no model that can be built ({exc})") from None
     try:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from . import lemma2
 from ._ops import dual_scaled_conv2d, lemma2_sample
 
-__all__ = ["ScopConv2d", "convert", "restore", "scop_layers"]
+__all__ = ["ScopConv2d", "ChannelScatter", "convert", "restore", "scop_layers"]
 
 
 class ScopConv2d(nn.Conv2d):
@@ -300,3 +300,42 @@ def restore(model: nn.Module) -> nn.Module:
 def scop_layers(model: nn.Module) -> dict[str, ScopConv2d]:
     """The :class:`ScopConv2d` layers of ``model`` by qualified name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, ScopConv2d)}
+
+
+class ChannelScatter(nn.Module):
+    """Runs ``module`` and writes its K output channels into channels ``index`` of a zero tensor
+    ``channels`` wide: the authors' block-width scheme (``Pruned_Conv2d_bn2``).
+
+    A residual block's last conv (and its BatchNorm) computes only its kept filters, yet the
+    residual add and the next block still see the full width. The scatter is memory traffic, no
+    multiply-accumulates, so :mod:`scop_ext.prune.flops` counts it as 0 FLOPs. ``index`` is a
+    buffer, so it is saved in the state_dict (safetensors) and exported with the graph.
+
+    Args:
+        module: the layer whose output is scattered (the BatchNorm after the pruned conv).
+        index: (K,) the full-width channel each of its outputs goes to, distinct, in ``[0, channels)``.
+        channels: the full width C.
+
+    Shape:
+        - Input: whatever ``module`` takes; its output (N, K, H, W)
+        - Output: (N, C, H, W), zero outside ``index``
+    """
+
+    def __init__(self, module: nn.Module, index: Iterable[int] | Tensor, channels: int) -> None:
+        super().__init__()
+        index = torch.as_tensor(index, dtype=torch.long).flatten()
+        if not 1 <= index.numel() <= channels or index.unique().numel() != index.numel() or \
+                bool((index < 0).any() or (index >= channels).any()):
+            raise ValueError(f"index must hold 1..{channels} distinct channels in [0, {channels}), got {index.tolist()}")
+        self.module = module
+        self.channels = channels
+        self.register_buffer("index", index)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.module(x)
+        # y.size(i), not *y.shape: torch.fx traces sizes as values but cannot unpack them
+        out = y.new_zeros(y.size(0), self.channels, y.size(2), y.size(3))
+        return out.index_copy(1, self.index, y)
+
+    def extra_repr(self) -> str:
+        return f"{self.index.numel()} -> {self.channels} channels"

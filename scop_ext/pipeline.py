@@ -279,7 +279,7 @@ class ScopPruner:
         cfg = self.config
         scores = self.importance(self.model)
         space = PruningSpace(self.model, self.example.to(self.device), ignored_layers=cfg.ignored_layers,
-                             keep_block_width=cfg.keep_block_width)
+                             block_width=cfg.block_width)
         measured = {}  # latency_target's model is measured on this model, so it joins the policy here
         if cfg.policy == "latency_target":
             latency = latency_models(self.model, self.example.to(self.device), space.groups, cfg.latency_batch,
@@ -302,7 +302,7 @@ class ScopPruner:
         """Stage 4, physical pruning: remove the planned filters; the model becomes plain nn.Conv2d layers."""
         if self.plan is None:
             raise RuntimeError("prune() needs a plan: call select() first")
-        apply_plan(self.model, self.example.to(self.device), self.plan, keep_block_width=self.config.keep_block_width)
+        apply_plan(self.model, self.example.to(self.device), self.plan, block_width=self.config.block_width)
         self.results["widths_after"] = channel_widths(self.model)
         return self.model
 

@@ -22,7 +22,7 @@ __all__ = ["ResourceError", "MemoryEstimate", "available_memory", "estimate_step
 
 # The backward's own transients (the gradient being computed beside the one flowing in, the
 # logits and their gradient) on top of the saved activations, as a fraction of them; measured on
-# ResNets (tests/test_hardening.py compares prediction and measurement).
+# ResNets (tests/test_resources.py compares prediction and measurement).
 _BACKWARD_OVERHEAD = 0.5
 
 

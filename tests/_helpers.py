@@ -1,6 +1,11 @@
-"""Small pieces the operator tests share (kept out of conftest.py, which holds fixtures)."""
+"""Small pieces the tests share (kept out of conftest.py, which holds fixtures)."""
+
+import re
 
 import torch
+from torch import nn
+
+from scop_ext.cli import main
 
 
 def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -48,3 +53,49 @@ def masked_dense(model, example, plan):
                 for c in item.idxs:  # input c of a grouped conv feeds only its own slice's filters
                     m.weight[(c // per) * out_per : (c // per + 1) * out_per, c % per] = 0
     return dense
+
+
+def cli(capsys, *args) -> tuple[int, list[str]]:
+    """Run the ``scop`` command in this process: (exit status, stderr lines)."""
+    status = main([str(a) for a in args])
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+def assert_one_line(status, lines, path, pattern):
+    assert status == 2, lines
+    assert len(lines) == 1, lines
+    assert str(path) in lines[0], lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def _cuts(n: int) -> list[int]:
+    return sorted({0, 1, 8, 64, n // 4, n // 2, n - 100, n - 22, n - 1} - {n})
+
+
+def _tiny_net(seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+def _toy_data(n=96, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 6, 6, generator=gen)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    x[:, 0] += y[:, None, None]
+    return x, y
+
+
+def _psd_floor(matrix: torch.Tensor) -> float:
+    """Smallest eigenvalue relative to the largest (>= -1e-9 means PSD up to rounding)."""
+    evals = torch.linalg.eigvalsh((matrix + matrix.T) / 2)
+    return float(evals[0]) / max(float(evals[-1].abs()), 1e-300)
+
+
+def ar1(d: int, rho: float, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """(d, d) float64 AR(1) covariance ``rho^|i - j|``, rows and columns times ``scales`` when given."""
+    idx = torch.arange(d)
+    corr = rho ** (idx[:, None] - idx[None, :]).abs().to(torch.float64)
+    if scales is None:
+        return corr
+    return corr * scales[:, None] * scales[None, :]

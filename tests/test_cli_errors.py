@@ -192,7 +192,7 @@ CASES = {
         r"in_channels must be an int in 1\.\.1024"),
     "sidecar naming vit_h_14": lambda t, b, f: (
         ["export", "--model", edited_stem(b, t / "s", model="torchvision:vit_h_14"), "--out", t / "o"],
-        t / "s" / "model.safetensors", r"does not match the architecture in .*: not the tensors of a 'torchvision:vit_h_14' model"),
+        t / "s" / "model.safetensors", r"does not match the architecture in .*: lacks the weights of 1 convolutions of a 'torchvision:vit_h_14' model"),
     "gan file noise_channels 1e9": lambda t, b, f: (
         ["knockoffs", "check", "--knockoffs", gan_file(t / "k.pt", noise_channels=10**9), "--out", t / "o"],
         t / "k.pt", r"noise_channels=1000000000 .* would hold 7.2e\+10 parameters; at most 1e\+09"),

@@ -14,7 +14,7 @@ from scop_ext.knockoffs import ExternalKnockoffs, GaussianKnockoffs, KnockoffGAN
 from scop_ext.knockoffs.exchangeability import power
 from scop_ext.knockoffs.report import sample_batched
 from scop_ext.knockoffs.swap import swap_advantage
-from scop_ext.knockoffs.gan import CHECKPOINT_KIND
+from scop_ext.knockoffs.gan_trainer import CHECKPOINT_KIND
 from tests.test_knockoffs import MAX_MEAN_CORR
 
 
@@ -184,7 +184,7 @@ def test_large_images_use_resnet_and_upsample(one_thread):
     images = torch.rand(6, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     gan = KnockoffGAN(working_size=64, width=8, iterations=2, batch_size=4)
     gan.fit(DataLoader(TensorDataset(images), batch_size=3), progress=False)
-    assert gan.arch == "resnet" and gan.work_hw == (64, 64) and gan.block == 4
+    assert gan.settings.arch == "resnet" and gan.work_hw == (64, 64) and gan.settings.block == 4
     assert gan.swap_grid((3, 96, 96)) == (16, 16)  # 4-pixel blocks at 64 x 64: 6-pixel blocks at 96 x 96
     xk = gan.sample(images[:2].double(), generator=torch.Generator().manual_seed(0))
     assert xk.shape == (2, 3, 96, 96) and xk.dtype == torch.float64
@@ -195,16 +195,18 @@ def test_non_square_images_that_the_working_size_does_not_divide(one_thread):
     number of the default 4-pixel blocks (plain rounding, 46, is not one)."""
     images = torch.rand(4, 3, 224, 160, generator=torch.Generator().manual_seed(0))
     gan = KnockoffGAN(width=4, iterations=2, batch_size=2).fit(DataLoader(TensorDataset(images), batch_size=2), progress=False)
-    assert gan.work_hw == (64, 44) and gan.block == 4 and gan.swap_grid((3, 224, 160)) == (16, 11)
+    assert gan.work_hw == (64, 44) and gan.settings.block == 4 and gan.swap_grid((3, 224, 160)) == (16, 11)
     assert gan.sample(images[:2], generator=torch.Generator().manual_seed(0)).shape == (2, 3, 224, 160)
 
 
 def test_seed_defaults_scale_with_image_size():
-    assert (KnockoffGAN(shape=(1, 8, 8)).iterations, KnockoffGAN(shape=(1, 8, 8)).batch_size) == (1500, 128)
-    cifar = KnockoffGAN(shape=(3, 32, 32), width=8)
+    small = KnockoffGAN(shape=(1, 8, 8)).settings
+    assert (small.iterations, small.batch_size) == (1500, 128)
+    cifar = KnockoffGAN(shape=(3, 32, 32), width=8).settings
     assert (cifar.iterations, cifar.batch_size, cifar.arch, cifar.lr) == (20000, 128, "conv", 1e-3)
     imagenet = KnockoffGAN(shape=(3, 224, 224), width=8)
-    assert (imagenet.iterations, imagenet.batch_size, imagenet.arch, imagenet.work_hw) == (30000, 512, "resnet", (64, 64))
+    assert imagenet.work_hw == (64, 64)
+    assert (imagenet.settings.iterations, imagenet.settings.batch_size, imagenet.settings.arch) == (30000, 512, "resnet")
     with pytest.raises(ValueError, match="iterations must be a positive int"):
         KnockoffGAN(iterations=0)
     with pytest.raises(ValueError, match="image inputs"):

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from statistics import NormalDist
 
 import pytest
@@ -40,16 +41,10 @@ from scop_ext.knockoffs.gaussian import _Moments, ledoit_wolf
 from scop_ext.knockoffs.leakage import label_leakage
 from scop_ext.knockoffs.report import sample_batched
 from scop_ext.plots import embedding_figure, knockoff_grid
+from tests._helpers import ar1
 
+from ._helpers import _psd_floor
 from .conftest import ENV
-
-
-def ar1(d: int, rho: float, scales: torch.Tensor | None = None) -> torch.Tensor:
-    idx = torch.arange(d)
-    corr = rho ** (idx[:, None] - idx[None, :]).abs().to(torch.float64)
-    if scales is None:
-        return corr
-    return corr * scales[:, None] * scales[None, :]
 
 
 def draw(mean: torch.Tensor, cov: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -169,21 +164,6 @@ def test_group_equicorrelated_s():
     assert float(torch.diagonal(gen.S).sum()) > float(torch.diagonal(single.S).sum())
 
 
-def test_sdp_is_feasible_and_beats_equicorrelated():
-    d = 20
-    cov = ar1(d, 0.5)
-    sdp = GaussianKnockoffs.from_covariance(torch.zeros(d), cov, method="sdp")
-    equi = GaussianKnockoffs.from_covariance(torch.zeros(d), cov)
-    s = torch.diagonal(sdp.S)
-    assert float(torch.linalg.eigvalsh(2 * cov - sdp.S)[0]) > -1e-9
-    assert bool((s >= 0).all() and (s <= 1 + 1e-12).all())
-    assert float(s.sum()) > float(torch.diagonal(equi.S).sum()) + 0.1
-    # compound symmetry with rho >= 0: the SDP optimum is the equicorrelated 2 (1 - rho)
-    compound = torch.full((d, d), 0.7, dtype=torch.float64).fill_diagonal_(1.0)
-    cs = GaussianKnockoffs.from_covariance(torch.zeros(d), compound, method="sdp")
-    assert torch.allclose(torch.diagonal(cs.S), torch.full((d,), 0.6, dtype=torch.float64), atol=1e-3)
-
-
 def test_float64_inputs_are_sampled_in_float64():
     """x~ - x + (x - mu) Sigma^-1 S must be L z with L L^T = 2S - S Sigma^-1 S to float64
     precision; float32 factors leave errors near 1e-7."""
@@ -202,17 +182,6 @@ def test_sdp_refuses_large_dimensions():
     with pytest.raises(ValueError, match=r"method='sdp' takes at most SDP_MAX_DIM=512 .* d=3072 \(3 x 32 x 32\): use method='equi' or a smaller working_size"):
         GaussianKnockoffs(shape=(3, 224, 224), method="sdp")
     assert GaussianKnockoffs(shape=(3, 224, 224), method="sdp", working_size=12).work_shape == (3, 12, 12)
-
-
-def test_sdp_stays_accurate_on_strong_correlation():
-    """AR(1) 0.9: steps sit next to the barrier's pole at small mu; the Woodbury-updated inverse
-    used to diverge there (ZeroDivisionError, or a singular inverse for grouped d = 96)."""
-    d = 48
-    cov = ar1(d, 0.9)
-    sdp = GaussianKnockoffs.from_covariance(torch.zeros(d), cov, method="sdp")
-    equi = GaussianKnockoffs.from_covariance(torch.zeros(d), cov)
-    assert float(torch.linalg.eigvalsh(2 * cov - sdp.S)[0]) > -1e-9
-    assert float(torch.diagonal(sdp.S).sum()) > float(torch.diagonal(equi.S).sum())
 
 
 def test_working_resolution_and_swap_grid():
@@ -651,3 +620,44 @@ def test_random_subsets_are_seeded():
     with pytest.raises(ValueError, match="n_subsets must be a positive int, got 0"):
         exchangeability(torch.rand(8, 4), torch.rand(8, 4), n_subsets=0)
     assert random_subsets(1000, 1, seed=0).float().mean() == pytest.approx(0.5, abs=0.06)
+
+
+# ---------------------------------------------- singular covariances: jitter, never a crash
+
+
+def _degenerate_images(kind: str) -> torch.Tensor:
+    x = torch.rand(200, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    if kind == "constant pixels":
+        x[:, :, 0, :] = 0.0  # a border that never changes, as on digits
+    elif kind == "duplicated channels":
+        x[:, 1] = x[:, 0]
+    elif kind == "all constant":
+        x[:] = 0.25
+    return x
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("kind", ["constant pixels", "duplicated channels", "all constant"])
+@pytest.mark.parametrize("method", ["equi", "sdp"])
+def test_singular_image_covariance_is_jittered_with_a_warning(kind, method):
+    shrinkage = "ledoit-wolf" if kind == "all constant" else 0.0  # Ledoit-Wolf has nothing to shrink there
+    loader = DataLoader(TensorDataset(_degenerate_images(kind)), batch_size=50)
+    with pytest.warns(UserWarning, match="covariance is singular or ill-conditioned.*added .* to its diagonal"):
+        gen = GaussianKnockoffs(method=method, block=2, shrinkage=shrinkage).fit(loader)
+    sigma, s = gen.cov, gen.S
+    joint = torch.cat([torch.cat([sigma, sigma - s], 1), torch.cat([sigma - s, sigma], 1)])
+    assert _psd_floor(joint) > -1e-9
+    # the sampler draws exactly from 2S - S Sigma^-1 S: its factor was not clipped
+    cond = 2 * s - s @ torch.linalg.solve(sigma, s)
+    noise = gen.noise_factor.double()
+    torch.testing.assert_close(noise @ noise.T, cond, atol=1e-5 * float(cond.abs().max()) + 1e-12, rtol=0)
+    xk = gen.sample(_degenerate_images(kind)[:8], generator=torch.Generator().manual_seed(1))
+    assert bool(torch.isfinite(xk).all())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_well_conditioned_covariance_gives_no_warning():
+    loader = DataLoader(TensorDataset(torch.rand(200, 1, 4, 4, generator=torch.Generator().manual_seed(0))), batch_size=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GaussianKnockoffs(block=2).fit(loader)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import scop_ext
 from scop_ext import lemma2, reference
 
+from ._helpers import _psd_floor
 from .conftest import CUDA
 
 
@@ -157,3 +158,42 @@ def test_lemma2_keeps_a_linear_layer_output_a_knockoff():
     # entries are O(1) second moments of 1e5 draws: sampling s.d. about 0.005
     torch.testing.assert_close(cov_vv, cov_kk, atol=0.025, rtol=0)
     torch.testing.assert_close(cov_vv - cov_vk, torch.diag(sol.s_out), atol=0.025, rtol=0)
+
+
+# ----------------------------- degenerate layers: regularised with a warning, never a crash
+
+
+def _sampler_covariance(sol: lemma2.Lemma2Solution) -> torch.Tensor:
+    """Joint covariance of [b, b~] as lemma2_sample draws it: gamma I +- R R^T."""
+    rr = sol.R @ sol.R.T
+    eye = sol.gamma * torch.eye(rr.shape[0], dtype=torch.float64)
+    return torch.cat([torch.cat([eye + rr, eye - rr], 1), torch.cat([eye - rr, eye + rr], 1)])
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        ("all-zero weights", "M = W\\^T diag\\(s_in\\) W is zero"),
+        ("constant pixels (s_in = 0)", "M = W\\^T diag\\(s_in\\) W is zero"),
+        ("duplicated filters, tiny gamma", "below the numerical floor"),
+    ],
+)
+def test_degenerate_lemma2_is_regularised_with_a_warning(case, pattern):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 4, 3, 3, generator=gen) * 1e3
+    s_in, gamma = torch.rand(4, generator=gen), None
+    if case == "all-zero weights":
+        weight.zero_()
+    elif case == "constant pixels (s_in = 0)":
+        s_in.zero_()
+    else:
+        weight[3:] = weight[:3]
+        gamma = 1e-30
+    with pytest.warns(UserWarning, match=pattern):
+        sol = lemma2.solve(weight, s_in, gamma)
+    assert sol.margin >= -1e-12 * max(sol.lambda_max, 1.0)
+    assert _psd_floor(sol.covariance()) > -1e-9
+    torch.testing.assert_close(_sampler_covariance(sol), sol.covariance(), atol=1e-9 * max(sol.lambda_max, 1.0), rtol=0)
+    draws = scop_ext.lemma2_sample(sol.R, sol.gamma, 5, seed=3)
+    assert bool(torch.isfinite(draws).all())

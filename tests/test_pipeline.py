@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import scop_ext
@@ -20,7 +21,9 @@ from scop_ext.prune import PruningSpace, apply_plan, count_flops, make_importanc
 from scop_ext.export import export_onnx, export_torchscript, load_model
 from scop_ext.config import PruneConfig
 from scop_ext.pipeline import ScopPruner
+from scop_ext.train import NonFiniteError
 
+from ._helpers import cli
 from .conftest import ENV, TINY, prune_args
 
 
@@ -432,3 +435,36 @@ def test_ddp_two_processes_match_one(tmp_path):
     # a NaN only process 1 saw stopped both processes, with one message
     assert a["error"].startswith("finetune: loss became nan at epoch 0, step 0")
     assert b["error"] == b1["error"] == a["error"] + " (found by process 1 of 2)"
+
+
+# ------------------------------------------------------------------- faults and determinism
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cli_reports_a_numerical_fault_in_one_line(monkeypatch, tmp_path, capsys):
+    def fail(self, resume=False):
+        raise NonFiniteError("learn_scales: loss became nan at epoch 3, step 7; first non-finite output: layer conv1 (ScopConv2d)")
+
+    monkeypatch.setattr(ScopPruner, "from_config", classmethod(lambda cls, *a, **k: object.__new__(cls)))
+    monkeypatch.setattr(ScopPruner, "run", fail)
+    status, lines = cli(capsys, "prune", "--out", tmp_path)
+    assert status == 1 and len(lines) == 1
+    assert "epoch 3, step 7" in lines[0] and "layer conv1" in lines[0] and "rerun with --resume" in lines[0]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_same_seed_same_device_same_betas_plan_and_weights(tmp_path, baseline):
+    runs = []
+    for name in ("a", "b"):
+        config = PruneConfig(weights=baseline, policy="uniform", ratio=0.4, **TINY)
+        results = ScopPruner.from_config(config, tmp_path / name, progress=False, log=lambda *a: None).run()
+        runs.append((results, tmp_path / name))
+    (ra, a), (rb, b) = runs
+    assert ra["betas"] == rb["betas"] and any(v != 0.5 for betas in ra["betas"].values() for v in betas)
+    assert json.loads((a / "plan.json").read_text()) == json.loads((b / "plan.json").read_text())
+    assert sum(len(v) for v in json.loads((a / "plan.json").read_text()).values()) > 0
+    for stem in ("pruned", "final"):
+        wa, wb = load_file(str(a / f"{stem}.safetensors")), load_file(str(b / f"{stem}.safetensors"))
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), f"{stem}: {key}"

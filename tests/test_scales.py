@@ -1,16 +1,19 @@
 """Stage 2 (learn_scales), the Lemma 2 bias fit, and the shared training loop."""
 
+import copy
 import re
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from scop_ext import checkpoint, convert, lemma2, scop_layers
 from scop_ext.prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
 from scop_ext.train import NonFiniteError, evaluate, fit, make_loader, recalibrate_bn
 from scop_ext import train as train_module
+
+from ._helpers import _tiny_net, _toy_data
 
 
 def _data(n=96, seed=0):
@@ -207,3 +210,165 @@ def test_fit_refuses_the_progress_of_other_settings(tmp_path):
     checkpoint.save(path, "finetune-progress", state)
     with pytest.raises(checkpoint.CheckpointError, match="records no settings to match this run against"):
         fit(_net(), data, None, epochs=2, lr=0.05, device="cpu", checkpoint_path=str(path), progress=False)
+
+
+# ----------------- faults: NaN/Inf stops at the step naming the layer; resumed augmentation
+
+
+class PoisonAfter(Dataset):
+    """Serves ``items`` cleanly for the first ``clean`` fetches, then with NaN in the image."""
+
+    def __init__(self, items: Dataset, clean: int):
+        self.items, self.clean, self.fetched = items, clean, 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.fetched += 1
+        x, *rest = self.items[i]
+        if self.fetched > self.clean:
+            x = x.clone()
+            x[0, 0, 0] = float("nan")
+        return (x, *rest)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_nan_input_during_finetuning_stops_at_the_step_and_keeps_the_checkpoint(tmp_path):
+    x, y = _toy_data()
+    data = PoisonAfter(TensorDataset(x, y), clean=len(x) + 40)  # epoch 1 clean, then mid-epoch 2 (batch 3 of 4)
+    model = _tiny_net()
+    snapshots = []
+    ckpt = tmp_path / "finetune-progress.pt"
+    with pytest.raises(NonFiniteError) as info:
+        fit(model, make_loader(data, 24, shuffle=True, seed=1), None, epochs=3, lr=0.05, device="cpu", progress=False,
+            checkpoint_path=str(ckpt), log=lambda line: snapshots.append(copy.deepcopy(model.state_dict())))
+    message = str(info.value)
+    assert "finetune: loss became nan at epoch 1, step 1" in message
+    assert "input batch already holds NaN/Inf" in message and "first non-finite output: layer 0 (Conv2d)" in message
+    assert len(snapshots) == 1  # epoch 1 finished, epoch 2 did not
+    state = checkpoint.load(ckpt, "finetune-progress")
+    assert state["epoch"] == 0
+    for key, value in snapshots[0].items():
+        assert torch.equal(state["model"][key], value), key
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_nan_weights_name_the_layer_where_they_start(tmp_path):
+    x, y = _toy_data()
+    model = _tiny_net()
+    calls = []
+
+    def poison(module, args):  # the second BN's scale turns Inf at the 6th forward (epoch 2, step 1)
+        calls.append(1)
+        if len(calls) == 6:
+            with torch.no_grad():
+                model[4].weight.fill_(float("inf"))
+
+    model.register_forward_pre_hook(poison)
+    with pytest.raises(NonFiniteError, match="at epoch 1, step 1; first non-finite output: layer 4 \\(BatchNorm2d\\)"):
+        fit(model, make_loader(TensorDataset(x, y), 24, shuffle=True, seed=1), None, epochs=2, lr=0.05, device="cpu",
+            progress=False)
+
+
+def _paired(x, y):
+    return TensorDataset(x, torch.randn(x.shape, generator=torch.Generator().manual_seed(5)), y)
+
+
+def _scop_net():
+    net = convert(_tiny_net())
+    x, y = _toy_data()
+    fit_knockoff_biases(net, DataLoader(_paired(x, y), 48), "cpu", batches=1)
+    return net
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_nan_input_during_stage2_stops_at_the_step_and_keeps_the_checkpoint(tmp_path):
+    x, y = _toy_data()
+    ckpt = tmp_path / "scales-progress.pt"
+    net = _scop_net()
+    data = PoisonAfter(_paired(x, y), clean=len(x) + 40)
+    with pytest.raises(NonFiniteError) as info:
+        learn_scales(net, make_loader(data, 24, shuffle=True, seed=2), "cpu", epochs=3, checkpoint_path=str(ckpt),
+                     progress=False)
+    assert re.search(r"learn_scales: loss became nan at epoch 1, step 1; the input batch already holds NaN/Inf "
+                     r"\(first non-finite output: layer 0 \(ScopConv2d\)\)", str(info.value)), str(info.value)
+    # the checkpoint holds exactly epoch 1 of the run: the same as a clean one-epoch run
+    clean = _scop_net()
+    learn_scales(clean, make_loader(_paired(x, y), 24, shuffle=True, seed=2), "cpu", epochs=1, progress=False)
+    state = checkpoint.load(ckpt, "scales-progress")
+    assert state["epoch"] == 0
+    for name, layer in scop_layers(clean).items():
+        assert not torch.equal(layer.beta.detach(), torch.full_like(layer.beta, 0.5))
+        assert torch.equal(state["betas"][name], layer.beta.detach()), name
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_nan_beta_names_the_layer_and_step(monkeypatch):
+    net = _scop_net()
+    layer = scop_layers(net)["3"]
+    steps = []
+
+    def clamp_then_poison():
+        steps.append(1)
+        with torch.no_grad():
+            layer.beta.clamp_(0, 1)
+            if len(steps) == 3:
+                layer.beta[2] = float("nan")
+
+    monkeypatch.setattr(layer, "clamp_beta_", clamp_then_poison)
+    x, y = _toy_data()
+    with pytest.raises(NonFiniteError, match="beta of layer '3' became NaN/Inf at epoch 0, step 2 \\(its gradient was finite\\)"):
+        learn_scales(net, make_loader(_paired(x, y), 24, shuffle=True, seed=2), "cpu", epochs=2, progress=False)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_layer_fit_warnings_name_the_layer():
+    net = _tiny_net()
+    with torch.no_grad():
+        net[3].weight.zero_()
+    convert(net)
+    x, y = _toy_data()
+    with pytest.warns(UserWarning, match="layer '3': M = W\\^T diag"):
+        fit_knockoff_biases(net, DataLoader(_paired(x, y), 48), "cpu", batches=1)
+
+
+class RandomFlip(Dataset):
+    """Flips images at random with the global generator, as torchvision augmentation does."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        x, y = self.items[i]
+        return (x.flip(-1) if torch.rand(()) < 0.5 else x), y
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_resumed_fit_with_random_augmentation_equals_an_uninterrupted_one(tmp_path):
+    x, y = _toy_data()
+    data = RandomFlip(TensorDataset(x, y))
+
+    def run(ckpt, stop_at=None):
+        torch.manual_seed(0)
+        model = _tiny_net()
+        lines = []
+
+        def log(line):
+            lines.append(line)
+            if len(lines) == stop_at:
+                raise KeyboardInterrupt  # killed after the last complete epoch's checkpoint, mid-way
+        fit(model, make_loader(data, 24, shuffle=True, seed=1), None, epochs=3, lr=0.05, device="cpu",
+            progress=False, checkpoint_path=str(ckpt), log=log)
+        return model
+
+    whole = run(tmp_path / "whole.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut.pt", stop_at=3)  # the third epoch's checkpoint is never written
+    torch.manual_seed(123)  # whatever the state of the process that resumes
+    resumed = run(tmp_path / "cut.pt")
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key

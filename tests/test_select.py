@@ -137,8 +137,14 @@ def test_space_ignores_layers_and_never_the_classifier(digits_space):
     model, _ = digits_space
     space = PruningSpace(model, torch.randn(1, 1, 8, 8), ignored_layers=["layers.1.*"])
     assert {c for g in space.groups for c in g.convs} == {"conv1", "layers.0.0.conv1", "layers.0.0.conv2"}
-    kbw = PruningSpace(model, torch.randn(1, 1, 8, 8), keep_block_width=True)
+    kbw = PruningSpace(model, torch.randn(1, 1, 8, 8), block_width="keep")
     assert sorted(c for g in kbw.groups for c in g.convs) == ["layers.0.0.conv1", "layers.1.0.conv1"]
+    # scatter: the internal groups as they are, and each residual conv with its own BatchNorm alone
+    sc = PruningSpace(model, torch.randn(1, 1, 8, 8), block_width="scatter")
+    units = {g.convs: (g.size, g.scatter) for g in sc.groups}
+    assert units == {("layers.0.0.conv1",): (16, False), ("layers.1.0.conv1",): (32, False),
+                     ("conv1",): (16, True), ("layers.0.0.conv2",): (16, True),
+                     ("layers.1.0.conv2",): (32, True), ("layers.1.0.shortcut.0",): (32, True)}
     with pytest.raises(ValueError, match="single string"):
         PruningSpace(model, torch.randn(1, 1, 8, 8), ignored_layers="conv1")
 

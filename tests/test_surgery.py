@@ -126,10 +126,10 @@ def test_removing_silent_channels_is_exact():
         assert not torch.equal(noisy(x), reference)
 
 
-def test_keep_block_width(resnet20_space):
+def test_block_width_keep(resnet20_space):
     model, x, space = resnet20_space
     plan = uniform(space, scop_like_scores(model), 0.5)
-    pruned = apply_plan(copy.deepcopy(model), x, plan, keep_block_width=True)
+    pruned = apply_plan(copy.deepcopy(model), x, plan, block_width="keep")
     before, after = channel_widths(model), channel_widths(pruned)
     for conv in before:
         if conv in RESIDUAL_CONVS_20:
@@ -137,10 +137,10 @@ def test_keep_block_width(resnet20_space):
         else:
             assert after[conv] == before[conv] // 2, conv
     # A space built the same way plans only what will be pruned, and predicts its FLOPs.
-    kbw = PruningSpace(model, x, keep_block_width=True)
+    kbw = PruningSpace(model, x, block_width="keep")
     assert {c for g in kbw.groups for c in g.convs} == set(before) - RESIDUAL_CONVS_20
     plan = uniform(kbw, scop_like_scores(model), 0.5)
-    assert count_flops(apply_plan(copy.deepcopy(model), x, plan, keep_block_width=True), x) == kbw.flops(plan)
+    assert count_flops(apply_plan(copy.deepcopy(model), x, plan, block_width="keep"), x) == kbw.flops(plan)
 
 
 _LOAD_WITHOUT_SCOP_EXT = """

@@ -11,11 +11,12 @@ reads ``2 W - diag(gamma) >= 0``, so:
 - ``"equi"`` (equicorrelated): one ``gamma = min(1, 2 lambda_min(W))`` for every group; with
   singleton groups this is the classic ``s = min(1, 2 lambda_min(corr)) diag(Sigma)``.
 - ``"sdp"``: per-group ``gamma_g`` maximising ``sum_g |g| gamma_g`` (the group form of
-  ``sum_j s_j`` on the correlation scale) subject to ``0 <= gamma <= 1``, ``2W >= diag(gamma)``,
-  by coordinate ascent on a log-det barrier (closed-form rank-|g| updates, FANOK-style). A sweep
-  costs O(d^3) and hundreds of sweeps are typical, so it is refused above
-  :data:`SDP_MAX_DIM` working coordinates (minutes on two cores there; hours at 3 x 32 x 32):
-  use ``"equi"`` or a smaller ``working_size`` beyond.
+  ``sum_j s_j`` on the correlation scale) subject to ``0 <= gamma <= 1``, ``2W >= diag(gamma)``;
+  solved in :mod:`.sdp` (an interior-point method, O(d^3) per Newton step), so it is refused above
+  :data:`~.sdp.SDP_MAX_DIM` working coordinates: use ``"equi"`` or a smaller ``working_size`` beyond.
+
+Either way the chosen ``S`` is checked (``0 <= gamma <= 1``, ``2 Sigma - S >= 0`` up to rounding)
+before the sampler is built, and an invalid one is an error.
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ import torch
 from torch import Tensor
 
 from .base import KnockoffGenerator, check_counts, draw_normal, images_of, pixel_groups, resize, working_layout
+from .sdp import SDP_MAX_DIM, check_knockoff_s, group_whiten, knockoff_s, sdp_gammas
 
-__all__ = ["GaussianKnockoffs", "ledoit_wolf", "equicorrelated_gamma", "sdp_gammas", "SDP_MAX_DIM"]
-
-SDP_MAX_DIM = 512
+__all__ = ["GaussianKnockoffs", "ledoit_wolf", "equicorrelated_gamma"]
 
 
 class _Moments:
@@ -131,85 +131,10 @@ def _regularise(cov: Tensor) -> Tensor:
     return cov + jitter * torch.eye(cov.shape[0], dtype=cov.dtype)
 
 
-def _group_order(groups: Tensor) -> tuple[Tensor, int, int]:
-    """(permutation putting each group's coordinates together, number of groups, group size)."""
-    counts = torch.bincount(groups)
-    if bool((counts != counts[0]).any()):
-        raise ValueError("groups must all have the same size")
-    return torch.argsort(groups, stable=True), counts.numel(), int(counts[0])
-
-
-def _whiten(cov: Tensor, groups: Tensor) -> Tensor:
-    """``W = D^-1/2 Sigma D^-1/2`` in group order, (d, d): identity blocks on the diagonal."""
-    order, n_groups, k = _group_order(groups)
-    blocks = cov[order][:, order].reshape(n_groups, k, n_groups, k)
-    diag = torch.stack([blocks[g, :, g, :] for g in range(n_groups)])
-    evals, evecs = torch.linalg.eigh(diag)
-    if float(evals.min()) <= 0:
-        raise ValueError("cov must be positive definite within each group (use shrinkage)")
-    inv_half = (evecs * evals.rsqrt()[:, None, :]) @ evecs.transpose(1, 2)
-    w = torch.einsum("gab,gbhc,hdc->gahd", inv_half, blocks, inv_half).reshape(n_groups * k, n_groups * k)
-    return (w + w.T) / 2
-
-
 def equicorrelated_gamma(cov: Tensor, groups: Tensor) -> float:
     """``min(1, 2 lambda_min(D^-1/2 Sigma D^-1/2))``, the group equicorrelated choice."""
-    lam = float(torch.linalg.eigvalsh(_whiten(cov, groups))[0])
+    lam = float(torch.linalg.eigvalsh(group_whiten(cov, groups))[0])
     return min(1.0, 2.0 * lam)
-
-
-def _barrier_step(a: list[float], k: int, mu: float, lo: float, hi: float) -> float:
-    """argmax over delta in [lo, hi] of ``k delta + mu sum_i log(1 - delta a_i)``.
-
-    The derivative ``k - mu sum a_i / (1 - delta a_i)`` decreases in delta, so bisect on it.
-    """
-
-    def slope(delta: float) -> float:
-        return k - mu * sum(ai / (1 - delta * ai) for ai in a)
-
-    if slope(hi) >= 0:
-        return hi
-    if slope(lo) <= 0:
-        return lo
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if slope(mid) > 0 else (lo, mid)
-    return lo
-
-
-def sdp_gammas(cov: Tensor, groups: Tensor, tol: float = 1e-6, max_sweeps: int = 100) -> Tensor:
-    """Per-group ``gamma`` of the group SDP (see the module docstring), (G,) float64.
-
-    Coordinate ascent on ``sum_g |g| gamma_g + mu log det(2W - diag(gamma))`` for a decreasing
-    barrier weight ``mu``; the inverse of ``2W - diag(gamma)`` is kept up to date by Woodbury
-    updates within a sweep and recomputed at the start of each. The barrier keeps the solution
-    strictly feasible, with an objective within ``mu_final * d`` of the optimum.
-    """
-    w = _whiten(cov, groups)
-    _, n_groups, k = _group_order(groups)
-    gamma = [0.0] * n_groups
-    for mu in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5):
-        for _ in range(max_sweeps):
-            # Small mu puts the steps next to the pole of (I - delta A)^-1, where each Woodbury
-            # update amplifies the rounding in m_inv; kept over a whole mu it diverged (d = 96).
-            m = 2 * w - torch.diag(torch.tensor(gamma, dtype=torch.float64).repeat_interleave(k))
-            m_inv = torch.linalg.inv(m)
-            largest = 0.0
-            for g in range(n_groups):
-                sl = slice(g * k, (g + 1) * k)
-                a_block = (m_inv[sl, sl] + m_inv[sl, sl].T) / 2
-                a = torch.linalg.eigvalsh(a_block).tolist()
-                pole = (1 - 1e-12) / max(a)
-                delta = _barrier_step(a, k, mu, -gamma[g], min(1 - gamma[g], pole))
-                if delta == 0.0:
-                    continue
-                inner = torch.linalg.inv(torch.eye(k, dtype=torch.float64) - delta * a_block)
-                m_inv += delta * m_inv[:, sl] @ inner @ m_inv[sl, :]
-                gamma[g] += delta
-                largest = max(largest, abs(delta))
-            if largest < tol:
-                break
-    return torch.tensor(gamma, dtype=torch.float64).clamp(0, 1)
 
 
 class GaussianKnockoffs(KnockoffGenerator):
@@ -307,9 +232,7 @@ class GaussianKnockoffs(KnockoffGenerator):
     @property
     def S(self) -> Tensor:
         """(d, d) float64 ``blockdiag(gamma_g Sigma_gg)`` in the flattened input order."""
-        same = self.groups[:, None] == self.groups[None, :]
-        g = self.gamma.cpu()[self.groups]
-        return self.cov.cpu() * same * g[:, None]
+        return knockoff_s(self.cov.cpu(), self.groups, self.gamma.cpu())
 
     # ------------------------------------------------------------------ fitting
 
@@ -368,6 +291,7 @@ class GaussianKnockoffs(KnockoffGenerator):
             gamma = torch.full((int(self.groups.max()) + 1,), equicorrelated_gamma(cov, self.groups), dtype=torch.float64)
         else:
             gamma = sdp_gammas(cov, self.groups)
+        check_knockoff_s(cov, self.groups, gamma)
         device = self.mean.device
         self.mean.copy_(mean)
         self.cov.copy_(cov)
@@ -377,12 +301,9 @@ class GaussianKnockoffs(KnockoffGenerator):
         chol = torch.linalg.cholesky(cov)
         proj = torch.cholesky_solve(s, chol)  # Sigma^-1 S
         cond = 2 * s - s @ proj
+        # With S >= 0, 2S - S Sigma^-1 S >= 0 exactly when 2 Sigma - S >= 0, which was checked:
+        # what is below 0 here is rounding.
         evals, evecs = torch.linalg.eigh((cond + cond.T) / 2)
-        # 2S - S Sigma^-1 S is PSD in exact arithmetic; clip the rounding below 0, and say so when
-        # it is more than rounding (the sampler would then not be exact).
-        if float(evals[0]) < -1e-8 * max(float(evals[-1]), 0.0):
-            warnings.warn(f"knockoff conditional covariance has eigenvalue {float(evals[0]):.3g} < 0; clipped to 0",
-                          stacklevel=3)
         self.proj.copy_(proj.to(device))
         self.noise_factor.copy_((evecs * evals.clamp_min(0).sqrt()).to(device))
 

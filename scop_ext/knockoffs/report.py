@@ -143,26 +143,31 @@ def check(
         "layers": {},
         "power": {"mean_corr": power(xm, xkm), "null_mean_corr": power(xm, nullm)},
         "leakage": label_leakage(x, xk, y, seed) if y is not None and not y.is_floating_point() else None,
-        "swap_test": swap_advantage(xm, xkm, block, steps=swap_test_steps, seed=seed)
-        if swap_test_steps > 0 and x.dim() == 4
-        else None,
+        "swap_test": swap_advantage(xm, xkm, block, steps=swap_test_steps, seed=seed) if swap_test_steps and x.dim() == 4 else None,
         "s0": lemma2.estimate_s(x, xk).tolist(),
         "figures": {"embedding": "embedding.png", "grid": "grid.png"},
     }
-    panels = [("input", xm.flatten(1), xkm.flatten(1), pixel_groups(measured, block))]
-    maps: list[tuple[str, Tensor, Tensor]] = []
+    features: dict[str, tuple[Tensor, Tensor]] = {}
     if model is not None:
-        features: dict[str, tuple[Tensor, Tensor]] = {}
         report["layers"] = feature_exchangeability(model, layers, x, xk, pool, n_subsets, seed, null, max_dim,
                                                    batch_size, features=features)
-        for name in layers:
-            a, b = (pool_features(f, pool) for f in features[name])
-            panels.append((name, a, b, torch.arange(a.shape[1])))
-        shown = [layers[0], layers[-1]] if len(layers) > 1 else list(layers)
-        maps = [(name, *features[name]) for name in shown if features[name][0].dim() == 4]
-    from ..plots import embedding_figure, knockoff_grid  # here, not at the top: matplotlib only when drawing
-
-    embedding_figure(panels, os.path.join(out_dir, "embedding.png"), seed)
-    knockoff_grid(x, xk, os.path.join(out_dir, "grid.png"), maps)
+    input_panel = ("input", xm.flatten(1), xkm.flatten(1), pixel_groups(measured, block))
+    _draw(out_dir, x, xk, input_panel, features, list(layers or []), pool, seed)
     write_json(os.path.join(out_dir, "report.json"), report)
     return report
+
+
+def _draw(out_dir: str, x: Tensor, xk: Tensor, input_panel: tuple, features: dict[str, tuple[Tensor, Tensor]],
+          layers: list[str], pool: str, seed: int) -> None:
+    """``embedding.png`` (the measured inputs, then every layer pooled) and ``grid.png`` (the
+    images, then the maps of the first and the last layer)."""
+    from ..plots import embedding_figure, knockoff_grid  # here, not at the top: matplotlib only when drawing
+
+    panels = [input_panel]
+    for name in layers:
+        a, b = (pool_features(f, pool) for f in features[name])
+        panels.append((name, a, b, torch.arange(a.shape[1])))
+    shown = [layers[0], layers[-1]] if len(layers) > 1 else layers
+    maps = [(name, *features[name]) for name in shown if features[name][0].dim() == 4]
+    embedding_figure(panels, os.path.join(out_dir, "embedding.png"), seed)
+    knockoff_grid(x, xk, os.path.join(out_dir, "grid.png"), maps)

@@ -6,9 +6,10 @@
 - :mod:`.select` (stage 3): :class:`PruningSpace` (coupled channel groups + FLOPs prediction) and
   the policies ``uniform``, ``global_ranking``, ``flops_target``, ``latency_target``, ``fdr`` returning a plan
   ``{conv name: [channel indices to remove]}``, and ``cuts`` (where a plan cut each group).
-- :mod:`.surgery` (stage 4): ``apply_plan`` (physical removal with torch-pruning),
-  ``channel_widths`` and ``rebuild`` (re-create a pruned architecture from JSON widths); the
-  fine-tuning that follows is the generic :func:`scop_ext.train.fit`.
+- :mod:`.surgery` (stage 4): ``apply_plan`` (physical removal with torch-pruning; ``block_width``
+  prune, keep or scatter, the authors' scheme), ``channel_widths``, ``scattered_convs`` and
+  ``rebuild`` (re-create a pruned architecture from JSON widths); the fine-tuning that follows
+  is the generic :func:`scop_ext.train.fit`.
 - :mod:`.flops`: FLOPs (= 2 x MACs), MACs and parameter counts; :mod:`.latency`: the latency
   model measured on the device (:class:`LatencyModel`), :mod:`.knapsack`: spending its budget.
 
@@ -41,7 +42,7 @@ from .select import (
     uniform,
 )
 from .latency import LatencyModel, measure_latency
-from .surgery import ChannelGroup, Plan, apply_plan, channel_groups, channel_widths, rebuild
+from .surgery import BLOCK_WIDTHS, ChannelGroup, Plan, apply_plan, channel_groups, channel_widths, rebuild, scattered_convs
 
 __all__ = [
     "count_flops",
@@ -75,4 +76,6 @@ __all__ = [
     "apply_plan",
     "channel_widths",
     "rebuild",
+    "scattered_convs",
+    "BLOCK_WIDTHS",
 ]

@@ -6,7 +6,9 @@ Conventions, stated once and used in every name here:
   them: a multiply-accumulate is 2 FLOPs, so a convolution costs
   ``2 * N * C_out * H_out * W_out * (C_in / groups) * kH * kW`` FLOPs. Only matrix products and
   convolutions are counted; bias adds, BatchNorm, activations, pooling and other elementwise work
-  are 0 FLOPs, as in ``FlopCounterMode``.
+  are 0 FLOPs, as in ``FlopCounterMode``. So is the scatter of ``block_width="scatter"``
+  (:class:`~scop_ext.layers.ChannelScatter`: a zero fill and an index copy, memory traffic with
+  no multiply-accumulate); what it saves is the narrower conv before it.
 - **MACs** (multiply-accumulates) are FLOPs / 2. Papers that say "FLOPs" for ResNets on
   CIFAR/ImageNet (including SCOP's) usually mean MACs; compare with care.
 

@@ -66,8 +66,8 @@ class PruningSpace:
         ignored_layers: conv names or ``fnmatch`` patterns (``"conv1"``, ``"*.shortcut.0"``); a
             group containing a matching conv is not pruned. The classifier (any linear layer's
             outputs, and anything feeding the model output) is never pruned.
-        keep_block_width: leave out the groups coupled through a residual add or a
-            concatenation (the authors' behaviour); pass the same flag to
+        block_width: ``"prune"``, ``"keep"`` or ``"scatter"`` (the authors' scheme), see
+            :mod:`scop_ext.prune.surgery`; pass the same to
             :func:`~scop_ext.prune.surgery.apply_plan`.
 
     Attributes:
@@ -82,17 +82,15 @@ class PruningSpace:
         example_input: Tensor,
         *,
         ignored_layers: Iterable[str] = (),
-        keep_block_width: bool = False,
+        block_width: str = "prune",
     ) -> None:
         if isinstance(ignored_layers, str):
             raise ValueError("ignored_layers must be a list of names/patterns, not a single string")
         patterns = list(ignored_layers)
-        groups, self.refused = traced_groups(model, example_input)
+        groups, self.refused = traced_groups(model, example_input, block_width)
         self.groups: list[ChannelGroup] = []
         for g in groups:
-            if keep_block_width and g.residual:
-                self.refused[g.convs[0]] = "keep_block_width keeps residual and concatenated widths"
-            elif any(fnmatch.fnmatchcase(c, p) for c in g.convs for p in patterns):
+            if any(fnmatch.fnmatchcase(c, p) for c in g.convs for p in patterns):
                 self.refused[g.convs[0]] = "it holds a conv of ignored_layers"
             else:
                 self.groups.append(g)

@@ -19,6 +19,18 @@ removes channels a whole **unit** at a time (one channel per slice, same positio
 
 A group may also hold Linear outputs and LayerNorms (ConvNeXt's residual stream is written by
 each block's second Linear layer); only the classifier (the model's output) is never pruned.
+
+**Block widths** (``block_width``): what happens to the channels that meet in a residual add or
+a concatenation (the block output widths).
+
+- ``"prune"``: they are one group and are removed together from every conv of it (stem,
+  block-final convs, projection shortcuts): the residual path itself gets narrower.
+- ``"keep"``: they are left whole; only block-internal convs shrink.
+- ``"scatter"``: the authors' scheme (``Pruned_Conv2d_bn2`` in their release): each ungrouped
+  conv of the group whose output goes straight into a BatchNorm is its own group and loses output
+  filters on its own; its BatchNorm's output is written back into a full-width zero tensor
+  (:class:`~scop_ext.layers.ChannelScatter`), so that conv's FLOPs are saved while the residual
+  add and the next block's input keep full width.
 """
 
 from __future__ import annotations
@@ -34,13 +46,16 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from .. import models
-from ..layers import ScopConv2d, restore
+from ..layers import ChannelScatter, ScopConv2d, restore
 from .flops import modes_kept
+from .importance import following_batchnorm
 
-__all__ = ["ChannelGroup", "channel_groups", "traced_groups", "apply_plan", "channel_widths", "rebuild", "Plan",
-           "plain_forward", "is_depthwise"]
+__all__ = ["BLOCK_WIDTHS", "ChannelGroup", "channel_groups", "traced_groups", "apply_plan", "channel_widths",
+           "scattered_convs", "rebuild", "Plan", "plain_forward", "is_depthwise"]
 
 Plan = dict[str, list[int]]
+
+BLOCK_WIDTHS = ("prune", "keep", "scatter")
 
 
 @dataclass(eq=False, frozen=True)
@@ -56,13 +71,15 @@ class ChannelGroup:
         size: number of channels in the group.
         index: per member conv, ``{group channel: conv channel}``.
         residual: the channels meet in a residual add/subtract or a concatenation (the
-            block-output widths that ``keep_block_width=True`` keeps).
+            block-output widths that ``block_width="keep"`` keeps).
         shrinks: ``(layer, kind, group channels)`` for every conv/linear layer the group shrinks:
             kind ``"out"`` (output channels), ``"in"`` (input channels; a flatten before a linear
             layer repeats a channel once per spatial position) or ``"depthwise"`` (both at once).
         units: empty when channels may be removed one by one; otherwise a partition of
             ``range(size)`` into equal-size tuples that are only removed whole (the group meets
             a grouped conv: one channel per slice of it).
+        scatter: one conv of a residual group under ``block_width="scatter"``: its removed
+            filters are written back as zeros, so only its own outputs shrink.
     """
 
     convs: tuple[str, ...]
@@ -71,6 +88,7 @@ class ChannelGroup:
     residual: bool
     shrinks: tuple[tuple[str, str, tuple[int, ...]], ...]
     units: tuple[tuple[int, ...], ...] = ()
+    scatter: bool = False
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -205,13 +223,47 @@ def _reshapes(graph: tp.DependencyGraph) -> str:
     return "the reshape ops " + ", ".join(ops) if ops else "a reshape"
 
 
-def traced_groups(model: nn.Module, example_input: Tensor) -> tuple[list[ChannelGroup], dict[str, str]]:
+def traced_groups(
+    model: nn.Module, example_input: Tensor, block_width: str = "prune"
+) -> tuple[list[ChannelGroup], dict[str, str]]:
     """:func:`channel_groups`, and ``{root conv: why its group is not prunable}`` for the rest."""
     groups, refused = _graph_groups(_dependency_graph(model, example_input), model)
-    return [g for g, _ in groups], refused
+    arranged, left = _arrange(model, groups, block_width)
+    return [g for g, _ in arranged], {**refused, **left}
 
 
-def channel_groups(model: nn.Module, example_input: Tensor) -> list[ChannelGroup]:
+def _arrange(
+    model: nn.Module, groups: list[tuple[ChannelGroup, tp.dependency.Dependency]], block_width: str
+) -> tuple[list[tuple[ChannelGroup, tp.dependency.Dependency | None]], dict[str, str]]:
+    """The groups a plan may prune under ``block_width``, in model order, each with its root
+    dependency (None for a scatter group, which torch-pruning does not handle), and
+    ``{conv: why it is left whole}`` for the residual convs this leaves out."""
+    if block_width not in BLOCK_WIDTHS:
+        raise ValueError(f"block_width must be one of {', '.join(BLOCK_WIDTHS)}, got {block_width!r}")
+    if block_width == "prune":
+        return list(groups), {}
+    bns = following_batchnorm(model) if block_width == "scatter" else {}
+    modules = dict(model.named_modules())
+    arranged, left = [], {}
+    for group, dep in groups:
+        if not group.residual:
+            arranged.append((group, dep))
+            continue
+        if block_width == "keep":
+            left[group.convs[0]] = "block_width keep keeps residual and concatenated widths"
+            continue
+        for conv in group.convs:
+            if conv not in bns or modules[conv].groups != 1:
+                left[conv] = "block_width scatter scatters only ungrouped convs with their own BatchNorm"
+                continue
+            size = modules[conv].out_channels
+            unit = ChannelGroup((conv,), size, {conv: {k: k for k in range(size)}}, True,
+                                ((conv, "out", tuple(range(size))),), scatter=True)
+            arranged.append((unit, None))
+    return arranged, left
+
+
+def channel_groups(model: nn.Module, example_input: Tensor, block_width: str = "prune") -> list[ChannelGroup]:
     """The prunable channel groups of ``model``, traced on ``example_input``.
 
     Every conv appears in at most one group. Groups whose channels reach the model's output
@@ -221,11 +273,15 @@ def channel_groups(model: nn.Module, example_input: Tensor) -> list[ChannelGroup
     Args:
         model: any CNN; :class:`~scop_ext.layers.ScopConv2d` layers are traced in plain mode.
         example_input: a plain (N, C, H, W) batch the model accepts.
+        block_width: ``"prune"``, ``"keep"`` or ``"scatter"`` (module docstring): ``"keep"``
+            leaves the residual groups out, ``"scatter"`` splits them into one group per conv
+            that has its own BatchNorm.
 
     Raises:
-        ValueError: the channels cannot be traced through an op (channel shuffle).
+        ValueError: the channels cannot be traced through an op (channel shuffle), or an
+            unknown ``block_width``.
     """
-    return traced_groups(model, example_input)[0]
+    return traced_groups(model, example_input, block_width)[0]
 
 
 def _group_channels(group: ChannelGroup, plan: Mapping[str, Sequence[int]]) -> list[int] | None:
@@ -266,7 +322,7 @@ def _group_channels(group: ChannelGroup, plan: Mapping[str, Sequence[int]]) -> l
 
 
 def apply_plan(
-    model: nn.Module, example_input: Tensor, plan: Mapping[str, Sequence[int]], keep_block_width: bool = False
+    model: nn.Module, example_input: Tensor, plan: Mapping[str, Sequence[int]], block_width: str = "prune"
 ) -> nn.Module:
     """Remove the planned output channels from ``model``, in place, with everything coupled to them.
 
@@ -281,10 +337,12 @@ def apply_plan(
         example_input: a plain (N, C, H, W) batch the model accepts (used for tracing only).
         plan: ``{conv name: [output channel indices to remove]}``; every conv of a coupled group
             must be listed with the same channels (what :mod:`scop_ext.prune.select` produces).
-        keep_block_width: the authors' behaviour: plan entries for convs whose outputs meet in a
-            residual add or a concatenation are skipped, so block output widths are kept and only
-            block-internal convs shrink. Build the plan from a
-            ``PruningSpace(..., keep_block_width=True)`` so FLOPs targets account for this.
+        block_width: ``"prune"``, ``"keep"`` or ``"scatter"`` (module docstring). Under
+            ``"keep"``, plan entries for convs of a residual group are skipped; under
+            ``"scatter"``, each such conv with its own BatchNorm loses the channels its entry
+            names and its BatchNorm's output is scattered back to full width (other residual
+            convs' entries are skipped). Build the plan from a ``PruningSpace`` with the same
+            ``block_width`` so that FLOPs targets account for this.
 
     Returns:
         ``model``, pruned (every module in the train/eval mode it was in).
@@ -304,14 +362,20 @@ def apply_plan(
         raise ValueError(f"plan names {unknown}, which are not prunable convs of this model (or not convs)")
     # Decide every group against the unpruned graph first; groups never share output channels,
     # so pruning one leaves the others' indices valid.
-    todo = []
-    for group, root_dep in groups:
+    todo, scatter = [], []
+    for group, root_dep in _arrange(work, groups, block_width)[0]:
         channels = _group_channels(group, plan)
-        if channels and not (keep_block_width and group.residual):
+        if channels and root_dep is None:
+            scatter.append((group.convs[0], channels))
+        elif channels:
             todo.append((root_dep, channels))
+    bns = following_batchnorm(work) if scatter else {}
     with modes_kept(work):
         for root_dep, channels in todo:
             graph.get_pruning_group(root_dep.target.module, root_dep.handler, channels).prune()
+        # After the graph's groups: those shrink the inputs of these convs, never their outputs.
+        for conv, channels in scatter:
+            _scatter_outputs(work, conv, bns[conv], channels)
     # torch-pruning shrinks a ScopConv2d's weight like any conv's (its beta is left stale);
     # restoring keeps the pruned weight and drops the SCOP state.
     model.__dict__.update(restore(work).__dict__)
@@ -329,13 +393,30 @@ def _last_channels(group: ChannelGroup, n: int) -> list[int]:
     return sorted(k for u in group.units[len(group.units) - n // unit:] for k in u)
 
 
+def _scatter_outputs(model: nn.Module, conv_name: str, bn_name: str, removed: Sequence[int]) -> None:
+    conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+    width, gone = conv.out_channels, set(removed)
+    tp.prune_conv_out_channels(conv, list(removed))
+    tp.prune_batchnorm_out_channels(bn, list(removed))
+    parent, _, child = bn_name.rpartition(".")
+    setattr(model.get_submodule(parent), child, ChannelScatter(bn, [c for c in range(width) if c not in gone], width))
+
+
+def scattered_convs(model: nn.Module) -> list[str]:
+    """Names of the convs whose BatchNorm output a :class:`~scop_ext.layers.ChannelScatter`
+    writes back to full width (``block_width="scatter"``), sorted."""
+    modules = dict(model.named_modules())
+    return sorted(conv for conv, bn in following_batchnorm(model).items()
+                  if isinstance(modules.get(bn.rpartition(".")[0]), ChannelScatter))
+
+
 def channel_widths(model: nn.Module) -> dict[str, int]:
     """Output channels of every ``nn.Conv2d`` of ``model``, by qualified name (JSON-ready)."""
     return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
 def rebuild(
-    model_name: str, widths: Mapping[str, int], num_classes: int, in_channels: int
+    model_name: str, widths: Mapping[str, int], num_classes: int, in_channels: int, scattered: Sequence[str] = ()
 ) -> nn.Module:
     """Re-create a pruned model's architecture from its name and :func:`channel_widths`.
 
@@ -347,13 +428,17 @@ def rebuild(
         model_name: the name the dense model was built with (``"resnet20"``, ``"torchvision:resnet18"``).
         widths: ``{conv name: output channels}`` for every conv.
         num_classes, in_channels: as given to :func:`~scop_ext.models.build_model`.
+        scattered: :func:`scattered_convs` of the pruned model (``block_width="scatter"``);
+            their kept indices are ``ChannelScatter.index`` buffers, placeholders until the
+            state_dict is loaded.
 
     Returns:
         The pruned architecture, randomly initialised.
 
     Raises:
         ValueError: widths that do not name every conv, exceed the dense widths, differ between
-            coupled convs, or change a conv that cannot be pruned.
+            coupled convs, or change a conv that cannot be pruned; scattered convs that cannot
+            be scattered or are not narrower than their residual width.
     """
     model = models.build_model(model_name, num_classes, in_channels)
     dense = channel_widths(model)
@@ -363,8 +448,9 @@ def rebuild(
             f"unknown {sorted(set(widths) - set(dense))}"
         )
     x = models.example_input(model_name, in_channels)
+    mode = "scatter" if scattered else "prune"
     plan = {}
-    for group in channel_groups(model, x):
+    for group in channel_groups(model, x, block_width=mode):
         kept = {widths[c] for c in group.convs if c in widths}  # Linear members follow their conv
         if len(kept) > 1:
             raise ValueError(f"coupled convs {group.convs} must have one width, got {sorted(kept)}")
@@ -374,8 +460,11 @@ def rebuild(
         removed = _last_channels(group, group.size - width)  # which ones does not matter: weights are loaded after
         for conv in group.convs:
             plan[conv] = [group.index[conv][k] for k in removed if k in group.index[conv]]
-    apply_plan(model, x, {k: v for k, v in plan.items() if v})
+    apply_plan(model, x, {k: v for k, v in plan.items() if v}, block_width=mode)
     wrong = {n: (w, widths[n]) for n, w in channel_widths(model).items() if w != widths[n]}
     if wrong:
         raise ValueError(f"these convs cannot take the requested widths (have, requested): {wrong}")
+    if scattered_convs(model) != sorted(scattered):
+        raise ValueError(f"scattered convs must be narrower convs with their own BatchNorm in a residual group; "
+                         f"got {sorted(scattered)}, could build {scattered_convs(model)}")
     return model
