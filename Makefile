@@ -13,7 +13,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup
 DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := build/.ext-stamp
 
-.PHONY: venv build test test-fast bench demo clean
+.PHONY: venv build test test-all bench demo clean
 
 venv: $(DEPS_STAMP)
 $(DEPS_STAMP): constraints.txt requirements-dev.txt
@@ -37,7 +37,11 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	$(PY) -c "import scop_ext; print('scop_ext build:', scop_ext.build_info())"
 	mkdir -p build && touch $@
 
+# `slow` tests (AddressSanitizer, kill loops, the rest of the model zoo) run only in test-all.
 test: build
+	$(PY) -m pytest -q -ra -m "not slow"
+
+test-all: build
 	$(PY) -m pytest -q -ra
 
 bench: build

@@ -23,9 +23,10 @@ Memory. CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated befor
 CPU: the peak resident set size above the resident size before the call (``VmHWM`` after
 resetting it through ``/proc/self/clear_refs``, with glibc told to map every block above 64 KiB
 on its own so freed tensors leave the resident set) and, for eager code, the bytes autograd
-saves for the backward (unique storages, via saved-tensor hooks). Times are medians of
-``torch.utils.benchmark.Timer.blocked_autorange``, with glibc keeping freed blocks up to 32 MiB
-for reuse (see ``malloc_for_timing``).
+saves for the backward (unique storages, via saved-tensor hooks:
+``scop_ext.resources.saved_for_backward``). Times are medians of 5 timed blocks after 3 warm-up
+calls (``scop_ext.timing.time_ms``, what the latency policy times with too), with glibc keeping
+freed blocks up to 32 MiB for reuse (see ``malloc_for_timing``).
 
     python benchmarks/speed.py                                   # every backend here, print
     python benchmarks/speed.py --write benchmarks/README.md      # and write the sections
@@ -46,7 +47,6 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _baseline  # noqa: E402
@@ -57,6 +57,8 @@ from scop_ext import ScopConv2d, convert, reference, scop_layers  # noqa: E402
 from scop_ext.models import resnet20, resnet56  # noqa: E402
 from scop_ext.prune import PruningSpace, apply_plan, count_flops, count_params, select  # noqa: E402
 from scop_ext.prune.importance import RandomImportance  # noqa: E402
+from scop_ext.resources import saved_for_backward  # noqa: E402
+from scop_ext.timing import time_ms  # noqa: E402
 
 CIFAR_SHAPES = [(16, 32), (32, 16), (64, 8)]
 IMAGENET_SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]
@@ -131,31 +133,14 @@ class PeakMemory:
 
 def saved_bytes(fn) -> float:
     """Bytes of the unique storages autograd saves for the backward while ``fn`` runs."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_for_backward() as saved:
         fn()
-    return float(sum(storages.values()))
+    return float(sum(n for n, _ in saved))
 
 
-def timed(fn, min_run_time: float, sync, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn`` (after ``warmup`` calls, which also compile)."""
-
-    def run():
-        fn()
-        sync()
-
-    for _ in range(warmup):
-        run()
-    return benchmark.Timer(stmt="run()", globals={"run": run}).blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
-def _sync(device: str):
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+def timed(fn, min_run_time: float, device: str) -> float:
+    """Median milliseconds of ``fn`` (after 3 warm-up calls, which also compile)."""
+    return time_ms(fn, device, min_run_time, warmup=3)
 
 
 def _mib(b: float) -> str:
@@ -180,7 +165,7 @@ def op_implementations():
 
 
 def measure_ops(device: str, min_run_time: float, cifar_batches, imagenet_batch: int, log) -> list[dict]:
-    sync, peak = _sync(device), PeakMemory(device)
+    peak = PeakMemory(device)
     impls = op_implementations()
     rows = []
     cases = [("CIFAR", c, px, n, fmt) for fmt in (torch.contiguous_format, torch.channels_last)
@@ -197,7 +182,7 @@ def measure_ops(device: str, min_run_time: float, cifar_batches, imagenet_batch:
         fwd, fb, mem, saved = {}, {}, {}, {}
         for name, fn in impls.items():
             with torch.no_grad():
-                fwd[name] = timed(lambda: fn(x, w, beta, noise), min_run_time, sync)
+                fwd[name] = timed(lambda: fn(x, w, beta, noise), min_run_time, device)
             xg, bg = x.clone().requires_grad_(), beta.clone().requires_grad_()
 
             def step(fn=fn, xg=xg, bg=bg):
@@ -205,7 +190,7 @@ def measure_ops(device: str, min_run_time: float, cifar_batches, imagenet_batch:
                 out.backward(torch.ones_like(out))
                 xg.grad = bg.grad = None
 
-            fb[name] = timed(step, min_run_time, sync)
+            fb[name] = timed(step, min_run_time, device)
             mem[name] = peak(step)
             saved[name] = saved_bytes(lambda fn=fn, xg=xg, bg=bg: fn(xg, w, bg, noise)) if name != "compiled" else math.nan
             del xg, bg
@@ -273,8 +258,7 @@ def _stage2_models(name: str, device: str):
         layer.generator = None
     plain = copy.deepcopy(scop)
     for lname, layer in list(scop_layers(plain).items()):
-        parent, _, child = lname.rpartition(".")
-        setattr(plain.get_submodule(parent) if parent else plain, child, PlainDualConv2d(layer))
+        plain.set_submodule(lname, PlainDualConv2d(layer))
     for model in (scop, plain):
         for p in model.parameters():
             p.requires_grad_(False)
@@ -309,7 +293,7 @@ def _beta_step(model: nn.Module, forward, x2, y):
 
 
 def measure_step(device: str, min_run_time: float, batch: int, models, compile_scop: bool, log) -> list[dict]:
-    sync, peak = _sync(device), PeakMemory(device)
+    peak = PeakMemory(device)
     rows = []
     for name in models:
         dense, scop, plain = _stage2_models(name, device)
@@ -327,7 +311,7 @@ def measure_step(device: str, min_run_time: float, batch: int, models, compile_s
         for label, (model, forward) in variants.items():
             step, fwd_only = _beta_step(model, forward, x2, y)
             t = time.time()
-            times[label] = timed(step, min_run_time, sync)
+            times[label] = timed(step, min_run_time, device)
             mems[label] = peak(step)
             saved[label] = saved_bytes(fwd_only) if "compiled" not in label else math.nan
             log(f"  step {device} {name} {label}: {times[label]:.1f} ms, peak {_mib(mems[label])} MiB "
@@ -342,7 +326,7 @@ def measure_step(device: str, min_run_time: float, batch: int, models, compile_s
             loss.backward()
             opt.step()
 
-        times["ordinary step (N)"] = timed(ordinary, min_run_time, sync)
+        times["ordinary step (N)"] = timed(ordinary, min_run_time, device)
         mems["ordinary step (N)"] = peak(ordinary)
         saved["ordinary step (N)"] = saved_bytes(lambda: dense(x2[:batch]))
 
@@ -350,7 +334,7 @@ def measure_step(device: str, min_run_time: float, batch: int, models, compile_s
             with torch.no_grad():
                 dense(x2)
 
-        times["forward (2N)"] = timed(forward_2n, min_run_time, sync)
+        times["forward (2N)"] = timed(forward_2n, min_run_time, device)
         mems["forward (2N)"] = peak(forward_2n)
         saved["forward (2N)"] = math.nan
         rows.append(dict(model=name, n=batch, times=times, mems=mems, saved=saved))
@@ -391,24 +375,23 @@ def _deployable(model: nn.Module, mode: str, device: str) -> nn.Module:
 
 
 @torch.no_grad()
-def _latency(model, batch: int, mode: str, device: str, min_run_time, sync) -> float:
+def _latency(model, batch: int, mode: str, device: str, min_run_time) -> float:
     x = torch.randn(batch, 3, 32, 32, device=device)
     if mode == "deploy":
         x = x.contiguous(memory_format=torch.channels_last)
-    return timed(lambda: model(x), min_run_time, sync)
+    return timed(lambda: model(x), min_run_time, device)
 
 
 def width_scan(device: str, min_run_time: float, log, px: int = 8, batch: int = 64,
                widths=(16, 24, 32, 40, 45, 48, 56, 64)) -> list[dict]:
     """Time of one 3x3 conv (C_in = C_out = c, ``batch`` images of ``px`` pixels) for each width,
     against its FLOPs, both relative to the widest: how convolution time follows the channels."""
-    sync = _sync(device)
     rows = []
     for c in widths:
         x = torch.randn(batch, c, px, px, device=device)
         w = torch.randn(c, c, 3, 3, device=device)
         with torch.no_grad():
-            rows.append(dict(c=c, ms=timed(lambda: F.conv2d(x, w, None, 1, 1), min_run_time, sync)))
+            rows.append(dict(c=c, ms=timed(lambda: F.conv2d(x, w, None, 1, 1), min_run_time, device)))
     log("  width scan " + ", ".join(f"{r['c']}: {r['ms']:.3f} ms" for r in rows))
     return rows
 
@@ -423,7 +406,6 @@ def width_table(rows, px: int = 8, batch: int = 64) -> str:
 
 
 def measure_latency(device: str, min_run_time: float, models, log) -> list[dict]:
-    sync = _sync(device)
     rows = []
     for name in models:
         torch.manual_seed(0)
@@ -438,11 +420,11 @@ def measure_latency(device: str, min_run_time: float, models, log) -> list[dict]
             pruned[round_to] = apply_plan(copy.deepcopy(dense), example, plan).eval()
         for mode in LATENCY_MODES:
             dense_run = _deployable(dense, mode, device)
-            dense_lat = {b: _latency(dense_run, b, mode, device, min_run_time, sync) for b in (1, 64)}
+            dense_lat = {b: _latency(dense_run, b, mode, device, min_run_time) for b in (1, 64)}
             for round_to, model in pruned.items():
                 flops_ratio = count_flops(model, example) / base_flops
                 run = _deployable(model, mode, device)
-                lat = {b: _latency(run, b, mode, device, min_run_time, sync) for b in (1, 64)}
+                lat = {b: _latency(run, b, mode, device, min_run_time) for b in (1, 64)}
                 widths = sorted({m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)})
                 rows.append(dict(model=name, mode=mode, round_to=round_to, flops_ratio=flops_ratio,
                                  params_ratio=count_params(model) / base_params, dense=dense_lat, pruned=lat,

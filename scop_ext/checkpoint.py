@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 __all__ = ["FORMAT_VERSION", "TEMP_PREFIX", "CheckpointError", "save", "load", "save_progress", "load_progress",
-           "atomic_write_bytes", "atomic_write_text", "write_json", "load_json", "load_yaml", "malformed", "file_mode",
-           "first_nonfinite", "differing_keys"]
+           "atomic_write_bytes", "atomic_write_text", "write_json", "malformed", "file_mode", "first_nonfinite",
+           "differing_keys"]
 
 FORMAT_VERSION = 1
 TEMP_PREFIX = ".tmp-"  # files being written; a killed writer leaves one behind, never a half target
@@ -189,50 +189,6 @@ def _brief(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def load_json(text: str) -> Any:
-    """Parse JSON, refusing a key repeated within one object (json.loads keeps the last one
-    silently, so a config would lose the setting written first). Raises ValueError."""
-
-    def unique(pairs):
-        keys = [k for k, _ in pairs]
-        repeated = sorted({k for k in keys if keys.count(k) > 1})
-        if repeated:
-            raise ValueError(f"duplicate key {repeated[0]!r}")
-        return dict(pairs)
-
-    return json.loads(text, object_pairs_hook=unique)
-
-
-def load_yaml(text: str) -> Any:
-    """Parse YAML with the safe loader, no aliases and no repeated keys.
-
-    Configs are a few flat keys; an alias (``*name``) is never needed there, and a few nested ones
-    (the "billion laughs" file) expand into billions of elements as soon as anything walks the
-    result. A key given twice in one mapping is an error, not "the last one wins". Raises
-    ``yaml.YAMLError`` on either.
-    """
-    import yaml
-
-    class StrictLoader(yaml.SafeLoader):
-        def compose_node(self, parent, index):
-            if self.check_event(yaml.AliasEvent):
-                event = self.peek_event()
-                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed in a config",
-                                                  event.start_mark)
-            return super().compose_node(parent, index)
-
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                if isinstance(key, (str, int, float, bool)) and key in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-                seen.add(key)
-            return super().construct_mapping(node, deep)
-
-    return yaml.load(text, Loader=StrictLoader)
-
-
 @contextlib.contextmanager
 def malformed(path: str | os.PathLike) -> Iterator[None]:
     """Turn the KeyError/TypeError/... of restoring a checkpoint whose payload lacks a part, or
@@ -244,4 +200,3 @@ def malformed(path: str | os.PathLike) -> Iterator[None]:
             raise
         what = f"lacks {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         raise CheckpointError(f"{os.fspath(path)}: malformed checkpoint ({what}); delete it to start that step over") from None
-

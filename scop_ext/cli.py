@@ -40,7 +40,7 @@ def _device(name: str | None) -> str:
 
 
 def _parse_value(text: str):
-    from .checkpoint import load_yaml
+    from .config import load_yaml
 
     return load_yaml(text)
 
@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", default="random",
                    help="random (seeded by --seed), l1, or run:<dir> (the learned scales of a `scop prune` run; "
                         "its model and weights unless --model/--weights say otherwise)")
-    p.add_argument("--num-classes", type=int, help="classes of the model (default: 1000 for torchvision, else 10)")
+    p.add_argument("--num-classes", type=int, help="classes of the model (default: 1000 for torchvision and timm, else 10)")
     p.add_argument("--in-channels", type=int, help="input channels (default: the model's own, e.g. 1 for resnet_digits)")
     p.add_argument("--image-size", type=int, help="side of the input FLOPs are counted on (default: the model's)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

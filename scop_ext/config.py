@@ -4,6 +4,7 @@ JSON config file gets before any work starts."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import types
@@ -13,10 +14,9 @@ from typing import Any
 
 import torch
 
-from . import checkpoint
 from .presets import PRESETS, with_preset
 
-__all__ = ["PruneConfig"]
+__all__ = ["PruneConfig", "load_json", "load_yaml"]
 
 
 @dataclass
@@ -113,9 +113,9 @@ class PruneConfig:
             raise ValueError(f"{path}: malformed config (not UTF-8 text: byte {exc.start})") from None
         try:
             if path.endswith(".json"):
-                values = checkpoint.load_json(text)
+                values = load_json(text)
             else:
-                values = checkpoint.load_yaml(text)
+                values = load_yaml(text)
         except Exception as exc:  # the parsers' own error types vary; one clear line either way
             raise ValueError(f"{path}: malformed config ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
         if not isinstance(values, dict):
@@ -223,6 +223,50 @@ class PruneConfig:
             "fdr": {"q": self.fdr_q, "scope": self.fdr_scope},
         }[self.policy]
         return {**common, **specific}
+
+
+def load_json(text: str) -> Any:
+    """Parse JSON, refusing a key repeated within one object (json.loads keeps the last one
+    silently, so a config would lose the setting written first). Raises ValueError."""
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"duplicate key {repeated[0]!r}")
+        return dict(pairs)
+
+    return json.loads(text, object_pairs_hook=unique)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML with the safe loader, no aliases and no repeated keys.
+
+    Configs are a few flat keys; an alias (``*name``) is never needed there, and a few nested ones
+    (the "billion laughs" file) expand into billions of elements as soon as anything walks the
+    result. A key given twice in one mapping is an error, not "the last one wins". Raises
+    ``yaml.YAMLError`` on either.
+    """
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed in a config",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=StrictLoader)
 
 
 def _has_type(value, hint) -> bool:

@@ -9,6 +9,7 @@ channel indices are a buffer of the state_dict.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import io
 import json
@@ -33,9 +34,14 @@ def save_model(model: nn.Module, stem: str | os.PathLike, *, model_name: str, nu
     from safetensors.torch import save
 
     stem = os.fspath(stem)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    # Module versions travel in the state_dict's _metadata, which safetensors does not keep;
+    # some modules refuse to load without theirs (torchvision's MNASNet).
+    versions = {prefix: meta["version"] for prefix, meta in state_dict._metadata.items() if "version" in meta}
     arch = {"format": "scop-model", "version": ARCH_VERSION, "model": model_name, "num_classes": num_classes,
-            "in_channels": in_channels, "widths": channel_widths(model), **(extra or {})}
+            "in_channels": in_channels, "widths": channel_widths(model), "module_versions": versions,
+            **(extra or {})}
     scattered = scattered_convs(model)
     if scattered:  # absent otherwise, so descriptions of other models read as before
         arch["scatter"] = scattered
@@ -67,13 +73,15 @@ def read_arch(stem: str | os.PathLike) -> dict:
                              ("num_classes", positive(arch["num_classes"])),
                              ("in_channels", positive(arch["in_channels"])),
                              ("widths", isinstance(arch["widths"], dict) and all(positive(w) for w in arch["widths"].values())),
+                             ("module_versions", isinstance(arch.get("module_versions", {}), dict)
+                              and all(positive(v) for v in arch.get("module_versions", {}).values())),
                              ("scatter", isinstance(arch.get("scatter", []), list)
                               and all(isinstance(c, str) for c in arch.get("scatter", []))))
              if not ok]
     if wrong:
         raise checkpoint.CheckpointError(f"{path}: malformed model description: {', '.join(wrong)} "
                                          "(model a name, num_classes and in_channels integers >= 1, widths {conv: integer >= 1}, "
-                                         "scatter a list of conv names)")
+                                         "module_versions {module: integer >= 1}, scatter a list of conv names)")
     try:
         check_sizes(arch["num_classes"], arch["in_channels"])
     except ValueError as exc:
@@ -127,6 +135,9 @@ def load_model(stem: str | os.PathLike, map_location: str | torch.device = "cpu"
                         scattered=arch.get("scatter", ()))
     except ValueError as exc:
         raise checkpoint.CheckpointError(f"{os.fspath(stem)}.json: describes no model that can be built ({exc})") from None
+    # Files written before module versions were recorded load without them, as they always did.
+    state = collections.OrderedDict(state)  # a plain dict cannot carry _metadata
+    state._metadata = {prefix: {"version": v} for prefix, v in arch.get("module_versions", {}).items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -225,11 +225,6 @@ def _matcher(skip: Iterable[str] | Callable[[str, nn.Module], bool] | None) -> C
     return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
-
-
 def _replace(model: nn.Module, wanted: Callable[[str, nn.Module], bool], make: Callable[[nn.Module], nn.Module]) -> nn.Module:
     """Swaps every module ``wanted`` picks for ``make(module)``, in place; returns ``model``, or
     the replacement when ``model`` itself is picked.
@@ -256,7 +251,7 @@ def _replace(model: nn.Module, wanted: Callable[[str, nn.Module], bool], make: C
         if paths == [""]:
             return new
         for path in paths:
-            _swap(model, path, new)
+            model.set_submodule(path, new)
     return model
 
 

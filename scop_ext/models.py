@@ -1,5 +1,5 @@
 """Model zoo: the CIFAR ResNets of He et al. (2016), a small ResNet for the bundled 8x8 digits,
-and any torchvision classification model by name, with weights read only from a local file.
+and any torchvision or timm classification model by name, with weights read only from a local file.
 
 Shortcuts. He et al. train their CIFAR ResNets with option A shortcuts (identity plus zero
 padding on downsampling), which has no parameters and pads channels with zeros. We use option B
@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ._checks import check_counts
 
 __all__ = [
     "BasicBlock",
@@ -34,6 +36,7 @@ __all__ = [
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
 
 # Bounds on sizes that may come from a file (a model description): beyond them a classifier or a
 # stem is gigabytes before anything could check it. ImageNet-21k has 21,841 classes.
@@ -98,7 +101,7 @@ class CifarResNet(nn.Module):
                 f"depths and widths must be non-empty sequences of positive ints of equal length, "
                 f"got depths={tuple(depths)}, widths={tuple(widths)}"
             )
-        check_sizes(num_classes, in_channels)
+        check_counts(False, num_classes=num_classes, in_channels=in_channels)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
@@ -127,11 +130,12 @@ class CifarResNet(nn.Module):
 
 
 def check_sizes(num_classes, in_channels) -> None:
-    """ValueError naming ``num_classes`` or ``in_channels`` unless each is an int in 1..its bound
-    (:data:`MAX_CLASSES`, :data:`MAX_IN_CHANNELS`)."""
+    """ValueError naming ``num_classes`` or ``in_channels`` unless each is a positive int within
+    its bound (:data:`MAX_CLASSES`, :data:`MAX_IN_CHANNELS`)."""
+    check_counts(False, num_classes=num_classes, in_channels=in_channels)
     for name, value, bound in (("num_classes", num_classes, MAX_CLASSES), ("in_channels", in_channels, MAX_IN_CHANNELS)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
-            raise ValueError(f"{name} must be an int in 1..{bound}, got {value!r}")
+        if value > bound:
+            raise ValueError(f"{name} must be at most {bound}, got {value}")
 
 
 def _cifar_resnet(depth: int, num_classes: int, in_channels: int) -> CifarResNet:
@@ -188,13 +192,30 @@ def _torchvision_names() -> list[str]:
 
 def model_names() -> list[str]:
     """Every name :func:`build_model` accepts: our builders, then ``torchvision:<name>`` for
-    torchvision's classification models."""
-    return list(_BUILDERS) + [TORCHVISION_PREFIX + n for n in _torchvision_names()]
+    torchvision's classification models, then ``timm:<name>`` for any of ``timm.list_models()``
+    (when timm is installed), written once as ``"timm:<name>"``."""
+    names = list(_BUILDERS) + [TORCHVISION_PREFIX + n for n in _torchvision_names()]
+    return names + [TIMM_PREFIX + "<name>"] if _timm() is not None else names
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm
+
+
+def _timm_size(timm_name: str) -> int:
+    # The resolution the model's default pretrained weights were trained at.
+    cfg = _timm().get_pretrained_cfg(timm_name)
+    return cfg.input_size[-1] if cfg is not None and cfg.input_size else 224
 
 
 def example_input(name: str, in_channels: int = 3, batch_size: int = 1) -> Tensor:
     """A random input of the size ``name`` is built for: 8x8 for ``resnet_digits``, 32x32 for
-    the CIFAR ResNets, 224x224 for torchvision models (299x299 for inception_v3).
+    the CIFAR ResNets, 224x224 for torchvision models (299x299 for inception_v3), and for timm
+    models the input size of their default pretrained configuration.
 
     Returns:
         (batch_size, in_channels, S, S) float32 on the CPU.
@@ -205,6 +226,9 @@ def example_input(name: str, in_channels: int = 3, batch_size: int = 1) -> Tenso
         size = 32
     elif name.startswith(TORCHVISION_PREFIX):
         size = 224
+    elif name.startswith(TIMM_PREFIX):
+        _check_timm(name[len(TIMM_PREFIX):])
+        size = _timm_size(name[len(TIMM_PREFIX):])
     else:
         raise ValueError(f"unknown model name {name!r}; see scop_ext.models.model_names()")
     return torch.randn(batch_size, in_channels, size, size)
@@ -215,9 +239,11 @@ def build_model(name: str, num_classes: int, in_channels: int, weights: str | os
 
     Args:
         name: one of :func:`model_names`: ``"resnet20"`` … ``"resnet110"``, ``"resnet_digits"``,
-            or ``"torchvision:<name>"`` (e.g. ``"torchvision:resnet18"``), which is created with
+            ``"torchvision:<name>"`` (e.g. ``"torchvision:resnet18"``), which is created with
             ``weights=None`` and ``num_classes``; when ``in_channels != 3`` its first convolution
-            is replaced by one taking ``in_channels``. Nothing is ever downloaded.
+            is replaced by one taking ``in_channels``; or ``"timm:<name>"`` (e.g.
+            ``"timm:convnext_atto"``), created with ``pretrained=False``, ``num_classes`` and
+            ``in_chans``. Nothing is ever downloaded.
         num_classes: outputs of the classifier.
         in_channels: channels of the input images.
         weights: optional path to a state_dict, either a ``torch.save`` file (read with
@@ -235,8 +261,14 @@ def build_model(name: str, num_classes: int, in_channels: int, weights: str | os
         model = _BUILDERS[name](num_classes=num_classes, in_channels=in_channels)
     elif name.startswith(TORCHVISION_PREFIX):
         model = _build_torchvision(name[len(TORCHVISION_PREFIX) :], num_classes, in_channels)
+    elif name.startswith(TIMM_PREFIX):
+        timm_name = name[len(TIMM_PREFIX) :]
+        _check_timm(timm_name)
+        model = _timm().create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
     else:
-        raise ValueError(f"unknown model name {name!r}; expected one of {list(_BUILDERS)} or 'torchvision:<name>'")
+        raise ValueError(
+            f"unknown model name {name!r}; expected one of {list(_BUILDERS)}, 'torchvision:<name>' or 'timm:<name>'"
+        )
     if weights is not None:
         _load_weights(model, name, weights)
     return model
@@ -272,9 +304,16 @@ def _build_torchvision(tv_name: str, num_classes: int, in_channels: int) -> nn.M
             bias=conv.bias is not None,
             padding_mode=conv.padding_mode,
         )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, new)
     return model
+
+
+def _check_timm(timm_name: str) -> None:
+    timm = _timm()
+    if timm is None:
+        raise ValueError(f"model 'timm:{timm_name}' needs the timm package: pip install timm")
+    if not timm.is_model(timm_name):
+        raise ValueError(f"unknown timm model {timm_name!r}; expected one of timm.list_models()")
 
 
 def _load_weights(model: nn.Module, name: str, path: str | os.PathLike) -> None:

@@ -40,8 +40,8 @@ RUN_PREFIX = "run:"
 def default_io(model_name: str) -> tuple[int, int]:
     """``(num_classes, in_channels)`` a model is planned with when nothing says otherwise: its
     builder's defaults (``resnet56``: 10, 3; ``resnet_digits``: 10, 1), ImageNet's 1000 and 3
-    for torchvision models."""
-    if model_name.startswith(models.TORCHVISION_PREFIX):
+    for torchvision and timm models."""
+    if model_name.startswith((models.TORCHVISION_PREFIX, models.TIMM_PREFIX)):
         return 1000, 3
     builder = getattr(models, model_name, None)
     if not callable(builder):

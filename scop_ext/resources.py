@@ -11,14 +11,15 @@ gradients and optimizer state of what it trains, and any cache it builds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 __all__ = ["ResourceError", "MemoryEstimate", "available_memory", "estimate_step", "require", "require_step",
-           "format_bytes"]
+           "format_bytes", "saved_for_backward"]
 
 # The backward's own transients (the gradient being computed beside the one flowing in, the
 # logits and their gradient) on top of the saved activations, as a fraction of them; measured on
@@ -99,6 +100,32 @@ def available_memory(device: torch.device | str) -> int | None:
     return available if room is None else min(available, room)
 
 
+@contextmanager
+def saved_for_backward(exclude: set[int] = frozenset()) -> Iterator[list[tuple[int, torch.dtype]]]:
+    """Record ``(bytes, dtype)`` of every storage autograd saves for the backward inside the block,
+    each storage once (keyed by its C++ address, ``untyped_storage()._cdata``, which a meta storage
+    has too), leaving out the keys in ``exclude``.
+
+    Example::
+
+        >>> with saved_for_backward() as saved:
+        ...     loss = model(x).sum()
+        >>> sum(n for n, _ in saved)   # bytes held for loss.backward()
+    """
+    seen = set(exclude)
+    saved: list[tuple[int, torch.dtype]] = []
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            saved.append((storage.nbytes(), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+
+
 def _saved_activation_bytes(model: nn.Module, batch: torch.Tensor, trainable: Callable[[str], bool],
                             float_itemsize: int | None) -> tuple[int, int]:
     """(bytes of tensors saved for the backward, bytes of the largest) for one step on meta, floating
@@ -106,27 +133,16 @@ def _saved_activation_bytes(model: nn.Module, batch: torch.Tensor, trainable: Ca
     state = {name: torch.empty_like(p, device="meta").requires_grad_(trainable(name))
              for name, p in model.named_parameters()}
     state.update({name: torch.empty_like(b, device="meta") for name, b in model.named_buffers()})
-    # Storages are keyed by their C++ address (untyped_storage() makes a new Python wrapper on
-    # every call); every one seen stays alive in the graph or in `state` until the trace ends.
+    # Every storage seen stays alive in the graph or in `state` until the trace ends, so no
+    # address is reused while they are being counted.
     resident = {t.untyped_storage()._cdata for t in state.values()}
-    seen: set[int] = set()
-    sizes: list[int] = []
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        if storage._cdata not in resident and storage._cdata not in seen:
-            seen.add(storage._cdata)
-            size = storage.nbytes()
-            if float_itemsize is not None and t.is_floating_point():
-                size = size // t.element_size() * float_itemsize
-            sizes.append(size)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_for_backward(exclude=resident) as saved:
         out = torch.func.functional_call(model, state, (batch,))
         loss = out.float().logsumexp(1).sum()
     if loss.requires_grad:
         loss.backward()
+    sizes = [n // dtype.itemsize * float_itemsize if float_itemsize is not None and dtype.is_floating_point else n
+             for n, dtype in saved]
     return sum(sizes), max(sizes, default=0)
 
 

@@ -31,9 +31,10 @@ def masked_dense(model, example, plan):
 
     from torch import nn
 
+    from scop_ext.layers import restore
     from scop_ext.prune import surgery
 
-    dense = copy.deepcopy(model)
+    dense = restore(copy.deepcopy(model))
     graph = surgery._dependency_graph(dense, example)
     groups, _ = surgery._graph_groups(graph, dense)
     with torch.no_grad():

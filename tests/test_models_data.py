@@ -89,6 +89,25 @@ def test_example_input_sizes():
     assert models.example_input("torchvision:resnet18", batch_size=2).shape == (2, 3, 224, 224)
 
 
+def test_timm_models_build_offline_at_their_pretrained_size(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    for name in ("convnext_atto", "efficientnet_b3"):  # 224 and 288 px by their default weights
+        size = timm.get_pretrained_cfg(name).input_size[-1]
+        assert models.example_input("timm:" + name, 1).shape == (1, 1, size, size)
+    source = models.build_model("timm:mobilenetv3_small_050", 7, 1).eval()
+    assert source.conv_stem.in_channels == 1 and source(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    loaded = models.build_model("timm:mobilenetv3_small_050", 7, 1, weights=tmp_path / "w.safetensors")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items())
+    assert "timm:<name>" in models.model_names()
+    with pytest.raises(ValueError, match="unknown timm model 'not_a_model'"):
+        models.build_model("timm:not_a_model", 10, 3)
+    with pytest.raises(ValueError, match="does not exist"):
+        models.build_model("timm:resnet18", 10, 3, weights=tmp_path / "missing.safetensors")
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_weights_from_local_file(tmp_path, suffix):
     source = models.build_model("torchvision:resnet18", 10, 3)

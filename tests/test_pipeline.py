@@ -282,7 +282,7 @@ def test_prune_prints_the_table_on_process_0_only(tmp_path, monkeypatch, capsys)
 def test_importance_plot_draws_the_cut_the_policy_made(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from scop_ext.report import plot_importance
+    from scop_ext.plots import plot_importance
 
     lines = []
     monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda self, x, **kw: lines.append(x))

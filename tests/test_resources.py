@@ -197,3 +197,32 @@ def test_mixed_precision_halves_the_predicted_activations():
     assert 0.5 <= half.per_sample / full.per_sample <= 0.6
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     assert half.fixed == {**full.fixed, "16-bit weight copies": 2 * weights}
+
+
+# ---------------------------------------------------------- saved_for_backward, against autograd's formulas
+
+
+def test_saved_for_backward_counts_each_storage_once():
+    x = torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(16, 4, requires_grad=True)
+    with resources.saved_for_backward() as saved:
+        y = x @ w  # mm saves both operands
+        z = (y * y).sum()  # mul saves y, twice as an operand but one storage
+    assert sorted(n for n, _ in saved) == sorted([x.nbytes, w.nbytes, y.nbytes])
+    assert all(dtype == torch.float32 for _, dtype in saved)
+    z.backward()
+
+
+def test_saved_for_backward_leaves_out_excluded_storages():
+    x = torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(16, 4, requires_grad=True)
+    with resources.saved_for_backward(exclude={w.untyped_storage()._cdata}) as saved:
+        x @ w
+    assert [n for n, _ in saved] == [x.nbytes]
+
+
+def test_nothing_is_saved_without_grad():
+    x = torch.randn(8, 16)
+    with resources.saved_for_backward() as saved:
+        torch.relu(x @ x.T)
+    assert saved == []

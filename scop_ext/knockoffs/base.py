@@ -31,7 +31,6 @@ __all__ = [
     "pixel_groups",
     "default_block",
     "draw_normal",
-    "check_counts",
     "images_of",
     "working_layout",
     "resize",
@@ -46,16 +45,6 @@ def default_block(size: int) -> int:
     """Edge in pixels of the swap blocks at a working resolution of ``size``: 2 up to 32 pixels,
     then ``size // 16`` so that large images keep a 16 x 16 grid of blocks."""
     return 2 if size <= 32 else size // 16
-
-
-def check_counts(optional: bool = True, **values: Any) -> None:
-    """Raise a ValueError naming the first of ``values`` that is not a positive int (or None,
-    when ``optional``)."""
-    for name, value in values.items():
-        if optional and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
 
 
 def pixel_groups(shape: tuple[int, ...], block: int) -> Tensor:
@@ -86,7 +75,7 @@ def pixel_groups(shape: tuple[int, ...], block: int) -> Tensor:
 def working_layout(hw: tuple[int, int], working_size: int | None, block: int | None) -> tuple[tuple[int, int], int]:
     """The (h, w) an (H, W) image is knockoffed at and the swap-block edge there, so that the
     blocks tile the working image exactly. ``working_size`` and ``block``: positive or None
-    (the generators check them, see :func:`check_counts`).
+    (the generators check them, see :func:`scop_ext._checks.check_counts`).
 
     An image whose longer edge exceeds ``working_size`` is scaled so that edge is about
     ``working_size`` (seed §S2 generates ImageNet knockoffs at 64 x 64 and upsamples them), each

@@ -34,7 +34,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import check_counts, pixel_groups, resize
+from .._checks import check_counts
+from .base import pixel_groups, resize
 from .baselines import PermutationKnockoffs
 
 __all__ = [

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import KnockoffGenerator, check_counts, draw_normal, images_of, resize, working_layout
+from .._checks import check_counts
+from .base import KnockoffGenerator, draw_normal, images_of, resize, working_layout
 from .gan_trainer import GANTrainer, training_batches
 from .swap import ResBlock, SwapDiscriminator
 

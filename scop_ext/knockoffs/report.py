@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import lemma2
+from .._checks import check_counts
 from ..checkpoint import write_json
-from .base import KnockoffGenerator, check_counts, images_of, pixel_groups, resize
+from .base import KnockoffGenerator, images_of, pixel_groups, resize
 from .exchangeability import (
     MAX_DIM,
     exchangeability,

@@ -1,8 +1,9 @@
 """Stages 2-4 of SCOP (DESIGN.md §1): learn the scales, score and select channels, remove them.
 
 - :mod:`.excavate` (stage 2): the Lemma 2 bias fit and ``learn_scales`` (beta with the weights
-  frozen, on [real; knockoff] batches).
-- :mod:`.importance` (stage 3): criteria, ``criterion(model) -> {conv name: (C_out,) scores}``.
+  frozen, on [real; knockoff] batches); ``ScaleLearner``, the same stage inside your own loop.
+- :mod:`.importance` (stage 3): criteria, ``criterion(model) -> {conv name: (C_out,) scores}``,
+  and ``TorchPruningImportance``, any of their scores for Torch-Pruning's own pruners.
 - :mod:`.select` (stage 3): :class:`PruningSpace` (coupled channel groups + FLOPs prediction) and
   the policies ``uniform``, ``global_ranking``, ``flops_target``, ``latency_target``, ``fdr`` returning a plan
   ``{conv name: [channel indices to remove]}``, and ``cuts`` (where a plan cut each group).
@@ -24,6 +25,7 @@ from .importance import (
     L2Importance,
     RandomImportance,
     ScopImportance,
+    TorchPruningImportance,
     criterion_names,
     following_batchnorm,
     make_importance,
@@ -54,6 +56,7 @@ __all__ = [
     "L2Importance",
     "BNScaleImportance",
     "RandomImportance",
+    "TorchPruningImportance",
     "make_importance",
     "criterion_names",
     "following_batchnorm",

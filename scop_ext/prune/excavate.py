@@ -14,10 +14,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .. import checkpoint, distributed, lemma2
-from ..layers import scop_layers
+from ..layers import convert, scop_layers
 from ..train import NonFiniteError, batchnorms, model_signature, nonfinite_error, raise_on_every_process, set_epoch
+from .importance import ScopImportance
 
-__all__ = ["pair_dataset", "PairedDataset", "fit_knockoff_biases", "layer_seed", "learn_scales", "ScaleHistory"]
+__all__ = ["pair_dataset", "PairedDataset", "fit_knockoff_biases", "layer_seed", "learn_scales", "ScaleHistory", "ScaleLearner"]
 
 Sampler = Callable[..., Tensor]  # (x, generator=...) -> x~ with x's shape
 
@@ -283,3 +284,74 @@ def learn_scales(
             layer.bias_shard = (0, 1)
         model.eval()
     return history
+
+
+class ScaleLearner:
+    """Stage 2 inside your own training loop (Lightning, accelerate, or a hand-written one).
+
+    Converts ``model`` (:func:`scop_ext.convert`), freezes every parameter but the scales beta
+    and puts the model in eval mode, its BatchNorms normalising over each [real; knockoff]
+    batch when ``bn="batch"`` (the authors' choice; the running statistics are put back by
+    :meth:`finish`) or using the stored statistics when ``bn="frozen"``. :func:`learn_scales`
+    is the same stage as one call, with resumable progress, Lemma 2 biases and torchrun.
+
+    Example::
+
+        >>> learner = ScaleLearner(model)
+        >>> opt = torch.optim.Adam(learner.parameters(), lr=0.004, betas=(0.5, 0.9))
+        >>> for x, x_knockoff, y in loader:          # e.g. from pair_dataset(...)
+        ...     loss = learner.loss(x, x_knockoff, y)
+        ...     opt.zero_grad(); loss.backward(); opt.step()
+        ...     learner.clamp_()
+        >>> scores = learner.finish()                # {conv name: (C_out,) 2 beta - 1}
+
+    Args:
+        model: the pretrained network, changed in place.
+        skip: convs to leave unwrapped (names, ``fnmatch`` patterns or a predicate, as for convert).
+        bn: ``"batch"`` or ``"frozen"``.
+    """
+
+    def __init__(self, model: nn.Module, skip=None, bn: str = "batch") -> None:
+        if bn not in ("batch", "frozen"):
+            raise ValueError(f"bn must be 'batch' or 'frozen', got {bn!r}")
+        self.model, self.bn = convert(model, skip), bn
+        self.layers = scop_layers(self.model)
+        if not self.layers:
+            raise ValueError("model has no nn.Conv2d left to wrap (all skipped?)")
+        self._trainable = {p: p.requires_grad for p in self.model.parameters()}
+        self._bn_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in batchnorms(self.model)]
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for layer in self.layers.values():
+            layer.beta.requires_grad_(True)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The betas, one (C_out,) Parameter per wrapped conv: all an optimizer should see."""
+        return [layer.beta for layer in self.layers.values()]
+
+    def loss(self, x: Tensor, x_knockoff: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> Tensor:
+        """``loss_fn`` on the real half's logits of the paired batch ``[x; x_knockoff]``.
+
+        Shapes: ``x``, ``x_knockoff`` (N, C, H, W); ``y`` what ``loss_fn`` takes with (N, classes) logits.
+        """
+        if x.shape != x_knockoff.shape:
+            raise ValueError(f"x_knockoff must have x's shape {tuple(x.shape)}, got {tuple(x_knockoff.shape)}")
+        self.model.eval()
+        for m in batchnorms(self.model):
+            m.train(self.bn == "batch")
+        return loss_fn(self.model(torch.cat([x, x_knockoff]))[: x.shape[0]], y)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp every beta to [0, 1]; call after each optimizer step."""
+        for layer in self.layers.values():
+            layer.clamp_beta_()
+
+    def finish(self) -> dict[str, Tensor]:
+        """Unfreeze what was trainable, put the BatchNorm statistics back, return SCOP's scores."""
+        for p, flag in self._trainable.items():
+            p.requires_grad_(flag)
+        for m, state in zip(batchnorms(self.model), self._bn_state):
+            m.load_state_dict(state)
+        self.model.eval()
+        return ScopImportance()(self.model)

@@ -27,17 +27,16 @@ import json
 import math
 import os
 import platform
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checkpoint
 from ..layers import restore
+from ..timing import time_ms
 from .surgery import ChannelGroup, is_depthwise, plain_forward
 
 __all__ = ["ConvShape", "LatencyModel", "conv_timer", "measure_latency", "settings", "latency_models", "latency_section",
@@ -71,27 +70,6 @@ def settings(device: str | torch.device, dtype: str, memory_format: str, batch: 
             "dtype": dtype, "memory_format": memory_format, "batch": batch}
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device, min_time: float) -> float:
-    """Median milliseconds of ``fn`` over 5 blocks that together last about ``min_time`` seconds."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):  # first calls create the kernels' primitives
-        fn()
-    sync()
-    t = time.perf_counter()
-    fn()
-    sync()
-    once = max(time.perf_counter() - t, 1e-7)
-    repeats = max(1, int(min_time / 5 / once))
-    blocks = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync()
-        blocks.append((time.perf_counter() - t) / repeats)
-    return float(np.median(blocks)) * 1e3
-
-
 def _runnable(model: nn.Module, fmt: torch.memory_format, dtype: torch.dtype, fold_bn: bool, device) -> nn.Module:
     model = restore(copy.deepcopy(model)).eval()  # plain convs: SCOP mode would need a paired batch
     if fold_bn:
@@ -115,7 +93,7 @@ def measure_latency(model: nn.Module, example: Tensor, batch: int, device: str |
     run = _runnable(model, fmt, DTYPES[dtype], fold_bn, device)
     x = example[:1].expand(batch, *example.shape[1:]).to(device=device, dtype=DTYPES[dtype])
     x = x.contiguous(memory_format=fmt)
-    return _time_ms(lambda: run(x), device, min_run_time)
+    return time_ms(lambda: run(x), device, min_run_time)
 
 
 # --------------------------------------------------------------------------- the table
@@ -155,7 +133,7 @@ def conv_timer(device: str | torch.device, dtype: str, memory_format: str, batch
         x = torch.randn(batch, c_in, *shape.in_hw, device=device, dtype=dt).contiguous(memory_format=fmt)
         w = torch.randn(c_out, c_in // groups, *shape.kernel, device=device, dtype=dt).contiguous(memory_format=fmt)
         b = torch.randn(c_out, device=device, dtype=dt) if shape.bias else None
-        return _time_ms(lambda: F.conv2d(x, w, b, shape.stride, shape.padding, shape.dilation, groups), device, min_time)
+        return time_ms(lambda: F.conv2d(x, w, b, shape.stride, shape.padding, shape.dilation, groups), device, min_time)
 
     return timer
 

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_counts
 from .flops import flops_by_module
 from .knapsack import choose_widths
 from .surgery import ChannelGroup, Plan, is_depthwise, plain_forward, traced_groups
@@ -188,10 +189,7 @@ class PruningSpace:
 
 
 def _check_common(min_channels: int, round_to: int) -> None:
-    if not isinstance(min_channels, int) or min_channels < 1:
-        raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
-    if not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+    check_counts(False, min_channels=min_channels, round_to=round_to)
 
 
 def _n_keep(size: int, wanted: int, min_channels: int, round_to: int) -> int:

@@ -125,8 +125,15 @@ def plain_forward(model: nn.Module) -> Iterator[None]:
 def _dependency_graph(model: nn.Module, example_input: Tensor) -> tp.DependencyGraph:
     if not isinstance(example_input, Tensor):
         raise ValueError(f"example_input must be a Tensor, got {type(example_input).__name__}")
+    graph = tp.DependencyGraph()
     with plain_forward(model):
-        return tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+        try:
+            return graph.build_dependency(model, example_input, verbose=False)
+        except ZeroDivisionError:
+            # torch-pruning maps channel indices through reshapes by dividing sizes; a channel
+            # shuffle (view into groups, transpose, view back) breaks that mapping.
+            raise ValueError(f"cannot trace the channels of {type(model).__name__} through {_reshapes(graph)}: "
+                             "channel shuffle (a view into groups, transpose, view back) is not supported") from None
 
 
 def _is_grouped(module: nn.Module) -> bool:
@@ -175,7 +182,7 @@ def _graph_groups(
     and ``{root conv: why its group is not prunable}`` for the others."""
     names = {m: n for n, m in model.named_modules()}
     result, refused = [], {}
-    for group in _all_groups(graph):
+    for group in graph.get_all_groups(root_module_types=(nn.Conv2d,)):
         root = names[group[0].dep.target.module]
         index, shrinks, slices, residual, why = {}, [], [], False, None
         for item in group:
@@ -207,18 +214,8 @@ def _graph_groups(
     return result, refused
 
 
-def _all_groups(graph: tp.DependencyGraph) -> list:
-    try:
-        return list(graph.get_all_groups(root_module_types=(nn.Conv2d,)))
-    except ZeroDivisionError:
-        # torch-pruning maps channel indices through reshapes by dividing sizes; a channel
-        # shuffle (view into groups, transpose, view back) breaks that mapping.
-        raise ValueError(f"cannot trace channels through {_reshapes(graph)}: channel shuffle "
-                         "(view/transpose/view of the channels) is not supported") from None
-
-
 def _reshapes(graph: tp.DependencyGraph) -> str:
-    ops = sorted({n.grad_fn.name() for n in graph.module2node.values()
+    ops = sorted({n.grad_fn.name() for n in getattr(graph, "module2node", {}).values()
                   if n.type == tp.ops.OPTYPE.RESHAPE and n.grad_fn is not None})
     return "the reshape ops " + ", ".join(ops) if ops else "a reshape"
 
