@@ -12,7 +12,7 @@ Every conv of a coupled group appears in the plan with the channels it loses (fo
 couplings, the same indices), so the plan is plain JSON and reads without the graph.
 
 **Grouped convolutions** (``groups > 1``, not depthwise) split their input and output channels
-into ``groups`` equal slices. torch-pruning keeps the conv's ``groups``, so a valid pruned conv
+into ``groups`` equal slices (so does a channel shuffle, :mod:`scop_ext.prune.shuffle`). torch-pruning keeps the conv's ``groups``, so a valid pruned conv
 loses the same positions from every slice: a group coupled to a grouped conv's inputs or outputs
 removes channels a whole **unit** at a time (one channel per slice, same position in each,
 :attr:`ChannelGroup.units`), and a plan that splits a unit is refused.
@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from .. import models
 from ..layers import ChannelScatter, ScopConv2d, restore
 from .flops import modes_kept
+from . import shuffle
 from .importance import following_batchnorm
 
 __all__ = ["BLOCK_WIDTHS", "ChannelGroup", "channel_groups", "traced_groups", "apply_plan", "channel_widths",
@@ -126,14 +127,24 @@ def _dependency_graph(model: nn.Module, example_input: Tensor) -> tp.DependencyG
     if not isinstance(example_input, Tensor):
         raise ValueError(f"example_input must be a Tensor, got {type(example_input).__name__}")
     graph = tp.DependencyGraph()
+    shuffles = shuffle.ShufflePruner()
+    hooks = shuffles.hooks(model)
     with plain_forward(model):
         try:
-            return graph.build_dependency(model, example_input, verbose=False)
+            graph.build_dependency(model, example_input, verbose=False,
+                                   customized_pruners={models.ChannelShuffle: shuffles})
+            shuffle.map_through_shuffles(graph, shuffles.channels)
+            graph.shuffle_channels = shuffles.channels
+            return graph
         except ZeroDivisionError:
             # torch-pruning maps channel indices through reshapes by dividing sizes; a channel
             # shuffle (view into groups, transpose, view back) breaks that mapping.
             raise ValueError(f"cannot trace the channels of {type(model).__name__} through {_reshapes(graph)}: "
-                             "channel shuffle (a view into groups, transpose, view back) is not supported") from None
+                             "channel shuffle (a view into groups, transpose, view back) is not supported; "
+                             "build it with scop_ext.models.ChannelShuffle") from None
+        finally:
+            for hook in hooks:
+                hook.remove()
 
 
 def _is_grouped(module: nn.Module) -> bool:
@@ -184,13 +195,18 @@ def _graph_groups(
     result, refused = [], {}
     for group in graph.get_all_groups(root_module_types=(nn.Conv2d,)):
         root = names[group[0].dep.target.module]
-        index, shrinks, slices, residual, why = {}, [], [], False, None
+        index, shrinks, slices, sliced, residual, why = {}, [], [], set(), False, None
         for item in group:
             dep, node = item.dep, item.dep.target
             module = node.module
             residual |= _couples_blocks(node)
             if node.type == tp.ops.OPTYPE.OUTPUT:
                 why = "its channels are the model's output"
+            if isinstance(module, models.ChannelShuffle):  # a smaller shuffle: same positions from every slice
+                per = graph.shuffle_channels[module] // module.groups
+                slices.append((dict(zip(item.root_idxs, item.idxs)), per, module.groups))
+                sliced.add(names[module])
+                continue
             if not isinstance(module, (nn.Conv2d, nn.Linear)):
                 continue
             out = graph.is_out_channel_pruning_fn(dep.handler)
@@ -201,10 +217,10 @@ def _graph_groups(
             if _is_grouped(module):
                 per = (module.out_channels if out else module.in_channels) // module.groups
                 slices.append((dict(zip(item.root_idxs, item.idxs)), per, module.groups))
+                sliced.add(names[module])
         units = _units(len(group[0].idxs), slices)
         if units is None and why is None:
-            grouped = sorted({n for n, _, _ in shrinks if _is_grouped(model.get_submodule(n))})
-            why = f"it covers the slices of grouped convs {grouped} unevenly"
+            why = f"it covers the slices of grouped convs or channel shuffles {sorted(sliced)} unevenly"
         if why is not None:
             refused[root] = why
             continue
@@ -395,8 +411,7 @@ def _scatter_outputs(model: nn.Module, conv_name: str, bn_name: str, removed: Se
     width, gone = conv.out_channels, set(removed)
     tp.prune_conv_out_channels(conv, list(removed))
     tp.prune_batchnorm_out_channels(bn, list(removed))
-    parent, _, child = bn_name.rpartition(".")
-    setattr(model.get_submodule(parent), child, ChannelScatter(bn, [c for c in range(width) if c not in gone], width))
+    model.set_submodule(bn_name, ChannelScatter(bn, [c for c in range(width) if c not in gone], width))
 
 
 def scattered_convs(model: nn.Module) -> list[str]:
