@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
     from .resources import ResourceError
-    from .train import NonFiniteError
+    from .epochs import NonFiniteError
 
     try:
         _check_out(getattr(args, "out", None))

@@ -146,9 +146,9 @@ class PruneConfig:
                 raise ValueError(f"{where} must be a finite number, got {value!r}")
         from .knockoffs import generator_kinds, make_generator
         from .prune.importance import criterion_names
-        from .prune.latency import DTYPES, MEMORY_FORMATS
+        from .timing import DTYPES, MEMORY_FORMATS
         from .prune.select import policy_names
-        from .prune.surgery import BLOCK_WIDTHS
+        from .prune.groups import BLOCK_WIDTHS
 
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
