@@ -102,7 +102,7 @@ def _check_tensors(stem: str, arch: dict, weights: str) -> None:
             dense = build_model(arch["model"], arch["num_classes"], arch["in_channels"])
     except ValueError as exc:
         raise checkpoint.CheckpointError(f"{stem}.json: describes no model that can be built ({exc})") from None
-    except (RuntimeError, NotImplementedError):  # an initialiser the meta device lacks: the real build checks
+    except Exception:  # noqa: BLE001 (an initialiser the meta device lacks, say): the real build still checks
         return
     with safe_open(weights, framework="pt") as f:
         names = set(f.keys())
