@@ -38,7 +38,8 @@ from .prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pa
 from .prune.flops import count_flops, count_params
 from .prune.importance import make_importance
 from .prune.latency import latency_models, latency_section, measure_after, measure_latency
-from .prune.select import Plan, PruningSpace, cuts, make_policy
+from .prune.select import Plan, cuts, make_policy
+from .prune.space import PruningSpace
 from .prune.surgery import apply_plan, channel_widths
 from .report import write_report
 from .runfolder import RunFolder
