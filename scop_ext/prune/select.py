@@ -324,6 +324,7 @@ def latency_target(
     latency_reduction: float | None = None,
     latency_ms: float | None = None,
     normalize: str | None = None,
+    calibrate: int = 2,
     min_channels: int = 1,
     round_to: int = 1,
 ) -> Plan:
@@ -340,6 +341,10 @@ def latency_target(
         latency_ms: or as absolute milliseconds at the model's batch (give exactly one).
         normalize: as in :func:`global_ranking` (``"max"`` for criteria whose scale differs per
             layer); scores are then shifted so the lowest is 0, so every kept channel adds value.
+        calibrate: rounds of measuring the chosen network (for ``latency_reduction``: its ratio
+            to the dense network, timed in turns) and solving again with the budget divided by
+            measured / target, until within 2% (only for a latency model that times the
+            network; 0: trust the prediction).
         min_channels, round_to: see the module docstring.
 
     Raises:
@@ -369,14 +374,26 @@ def latency_target(
         allowed = sorted({_n_keep(g.size, w, min_channels, round_to) for w in range(1, g.size + 1)})
         values.append({w: gains[w] for w in latency_model.candidates(i, allowed)})
     budget = latency_ms if latency_ms is not None else (1 - latency_reduction) * latency_model.dense_ms
-    widths = choose_widths(latency_model, values, budget)
-    latency_model.save()
-    if widths is None:
-        floor = latency_model.predict([min(v) for v in values])
-        raise ValueError(f"a latency of {budget:.3f} ms is out of reach: the narrowest allowed widths predict "
-                         f"{floor:.3f} ms (lower min_channels/round_to or remove entries from ignored_layers)")
-    keep = {i: w for i, w in enumerate(widths) if group_scores[i] is not None}
-    return _plan_from_keep(space, group_scores, keep, min_channels, round_to)
+    aim, plan = budget, None
+    for _ in range(1 + (calibrate if latency_model.measure_network else 0)):
+        widths = choose_widths(latency_model, values, aim)
+        latency_model.save()
+        if widths is None:
+            if plan is not None:
+                break  # the last plan is as close as the groups allow
+            floor = latency_model.predict([min(v) for v in values])
+            raise ValueError(f"a latency of {aim:.3f} ms is out of reach: the narrowest allowed widths predict "
+                             f"{floor:.3f} ms (lower min_channels/round_to or remove entries from ignored_layers)")
+        keep = {i: w for i, w in enumerate(widths) if group_scores[i] is not None}
+        plan = _plan_from_keep(space, group_scores, keep, min_channels, round_to)
+        if not calibrate or not latency_model.measure_network:
+            break
+        measured, ratio = latency_model.measure_plan(plan)
+        error = ratio / (1 - latency_reduction) if latency_ms is None else measured / latency_ms
+        if abs(error - 1) <= 0.02:
+            break
+        aim /= error  # the model's error at this plan, taken out of the next budget
+    return plan
 
 
 def knockoff_threshold(W: Tensor, q: float, *, offset: int = 1) -> float:
