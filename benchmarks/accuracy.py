@@ -110,7 +110,7 @@ def _config(task: dict, seed: int, importance: str, knockoffs: str | None, bias:
         knockoffs=knockoffs or "gaussian", scales_epochs=task["scales_epochs"], knockoff_bias=bool(bias),
         importance=importance, policy="flops_target", flops_reduction=target, bn_batches=50,
         finetune_epochs=task["finetune_epochs"], finetune_lr=task["finetune_lr"], device=task["device"],
-        seed=seed, latency=False,
+        seed=seed, latency=False, bn=task["bn"],
     )
 
 
@@ -217,11 +217,11 @@ def run_task(task: dict, jobs: int) -> tuple[list[dict], list[float]]:
                                   cache=task["cache"], device=task["device"],
                                   log=lambda *a: print(*a, file=sys.stderr, flush=True))
         base_acc.append(_baseline.evaluate_top1(base, test, task["device"]))
-        if any(k == "gan" for _, k, _ in METHODS.values()):
+        if any(k == "gan" for name, (_, k, _) in METHODS.items() if task["only"] in name):
             t = time.time()
             _generator(task, "gan", seed, train)
             print(f"  KnockoffGAN seed {seed}: {time.time() - t:.0f} s", file=sys.stderr, flush=True)
-    work = [(task, seed, method) for seed in task["seeds"] for method in METHODS]
+    work = [(task, seed, method) for seed in task["seeds"] for method in METHODS if task["only"] in method]
     rows = []
     if jobs > 1:
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
@@ -250,6 +250,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, each running whole (seed, method) units")
+    parser.add_argument("--bn", choices=("batch", "frozen"), default="batch", help="stage-2 BatchNorm mode (learn_scales)")
+    parser.add_argument("--only", default="", help="run only the methods whose name contains this text")
     parser.add_argument("--quick", action="store_true", help="2 seeds, very short runs: a smoke test")
     parser.add_argument("--write", metavar="README", help="write the tables into this file's `accuracy` section")
     args = parser.parse_args(argv)
@@ -260,7 +262,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         cache = args.cache or scratch
         common = dict(root=None, cache=cache, device=args.device, threads=args.threads, batch_size=64,
-                      seeds=list(range(args.seeds)), targets=TARGETS)
+                      seeds=list(range(args.seeds)), targets=TARGETS, bn=args.bn, only=args.only)
         tasks = [dict(common, model="resnet_digits", dataset="digits", train_epochs=args.train_epochs,
                       scales_epochs=args.scales_epochs, finetune_epochs=args.finetune_epochs, finetune_lr=0.02,
                       gan_iterations=args.gan_iterations)]
@@ -296,7 +298,7 @@ def main(argv=None) -> None:
                 "",
                 f"{len(task['seeds'])} seeds (mean ± std). Baseline: {task['train_epochs']} epochs (SGD Nesterov, lr "
                 f"0.1, cosine, wd 5e-4, batch 64, on 90% of the training split; last epoch). SCOP stage 2: {task['scales_epochs']} epochs (Adam "
-                f"0.004, betas (0.5, 0.9), BN over the paired batch); KnockoffGAN: {task['gan_iterations']} "
+                f"0.004, betas (0.5, 0.9), {'BN over the paired batch' if task['bn'] == 'batch' else 'BN frozen'}); KnockoffGAN: {task['gan_iterations']} "
                 f"iterations per seed. Selection: `flops_target`, per-layer uniform ratio, all coupled groups "
                 f"(residual ones included). After pruning: BN statistics re-estimated on ≤ 50 training batches, "
                 f"then {task['finetune_epochs']} fine-tuning epochs (SGD Nesterov, lr {task['finetune_lr']}, cosine, "

@@ -54,7 +54,8 @@ import _report  # noqa: E402
 
 import scop_ext  # noqa: E402
 from scop_ext import ScopConv2d, convert, reference, scop_layers  # noqa: E402
-from scop_ext.models import resnet20, resnet56  # noqa: E402
+from scop_ext.knockoff_stream import split_forward  # noqa: E402
+from scop_ext.models import build_model, resnet20, resnet56  # noqa: E402
 from scop_ext.prune import PruningSpace, apply_plan, count_flops, count_params, select  # noqa: E402
 from scop_ext.prune.importance import RandomImportance  # noqa: E402
 from scop_ext.resources import saved_for_backward  # noqa: E402
@@ -247,10 +248,21 @@ class PlainDualConv2d(nn.Module):
                                             self.dilation, self.groups)
 
 
-def _stage2_models(name: str, device: str):
-    """(dense model, SCOP-converted copy with fitted biases, plain two-branch copy)."""
+# (model, image size, real images per step on the CPU, layout): the rows of the step table.
+STEP_CASES = [
+    ("resnet20", 32, 32, "NCHW"),
+    ("resnet20", 32, 32, "channels_last"),
+    ("resnet56", 32, 32, "NCHW"),
+    ("torchvision:resnet18", 112, 8, "NCHW"),
+]
+FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _stage2_models(name: str, device: str, bn: str, fmt: torch.memory_format):
+    """(dense model, SCOP-converted copy with fitted biases, plain two-branch copy), BN in mode
+    ``bn`` as ``learn_scales`` sets it ("batch": over the paired batch; "frozen": eval)."""
     torch.manual_seed(0)
-    dense = MODELS[name]().to(device)
+    dense = build_model(name, 10, 3).to(device).to(memory_format=fmt)
     scop = convert(copy.deepcopy(dense))
     for layer in scop_layers(scop).values():
         layer.fit_knockoff_bias(torch.full((layer.in_channels,), 0.1))  # any s_in: timing does not depend on it
@@ -265,7 +277,7 @@ def _stage2_models(name: str, device: str):
         model.eval()
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.train()  # BN over the paired batch, as learn_scales(bn="batch")
+                m.train(bn == "batch")
             if isinstance(m, (ScopConv2d, PlainDualConv2d)):
                 m.beta.requires_grad_(True)
     return dense, scop.to(device), plain.to(device)
@@ -292,65 +304,83 @@ def _beta_step(model: nn.Module, forward, x2, y):
     return step, fwd_only
 
 
-def measure_step(device: str, min_run_time: float, batch: int, models, compile_scop: bool, log) -> list[dict]:
+def _step_variants(name, device, bn, fmt, x2, y, compiled: bool) -> dict:
+    """label -> (step, forward-only) for one model and BN mode; "scop" runs as learn_scales does."""
+    dense, scop, plain = _stage2_models(name, device, bn, fmt)
+    n = y.shape[0]
+    scop_forward = (lambda x: split_forward(scop, x[:n], x[n:])) if bn == "frozen" else scop
+    variants = {
+        "scop": _beta_step(scop, scop_forward, x2, y),
+        "plain eager": _beta_step(plain, plain, x2, y),
+    }
+    if compiled:
+        variants["plain compiled"] = _beta_step(plain, torch.compile(plain, dynamic=False), x2, y)
+        variants["scop compiled"] = _beta_step(scop, torch.compile(scop, dynamic=False), x2, y)
+    dense.train()
+    opt = torch.optim.SGD(dense.parameters(), lr=0.1, momentum=0.9)
+
+    def ordinary():  # the floor: an ordinary training step on the N real images
+        loss = F.cross_entropy(dense(x2[:n]), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    @torch.no_grad()
+    def forward_2n():  # and a plain forward over the 2N images
+        dense(x2)
+
+    variants["ordinary step (N)"] = (ordinary, lambda: dense(x2[:n]))
+    variants["forward (2N)"] = (forward_2n, None)
+    return variants
+
+
+def measure_step(device: str, min_run_time: float, batch: int | None, cases, compiled: list[str], repeats: int,
+                 log) -> list[dict]:
+    """Every variant of a case timed in turn, ``repeats`` rounds (A B C A B C ...), so load that
+    comes and goes hits all of them; median and range over the rounds."""
     peak = PeakMemory(device)
     rows = []
-    for name in models:
-        dense, scop, plain = _stage2_models(name, device)
-        gen = torch.Generator().manual_seed(0)
-        x2 = torch.randn(2 * batch, 3, 32, 32, generator=gen).to(device)
-        y = torch.randint(10, (batch,), generator=gen).to(device)
-        variants = {
-            "scop": (scop, scop),
-            "plain eager": (plain, plain),
-            "plain compiled": (plain, torch.compile(plain, dynamic=False)),
-        }
-        if compile_scop:
-            variants["scop compiled"] = (scop, torch.compile(scop, dynamic=False))
-        times, mems, saved = {}, {}, {}
-        for label, (model, forward) in variants.items():
-            step, fwd_only = _beta_step(model, forward, x2, y)
+    for name, px, cpu_batch, layout in cases:
+        n = batch or (cpu_batch if device == "cpu" else 4 * cpu_batch)
+        fmt = FORMATS[layout]
+        for bn in ("batch", "frozen"):
+            gen = torch.Generator().manual_seed(0)
+            x2 = torch.randn(2 * n, 3, px, px, generator=gen).to(device).contiguous(memory_format=fmt)
+            y = torch.randint(10, (n,), generator=gen).to(device)
+            variants = _step_variants(name, device, bn, fmt, x2, y, name in compiled)
             t = time.time()
-            times[label] = timed(step, min_run_time, device)
-            mems[label] = peak(step)
-            saved[label] = saved_bytes(fwd_only) if "compiled" not in label else math.nan
-            log(f"  step {device} {name} {label}: {times[label]:.1f} ms, peak {_mib(mems[label])} MiB "
-                f"({time.time() - t:.0f} s incl. warm-up/compile)")
-        # the floor: an ordinary training step on N images, and a plain forward over 2N
-        dense.train()
-        opt = torch.optim.SGD(dense.parameters(), lr=0.1, momentum=0.9)
-
-        def ordinary():
-            loss = F.cross_entropy(dense(x2[:batch]), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        times["ordinary step (N)"] = timed(ordinary, min_run_time, device)
-        mems["ordinary step (N)"] = peak(ordinary)
-        saved["ordinary step (N)"] = saved_bytes(lambda: dense(x2[:batch]))
-
-        def forward_2n():
-            with torch.no_grad():
-                dense(x2)
-
-        times["forward (2N)"] = timed(forward_2n, min_run_time, device)
-        mems["forward (2N)"] = peak(forward_2n)
-        saved["forward (2N)"] = math.nan
-        rows.append(dict(model=name, n=batch, times=times, mems=mems, saved=saved))
+            for step, _ in variants.values():  # warm-up, compiles
+                time_ms(step, device, 0.0, warmup=2)
+            log(f"  step {device} {name} {px}px {layout} bn={bn}: warm-up {time.time() - t:.0f} s")
+            samples = {label: [] for label in variants}
+            for _ in range(repeats):
+                for label, (step, _) in variants.items():
+                    samples[label].append(time_ms(step, device, min_run_time, warmup=0))
+            mems = {label: peak(step) for label, (step, _) in variants.items()}
+            saved = {label: saved_bytes(fwd) if fwd is not None and "compiled" not in label else math.nan
+                     for label, (_, fwd) in variants.items()}
+            times = {label: sorted(v)[len(v) // 2] for label, v in samples.items()}
+            spread = {label: (min(v), max(v)) for label, v in samples.items()}
+            log("    " + ", ".join(f"{label} {times[label]:.1f} ms" for label in variants))
+            rows.append(dict(model=name, px=px, layout=layout, bn=bn, n=n, times=times, spread=spread, mems=mems,
+                             saved=saved))
     return rows
 
 
 def step_table(rows) -> str:
-    header = ["model", "N + N", "step", "ms", "time ÷ plain eager", "time ÷ ordinary step (N)",
-              "peak MiB", "memory ÷ plain eager", "saved for backward MiB"]
+    header = ["model", "px", "layout", "BN", "N + N", "step", "ms (median)", "range", "time ÷ plain eager",
+              "time ÷ plain compiled", "time ÷ ordinary step (N)", "peak MiB", "memory ÷ plain eager",
+              "saved for backward MiB"]
     body = []
     for r in rows:
         t, m, s = r["times"], r["mems"], r["saved"]
         for label in t:
-            body.append([r["model"], f"{r['n']} + {r['n']}", label, f"{t[label]:.1f}",
-                         _ratio(t[label], t["plain eager"]), _ratio(t[label], t["ordinary step (N)"]),
-                         _mib(m[label]), _ratio(m[label], m["plain eager"]), _mib(s[label])])
+            lo, hi = r["spread"][label]
+            body.append([r["model"], r["px"], r["layout"], r["bn"], f"{r['n']} + {r['n']}", label, f"{t[label]:.1f}",
+                         f"{lo:.1f}–{hi:.1f}", _ratio(t[label], t["plain eager"]),
+                         _ratio(t[label], t["plain compiled"]) if "compiled" in label else "",
+                         _ratio(t[label], t["ordinary step (N)"]), _mib(m[label]), _ratio(m[label], m["plain eager"]),
+                         _mib(s[label])])
     return _report.markdown_table(header, body)
 
 
@@ -458,8 +488,13 @@ def main(argv=None) -> None:
     parser.add_argument("--parts", default="ops,step,latency")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing")
-    parser.add_argument("--step-batch", type=int, default=None, help="N real images per stage-2 step (default: 32 CPU, 128 CUDA)")
-    parser.add_argument("--no-compile-scop", action="store_true", help="skip torch.compile of the package's model")
+    parser.add_argument("--step-batch", type=int, default=None,
+                        help="N real images per stage-2 step (default: per model, see STEP_CASES; 4x that on CUDA)")
+    parser.add_argument("--step-models", default=",".join(dict.fromkeys(c[0] for c in STEP_CASES)),
+                        help="models of the step table (default: all of STEP_CASES)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds per step variant (default 3)")
+    parser.add_argument("--compile-models", default=None,
+                        help="models of the step table timed under torch.compile too (default: all; '' for none)")
     parser.add_argument("--quick", action="store_true", help="ResNet-20 only, short timings")
     parser.add_argument("--write", metavar="README", help="write speed-<part>-<device> sections into this file")
     args = parser.parse_args(argv)
@@ -480,7 +515,6 @@ def main(argv=None) -> None:
     measured = []
     for device in devices:
         imagenet_n = 4 if device == "cpu" else 32
-        step_n = args.step_batch or (32 if device == "cpu" else 128)
         for part in parts:
             load = _baseline.load_line()
             start = time.time()
@@ -499,20 +533,29 @@ def main(argv=None) -> None:
                     "autograd keeps for the backward (eager code only)."
                 )
             elif part == "step":
-                rows = measure_step(device, min_run, step_n, models, not args.no_compile_scop, log)
+                cases = [c for c in STEP_CASES if c[0] in args.step_models.split(",")]
+                compiled = args.step_models if args.compile_models is None else args.compile_models
+                rows = measure_step(device, min_run, args.step_batch, cases, compiled.split(","), args.repeats, log)
                 text = step_table(rows)
                 title = f"### Stage-2 training step, whole network ({device})"
                 notes = (
-                    f"One stage-2 step on {step_n} real + {step_n} knockoff CIFAR-sized images (random data and "
-                    "weights; timing does not depend on them): forward of the paired batch, cross entropy of the "
-                    "real half, backward to beta only (weights frozen), Adam, clamp. *scop*: `scop_ext.convert` "
-                    "(fused operator + Lemma 2 sampler); *plain eager*: the same network with each conv replaced by "
-                    "a plain-PyTorch two-branch module (`reference.dual_scaled_conv2d`, biases from `torch.randn`); "
-                    "*plain compiled* / *scop compiled*: `torch.compile` of those models (compile time excluded); "
-                    f"*ordinary step (N)*: the unconverted network trained normally (all weights, SGD) on the "
-                    f"{step_n} real images; *forward (2N)*: the unconverted network's forward over the "
-                    f"{2 * step_n} images without grad. Targets: scop ≤ 1.3 × plain eager in time, ≤ 1.0 × in "
-                    "memory. *peak*: memory above the level before the step."
+                    "One stage-2 step (random data and weights; timing does not depend on them): forward of "
+                    "N real + N knockoff images, cross entropy of the real half, backward to beta only (weights "
+                    "frozen), Adam, clamp, with BatchNorm over the paired batch (*batch*, the authors' choice) or "
+                    "frozen (*frozen*); every row is compared with the plain step in the same BN mode. *scop*: "
+                    "`scop_ext.convert` run as `learn_scales` runs it: the paired batch through the fused operator "
+                    "with BN *batch*; with BN *frozen*, `knockoff_stream.split_forward` (knockoff stream under "
+                    "no_grad, then the real stream mixing in what it recorded). *plain eager*: the same network "
+                    "with each conv replaced by a plain-PyTorch two-branch module (`reference.dual_scaled_conv2d`, "
+                    "biases from `torch.randn`) over the paired batch; *plain compiled* / *scop compiled*: "
+                    "`torch.compile` of those models over the paired batch (compile time excluded); *ordinary "
+                    "step (N)*: the unconverted network trained normally (all weights, SGD) on the N real images; "
+                    "*forward (2N)*: its forward over the 2N images without grad. *channels_last*: model and "
+                    f"images in channels_last. Times: median over {args.repeats} interleaved rounds of "
+                    f"{min_run:g} s each (every variant of a row in turn, then again), with the range over the "
+                    "rounds; the machine is shared, so compare ratios within a row group. Targets (CPU): scop "
+                    "with BN frozen ≤ 0.70 × plain eager in time and ≤ 0.60 × in peak memory; scop compiled ≤ "
+                    "1.00 × plain compiled. *peak*: memory above the level before the step."
                 )
             elif part == "latency":
                 rows = measure_latency(device, min_run, models, log)

@@ -8,7 +8,7 @@ Importing the package loads the compiled operators (``torch.ops.scop.*``);
 |---|---|---|---|
 | 1. knockoff data | `knockoffs` | `fit_knockoffs` | `knockoffs/` |
 | 2. excavating: learn β, weights frozen | `scales` | `convert`, `learn_scales` | `prune/excavate.py` (on `layers.py`, `lemma2.py`) |
-| 3. selecting filters | `select` | `select` | `prune/importance.py`, `prune/select.py` |
+| 3. selecting filters | `select` | `select` | `prune/importance.py`, `prune/groups.py`, `prune/select.py` |
 | 4. physical pruning and fine-tuning | `prune`, `finetune` | `prune`, `recalibrate_bn`, `finetune` | `prune/surgery.py`, `train.py` |
 | the report | `report` | `evaluate`, `report` | `report.py` |
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 __all__ = ["FORMAT_VERSION", "TEMP_PREFIX", "CheckpointError", "save", "load", "save_progress", "load_progress",
-           "atomic_write_bytes", "atomic_write_text", "write_json", "load_yaml", "differing_keys"]
+           "atomic_write_bytes", "atomic_write_text", "write_json", "differing_keys"]
 
 FORMAT_VERSION = 1
 TEMP_PREFIX = ".tmp-"  # files being written; a killed writer leaves one behind, never a half target
@@ -152,24 +152,3 @@ def differing_keys(saved: dict, ours: dict, ignore: Iterable[str] = ()) -> list[
 def _brief(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def load_yaml(text: str) -> Any:
-    """Parse YAML with the safe loader and no aliases.
-
-    Configs are a few flat keys; an alias (``*name``) is never needed there, and a few nested ones
-    (the "billion laughs" file) expand into billions of elements as soon as anything walks the
-    result. Raises ``yaml.YAMLError`` on an alias.
-    """
-    import yaml
-
-    class NoAliasLoader(yaml.SafeLoader):
-        def compose_node(self, parent, index):
-            if self.check_event(yaml.AliasEvent):
-                event = self.peek_event()
-                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed in a config",
-                                                  event.start_mark)
-            return super().compose_node(parent, index)
-
-    return yaml.load(text, Loader=NoAliasLoader)
-

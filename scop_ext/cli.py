@@ -39,7 +39,7 @@ def _device(name: str | None) -> str:
 
 
 def _parse_value(text: str):
-    from .checkpoint import load_yaml
+    from .config import load_yaml
 
     return load_yaml(text)
 
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
     from .resources import ResourceError
-    from .train import NonFiniteError
+    from .epochs import NonFiniteError
 
     try:
         return args.func(args)

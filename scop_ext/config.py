@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
-from . import checkpoint
 from .presets import PRESETS, with_preset
 
-__all__ = ["PruneConfig"]
+__all__ = ["PruneConfig", "load_yaml"]
 
 
 @dataclass
@@ -115,7 +114,7 @@ class PruneConfig:
             if path.endswith(".json"):
                 values = json.loads(text)
             else:
-                values = checkpoint.load_yaml(text)
+                values = load_yaml(text)
         except Exception as exc:  # the parsers' own error types vary; one clear line either way
             raise ValueError(f"{path}: malformed config ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
         if not isinstance(values, dict):
@@ -145,7 +144,7 @@ class PruneConfig:
         from .prune.importance import criterion_names
         from .prune.latency import DTYPES, MEMORY_FORMATS
         from .prune.select import policy_names
-        from .prune.surgery import BLOCK_WIDTHS
+        from .prune.groups import BLOCK_WIDTHS
 
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -216,6 +215,26 @@ class PruneConfig:
             "fdr": {"q": self.fdr_q, "scope": self.fdr_scope},
         }[self.policy]
         return {**common, **specific}
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML with the safe loader and no aliases.
+
+    Configs are a few flat keys; an alias (``*name``) is never needed there, and a few nested ones
+    (the "billion laughs" file) expand into billions of elements as soon as anything walks the
+    result. Raises ``yaml.YAMLError`` on an alias.
+    """
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed in a config",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliasLoader)
 
 
 def _has_type(value, hint) -> bool:

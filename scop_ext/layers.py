@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import lemma2
+from . import lemma2, reference
 from ._ops import dual_scaled_conv2d, lemma2_sample
 
 __all__ = ["ScopConv2d", "ChannelScatter", "convert", "restore", "scop_layers"]
@@ -65,6 +65,9 @@ class ScopConv2d(nn.Conv2d):
         # batch from an identically seeded generator and keeps its own rows, so the numbers do
         # not depend on how many processes share the batch.
         self.bias_shard = (0, 1)
+        # Set by scop_ext.knockoff_stream while it runs the two streams apart: called as
+        # stream(layer, input) in place of the paired forward.
+        self.stream: Callable[[ScopConv2d, Tensor], Tensor] | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -158,6 +161,26 @@ class ScopConv2d(nn.Conv2d):
     def forward(self, input: Tensor) -> Tensor:
         if not self.scop_enabled:
             return super().forward(input)
+        if self.stream is not None:
+            return self.stream(self, input)
+        input, padding = self.padded(input)
+        noise = None
+        if self.knockoff_bias and self.knockoff_R is not None:
+            if input.dim() != 4 or input.shape[0] % 2:
+                raise ValueError(
+                    f"input must be a paired batch (2N, C, H, W) in SCOP mode, got shape {tuple(input.shape)}"
+                )
+            noise = self.draw_knockoff_bias(input.shape[0] // 2)
+        args = (input, self.weight, self.bias, self.beta, noise, self.stride, padding, self.dilation, self.groups)
+        if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+            # Plain ops, so inductor fuses the mixing with the BN and ReLU around it (an opaque
+            # custom op would be a fusion barrier); eager and export keep the fused kernels.
+            return reference.dual_scaled_conv2d(*args)
+        return dual_scaled_conv2d(*args)
+
+    def padded(self, input: Tensor) -> tuple[Tensor, tuple[int, int] | int]:
+        """``input`` padded as ``nn.Conv2d`` would for string padding or a non-zero padding mode,
+        and the numeric padding the convolution itself should then use."""
         padding = self.padding
         if isinstance(padding, str) or self.padding_mode != "zeros":
             # 'same' may need uneven padding and non-zero modes need F.pad, exactly as nn.Conv2d does.
@@ -165,20 +188,16 @@ class ScopConv2d(nn.Conv2d):
                 mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
                 input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)
             padding = 0
-        noise = None
-        if self.knockoff_bias and self.knockoff_R is not None:
-            if input.dim() != 4 or input.shape[0] % 2:
-                raise ValueError(
-                    f"input must be a paired batch (2N, C, H, W) in SCOP mode, got shape {tuple(input.shape)}"
-                )
-            n = input.shape[0] // 2
-            rank, world = self.bias_shard
-            noise = lemma2_sample(self.knockoff_R, self._gamma, n * world, generator=self.generator)
-            if world > 1:
-                noise = noise[rank * n : (rank + 1) * n]
-        return dual_scaled_conv2d(
-            input, self.weight, self.bias, self.beta, noise, self.stride, padding, self.dilation, self.groups
-        )
+        return input, padding
+
+    def draw_knockoff_bias(self, n: int) -> Tensor | None:
+        """This process's (n, 2, C_out) Lemma 2 pairs ``[b, b~]`` for n real images, or None when
+        the layer adds no knockoff bias. One draw advances :attr:`generator` once."""
+        if not (self.knockoff_bias and self.knockoff_R is not None):
+            return None
+        rank, world = self.bias_shard
+        noise = lemma2_sample(self.knockoff_R, self._gamma, n * world, generator=self.generator)
+        return noise[rank * n : (rank + 1) * n] if world > 1 else noise
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", scop={'on' if self.scop_enabled else 'off'}"

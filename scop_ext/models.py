@@ -12,6 +12,7 @@ couples exactly, so the channels of a stage can be pruned together and the FLOPs
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "resnet56",
     "resnet110",
     "resnet_digits",
+    "ChannelShuffle",
     "build_model",
     "model_names",
     "example_input",
@@ -119,6 +121,51 @@ class CifarResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layers(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's channel shuffle (Zhang et al. 2018) as one ``index_select``: output channel
+    ``p * groups + g`` is input channel ``g * (C / groups) + p``.
+
+    Bitwise what torchvision's ``channel_shuffle`` (view, transpose, view) computes, but a module
+    of one op, so a dependency graph can map channels through it (:mod:`scop_ext.prune.shuffle`).
+
+    Shape:
+        - Input: (N, C, H, W) with C divisible by ``groups``
+        - Output: (N, C, H, W)
+    """
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = x.size(1)
+        order = torch.arange(c, device=x.device).view(self.groups, c // self.groups).t().reshape(-1)
+        return x.index_select(1, order)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"
+
+
+def _shuffle_block_forward(self, x: Tensor) -> Tensor:
+    # torchvision's InvertedResidual.forward with the shuffle as a submodule.
+    if self.stride == 1:
+        x1, x2 = x.chunk(2, dim=1)
+        out = torch.cat((x1, self.branch2(x2)), dim=1)
+    else:
+        out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+    return self.shuffle(out)
+
+
+def _with_shuffle_modules(model: nn.Module) -> nn.Module:
+    from torchvision.models.shufflenetv2 import InvertedResidual
+
+    for block in model.modules():
+        if isinstance(block, InvertedResidual):
+            block.shuffle = ChannelShuffle(2)
+            block.forward = types.MethodType(_shuffle_block_forward, block)
+    return model
 
 
 def _cifar_resnet(depth: int, num_classes: int, in_channels: int) -> CifarResNet:
@@ -269,6 +316,8 @@ def _build_torchvision(tv_name: str, num_classes: int, in_channels: int) -> nn.M
         kwargs["aux_logits"] = False  # the auxiliary heads only exist for training from scratch
         kwargs["init_weights"] = True
     model = torchvision.models.get_model(tv_name, **kwargs)
+    if tv_name.startswith("shufflenet_v2"):
+        model = _with_shuffle_modules(model)
     if in_channels != 3:
         # torchvision registers the stem first: its first convolution is the one reading the image.
         name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))

@@ -31,7 +31,7 @@ from .prune.importance import make_importance
 from .prune.select import PruningSpace, make_policy
 from .prune.surgery import apply_plan, channel_widths, scattered_convs
 
-__all__ = ["SCORE_SOURCES", "dry_run", "format_plan", "run_defaults", "default_io"]
+__all__ = ["SCORE_SOURCES", "dry_run", "format_plan", "pruned_copy", "stand_in_scores", "run_defaults", "default_io"]
 
 SCORE_SOURCES = "random, l1 or run:<dir>"
 RUN_PREFIX = "run:"
@@ -115,13 +115,22 @@ def _run_scores(run: str, model: nn.Module, config: PruneConfig) -> dict[str, Te
     return scores
 
 
-def _stand_in_scores(source: str, model: nn.Module, config: PruneConfig) -> dict[str, Tensor]:
+def stand_in_scores(source: str, model: nn.Module, config: PruneConfig) -> dict[str, Tensor]:
     """Random or L1 scores standing in for learned ones: with SCOP importance, only the convs
     stage 2 would wrap (all but ``skip``) get a score, as they would in the run."""
     scores = make_importance(source, **({"seed": config.seed} if source == "random" else {}))(model)
     if config.importance != "scop":
         return scores
     return {n: s for n, s in scores.items() if not any(fnmatch.fnmatchcase(n, p) for p in config.skip)}
+
+
+def pruned_copy(model: nn.Module, example_input: Tensor, config: PruneConfig,
+                scores: dict[str, Tensor]) -> tuple[nn.Module, PruningSpace, dict[str, list[int]]]:
+    """``(pruned copy of model, its PruningSpace, the plan)`` as stages 3-4 of a run with
+    ``config`` would make them from ``scores`` (``model`` is left as it is)."""
+    space = PruningSpace(model, example_input, ignored_layers=config.ignored_layers, block_width=config.block_width)
+    plan = make_policy(config.policy, **config.policy_params())(space, scores)
+    return apply_plan(copy.deepcopy(model), example_input, plan, block_width=config.block_width), space, plan
 
 
 def dry_run(config: PruneConfig, scores: str = "random", *, num_classes: int | None = None,
@@ -149,10 +158,8 @@ def dry_run(config: PruneConfig, scores: str = "random", *, num_classes: int | N
     x = models.example_input(config.model, in_channels)
     if image_size is not None:
         x = torch.randn(1, in_channels, image_size, image_size)
-    scored = _run_scores(run, model, config) if run else _stand_in_scores(scores, model, config)
-    space = PruningSpace(model, x, ignored_layers=config.ignored_layers, block_width=config.block_width)
-    plan = make_policy(config.policy, **config.policy_params())(space, scored)
-    pruned = apply_plan(copy.deepcopy(model), x, plan, block_width=config.block_width)
+    scored = _run_scores(run, model, config) if run else stand_in_scores(scores, model, config)
+    pruned, space, plan = pruned_copy(model, x, config, scored)
     before, after, scattered = channel_widths(model), channel_widths(pruned), set(scattered_convs(pruned))
     flops, params = (count_flops(model, x), count_flops(pruned, x)), (count_params(model), count_params(pruned))
     settings = {"preset": config.preset, "policy": config.policy, **config.policy_params(),

@@ -1,4 +1,5 @@
-"""The seed's knockoff pictures (§S3), drawn with matplotlib's Agg canvas and saved as PNG.
+"""Every figure the package draws, with matplotlib's Agg canvas, saved as PNG: the seed's knockoff
+pictures (§S3) and a pruning report's scales, importance and channel plots.
 
 Figures are built on ``matplotlib.figure.Figure`` directly, not pyplot, so nothing here touches
 matplotlib's global backend or figure registry.
@@ -16,14 +17,22 @@ from torch import Tensor
 
 from .checkpoint import atomic_write_bytes
 
-__all__ = ["embedding_figure", "knockoff_grid", "pca_2d"]
+__all__ = ["embedding_figure", "knockoff_grid", "pca_2d", "plot_betas", "plot_importance", "plot_channels"]
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> None:
-    """Render the PNG in memory, then write it atomically (never a half-written file)."""
+def _figure(figsize: tuple[float, float]):
+    """A figure on an Agg canvas and its one axes."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
+    """Render the PNG in memory, then write it atomically, like every file of a run: a kill
+    mid-write leaves the previous figure or the new one, never a truncated PNG."""
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=dpi)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -121,3 +130,69 @@ def knockoff_grid(
                 ax.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
     fig.tight_layout()
     _save(fig, path)
+
+
+# ---------------------------------------------------------------------- a pruning run's report
+
+
+def plot_betas(betas: dict[str, list[float]], path: str) -> None:
+    """One box per layer: the distribution of learned beta."""
+    names = list(betas)
+    fig, ax = _figure((max(6, 0.35 * len(names) + 2), 4))
+    ax.boxplot([betas[n] for n in names], showfliers=True)
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=90, fontsize=7)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="initial 0.5 (real = knockoff)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("beta (real-branch scale)")
+    ax.set_title("Learned scales per layer")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path, dpi=120)
+
+
+def plot_importance(importance: dict[str, list[float]], removed: dict[str, list[int]], path: str,
+                    cut_points: list[tuple[float, float]] = ()) -> None:
+    """Histogram of all filters' importance, kept and removed stacked, with the cut the policy made.
+
+    ``cut_points``: ``(highest removed, lowest kept)`` per pruned group
+    (:func:`~scop_ext.prune.select.cuts`). Where one threshold separates removed from kept in
+    every group it is drawn as one line midway; otherwise each group's cut is drawn faintly.
+    """
+    kept, cut = [], []
+    for name, values in importance.items():
+        gone = set(removed.get(name, []))
+        for j, v in enumerate(values):
+            (cut if j in gone else kept).append(v)
+    fig, ax = _figure((6, 4))
+    ax.hist([kept, cut], bins=40, stacked=True, label=[f"kept ({len(kept)})", f"removed ({len(cut)})"],
+            color=["tab:blue", "tab:red"])
+    if cut_points:
+        below, above = max(r for r, _ in cut_points), min(k for _, k in cut_points)
+        if below < above:
+            threshold = (below + above) / 2
+            ax.axvline(threshold, color="black", lw=1.0, ls="--", label=f"cut at {threshold:.3g}")
+        else:
+            for i, (r, k) in enumerate(cut_points):
+                ax.axvline((r + k) / 2, color="black", lw=0.6, ls="--", alpha=0.35,
+                           label=f"cut per group ({len(cut_points)})" if i == 0 else None)
+    ax.set_xlabel("importance")
+    ax.set_ylabel("filters")
+    ax.set_title("Filter importance and the cut")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path, dpi=120)
+
+
+def plot_channels(widths_before: dict[str, int], widths_after: dict[str, int], path: str) -> None:
+    """Output channels per conv layer before and after pruning."""
+    names = list(widths_before)
+    fig, ax = _figure((max(6, 0.35 * len(names) + 2), 4))
+    xs = range(len(names))
+    ax.bar(xs, [widths_before[n] for n in names], color="lightgrey", label="before")
+    ax.bar(xs, [widths_after.get(n, 0) for n in names], color="tab:blue", label="after")
+    ax.set_xticks(list(xs), names, rotation=90, fontsize=7)
+    ax.set_ylabel("output channels")
+    ax.set_title("Channels kept per layer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path, dpi=120)

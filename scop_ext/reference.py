@@ -31,7 +31,9 @@ def dual_scaled_conv2d(
         y_real = y_real + knockoff_bias[:, 0, :, None, None]
         y_knock = y_knock + knockoff_bias[:, 1, :, None, None]
     b = beta.view(1, -1, 1, 1)
-    return torch.cat([b * y_real + (1 - b) * y_knock, y_knock])
+    # Under autocast y is in the region's dtype and beta is not: mix in the wider one and round
+    # once, as the kernels do.
+    return torch.cat([b * y_real + (1 - b) * y_knock, y_knock]).to(y.dtype)
 
 
 _MASK32 = 0xFFFFFFFF

@@ -1,13 +1,13 @@
-"""The before/after report of a pruning run: report.md, report.json and PNG plots."""
+"""The before/after report of a pruning run: report.md, report.json and the PNG plots (drawn by
+:mod:`scop_ext.plots`)."""
 
 from __future__ import annotations
 
-import io
 import os
 
 from . import checkpoint
 
-__all__ = ["format_table", "latency_table", "plot_betas", "plot_importance", "plot_channels", "write_report"]
+__all__ = ["format_table", "latency_table", "write_report"]
 
 
 def _fmt(value, kind: str) -> str:
@@ -42,92 +42,6 @@ def format_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str) -> None:
-    # Through checkpoint.atomic_write_bytes, like every file of a run: a kill mid-write leaves the
-    # previous figure or the new one, never a truncated PNG.
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    checkpoint.atomic_write_bytes(path, buffer.getvalue())
-
-
-def plot_betas(betas: dict[str, list[float]], path: str) -> None:
-    """One box per layer: the distribution of learned beta."""
-    plt = _figure()
-    names = list(betas)
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
-    ax.boxplot([betas[n] for n in names], showfliers=True)
-    ax.set_xticks(range(1, len(names) + 1), names, rotation=90, fontsize=7)
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="initial 0.5 (real = knockoff)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("beta (real-branch scale)")
-    ax.set_title("Learned scales per layer")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-
-
-def plot_importance(importance: dict[str, list[float]], removed: dict[str, list[int]], path: str,
-                    cut_points: list[tuple[float, float]] = ()) -> None:
-    """Histogram of all filters' importance, kept and removed stacked, with the cut the policy made.
-
-    ``cut_points``: ``(highest removed, lowest kept)`` per pruned group
-    (:func:`~scop_ext.prune.select.cuts`). Where one threshold separates removed from kept in
-    every group it is drawn as one line midway; otherwise each group's cut is drawn faintly.
-    """
-    plt = _figure()
-    kept, cut = [], []
-    for name, values in importance.items():
-        gone = set(removed.get(name, []))
-        for j, v in enumerate(values):
-            (cut if j in gone else kept).append(v)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist([kept, cut], bins=40, stacked=True, label=[f"kept ({len(kept)})", f"removed ({len(cut)})"],
-            color=["tab:blue", "tab:red"])
-    if cut_points:
-        below, above = max(r for r, _ in cut_points), min(k for _, k in cut_points)
-        if below < above:
-            threshold = (below + above) / 2
-            ax.axvline(threshold, color="black", lw=1.0, ls="--", label=f"cut at {threshold:.3g}")
-        else:
-            for i, (r, k) in enumerate(cut_points):
-                ax.axvline((r + k) / 2, color="black", lw=0.6, ls="--", alpha=0.35,
-                           label=f"cut per group ({len(cut_points)})" if i == 0 else None)
-    ax.set_xlabel("importance")
-    ax.set_ylabel("filters")
-    ax.set_title("Filter importance and the cut")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-
-
-def plot_channels(widths_before: dict[str, int], widths_after: dict[str, int], path: str) -> None:
-    """Output channels per conv layer before and after pruning."""
-    plt = _figure()
-    names = list(widths_before)
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
-    xs = range(len(names))
-    ax.bar(xs, [widths_before[n] for n in names], color="lightgrey", label="before")
-    ax.bar(xs, [widths_after.get(n, 0) for n in names], color="tab:blue", label="after")
-    ax.set_xticks(list(xs), names, rotation=90, fontsize=7)
-    ax.set_ylabel("output channels")
-    ax.set_title("Channels kept per layer")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-
-
 def latency_table(section: dict) -> str:
     """Markdown table of a latency section (:func:`~scop_ext.prune.latency.latency_section`):
     predicted beside measured, before and after pruning, per batch."""
@@ -148,9 +62,11 @@ def write_report(out_dir: str, results: dict) -> dict[str, str]:
     ``results`` holds ``before`` / ``after`` metric dicts (keys of :data:`ROWS`), optionally
     ``after_prune`` (metrics right after pruning, before fine-tuning), ``widths_before`` /
     ``widths_after``, ``betas`` and ``importance`` (per layer lists), ``removed`` (the plan),
-    ``cuts`` (see :func:`plot_importance`), ``latency`` (see :func:`latency_table`), and free-form
+    ``cuts`` (see :func:`scop_ext.plots.plot_importance`), ``latency`` (see :func:`latency_table`), and free-form
     ``config`` and ``notes``.
     """
+    from .plots import plot_betas, plot_channels, plot_importance  # here: matplotlib only when a report is drawn
+
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md")}
     checkpoint.write_json(paths["json"], results)

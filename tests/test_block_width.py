@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from scop_ext import ChannelScatter, models
-from scop_ext.export import export_onnx, load_model, save_model
+from scop_ext.export import export_onnx, export_torchscript, load_model, save_model
 from scop_ext.prune import PruningSpace, apply_plan, channel_widths, count_flops, rebuild, uniform
 from scop_ext.prune.importance import following_batchnorm
 from scop_ext.prune.surgery import scattered_convs
@@ -102,8 +102,10 @@ def test_scattered_model_saves_reloads_and_exports(resnet20_stats, tmp_path):
     with pytest.raises(ValueError, match="scattered convs must be"):
         rebuild("resnet20", arch["widths"], 10, 3, scattered=["layers.0.0.conv1"])
     program = torch.export.export(pruned, (x,))
+    export_torchscript(pruned, x[:1], tmp_path / "m.ts")
     with torch.no_grad():
         assert torch.equal(program.module()(x), pruned(x))
+        assert torch.equal(torch.jit.load(str(tmp_path / "m.ts"))(x), pruned(x))
     ort = pytest.importorskip("onnxruntime")
     export_onnx(pruned, x[:1], tmp_path / "m.onnx")
     session = ort.InferenceSession(str(tmp_path / "m.onnx"))

@@ -48,6 +48,19 @@ def test_compiled_model_matches_eager():
         torch.testing.assert_close(gc, ge, atol=1e-4, rtol=1e-4)
 
 
+def test_compiled_model_hands_inductor_the_mixing_as_plain_ops():
+    # An opaque custom op would keep inductor from fusing the mixing with BN and ReLU.
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch.compile(_model(), backend=backend, fullgraph=True)(torch.randn(8, 3, 10, 10))
+    assert any("conv2d" in t for t in seen) and any("lemma2_sample" in t for t in seen)
+    assert not any("dual_scaled_conv2d" in t for t in seen)
+
+
 def test_export_round_trip():
     net = _model().eval()
     for layer in scop_layers(net).values():

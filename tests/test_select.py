@@ -362,3 +362,14 @@ def test_random_importance_and_factory():
     assert make_importance("scop", multiply_bn_gamma=True).multiply_bn_gamma
     with pytest.raises(ValueError, match="unknown importance"):
         make_importance("taylor")
+
+
+def test_a_space_without_prunable_groups_says_why():
+    # Every conv's channels reach the output: its single group is refused, and the policy says so.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    space = PruningSpace(model, torch.randn(1, 3, 8, 8))
+    assert space.groups == [] and space.refused == {"0": "its channels are the model's output"}
+    with pytest.raises(ValueError, match=r"no prunable channel group \(1 refused; '0': its channels are the model's output\)"):
+        uniform(space, L1Importance()(model), 0.5)
+    ignored = PruningSpace(models.resnet_digits().eval(), torch.randn(1, 1, 8, 8), ignored_layers=["*"])
+    assert set(ignored.refused.values()) == {"it holds a conv of ignored_layers"}

@@ -23,11 +23,9 @@ from ._helpers import masked_dense
 # Transformers have no conv channels to prune: a patch embedding, then attention blocks whose
 # channels reach the output through reshapes torch-pruning does not trace (swin's fails outright).
 EXCLUDED = {"vit_*": "transformer", "swin_*": "transformer", "maxvit_t": "transformer (needs 224 px windows too)"}
-# Channel shuffle is refused in one line (tested below), not pruned.
-UNSUPPORTED = {"shufflenet_v2_*": "channel shuffle"}
 # One or two of each family, small ones: about a minute on a loaded 2-core machine.
 FAST = {"resnet18", "resnext50_32x4d", "regnet_x_400mf", "mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5",
-        "efficientnet_b0", "convnext_tiny", "googlenet", "squeezenet1_1"}
+        "efficientnet_b0", "convnext_tiny", "googlenet", "squeezenet1_1", "shufflenet_v2_x0_5"}
 TIMM_FAST = {"regnetx_002", "convnext_atto", "mobilenetv3_small_050"}
 SIZES = {"inception_v3": 80}  # its stem needs 75 px
 
@@ -38,7 +36,7 @@ def _matches(name: str, table: dict[str, str]) -> bool:
 
 TORCHVISION = sorted(torchvision.models.list_models(module=torchvision.models))
 ZOO = [pytest.param("torchvision:" + n, marks=() if n in FAST else pytest.mark.slow)
-       for n in TORCHVISION if not _matches(n, EXCLUDED) and not _matches(n, UNSUPPORTED)]
+       for n in TORCHVISION if not _matches(n, EXCLUDED)]
 TIMM = ["resnet18", "efficientnet_b0", "regnetx_002", "convnext_atto", "mobilenetv3_small_050"]
 ZOO += [pytest.param("timm:" + n, marks=() if n in TIMM_FAST else pytest.mark.slow) for n in TIMM]
 
@@ -101,8 +99,22 @@ def test_zoo_prunes_exactly_and_reloads(name, tmp_path, one_thread):
         assert torch.equal(back(x), got), paths
 
 
-@pytest.mark.parametrize("name", [n for n in TORCHVISION if _matches(n, UNSUPPORTED)][:1])
-def test_channel_shuffle_is_refused_in_one_line(name):
-    model = models.build_model("torchvision:" + name, 10, 3).eval()
-    with pytest.raises(ValueError, match=r"ShuffleNetV2 through the reshape ops ViewBackward0: channel shuffle"):
+def test_functional_channel_shuffle_is_refused_in_one_line():
+    # torchvision's own shufflenet shuffles with view/transpose/view, which torch-pruning cannot
+    # map; build_model gives it a ChannelShuffle module instead (the zoo test above).
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    with pytest.raises(ValueError, match=r"ShuffleNetV2 through the reshape ops ViewBackward0: channel shuffle .* "
+                                         r"not supported; build it with scop_ext.models.ChannelShuffle"):
         PruningSpace(model, torch.randn(1, 3, 64, 64))
+
+
+def test_channel_shuffle_module_is_torchvisions_shuffle():
+    from torchvision.models.shufflenetv2 import channel_shuffle
+
+    x = torch.randn(2, 24, 3, 3)
+    assert torch.equal(models.ChannelShuffle(2)(x), channel_shuffle(x, 2))
+    built = models.build_model("torchvision:shufflenet_v2_x0_5", 10, 3).eval()
+    plain = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    plain.load_state_dict(built.state_dict())
+    with torch.no_grad():
+        assert torch.equal(built(torch.ones(1, 3, 64, 64)), plain(torch.ones(1, 3, 64, 64)))

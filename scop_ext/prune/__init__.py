@@ -1,15 +1,17 @@
 """Stages 2-4 of SCOP (DESIGN.md §1): learn the scales, score and select channels, remove them.
 
 - :mod:`.excavate` (stage 2): the Lemma 2 bias fit and ``learn_scales`` (beta with the weights
-  frozen, on [real; knockoff] batches).
-- :mod:`.importance` (stage 3): criteria, ``criterion(model) -> {conv name: (C_out,) scores}``.
+  frozen, on [real; knockoff] batches); ``ScaleLearner``, the same stage inside your own loop.
+- :mod:`.importance` (stage 3): criteria, ``criterion(model) -> {conv name: (C_out,) scores}``,
+  and ``TorchPruningImportance``, any of their scores for Torch-Pruning's own pruners.
 - :mod:`.select` (stage 3): :class:`PruningSpace` (coupled channel groups + FLOPs prediction) and
   the policies ``uniform``, ``global_ranking``, ``flops_target``, ``latency_target``, ``fdr`` returning a plan
   ``{conv name: [channel indices to remove]}``, and ``cuts`` (where a plan cut each group).
-- :mod:`.surgery` (stage 4): ``apply_plan`` (physical removal with torch-pruning; ``block_width``
-  prune, keep or scatter, the authors' scheme), ``channel_widths``, ``scattered_convs`` and
-  ``rebuild`` (re-create a pruned architecture from JSON widths); the fine-tuning that follows
-  is the generic :func:`scop_ext.train.fit`.
+- :mod:`.groups`: the coupled channel groups (:class:`ChannelGroup`, ``channel_groups``) and what
+  ``block_width`` prune, keep and scatter (the authors' scheme) make of the residual ones.
+- :mod:`.surgery` (stage 4): ``apply_plan`` (physical removal with torch-pruning),
+  ``channel_widths``, ``scattered_convs`` and ``rebuild`` (re-create a pruned architecture from
+  JSON widths); the fine-tuning that follows is the generic :func:`scop_ext.train.fit`.
 - :mod:`.flops`: FLOPs (= 2 x MACs), MACs and parameter counts; :mod:`.latency`: the latency
   model measured on the device (:class:`LatencyModel`), :mod:`.knapsack`: spending its budget.
 
@@ -24,6 +26,7 @@ from .importance import (
     L2Importance,
     RandomImportance,
     ScopImportance,
+    TorchPruningImportance,
     criterion_names,
     following_batchnorm,
     make_importance,
@@ -42,7 +45,8 @@ from .select import (
     uniform,
 )
 from .latency import LatencyModel, measure_latency
-from .surgery import BLOCK_WIDTHS, ChannelGroup, Plan, apply_plan, channel_groups, channel_widths, rebuild, scattered_convs
+from .groups import BLOCK_WIDTHS, ChannelGroup, Plan, channel_groups
+from .surgery import apply_plan, channel_widths, rebuild, scattered_convs
 
 __all__ = [
     "count_flops",
@@ -54,6 +58,7 @@ __all__ = [
     "L2Importance",
     "BNScaleImportance",
     "RandomImportance",
+    "TorchPruningImportance",
     "make_importance",
     "criterion_names",
     "following_batchnorm",

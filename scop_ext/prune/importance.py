@@ -8,6 +8,7 @@ coupled and which are removed is decided by :mod:`scop_ext.prune.select`.
 from __future__ import annotations
 
 import torch
+import torch_pruning as tp
 from torch import Tensor, fx, nn
 
 from ..layers import ScopConv2d
@@ -189,3 +190,49 @@ def make_importance(name: str, **kwargs):
     if name not in _CRITERIA:
         raise ValueError(f"unknown importance {name!r}; expected one of {criterion_names()}")
     return _CRITERIA[name](**kwargs)
+
+
+class TorchPruningImportance(tp.importance.Importance):
+    """A criterion's scores as a Torch-Pruning ``Importance``, so its pruners prune by SCOP.
+
+    Example (after stage 2)::
+
+        >>> scores = ScopImportance()(model)       # {conv name: 2 beta - 1}
+        >>> scop_ext.restore(model)                # plain convs: Torch-Pruning traces a plain forward
+        >>> pruner = tp.pruner.MetaPruner(model, x, importance=TorchPruningImportance(model, scores),
+        ...                               pruning_ratio=0.5, ignored_layers=[model.fc])
+        >>> pruner.step()
+
+    A group's score for channel ``k`` is the mean of the scores its member convs give ``k``, the
+    rule of :meth:`scop_ext.prune.select.PruningSpace.group_scores`, so with the same ratio the
+    pruner removes the channels :func:`~scop_ext.prune.select.uniform` does. A group with a
+    channel no member scores gets None, which Torch-Pruning's pruners skip.
+
+    Args:
+        model: the network the pruner will be given (modules are matched by name, so build this
+            after :func:`scop_ext.restore`, which replaces modules).
+        scores: ``{conv name: (C_out,) scores}`` from any criterion of this module.
+    """
+
+    def __init__(self, model: nn.Module, scores: dict[str, Tensor]) -> None:
+        self._names = {m: n for n, m in model.named_modules()}
+        self.scores = {n: torch.as_tensor(s).detach().to("cpu", torch.float64).flatten() for n, s in scores.items()}
+
+    @torch.no_grad()
+    def __call__(self, group) -> Tensor | None:
+        """(size,) float32 scores of ``group``'s channels (Torch-Pruning's ``Importance`` call)."""
+        size = len(group[0].idxs)
+        total = torch.zeros(size, dtype=torch.float64)
+        count = torch.zeros(size, dtype=torch.float64)
+        for item in group:
+            name = self._names.get(item.dep.target.module)
+            outputs = item.dep.handler in (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels)
+            if name not in self.scores or not outputs:
+                continue
+            roots = torch.tensor(item.root_idxs)
+            total[roots] += self.scores[name][torch.tensor(item.idxs)]
+            count[roots] += 1
+        return (total / count).float() if bool((count > 0).all()) else None
+
+    def __repr__(self) -> str:
+        return f"TorchPruningImportance({len(self.scores)} scored convs)"

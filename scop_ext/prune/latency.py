@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .. import checkpoint
 from ..layers import restore
 from ..timing import time_ms
-from .surgery import ChannelGroup, is_depthwise, plain_forward
+from .groups import ChannelGroup, is_depthwise, plain_forward
 
 __all__ = ["ConvShape", "LatencyModel", "conv_timer", "measure_latency", "settings", "latency_models", "latency_section",
            "measure_after", "MEMORY_FORMATS", "DTYPES"]

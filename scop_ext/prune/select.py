@@ -1,10 +1,10 @@
 """Selection policies: from per-channel scores to a pruning plan (DESIGN.md §1, stage 3).
 
 A :class:`PruningSpace` holds what can be pruned: the coupled channel groups of the model
-(:func:`~scop_ext.prune.surgery.channel_groups`), minus ignored layers, and the per-layer FLOPs
+(:func:`~scop_ext.prune.groups.channel_groups`), minus ignored layers, and the per-layer FLOPs
 needed to predict the pruned network's FLOPs without pruning it. A policy takes the space and
 the scores of an importance criterion and returns a plan, ``{conv name: [channel indices to
-remove]}`` (:data:`~scop_ext.prune.surgery.Plan`), which :func:`~scop_ext.prune.surgery.apply_plan`
+remove]}`` (:data:`~scop_ext.prune.groups.Plan`), which :func:`~scop_ext.prune.surgery.apply_plan`
 executes.
 
 **Coupled groups.** Channels that must go together (residual adds, depthwise convs,
@@ -24,7 +24,7 @@ so the FDR threshold applies to groups unchanged.
 Ties between equal scores go to the lower channel index (it is kept).
 
 **Grouped convs.** A group meeting a grouped conv's slices loses channels a whole unit at a
-time (:attr:`~scop_ext.prune.surgery.ChannelGroup.units`): each unit scores the mean of its
+time (:attr:`~scop_ext.prune.groups.ChannelGroup.units`): each unit scores the mean of its
 channels, and a policy's kept count is rounded up to whole units.
 """
 
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from .._checks import check_counts
 from .flops import flops_by_module
 from .knapsack import choose_widths
-from .surgery import ChannelGroup, Plan, is_depthwise, plain_forward, traced_groups
+from .groups import ChannelGroup, Plan, is_depthwise, plain_forward, traced_groups
 
 __all__ = [
     "PruningSpace",
@@ -68,11 +68,11 @@ class PruningSpace:
             group containing a matching conv is not pruned. The classifier (any linear layer's
             outputs, and anything feeding the model output) is never pruned.
         block_width: ``"prune"``, ``"keep"`` or ``"scatter"`` (the authors' scheme), see
-            :mod:`scop_ext.prune.surgery`; pass the same to
+            :mod:`scop_ext.prune.groups`; pass the same to
             :func:`~scop_ext.prune.surgery.apply_plan`.
 
     Attributes:
-        groups: the prunable :class:`~scop_ext.prune.surgery.ChannelGroup` s.
+        groups: the prunable :class:`~scop_ext.prune.groups.ChannelGroup` s.
         refused: ``{root conv: why its group is not in groups}`` for the other groups.
         base_flops: FLOPs (= 2 x MACs) of the unpruned model on ``example_input``.
     """
