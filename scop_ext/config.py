@@ -142,7 +142,7 @@ class PruneConfig:
                 raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {type(value).__name__} {value!r}")
         from .knockoffs import generator_kinds
         from .prune.importance import criterion_names
-        from .prune.latency import DTYPES, MEMORY_FORMATS
+        from .timing import DTYPES, MEMORY_FORMATS
         from .prune.select import policy_names
         from .prune.groups import BLOCK_WIDTHS
 

@@ -37,11 +37,11 @@ from .models import build_model
 from .prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
 from .prune.flops import count_flops, count_params
 from .prune.importance import make_importance
-from .prune.latency import latency_models, latency_section, measure_after, measure_latency
 from .prune.select import Plan, PruningSpace, cuts, make_policy
 from .prune.surgery import apply_plan, channel_widths
-from .report import write_report
+from .report import latency_models, latency_section, measure_after, write_report
 from .runfolder import RunFolder
+from .timing import measure_latency
 from .train import amp_dtype, default_amp, evaluate, fit, make_loader, recalibrate_bn
 
 __all__ = ["ScopPruner", "STAGES"]

@@ -44,7 +44,7 @@ from .select import (
     select,
     uniform,
 )
-from .latency import LatencyModel, measure_latency
+from .latency import LatencyModel
 from .groups import BLOCK_WIDTHS, ChannelGroup, Plan, channel_groups
 from .surgery import apply_plan, channel_widths, rebuild, scattered_convs
 
@@ -68,7 +68,6 @@ __all__ = [
     "flops_target",
     "latency_target",
     "LatencyModel",
-    "measure_latency",
     "fdr",
     "knockoff_threshold",
     "select",

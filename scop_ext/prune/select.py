@@ -355,13 +355,7 @@ def flops_target(
             prunable groups allow, or ``round_to`` makes the steps too coarse); the message gives
             the closest reduction found.
     """
-    if not 0.0 < reduction < 1.0:
-        raise ValueError(f"reduction must be in (0, 1), got {reduction}")
-    if not tolerance > 0:
-        raise ValueError(f"tolerance must be > 0, got {tolerance}")
-    if search not in ("uniform", "global_ranking"):
-        raise ValueError(f"search must be 'uniform' or 'global_ranking', got {search!r}")
-    _check_common(min_channels, round_to)
+    _check_flops_target(reduction, tolerance, search, min_channels, round_to)
     group_scores = _scored(space, scores)
     order = _global_order(space, group_scores, normalize, min_channels) if search == "global_ranking" else []
 
@@ -393,18 +387,50 @@ def flops_target(
             return plan
         lo, hi = (mid, hi) if achieved < reduction else (lo, mid)
     # One step of the ratio jumps over the target: finish group by group from the lower side.
-    keep, below = keep_at(lo), evaluate(keep_at(lo))[1]
-    upper = keep_at(hi)
+    keep = keep_at(lo)
+    moves = _finishing_moves(space, search, keep, keep_at(hi), order, evaluate)
+    plan, closest = _take_moves(keep, moves, evaluate, reduction, tolerance, evaluate(keep)[1])
+    if plan is not None:
+        return plan
+    raise ValueError(
+        f"no {search} plan reaches a FLOPs reduction of {reduction:.4f} within {tolerance}: the closest from "
+        f"below is {closest:.4f} (loosen min_channels/round_to/ignored_layers, or the tolerance)"
+    )
+
+
+def _check_flops_target(reduction: float, tolerance: float, search: str, min_channels: int, round_to: int) -> None:
+    if not 0.0 < reduction < 1.0:
+        raise ValueError(f"reduction must be in (0, 1), got {reduction}")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    if search not in ("uniform", "global_ranking"):
+        raise ValueError(f"search must be 'uniform' or 'global_ranking', got {search!r}")
+    _check_common(min_channels, round_to)
+
+
+def _finishing_moves(space: PruningSpace, search: str, keep: dict[int, int], upper: dict[int, int], order: list[int],
+                     evaluate: Callable[[dict[int, int]], tuple[Plan, float]]) -> list[tuple[int, int]]:
+    """One-group moves (group, kept count) from ``keep`` towards ``upper``: for ``"uniform"`` each
+    group's next step, largest FLOPs saving first; for ``"global_ranking"`` the next channels in
+    ranking ``order``."""
     if search == "uniform":
+        below = evaluate(keep)[1]
         steps = [i for i in keep if upper[i] < keep[i]]
         saving = {i: evaluate({**keep, i: upper[i]})[1] - below for i in steps}
-        moves = [(i, upper[i]) for i in sorted(steps, key=lambda i: -saving[i])]
-    else:
-        removed = sum(space.groups[i].size - keep[i] for i in keep)
-        moves, taken = [], dict(keep)
-        for i in order[removed:]:
-            taken[i] -= 1
-            moves.append((i, taken[i]))
+        return [(i, upper[i]) for i in sorted(steps, key=lambda i: -saving[i])]
+    removed = sum(space.groups[i].size - keep[i] for i in keep)
+    moves, taken = [], dict(keep)
+    for i in order[removed:]:
+        taken[i] -= 1
+        moves.append((i, taken[i]))
+    return moves
+
+
+def _take_moves(keep: dict[int, int], moves: list[tuple[int, int]], evaluate: Callable[[dict[int, int]], tuple[Plan, float]],
+                reduction: float, tolerance: float, below: float) -> tuple[Plan | None, float]:
+    """Apply ``moves`` (group, kept count) to ``keep`` in order, skipping a group once a move of
+    it would overshoot ``reduction + tolerance``; ``(plan, reduction)`` at the first move that
+    lands within ``tolerance``, else ``(None, the closest reduction from below)``."""
     closest, blocked = below, set()
     for i, count in moves:
         if i in blocked:
@@ -415,12 +441,9 @@ def flops_target(
             continue
         keep[i] = count
         closest = achieved
-        if on_target(achieved):
-            return plan
-    raise ValueError(
-        f"no {search} plan reaches a FLOPs reduction of {reduction:.4f} within {tolerance}: the closest from "
-        f"below is {closest:.4f} (loosen min_channels/round_to/ignored_layers, or the tolerance)"
-    )
+        if abs(achieved - reduction) <= tolerance:
+            return plan, achieved
+    return None, closest
 
 
 def latency_target(
@@ -431,6 +454,7 @@ def latency_target(
     latency_reduction: float | None = None,
     latency_ms: float | None = None,
     normalize: str | None = None,
+    calibrate: int = 2,
     min_channels: int = 1,
     round_to: int = 1,
 ) -> Plan:
@@ -447,6 +471,10 @@ def latency_target(
         latency_ms: or as absolute milliseconds at the model's batch (give exactly one).
         normalize: as in :func:`global_ranking` (``"max"`` for criteria whose scale differs per
             layer); scores are then shifted so the lowest is 0, so every kept channel adds value.
+        calibrate: rounds of measuring the chosen network (for ``latency_reduction``: its ratio
+            to the dense network, timed in turns) and solving again with the budget divided by
+            measured / target, until within 2% (only for a latency model that times the
+            network; 0: trust the prediction).
         min_channels, round_to: see the module docstring.
 
     Raises:
@@ -476,14 +504,26 @@ def latency_target(
         allowed = sorted({_n_keep(g.size, w, min_channels, round_to) for w in range(1, g.size + 1)})
         values.append({w: gains[w] for w in latency_model.candidates(i, allowed)})
     budget = latency_ms if latency_ms is not None else (1 - latency_reduction) * latency_model.dense_ms
-    widths = choose_widths(latency_model, values, budget)
-    latency_model.save()
-    if widths is None:
-        floor = latency_model.predict([min(v) for v in values])
-        raise ValueError(f"a latency of {budget:.3f} ms is out of reach: the narrowest allowed widths predict "
-                         f"{floor:.3f} ms (lower min_channels/round_to or remove entries from ignored_layers)")
-    keep = {i: w for i, w in enumerate(widths) if group_scores[i] is not None}
-    return _plan_from_keep(space, group_scores, keep, min_channels, round_to)
+    aim, plan = budget, None
+    for _ in range(1 + (calibrate if latency_model.measure_network else 0)):
+        widths = choose_widths(latency_model, values, aim)
+        latency_model.save()
+        if widths is None:
+            if plan is not None:
+                break  # the last plan is as close as the groups allow
+            floor = latency_model.predict([min(v) for v in values])
+            raise ValueError(f"a latency of {aim:.3f} ms is out of reach: the narrowest allowed widths predict "
+                             f"{floor:.3f} ms (lower min_channels/round_to or remove entries from ignored_layers)")
+        keep = {i: w for i, w in enumerate(widths) if group_scores[i] is not None}
+        plan = _plan_from_keep(space, group_scores, keep, min_channels, round_to)
+        if not calibrate or not latency_model.measure_network:
+            break
+        measured, ratio = latency_model.measure_plan(plan)
+        error = ratio / (1 - latency_reduction) if latency_ms is None else measured / latency_ms
+        if abs(error - 1) <= 0.02:
+            break
+        aim /= error  # the model's error at this plan, taken out of the next budget
+    return plan
 
 
 def knockoff_threshold(W: Tensor, q: float, *, offset: int = 1) -> float:
