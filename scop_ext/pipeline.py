@@ -38,7 +38,8 @@ from .models import build_model
 from .prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
 from .prune.flops import count_flops, count_params
 from .prune.importance import make_importance
-from .prune.select import Plan, PruningSpace, cuts, make_policy
+from .prune.select import Plan, cuts, make_policy
+from .prune.space import PruningSpace
 from .prune.surgery import apply_plan, channel_widths
 from .report import latency_models, latency_section, measure_after, write_report
 from .runfolder import RunFolder
