@@ -69,22 +69,28 @@ def _quiet(*_args, **_kwargs) -> None:
 # --------------------------------------------------------------------------- torch-pruning reference
 
 
+def tp_pruned(model: torch.nn.Module, example: torch.Tensor, ratio: float) -> torch.nn.Module:
+    """A copy of ``model`` pruned by torch-pruning's MagnitudePruner (L1) at ``pruning_ratio=ratio``."""
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)
+    fc = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    pruner = tp.pruner.MagnitudePruner(m, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                       pruning_ratio=ratio, ignored_layers=fc)
+    pruner.step()
+    return m
+
+
 def tp_prune(model: torch.nn.Module, example: torch.Tensor, target: float, tolerance: float = 0.01):
     """``model`` pruned by torch-pruning's MagnitudePruner (L1) to ``target`` FLOPs reduction.
 
     Bisects the pruner's uniform ``pruning_ratio``; returns ``(pruned copy, achieved reduction)``,
     the closest found when no ratio lands within ``tolerance``.
     """
-    import torch_pruning as tp
-
     base = count_flops(model, example)
 
     def pruned_at(ratio: float):
-        m = copy.deepcopy(model)
-        fc = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
-        pruner = tp.pruner.MagnitudePruner(m, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                           pruning_ratio=ratio, ignored_layers=fc)
-        pruner.step()
+        m = tp_pruned(model, example, ratio)
         return m, 1 - count_flops(m, example) / base
 
     lo, hi = 0.0, 0.95

@@ -18,7 +18,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import speed  # noqa: E402
+import _timing  # noqa: E402
+import speed_ops  # noqa: E402
+import speed_step  # noqa: E402
 
 import scop_ext  # noqa: E402
 from scop_ext.models import resnet20  # noqa: E402
@@ -30,7 +32,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason
 # (channels, pixels, real images N): CIFAR ResNet stages and one ImageNet ResNet stage
 SHAPES = [(16, 32, 32), (32, 16, 32), (64, 8, 32), (64, 56, 2)]
 torch._dynamo.config.recompile_limit = 64
-speed.malloc_for_timing()  # as speed.py times: no page faults from re-mapping freed activations
+_timing.malloc_for_timing()  # as speed.py times: no page faults from re-mapping freed activations
 
 
 def _sync(device):
@@ -41,7 +43,7 @@ def _sync(device):
 @pytest.fixture(scope="module")
 def implementations():
     """speed.py's four implementations, one compiled reference for the module."""
-    return speed.op_implementations()
+    return speed_ops.op_implementations()
 
 
 def _inputs(c, px, n, device):
@@ -92,11 +94,11 @@ def test_forward_backward(benchmark, impl, shape, device, implementations):
 @pytest.mark.parametrize("impl", ["scop", "plain eager"])
 def test_stage2_step_resnet20(benchmark, impl, device):
     benchmark.group = f"stage-2 step resnet20 16+16 images {device}"
-    _, scop, plain = speed._stage2_models("resnet20", device)
+    _, scop, plain = speed_step._stage2_models("resnet20", device, "batch", torch.contiguous_format)
     model = scop if impl == "scop" else plain
     g = torch.Generator().manual_seed(0)
     x2, y = torch.randn(32, 3, 32, 32, generator=g).to(device), torch.randint(10, (16,), generator=g).to(device)
-    step, _ = speed._beta_step(model, model, x2, y)
+    step, _ = speed_step._beta_step(model, model, x2, y)
 
     def run():
         step()

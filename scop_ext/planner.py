@@ -17,6 +17,7 @@ import fnmatch
 import inspect
 import json
 import os
+import sys
 from typing import Any
 
 import torch
@@ -28,12 +29,15 @@ from .layers import ScopConv2d, convert, restore
 from .config import PruneConfig
 from .prune.flops import count_flops, count_params
 from .prune.importance import make_importance
-from .prune.select import PruningSpace, make_policy
+from .prune.select import make_policy
+from .prune.space import PruningSpace
 from .prune.surgery import apply_plan, channel_widths, scattered_convs
+from .report import latency_models, latency_section, latency_table, measure_after
 
 __all__ = ["SCORE_SOURCES", "dry_run", "format_plan", "pruned_copy", "stand_in_scores", "run_defaults", "default_io"]
 
 SCORE_SOURCES = "random, l1 or run:<dir>"
+LATENCY_CACHE = os.path.join("runs", "latency-cache")  # where `scop plan` keeps latency tables by default
 RUN_PREFIX = "run:"
 
 
@@ -124,13 +128,29 @@ def stand_in_scores(source: str, model: nn.Module, config: PruneConfig) -> dict[
     return {n: s for n, s in scores.items() if not any(fnmatch.fnmatchcase(n, p) for p in config.skip)}
 
 
-def pruned_copy(model: nn.Module, example_input: Tensor, config: PruneConfig,
-                scores: dict[str, Tensor]) -> tuple[nn.Module, PruningSpace, dict[str, list[int]]]:
+def pruned_copy(model: nn.Module, example_input: Tensor, config: PruneConfig, scores: dict[str, Tensor],
+                latency: dict | None = None) -> tuple[nn.Module, PruningSpace, dict[str, list[int]]]:
     """``(pruned copy of model, its PruningSpace, the plan)`` as stages 3-4 of a run with
-    ``config`` would make them from ``scores`` (``model`` is left as it is)."""
+    ``config`` would make them from ``scores`` (``model`` is left as it is). For ``latency_target``
+    the latency models are measured on ``model`` (tables in ``config.latency_cache``, default
+    :data:`LATENCY_CACHE`) and their :func:`~scop_ext.report.latency_section` is put in ``latency``."""
     space = PruningSpace(model, example_input, ignored_layers=config.ignored_layers, block_width=config.block_width)
-    plan = make_policy(config.policy, **config.policy_params())(space, scores)
-    return apply_plan(copy.deepcopy(model), example_input, plan, block_width=config.block_width), space, plan
+    params = config.policy_params()
+    if config.policy == "latency_target":
+        measured = latency_models(model, example_input, space.groups, config.latency_batch,
+                                  config.latency_cache or LATENCY_CACHE, progress=False, log=_note,
+                                  **config.latency_settings())
+        params["latency_model"] = measured[config.latency_batch]
+    plan = make_policy(config.policy, **params)(space, scores)
+    pruned = apply_plan(copy.deepcopy(model), example_input, plan, block_width=config.block_width)
+    if config.policy == "latency_target" and latency is not None:
+        section = latency_section(measured, plan, **config.latency_settings())
+        latency.update(measure_after(section, pruned, example_input, "cpu"))
+    return pruned, space, plan
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def dry_run(config: PruneConfig, scores: str = "random", *, num_classes: int | None = None,
@@ -151,15 +171,21 @@ def dry_run(config: PruneConfig, scores: str = "random", *, num_classes: int | N
         ``{"model", "input", "scores", "settings", "layers": [{"conv", "before", "after",
         "scattered"}], "flops": {"before", "after", "reduction"}, "params": {...},
         "predicted_flops_reduction", "removed"}``; FLOPs are 2 x MACs of one image, counted on
-        the pruned copy, ``removed`` is the plan ``{conv: [channels]}``.
+        the pruned copy, ``removed`` is the plan ``{conv: [channels]}``. With ``latency_target``
+        also ``"latency"``: predicted beside measured latency (ms) before and after, at batch 1
+        and ``latency_batch`` (:func:`~scop_ext.report.latency_section`).
     """
     run = _run_dir(scores)
+    if config.policy == "latency_target":  # its latency model is measured by a run on its device
+        raise ValueError("--policy latency_target: scop plan does not measure latency models; plan with "
+                         "flops_target, uniform, global_ranking or fdr")
     model, num_classes, in_channels = _load(config, num_classes, in_channels)
     x = models.example_input(config.model, in_channels)
     if image_size is not None:
         x = torch.randn(1, in_channels, image_size, image_size)
     scored = _run_scores(run, model, config) if run else stand_in_scores(scores, model, config)
-    pruned, space, plan = pruned_copy(model, x, config, scored)
+    latency = {}
+    pruned, space, plan = pruned_copy(model, x, config, scored, latency)
     before, after, scattered = channel_widths(model), channel_widths(pruned), set(scattered_convs(pruned))
     flops, params = (count_flops(model, x), count_flops(pruned, x)), (count_params(model), count_params(pruned))
     settings = {"preset": config.preset, "policy": config.policy, **config.policy_params(),
@@ -173,6 +199,7 @@ def dry_run(config: PruneConfig, scores: str = "random", *, num_classes: int | N
         "flops": {"before": flops[0], "after": flops[1], "reduction": 1 - flops[1] / flops[0]},
         "params": {"before": params[0], "after": params[1], "reduction": 1 - params[1] / params[0]},
         "predicted_flops_reduction": space.reduction(plan),
+        **({"latency": latency} if latency else {}),
         "removed": plan,
     }
 
@@ -189,6 +216,8 @@ def format_plan(result: dict[str, Any]) -> str:
     for key, label in (("flops", "FLOPs (2 x MACs, one image)"), ("params", "parameters")):
         r = result[key]
         lines.append(f"{label}: {_count(r['before'])} -> {_count(r['after'])}, {100 * r['reduction']:.1f}% fewer")
+    if result.get("latency"):
+        lines += ["", latency_table(result["latency"])]
     return "\n".join(lines)
 
 

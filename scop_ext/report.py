@@ -4,10 +4,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
 
 from . import checkpoint
+from .prune.latency import LatencyModel, cache_file
+from .prune.groups import ChannelGroup
+from .timing import measure_latency
 
-__all__ = ["format_table", "latency_table", "write_report"]
+__all__ = ["format_table", "latency_models", "latency_section", "measure_after", "latency_table", "write_report"]
 
 
 def _fmt(value, kind: str) -> str:
@@ -40,6 +47,35 @@ def format_table(before: dict, after: dict) -> str:
         ratio = f"{a / b:.3f}" if (a is not None and b) else "–"
         lines.append(f"| {label} | {_fmt(b, kind)} | {_fmt(a, kind)} | {ratio} |")
     return "\n".join(lines)
+
+
+def latency_models(model: nn.Module, example_input: Tensor, groups: Sequence[ChannelGroup], batch: int,
+                   folder: str | os.PathLike, **kw) -> dict[int, LatencyModel]:
+    """Latency models at batch 1 and at ``batch``, their tables cached in ``folder`` (``kw``: of
+    :class:`LatencyModel`)."""
+    return {b: LatencyModel(model, example_input, groups, batch=b, cache=cache_file(folder, b), **kw)
+            for b in sorted({1, batch})}
+
+
+def latency_section(models: Mapping[int, LatencyModel], plan: Mapping[str, Iterable[int]], **settings) -> dict:
+    """Per batch, the predicted latency (ms) of the dense network and of ``plan``, and the measured
+    dense one; ``settings`` (dtype, memory_format, fold_bn) are stored beside them for :func:`measure_after`."""
+    batches = {}
+    for b, lat in models.items():
+        batches[str(b)] = {"predicted_before": lat.dense_ms, "measured_before": lat.measured_dense_ms,
+                           "predicted_after": lat.predict_plan(plan)}
+        lat.save()
+    return {**settings, "batches": batches}
+
+
+def measure_after(section: dict, model: nn.Module, example: Tensor, device: str | torch.device) -> dict:
+    """Fill ``measured_after`` of every batch of a :func:`latency_section` with ``model`` (pruned) timed
+    under the section's settings; returns the section, with ``error`` = predicted / measured - 1."""
+    for b, row in section["batches"].items():
+        row["measured_after"] = measure_latency(model, example, int(b), device, dtype=section["dtype"],
+                                                memory_format=section["memory_format"], fold_bn=section["fold_bn"])
+        row["error"] = row["predicted_after"] / row["measured_after"] - 1
+    return section
 
 
 def latency_table(section: dict) -> str:

@@ -1,21 +1,33 @@
-"""Wall-clock timing of a callable: warm-up, then the median of timed blocks."""
+"""Wall-clock timing: of a callable (warm-up, then timed blocks), of a whole network's forward, and
+the settings a time belongs to."""
 
 from __future__ import annotations
 
+import copy
+import platform
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
-__all__ = ["time_ms"]
+from .layers import restore
+
+__all__ = ["time_ms", "measure_latency", "settings", "MEMORY_FORMATS", "DTYPES"]
+
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def time_ms(fn: Callable[[], object], device: torch.device | str, min_time: float, warmup: int = 2) -> float:
+def time_ms(fn: Callable[[], object], device: torch.device | str, min_time: float, warmup: int = 2,
+            fastest: bool = False) -> float:
     """Median milliseconds of ``fn`` over 5 blocks that together last about ``min_time`` seconds.
 
     ``warmup`` calls come first: they create the kernels' primitives (and compile, for a
-    ``torch.compile``d ``fn``). On CUDA every block ends with a synchronize.
+    ``torch.compile``d ``fn``). On CUDA every block ends with a synchronize. ``fastest``: the
+    fastest block instead of the median (other processes only ever add time, so on a shared
+    machine the fastest block is the least disturbed one).
     """
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -34,4 +46,50 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, min_time: floa
             fn()
         sync()
         blocks.append((time.perf_counter() - t) / repeats)
-    return float(np.median(blocks)) * 1e3
+    return (min(blocks) if fastest else float(np.median(blocks))) * 1e3
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def settings(device: str | torch.device, dtype: str, memory_format: str, batch: int) -> dict:
+    """The settings a latency table belongs to (its cache key)."""
+    device = torch.device(device)
+    return {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "dtype": dtype, "memory_format": memory_format, "batch": batch}
+
+
+def _runnable(model: nn.Module, fmt: torch.memory_format, dtype: torch.dtype, fold_bn: bool, device) -> nn.Module:
+    model = restore(copy.deepcopy(model)).eval()  # plain convs: SCOP mode would need a paired batch
+    if fold_bn:
+        from torch.fx.experimental.optimization import fuse
+
+        model = fuse(model)
+    return model.to(device=device, dtype=dtype, memory_format=fmt)
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, example: Tensor, batch: int, device: str | torch.device, *,
+                    dtype: str = "float32", memory_format: str = "contiguous", fold_bn: bool = False,
+                    min_run_time: float = 0.5) -> float:
+    """Forward latency in ms of ``model`` on ``batch`` inputs shaped like ``example`` (1, C, H, W).
+
+    The model is run as a plain-conv copy in eval mode, in ``dtype`` and ``memory_format``
+    (weights and input), with every BatchNorm folded into its conv first when ``fold_bn``.
+    """
+    device = torch.device(device)
+    fmt = MEMORY_FORMATS[memory_format]
+    run = _runnable(model, fmt, DTYPES[dtype], fold_bn, device)
+    x = example[:1].expand(batch, *example.shape[1:]).to(device=device, dtype=DTYPES[dtype])
+    x = x.contiguous(memory_format=fmt)
+    return time_ms(lambda: run(x), device, min_run_time, fastest=True)

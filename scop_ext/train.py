@@ -1,5 +1,6 @@
 """Training, evaluation and BN recalibration, shared by baseline training and stage 4
-(DESIGN.md §1: BN recalibration and fine-tuning), with per-epoch crash-safe checkpoints and NaN detection."""
+(DESIGN.md §1: BN recalibration and fine-tuning); :func:`fit` runs on the resumable epoch loop of
+:mod:`scop_ext.epochs` (per-epoch crash-safe checkpoints, NaN detection)."""
 
 from __future__ import annotations
 
@@ -15,87 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import checkpoint
 from . import distributed
+from .epochs import EpochLoop
 
-__all__ = ["NonFiniteError", "first_nonfinite_layer", "nonfinite_error", "raise_on_every_process", "make_loader", "evaluate",
-           "recalibrate_bn", "fit", "FitResult", "batchnorms", "model_signature", "amp_dtype", "default_amp"]
-
-
-class NonFiniteError(FloatingPointError):
-    """NaN or Inf appeared; the message names the stage, step and layer where it was found."""
-
-
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-
-
-def _all_finite(value) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in _tensors(value) if t.is_floating_point())
-
-
-@torch.no_grad()
-def first_nonfinite_layer(model: nn.Module, batch: torch.Tensor) -> str | None:
-    """Name of the first module, in execution order, whose output holds NaN or Inf on ``batch``.
-
-    Re-runs the forward with a hook on every module, so it costs a forward pass and is meant for
-    the failure path only; buffers the forward updates (BN statistics) are put back afterwards.
-    Returns None when every output is finite.
-    """
-    names = {module: name or type(model).__name__ for name, module in model.named_modules()}
-    found: list[str] = []
-
-    def hook(module, args, output):
-        if not found and not _all_finite(output):
-            found.append(f"{names[module]} ({type(module).__name__})")
-
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
-    return found[0] if found else None
-
-
-def nonfinite_error(stage: str, what: str, epoch: int, step: int, model: nn.Module, batch: torch.Tensor) -> NonFiniteError:
-    """The error for ``what`` (e.g. "loss became nan") at a step, naming where the NaN/Inf starts."""
-    layer = first_nonfinite_layer(model, batch)
-    if not _all_finite(batch):
-        where = "the input batch already holds NaN/Inf" + (f" (first non-finite output: layer {layer})" if layer else "")
-    elif layer is not None:
-        where = f"first non-finite output: layer {layer}"
-    else:
-        where = "every layer's output is finite, so the loss itself overflowed"
-    return NonFiniteError(f"{stage}: {what} at epoch {epoch}, step {step}; {where}")
-
-
-def raise_on_every_process(local: NonFiniteError | None) -> None:
-    """Raise, on every process, the error of the first process that found a fault (``local`` is
-    None on the others).
-
-    Call it on every process once any of them has found one (:func:`distributed.any_process`):
-    a process raising alone would leave the others waiting forever in the next all-reduce.
-    """
-    messages = distributed.gather_objects(None if local is None else str(local))
-    first = next(r for r, m in enumerate(messages) if m is not None)
-    where = f" (found by process {first} of {len(messages)})" if len(messages) > 1 else ""
-    raise NonFiniteError(messages[first] + where)
+__all__ = ["make_loader", "evaluate", "recalibrate_bn", "fit", "FitResult", "batchnorms", "model_signature", "amp_dtype",
+           "default_amp"]
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
                 num_workers: int = 0, evaluation: bool = False, sharded: bool = True) -> DataLoader:
-    """A DataLoader whose order depends only on ``seed`` and the epoch (see ``set_epoch``).
+    """A DataLoader whose order depends only on ``seed`` and the epoch (see :func:`scop_ext.epochs.set_epoch`).
 
     Training loaders split every global batch across processes under torchrun (``sharded=False``:
     every process gets every batch whole, for work all processes must do identically);
@@ -107,12 +37,6 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
     sampler = distributed.ShardedBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
                                               shard=None if sharded else (0, 1))
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
-
-
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
 
 
 def amp_dtype(device: torch.device | str) -> torch.dtype:
@@ -231,6 +155,82 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+class _FitLoop(EpochLoop):
+    """:func:`fit`'s epochs: SGD with a cosine schedule, the best epoch on validation kept."""
+
+    def __init__(self, model, loader, val_loader, epochs, device, *, optimizer, scheduler, scaler, amp, log, **kw):
+        super().__init__(kw.pop("stage"), model, loader, epochs, device, **kw)
+        self.val_loader, self.optimizer, self.scheduler, self.scaler, self.amp, self.log = (
+            val_loader, optimizer, scheduler, scaler, amp, log)
+        self.result, self.best_state = FitResult(), None
+
+    def start_epoch(self, epoch):
+        self.model.train()
+        self.loss_sum, self.hits, self.seen = 0.0, 0, 0
+
+    def diagnosis_context(self):
+        return _autocast(self.device, self.amp)
+
+    def forward(self, batch):
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        with _autocast(self.device, self.amp):
+            self.logits = self.ddp(x)
+            loss = F.cross_entropy(self.logits.float(), y)
+        self.y = y
+        return loss, x
+
+    def update(self, loss, epoch, step):
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.loss_sum += loss.item() * self.y.numel()
+        self.hits += (self.logits.argmax(1) == self.y).sum().item()
+        self.seen += self.y.numel()
+        return {"loss": f"{loss.item():.3f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2g}"}
+
+    def end_epoch(self, epoch):
+        result = self.result
+        record = {"epoch": epoch, "train_loss": self.loss_sum / max(self.seen, 1), "train_top1": self.hits / max(self.seen, 1)}
+        if self.val_loader is not None:
+            record.update({f"val_{k}": v for k, v in evaluate(self.model, self.val_loader, self.device, amp=self.amp).items()})
+            # Top-1 on a small validation set ties often (one image is a whole step): the lower
+            # loss breaks the tie, so a later, better-fitted epoch is not lost to an early one.
+            best = result.history[result.best_epoch] if result.best_epoch >= 0 else None
+            if best is None or (record["val_top1"], -record["val_loss"]) > (best["val_top1"], -best["val_loss"]):
+                result.best_top1, result.best_epoch = record["val_top1"], epoch
+                self.best_state = copy.deepcopy(self.model.state_dict())
+        result.history.append(record)
+        if self.log is not None and distributed.is_main():
+            self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "best_model": self.best_state, "history": self.result.history,
+                "best_top1": self.result.best_top1, "best_epoch": self.result.best_epoch, "rng": _rng_state(self.device)}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.best_state = state["best_model"]
+        _set_rng_state(state["rng"], self.device)
+        self.result = FitResult(history=list(state["history"]), best_top1=float(state["best_top1"]),
+                                best_epoch=int(state["best_epoch"]))
+
+
+def _check_hyperparameters(*, epochs, lr, momentum, weight_decay) -> None:
+    """ValueError naming the first argument of :func:`fit` out of range; NaN and Inf never pass."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    for name, value, low, strict in (("lr", lr, 0.0, True), ("momentum", momentum, 0.0, False),
+                                     ("weight_decay", weight_decay, 0.0, False)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and (value > low if strict else value >= low)):
+            raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
@@ -266,8 +266,7 @@ def fit(
             epoch, so the last checkpoint stays good.
         CheckpointError: ``checkpoint_path`` holds the progress of a run with other settings.
     """
-    from tqdm.auto import tqdm
-
+    _check_hyperparameters(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay)
     device = torch.device(device)
     amp = default_amp(device) if amp is None else amp
     model.to(device)
@@ -278,63 +277,14 @@ def fit(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / (epochs * steps_per_epoch), 1.0)))
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if distributed.world_size() > 1 else model
-    result, best_state, start = FitResult(), None, 0
     run_settings = {**(settings or {}), "stage": stage, "epochs": epochs, "lr": lr, "momentum": momentum,
                     "weight_decay": weight_decay, "nesterov": nesterov, "amp": amp,
                     "model": model_signature({k: tuple(v.shape) for k, v in model.state_dict().items()}),
                     "batches": len(train_loader), "samples": len(train_loader.dataset)}
-    state = checkpoint.load_progress(checkpoint_path, f"{stage}-progress", run_settings, device) if checkpoint_path else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        best_state, start = state["best_model"], int(state["epoch"]) + 1
-        _set_rng_state(state["rng"], device)
-        result = FitResult(history=list(state["history"]), best_top1=float(state["best_top1"]), best_epoch=int(state["best_epoch"]))
-    for epoch in range(start, epochs):
-        set_epoch(train_loader, epoch)
-        model.train()
-        loss_sum, hits, seen = 0.0, 0, 0
-        bar = tqdm(train_loader, desc=f"{stage} {epoch + 1}/{epochs}", disable=None if (progress and distributed.is_main()) else True, leave=False)
-        for step, (x, y) in enumerate(bar):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device, amp):
-                logits = ddp(x)
-                loss = F.cross_entropy(logits.float(), y)
-            finite = bool(torch.isfinite(loss))
-            if distributed.any_process(not finite):
-                with _autocast(device, amp):  # find the layer under the precision the step ran in
-                    error = None if finite else nonfinite_error(stage, f"loss became {loss.item()}", epoch, step, model, x)
-                raise_on_every_process(error)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.item() * y.numel()
-            hits += (logits.argmax(1) == y).sum().item()
-            seen += y.numel()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2g}")
-        record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_top1": hits / max(seen, 1)}
-        if val_loader is not None:
-            record.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device, amp=amp).items()})
-            # Top-1 on a small validation set ties often (one image is a whole step): the lower
-            # loss breaks the tie, so a later, better-fitted epoch is not lost to an early one.
-            best = result.history[result.best_epoch] if result.best_epoch >= 0 else None
-            if best is None or (record["val_top1"], -record["val_loss"]) > (best["val_top1"], -best["val_loss"]):
-                result.best_top1, result.best_epoch = record["val_top1"], epoch
-                best_state = copy.deepcopy(model.state_dict())
-        result.history.append(record)
-        if log is not None and distributed.is_main():
-            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        if checkpoint_path and distributed.is_main():
-            checkpoint.save_progress(checkpoint_path, f"{stage}-progress", run_settings, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "best_model": best_state, "epoch": epoch, "history": result.history,
-                "best_top1": result.best_top1, "best_epoch": result.best_epoch, "rng": _rng_state(device),
-            })
-        distributed.barrier()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return result
+    loop = _FitLoop(model, train_loader, val_loader, epochs, device, optimizer=optimizer, scheduler=scheduler,
+                    scaler=scaler, amp=amp, log=log, stage=stage, checkpoint_path=checkpoint_path,
+                    settings=run_settings, progress=progress)
+    loop.run()
+    if loop.best_state is not None:
+        model.load_state_dict(loop.best_state)
+    return loop.result

@@ -32,11 +32,12 @@ def masked_dense(model, example, plan):
     from torch import nn
 
     from scop_ext.layers import restore
+    from scop_ext.prune import groups as grouping
     from scop_ext.prune import surgery
 
     dense = restore(copy.deepcopy(model))
-    graph = surgery._dependency_graph(dense, example)
-    groups, _ = surgery._graph_groups(graph, dense)
+    graph = grouping.dependency_graph(dense, example)
+    groups, _ = grouping.graph_groups(graph, dense)
     with torch.no_grad():
         for group, root in groups:
             channels = surgery._group_channels(group, plan)
@@ -45,7 +46,7 @@ def masked_dense(model, example, plan):
             for item in graph.get_pruning_group(root.target.module, root.handler, channels):
                 m = item.dep.target.module
                 reads = isinstance(m, (nn.Conv2d, nn.Linear)) and not graph.is_out_channel_pruning_fn(item.dep.handler)
-                if not reads or surgery.is_depthwise(m):
+                if not reads or grouping.is_depthwise(m):
                     continue  # a depthwise conv's removed outputs are cut off at their own readers
                 if isinstance(m, nn.Linear):
                     m.weight[:, list(item.idxs)] = 0

@@ -18,7 +18,7 @@ import torch
 from scop_ext import models
 from scop_ext.prune import LatencyModel, PruningSpace, RandomImportance, apply_plan, channel_widths, select
 from scop_ext.prune.knapsack import choose_widths, knapsack
-from scop_ext.prune.latency import settings
+from scop_ext.timing import settings
 
 
 def block_timer(block=8, calls=None):
@@ -47,7 +47,7 @@ def digits():
 
 
 def make(model, x, space, timer, **kw):
-    return LatencyModel(model, x, space.groups, batch=4, timer=timer, rest=False, progress=False, **kw)
+    return LatencyModel(model, x, space.groups, batch=4, timer=timer, measure_network=False, progress=False, **kw)
 
 
 # ------------------------------------------------------------------------- the cache
@@ -262,3 +262,25 @@ def test_latency_target_end_to_end_cli(baseline, tmp_path):
     stored = json.loads((out / "latency-table-b64.json").read_text())
     assert stored["settings"]["batch"] == 64 and stored["settings"]["memory_format"] == "channels_last"
     assert "predicted / measured" in (out / "report.md").read_text()
+
+
+def test_scop_plan_shows_predicted_beside_measured_latency(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ENV
+
+    args = ["plan", "--model", "resnet_digits", "--policy", "latency_target", "--latency-reduction", "0.2",
+            "--latency-batch", "64", "--set", f"latency_cache={tmp_path}"]
+    proc = subprocess.run([sys.executable, "-m", "scop_ext.cli", *args, "--json"], capture_output=True, text=True,
+                          env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    section = json.loads(proc.stdout)["latency"]
+    assert set(section["batches"]) == {"1", "64"}
+    for row in section["batches"].values():
+        assert all(row[k] > 0 for k in ("predicted_before", "measured_before", "predicted_after", "measured_after"))
+    assert section["batches"]["64"]["predicted_after"] <= 0.8 * section["batches"]["64"]["predicted_before"] + 1e-9
+    assert (tmp_path / "latency-table-b64.json").exists() and (tmp_path / "latency-table-b1.json").exists()
+    from scop_ext.planner import format_plan
+
+    assert "predicted / measured" in format_plan(json.loads(proc.stdout))

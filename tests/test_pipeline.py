@@ -21,7 +21,7 @@ from scop_ext.prune import PruningSpace, apply_plan, count_flops, make_importanc
 from scop_ext.export import export_onnx, export_torchscript, load_model
 from scop_ext.config import PruneConfig
 from scop_ext.pipeline import ScopPruner
-from scop_ext.train import NonFiniteError
+from scop_ext.epochs import NonFiniteError
 
 from ._helpers import cli
 from .conftest import ENV, TINY, prune_args
@@ -368,7 +368,8 @@ from scop_ext import distributed
 from scop_ext.config import PruneConfig
 from scop_ext.pipeline import ScopPruner
 from scop_ext.prune.excavate import learn_scales, fit_knockoff_biases
-from scop_ext.train import NonFiniteError, fit, make_loader, evaluate
+from scop_ext.epochs import NonFiniteError
+from scop_ext.train import fit, make_loader, evaluate
 torch.set_num_threads(1)
 distributed.setup("cpu")
 out, global_batch, run_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]

@@ -4,13 +4,14 @@
   frozen, on [real; knockoff] batches); ``ScaleLearner``, the same stage inside your own loop.
 - :mod:`.importance` (stage 3): criteria, ``criterion(model) -> {conv name: (C_out,) scores}``,
   and ``TorchPruningImportance``, any of their scores for Torch-Pruning's own pruners.
-- :mod:`.select` (stage 3): :class:`PruningSpace` (coupled channel groups + FLOPs prediction) and
-  the policies ``uniform``, ``global_ranking``, ``flops_target``, ``latency_target``, ``fdr`` returning a plan
+- :mod:`.space` (stage 3): :class:`PruningSpace` (coupled channel groups + FLOPs prediction).
+- :mod:`.select` (stage 3): the policies ``uniform``, ``global_ranking``, ``flops_target``, ``latency_target``, ``fdr`` returning a plan
   ``{conv name: [channel indices to remove]}``, and ``cuts`` (where a plan cut each group).
-- :mod:`.surgery` (stage 4): ``apply_plan`` (physical removal with torch-pruning; ``block_width``
-  prune, keep or scatter, the authors' scheme), ``channel_widths``, ``scattered_convs`` and
-  ``rebuild`` (re-create a pruned architecture from JSON widths); the fine-tuning that follows
-  is the generic :func:`scop_ext.train.fit`.
+- :mod:`.groups`: the coupled channel groups (:class:`ChannelGroup`, ``channel_groups``) and what
+  ``block_width`` prune, keep and scatter (the authors' scheme) make of the residual ones.
+- :mod:`.surgery` (stage 4): ``apply_plan`` (physical removal with torch-pruning),
+  ``channel_widths``, ``scattered_convs`` and ``rebuild`` (re-create a pruned architecture from
+  JSON widths); the fine-tuning that follows is the generic :func:`scop_ext.train.fit`.
 - :mod:`.flops`: FLOPs (= 2 x MACs), MACs and parameter counts; :mod:`.latency`: the latency
   model measured on the device (:class:`LatencyModel`), :mod:`.knapsack`: spending its budget.
 
@@ -30,8 +31,8 @@ from .importance import (
     following_batchnorm,
     make_importance,
 )
+from .space import PruningSpace
 from .select import (
-    PruningSpace,
     cuts,
     fdr,
     flops_target,
@@ -43,8 +44,9 @@ from .select import (
     select,
     uniform,
 )
-from .latency import LatencyModel, measure_latency
-from .surgery import BLOCK_WIDTHS, ChannelGroup, Plan, apply_plan, channel_groups, channel_widths, rebuild, scattered_convs
+from .latency import LatencyModel
+from .groups import BLOCK_WIDTHS, ChannelGroup, Plan, channel_groups
+from .surgery import apply_plan, channel_widths, rebuild, scattered_convs
 
 __all__ = [
     "count_flops",
@@ -66,7 +68,6 @@ __all__ = [
     "flops_target",
     "latency_target",
     "LatencyModel",
-    "measure_latency",
     "fdr",
     "knockoff_threshold",
     "select",

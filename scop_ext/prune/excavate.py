@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .. import checkpoint, distributed, lemma2
+from .. import distributed, lemma2
 from ..knockoff_stream import split_forward
 from ..layers import convert, scop_layers
-from ..train import NonFiniteError, batchnorms, model_signature, nonfinite_error, raise_on_every_process, set_epoch
+from ..epochs import EpochLoop, NonFiniteError
+from ..train import batchnorms, model_signature
 from .importance import ScopImportance
 
 __all__ = ["pair_dataset", "PairedDataset", "fit_knockoff_biases", "layer_seed", "learn_scales", "ScaleHistory", "ScaleLearner"]
@@ -110,7 +111,10 @@ def fit_knockoff_biases(model: nn.Module, pairs: DataLoader, device: torch.devic
         s_in = lemma2.estimate_s(torch.cat(real[name]), torch.cat(knock[name]))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            sol = layer.fit_knockoff_bias(s_in, gamma)
+            try:
+                sol = layer.fit_knockoff_bias(s_in, gamma)
+            except ValueError as exc:  # e.g. "weight contains NaN or Inf": say which layer
+                raise ValueError(f"layer {name!r}: {exc}") from None
         for w in caught:  # lemma2.solve does not know which layer it solves for
             warnings.warn(f"layer {name!r}: {w.message}", w.category, stacklevel=2)
         report[name] = {"s_in": s_in, "lambda_max": sol.lambda_max, "gamma": sol.gamma, "margin": sol.margin,
@@ -137,6 +141,26 @@ def layer_seed(seed: int, name: str) -> int:
     the name, not the position, so a layer's stream does not change when others are skipped.
     """
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+def _train_betas_only(model: nn.Module, layers: dict[str, nn.Module]) -> Callable[[], None]:
+    """Freeze every parameter of ``model`` but the betas of ``layers``; returns the function that
+    unfreezes what was trainable, puts the BatchNorm running statistics back and sets eval mode."""
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    bn_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in batchnorms(model)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        layer.beta.requires_grad_(True)
+
+    def restore() -> None:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+        for m, state in zip(batchnorms(model), bn_state):
+            m.load_state_dict(state)
+        model.eval()
+
+    return restore
 
 
 def learn_scales(
@@ -186,8 +210,6 @@ def learn_scales(
         CheckpointError: ``checkpoint_path`` holds the progress of other settings, or of more
             epochs than ``epochs``.
     """
-    from tqdm.auto import tqdm
-
     if bn not in ("batch", "frozen"):
         raise ValueError(f"bn must be 'batch' or 'frozen', got {bn!r}")
     if epochs < 1:
@@ -198,92 +220,90 @@ def learn_scales(
         raise ValueError("model has no ScopConv2d layers: call scop_ext.convert(model) first")
     model.to(device)
     rank, world = distributed.rank(), distributed.world_size()
-    trainable = {p: p.requires_grad for p in model.parameters()}
-    bn_state = {i: {k: v.clone() for k, v in m.state_dict().items()} for i, m in enumerate(batchnorms(model))}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    restore = _train_betas_only(model, layers)
     for name, layer in layers.items():
         layer.enable_scop()
-        layer.beta.requires_grad_(True)
         layer.knockoff_bias = knockoff_bias
         layer.generator = torch.Generator(device="cpu").manual_seed(layer_seed(seed, name))
         layer.bias_shard = (rank, world)
-    named_betas = {name: layer.beta for name, layer in layers.items()}
-    optimizer = torch.optim.Adam(named_betas.values(), lr=lr, betas=betas)
-    history, start = ScaleHistory(beta_mean={name: [] for name in layers}), 0
     run_settings = {**(settings or {}), "lr": lr, "betas": list(betas), "knockoff_bias": knockoff_bias, "bn": bn,
                     "seed": seed, "layers": model_signature({name: (layer.out_channels,) for name, layer in layers.items()}),
                     "batches": len(pairs), "samples": len(pairs.dataset)}
-    state = checkpoint.load_progress(checkpoint_path, "scales-progress", run_settings, device) if checkpoint_path else None
-    if state is not None and int(state["epoch"]) + 1 > epochs:
-        raise checkpoint.CheckpointError(f"{checkpoint_path}: holds {int(state['epoch']) + 1} epochs of progress, more "
-                                         f"than the epochs={epochs} asked for; delete it to start over")
-    if state is not None:
-        with torch.no_grad():
-            for name, beta in named_betas.items():
-                beta.copy_(state["betas"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        for name, layer in layers.items():
-            layer.generator.set_state(state["generators"][name])
-        history = ScaleHistory(loss=list(state["loss"]), beta_mean={k: list(v) for k, v in state["beta_mean"].items()})
-        start = int(state["epoch"]) + 1
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    model.eval()
-    for m in batchnorms(model):
-        m.train(bn == "batch")
+    loop = _ScaleLoop(model, pairs, epochs, device, layers=layers, lr=lr, adam_betas=betas, bn=bn,
+                      checkpoint_path=checkpoint_path, settings=run_settings, progress=progress)
     try:
-        for epoch in range(start, epochs):
-            set_epoch(pairs, epoch)
-            loss_sum, seen = 0.0, 0
-            bar = tqdm(pairs, desc=f"scales {epoch + 1}/{epochs}", disable=None if (progress and distributed.is_main()) else True, leave=False)
-            for step, (x, xk, y) in enumerate(bar):
-                x, xk, y = x.to(device), xk.to(device), y.to(device)
-                # Frozen BN couples no samples, so the knockoff stream runs apart without autograd.
-                logits = split_forward(ddp, x, xk) if bn == "frozen" else ddp(torch.cat([x, xk]))[: x.shape[0]]
-                loss = F.cross_entropy(logits, y)
-                finite = bool(torch.isfinite(loss))
-                if distributed.any_process(not finite):
-                    raise_on_every_process(None if finite else nonfinite_error(
-                        "learn_scales", f"loss became {loss.item()}", epoch, step, model, torch.cat([x, xk])))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for layer in layers.values():
-                    layer.clamp_beta_()
-                # One check of every beta after the update (a single sync): a NaN/Inf gradient or
-                # anything else that corrupted a beta shows up here, at the step that did it. The
-                # gradients are averaged across processes, so every process stops here together.
-                finite = torch.stack([torch.isfinite(beta).all() for beta in named_betas.values()])
-                if not bool(finite.all()):
-                    name = list(named_betas)[int((~finite).nonzero()[0])]
-                    grad = named_betas[name].grad
-                    cause = "its gradient was NaN/Inf" if grad is not None and not bool(torch.isfinite(grad).all()) else "its gradient was finite"
-                    raise NonFiniteError(f"learn_scales: beta of layer {name!r} became NaN/Inf at epoch {epoch}, step {step} ({cause})")
-                loss_sum += loss.item() * y.numel()
-                seen += y.numel()
-                means = [float(b.detach().mean()) for b in named_betas.values()]
-                bar.set_postfix(loss=f"{loss.item():.3f}", beta=f"{min(means):.2f}/{sum(means) / len(means):.2f}/{max(means):.2f}")
-            totals = distributed.all_reduce_sum(torch.tensor([loss_sum, float(seen)], dtype=torch.float64))
-            history.loss.append(totals[0].item() / max(totals[1].item(), 1.0))
-            for name, beta in named_betas.items():
-                history.beta_mean[name].append(float(beta.detach().mean()))
-            if checkpoint_path and distributed.is_main():
-                checkpoint.save_progress(checkpoint_path, "scales-progress", run_settings, {
-                    "betas": {name: beta.detach().cpu() for name, beta in named_betas.items()},
-                    "optimizer": optimizer.state_dict(),
-                    "generators": {name: layer.generator.get_state() for name, layer in layers.items()},
-                    "loss": history.loss, "beta_mean": history.beta_mean, "epoch": epoch,
-                })
-            distributed.barrier()
+        loop.run()
     finally:
-        for p, flag in trainable.items():
-            p.requires_grad_(flag)
-        for i, m in enumerate(batchnorms(model)):
-            m.load_state_dict(bn_state[i])
+        restore()
         for layer in layers.values():
             layer.bias_shard = (0, 1)
-        model.eval()
-    return history
+    return loop.history
+
+
+class _ScaleLoop(EpochLoop):
+    """:func:`learn_scales`'s epochs: Adam on the betas only, each clamped to [0, 1] after every step."""
+
+    def __init__(self, model, pairs, epochs, device, *, layers, lr, adam_betas, bn, **kw):
+        super().__init__("scales", model, pairs, epochs, device, error_name="learn_scales", **kw)
+        self.layers, self.bn = layers, bn
+        self.named_betas = {name: layer.beta for name, layer in layers.items()}
+        self.optimizer = torch.optim.Adam(self.named_betas.values(), lr=lr, betas=adam_betas)
+        self.history = ScaleHistory(beta_mean={name: [] for name in layers})
+
+    def start_epoch(self, epoch):
+        self.model.eval()
+        for m in batchnorms(self.model):
+            m.train(self.bn == "batch")
+        self.loss_sum, self.seen = 0.0, 0
+
+    def forward(self, batch):
+        x, xk, self.y = (t.to(self.device) for t in batch)
+        # Frozen BN couples no samples, so the knockoff stream runs apart without autograd.
+        if self.bn == "frozen":
+            return F.cross_entropy(split_forward(self.ddp, x, xk), self.y), torch.cat([x, xk])
+        paired = torch.cat([x, xk])
+        return F.cross_entropy(self.ddp(paired)[: x.shape[0]], self.y), paired
+
+    def update(self, loss, epoch, step):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        for layer in self.layers.values():
+            layer.clamp_beta_()
+        # One check of every beta after the update (a single sync): a NaN/Inf gradient or
+        # anything else that corrupted a beta shows up here, at the step that did it. The
+        # gradients are averaged across processes, so every process stops here together.
+        finite = torch.stack([torch.isfinite(beta).all() for beta in self.named_betas.values()])
+        if not bool(finite.all()):
+            name = list(self.named_betas)[int((~finite).nonzero()[0])]
+            grad = self.named_betas[name].grad
+            cause = "its gradient was NaN/Inf" if grad is not None and not bool(torch.isfinite(grad).all()) else "its gradient was finite"
+            raise NonFiniteError(f"learn_scales: beta of layer {name!r} became NaN/Inf at epoch {epoch}, step {step} ({cause})")
+        self.loss_sum += loss.item() * self.y.numel()
+        self.seen += self.y.numel()
+        means = [float(b.detach().mean()) for b in self.named_betas.values()]
+        return {"loss": f"{loss.item():.3f}", "beta": f"{min(means):.2f}/{sum(means) / len(means):.2f}/{max(means):.2f}"}
+
+    def end_epoch(self, epoch):
+        totals = distributed.all_reduce_sum(torch.tensor([self.loss_sum, float(self.seen)], dtype=torch.float64))
+        self.history.loss.append(totals[0].item() / max(totals[1].item(), 1.0))
+        for name, beta in self.named_betas.items():
+            self.history.beta_mean[name].append(float(beta.detach().mean()))
+
+    def state_dict(self):
+        return {"betas": {name: beta.detach().cpu() for name, beta in self.named_betas.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "generators": {name: layer.generator.get_state() for name, layer in self.layers.items()},
+                "loss": self.history.loss, "beta_mean": self.history.beta_mean}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            for name, beta in self.named_betas.items():
+                beta.copy_(state["betas"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, layer in self.layers.items():
+            layer.generator.set_state(state["generators"][name])
+        self.history = ScaleHistory(loss=list(state["loss"]), beta_mean={k: list(v) for k, v in state["beta_mean"].items()})
 
 
 class ScaleLearner:
@@ -318,12 +338,7 @@ class ScaleLearner:
         self.layers = scop_layers(self.model)
         if not self.layers:
             raise ValueError("model has no nn.Conv2d left to wrap (all skipped?)")
-        self._trainable = {p: p.requires_grad for p in self.model.parameters()}
-        self._bn_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in batchnorms(self.model)]
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for layer in self.layers.values():
-            layer.beta.requires_grad_(True)
+        self._restore = _train_betas_only(self.model, self.layers)
 
     def parameters(self) -> list[nn.Parameter]:
         """The betas, one (C_out,) Parameter per wrapped conv: all an optimizer should see."""
@@ -349,9 +364,5 @@ class ScaleLearner:
 
     def finish(self) -> dict[str, Tensor]:
         """Unfreeze what was trainable, put the BatchNorm statistics back, return SCOP's scores."""
-        for p, flag in self._trainable.items():
-            p.requires_grad_(flag)
-        for m, state in zip(batchnorms(self.model), self._bn_state):
-            m.load_state_dict(state)
-        self.model.eval()
+        self._restore()
         return ScopImportance()(self.model)

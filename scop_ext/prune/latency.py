@@ -5,10 +5,11 @@ FLOPs are a poor proxy for it. :class:`LatencyModel` times every convolution of 
 a function of its kept input and output widths, at the model's input size and a chosen batch,
 dtype and memory format, and predicts the whole network's latency for any choice of group widths:
 
-    latency(widths) = sum over convs l of T_l(C_in', C_out')  +  rest * (activations' / activations)
+    latency(widths) = sum over convs l of T_l(C_in', C_out')  +  fixed  +  per_element * activations'
 
-where ``rest`` is the measured dense network's time outside its convs (BatchNorm, activations,
-adds, pooling, the classifier), scaled by the convs' output volume. Convs of one shape share
+where the last two terms, the time outside the convs (BatchNorm, activations, adds, pooling, the
+classifier, per-op overheads), are fitted to two measured networks: the dense one and one with
+every group at half width; ``activations'`` is the convs' output volume. Convs of one shape share
 their measurements. Each distinct (shape, C_in', C_out') is measured once and kept in a JSON
 cache keyed by the settings (device name, torch version, threads, dtype, memory format, batch);
 a cache taken under other settings is refused and rebuilt, never used.
@@ -26,74 +27,23 @@ import copy
 import json
 import math
 import os
-import platform
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checkpoint
-from ..layers import restore
-from ..timing import time_ms
-from .surgery import ChannelGroup, is_depthwise, plain_forward
+from ..timing import DTYPES, MEMORY_FORMATS, measure_latency, settings, time_ms
+from .groups import ChannelGroup, is_depthwise, plain_forward
+from .surgery import apply_plan
 
-__all__ = ["ConvShape", "LatencyModel", "conv_timer", "measure_latency", "settings", "latency_models", "latency_section",
-           "measure_after", "MEMORY_FORMATS", "DTYPES"]
+__all__ = ["ConvShape", "LatencyModel", "conv_timer", "cache_file"]
 
-MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STEP_TOLERANCE = 0.03  # relative: a time this much above another is a step, below it is noise
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def settings(device: str | torch.device, dtype: str, memory_format: str, batch: int) -> dict:
-    """The settings a latency table belongs to (its cache key)."""
-    device = torch.device(device)
-    return {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "dtype": dtype, "memory_format": memory_format, "batch": batch}
-
-
-def _runnable(model: nn.Module, fmt: torch.memory_format, dtype: torch.dtype, fold_bn: bool, device) -> nn.Module:
-    model = restore(copy.deepcopy(model)).eval()  # plain convs: SCOP mode would need a paired batch
-    if fold_bn:
-        from torch.fx.experimental.optimization import fuse
-
-        model = fuse(model)
-    return model.to(device=device, dtype=dtype, memory_format=fmt)
-
-
-@torch.no_grad()
-def measure_latency(model: nn.Module, example: Tensor, batch: int, device: str | torch.device, *,
-                    dtype: str = "float32", memory_format: str = "contiguous", fold_bn: bool = False,
-                    min_run_time: float = 0.5) -> float:
-    """Median forward latency in ms of ``model`` on ``batch`` inputs shaped like ``example`` (1, C, H, W).
-
-    The model is run as a plain-conv copy in eval mode, in ``dtype`` and ``memory_format``
-    (weights and input), with every BatchNorm folded into its conv first when ``fold_bn``.
-    """
-    device = torch.device(device)
-    fmt = MEMORY_FORMATS[memory_format]
-    run = _runnable(model, fmt, DTYPES[dtype], fold_bn, device)
-    x = example[:1].expand(batch, *example.shape[1:]).to(device=device, dtype=DTYPES[dtype])
-    x = x.contiguous(memory_format=fmt)
-    return time_ms(lambda: run(x), device, min_run_time)
+STEP_TOLERANCE = 0.05  # relative: a time this much above another is a step, below it is noise
+MAX_CANDIDATES = 10  # widths offered per group: bounds the measuring of (C_in', C_out') pairs
 
 
 # --------------------------------------------------------------------------- the table
@@ -123,7 +73,7 @@ class ConvShape:
 
 
 def conv_timer(device: str | torch.device, dtype: str, memory_format: str, batch: int,
-               min_time: float = 0.05) -> Callable[[ConvShape, int, int], float]:
+               min_time: float = 0.03) -> Callable[[ConvShape, int, int], float]:
     """The default timer: ms of one ``F.conv2d`` of ``shape`` with ``c_in`` -> ``c_out`` channels."""
     device, fmt, dt = torch.device(device), MEMORY_FORMATS[memory_format], DTYPES[dtype]
 
@@ -133,7 +83,8 @@ def conv_timer(device: str | torch.device, dtype: str, memory_format: str, batch
         x = torch.randn(batch, c_in, *shape.in_hw, device=device, dtype=dt).contiguous(memory_format=fmt)
         w = torch.randn(c_out, c_in // groups, *shape.kernel, device=device, dtype=dt).contiguous(memory_format=fmt)
         b = torch.randn(c_out, device=device, dtype=dt) if shape.bias else None
-        return time_ms(lambda: F.conv2d(x, w, b, shape.stride, shape.padding, shape.dilation, groups), device, min_time)
+        return time_ms(lambda: F.conv2d(x, w, b, shape.stride, shape.padding, shape.dilation, groups), device, min_time,
+                       fastest=True)
 
     return timer
 
@@ -196,14 +147,15 @@ class LatencyModel:
     Args:
         model: the network (ScopConv2d layers are timed as plain convs; the model is not changed).
         example_input: a (1, C, H, W) input of the model's size.
-        groups: the prunable channel groups (:attr:`~scop_ext.prune.select.PruningSpace.groups`).
+        groups: the prunable channel groups (:attr:`~scop_ext.prune.space.PruningSpace.groups`).
         batch, dtype, memory_format, device: how the network will run; ``dtype`` in
             :data:`DTYPES`, ``memory_format`` in :data:`MEMORY_FORMATS`.
         fold_bn: the network runs with BatchNorm folded into the convs (the rest term is
             measured that way).
         cache: JSON file of measured points (created or extended; refused under other settings).
         timer: ``(ConvShape, C_in, C_out) -> ms``; defaults to timing ``F.conv2d`` on ``device``.
-        rest: measure the dense network once for the time outside its convs (False: count convs only).
+        measure_network: time the dense network once for the time outside its convs, and allow
+            :meth:`measure_plan` (False: count convs only, nothing but ``timer`` is timed).
         progress: show a progress bar while measuring; log: where cache refusals are reported.
 
     Attributes:
@@ -213,7 +165,7 @@ class LatencyModel:
     def __init__(self, model: nn.Module, example_input: Tensor, groups: Sequence[ChannelGroup], *, batch: int = 64,
                  dtype: str = "float32", memory_format: str = "contiguous", device: str | torch.device = "cpu",
                  fold_bn: bool = False, cache: str | os.PathLike | None = None,
-                 timer: Callable[[ConvShape, int, int], float] | None = None, rest: bool = True,
+                 timer: Callable[[ConvShape, int, int], float] | None = None, measure_network: bool = True,
                  progress: bool = True, log: Callable[[str], None] = print) -> None:
         if dtype not in DTYPES or memory_format not in MEMORY_FORMATS:
             raise ValueError(f"dtype must be one of {list(DTYPES)} and memory_format one of {list(MEMORY_FORMATS)}, "
@@ -226,14 +178,13 @@ class LatencyModel:
         timer = timer or conv_timer(device, dtype, memory_format, batch)
         self._table = _Table(os.fspath(cache) if cache else None, wanted, timer, progress, log)
         self._convs = self._trace(model, example_input)
-        self._rest_per_elem = 0.0
+        self._rest = (0.0, 0.0)  # (fixed ms, ms per output element of the convs)
         self.measured_dense_ms = None
-        if rest:
-            self.measured_dense_ms = measure_latency(model, example_input, batch, device, dtype=dtype,
-                                                     memory_format=memory_format, fold_bn=fold_bn)
-            conv_ms = sum(self._table.ms(c.shape, c.c_in, c.c_out) for c in self._convs)
-            volume = sum(c.c_out * c.out_elems for c in self._convs)
-            self._rest_per_elem = max(self.measured_dense_ms - conv_ms, 0.0) / volume
+        self.measure_network = measure_network
+        self._network = (model, example_input, device, {"dtype": dtype, "memory_format": memory_format, "fold_bn": fold_bn})
+        if measure_network:
+            self.measured_dense_ms = self._measure(model)
+            self._fit_rest()
         self.dense_ms = self.predict(self.sizes)
         self.save()
 
@@ -275,19 +226,21 @@ class LatencyModel:
 
     # ------------------------------------------------------------------ prediction
 
-    def _conv_ms(self, c: _Conv, widths: Sequence[int]) -> float:
+    def _widths_of(self, c: _Conv, widths: Sequence[int]) -> tuple[int, int]:
         c_out = c.c_out if c.out_group is None else widths[c.out_group]
         if c.shape.depthwise:
-            c_in = c_out
-        else:
-            c_in = c.c_in - sum(round(share * (self.sizes[g] - widths[g])) for g, share in c.in_groups)
-        return self._table.ms(c.shape, c_in, c_out) + self._rest_per_elem * c_out * c.out_elems
+            return c_out, c_out
+        return c.c_in - sum(round(share * (self.sizes[g] - widths[g])) for g, share in c.in_groups), c_out
+
+    def _conv_ms(self, c: _Conv, widths: Sequence[int]) -> float:
+        c_in, c_out = self._widths_of(c, widths)
+        return self._table.ms(c.shape, c_in, c_out) + self._rest[1] * c_out * c.out_elems
 
     def predict(self, widths: Sequence[int]) -> float:
         """Predicted latency (ms) with group ``i`` kept at ``widths[i]`` channels."""
         if len(widths) != len(self.groups):
             raise ValueError(f"widths must give one width per group ({len(self.groups)}), got {len(widths)}")
-        return sum(self._conv_ms(c, widths) for c in self._convs)
+        return self._rest[0] + sum(self._conv_ms(c, widths) for c in self._convs)
 
     def widths(self, plan: Mapping[str, Iterable[int]]) -> list[int]:
         """The group widths ``plan`` leaves (a plan made for these groups)."""
@@ -295,6 +248,42 @@ class LatencyModel:
 
     def predict_plan(self, plan: Mapping[str, Iterable[int]]) -> float:
         return self.predict(self.widths(plan))
+
+    def _fit_rest(self) -> None:
+        """The time outside the convs as ``fixed + per_element * conv output volume``, fitted to the
+        dense network and to one with every group at half width (per-op overheads do not shrink
+        with the widths, memory-bound BatchNorm/ReLU/add work does)."""
+        model, x, _, _ = self._network
+        half = [max(1, s // 2) for s in self.sizes]
+        points = []
+        for widths in (self.sizes, half):
+            plan = {c: [g.index[c][k] for k in range(w, g.size) if k in g.index[c]]
+                    for g, w in zip(self.groups, widths) if w < g.size for c in g.convs}
+            try:
+                ms = self.measured_dense_ms if not plan else self._measure(apply_plan(copy.deepcopy(model), x, plan))
+            except ValueError:  # a group that cannot lose its last channels (grouped units): one point only
+                continue
+            volume = sum(c.c_out * c.out_elems if c.out_group is None else widths[c.out_group] * c.out_elems
+                         for c in self._convs)
+            points.append((volume, ms - sum(self._table.ms(c.shape, *self._widths_of(c, widths)) for c in self._convs)))
+        (v1, r1), (v2, r2) = points[0], points[-1]
+        per = max((r1 - r2) / (v1 - v2), 0.0) if v1 != v2 else 0.0
+        self._rest = (r1 - per * v1, per)  # exact at the dense network (fixed < 0: convs run faster in it)
+
+    def _measure(self, model: nn.Module) -> float:
+        _, x, device, how = self._network
+        return measure_latency(model, x, self.batch, device, **how)
+
+    def measure_plan(self, plan: Mapping[str, Iterable[int]], repeats: int = 3) -> tuple[float, float]:
+        """Measured latency (ms) of the network pruned by ``plan`` (on a copy, timed as configured),
+        and its ratio to the dense network's: timed in turns (dense, pruned, ...) ``repeats``
+        times, medians, so a change of load between the two does not enter the ratio."""
+        if not self.measure_network:
+            raise RuntimeError("measure_plan needs a LatencyModel built with measure_network=True")
+        model, x, _, _ = self._network
+        pruned = apply_plan(copy.deepcopy(model), x, plan)
+        pairs = [(self._measure(model), self._measure(pruned)) for _ in range(repeats)]
+        return float(np.median([p for _, p in pairs])), float(np.median([p / d for d, p in pairs]))
 
     def group_ms(self, group: int, width: int, widths: Sequence[int]) -> float:
         """Time of the convs ``group`` touches, with it at ``width`` and the others at ``widths``."""
@@ -338,40 +327,11 @@ class LatencyModel:
             if cost[i] * (1 + STEP_TOLERANCE) < floor:
                 keep.append(allowed[i])
                 floor = cost[i]
-        return sorted(keep)
+        keep.reverse()
+        if len(keep) > MAX_CANDIDATES:  # evenly thinned, the widest kept
+            keep = [keep[round(k * (len(keep) - 1) / (MAX_CANDIDATES - 1))] for k in range(MAX_CANDIDATES)]
+        return keep
 
     def save(self) -> None:
         """Write the measured points to the cache file (if any, and if anything new was measured)."""
         self._table.save()
-
-
-# --------------------------------------------------------------------------- predicted beside measured
-
-
-def latency_models(model: nn.Module, example_input: Tensor, groups: Sequence[ChannelGroup], batch: int,
-                   folder: str | os.PathLike, **kw) -> dict[int, LatencyModel]:
-    """Latency models at batch 1 and at ``batch``, their tables cached in ``folder`` (``kw``: of
-    :class:`LatencyModel`)."""
-    return {b: LatencyModel(model, example_input, groups, batch=b, cache=cache_file(folder, b), **kw)
-            for b in sorted({1, batch})}
-
-
-def latency_section(models: Mapping[int, LatencyModel], plan: Mapping[str, Iterable[int]], **settings) -> dict:
-    """Per batch, the predicted latency (ms) of the dense network and of ``plan``, and the measured
-    dense one; ``settings`` (dtype, memory_format, fold_bn) are stored beside them for :func:`measure_after`."""
-    batches = {}
-    for b, lat in models.items():
-        batches[str(b)] = {"predicted_before": lat.dense_ms, "measured_before": lat.measured_dense_ms,
-                           "predicted_after": lat.predict_plan(plan)}
-        lat.save()
-    return {**settings, "batches": batches}
-
-
-def measure_after(section: dict, model: nn.Module, example: Tensor, device: str | torch.device) -> dict:
-    """Fill ``measured_after`` of every batch of a :func:`latency_section` with ``model`` (pruned) timed
-    under the section's settings; returns the section, with ``error`` = predicted / measured - 1."""
-    for b, row in section["batches"].items():
-        row["measured_after"] = measure_latency(model, example, int(b), device, dtype=section["dtype"],
-                                                memory_format=section["memory_format"], fold_bn=section["fold_bn"])
-        row["error"] = row["predicted_after"] / row["measured_after"] - 1
-    return section

@@ -1,11 +1,9 @@
 """Selection policies: from per-channel scores to a pruning plan (DESIGN.md §1, stage 3).
 
-A :class:`PruningSpace` holds what can be pruned: the coupled channel groups of the model
-(:func:`~scop_ext.prune.surgery.channel_groups`), minus ignored layers, and the per-layer FLOPs
-needed to predict the pruned network's FLOPs without pruning it. A policy takes the space and
-the scores of an importance criterion and returns a plan, ``{conv name: [channel indices to
-remove]}`` (:data:`~scop_ext.prune.surgery.Plan`), which :func:`~scop_ext.prune.surgery.apply_plan`
-executes.
+A policy takes a :class:`~scop_ext.prune.space.PruningSpace` (what can be pruned, and the FLOPs
+of the result) and the scores of an importance criterion and returns a plan, ``{conv name:
+[channel indices to remove]}`` (:data:`~scop_ext.prune.groups.Plan`), which
+:func:`~scop_ext.prune.surgery.apply_plan` executes.
 
 **Coupled groups.** Channels that must go together (residual adds, depthwise convs,
 concatenations) are decided together: a group's score for channel ``k`` is the **mean** of the
@@ -24,24 +22,23 @@ so the FDR threshold applies to groups unchanged.
 Ties between equal scores go to the lower channel index (it is kept).
 
 **Grouped convs.** A group meeting a grouped conv's slices loses channels a whole unit at a
-time (:attr:`~scop_ext.prune.surgery.ChannelGroup.units`): each unit scores the mean of its
+time (:attr:`~scop_ext.prune.groups.ChannelGroup.units`): each unit scores the mean of its
 channels, and a policy's kept count is rounded up to whole units.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._checks import check_counts
-from .flops import flops_by_module
 from .knapsack import choose_widths
-from .surgery import ChannelGroup, Plan, is_depthwise, plain_forward, traced_groups
+from .groups import ChannelGroup, Plan
+from .space import PruningSpace
 
 __all__ = [
     "PruningSpace",
@@ -56,133 +53,6 @@ __all__ = [
     "policy_names",
     "cuts",
 ]
-
-
-class PruningSpace:
-    """The channel groups of ``model`` a policy may prune, and the FLOPs to predict the result.
-
-    Args:
-        model: the network (ScopConv2d layers are traced in plain mode; the model is not changed).
-        example_input: a plain (N, C, H, W) batch; FLOPs are counted on it.
-        ignored_layers: conv names or ``fnmatch`` patterns (``"conv1"``, ``"*.shortcut.0"``); a
-            group containing a matching conv is not pruned. The classifier (any linear layer's
-            outputs, and anything feeding the model output) is never pruned.
-        block_width: ``"prune"``, ``"keep"`` or ``"scatter"`` (the authors' scheme), see
-            :mod:`scop_ext.prune.surgery`; pass the same to
-            :func:`~scop_ext.prune.surgery.apply_plan`.
-
-    Attributes:
-        groups: the prunable :class:`~scop_ext.prune.surgery.ChannelGroup` s.
-        refused: ``{root conv: why its group is not in groups}`` for the other groups.
-        base_flops: FLOPs (= 2 x MACs) of the unpruned model on ``example_input``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        example_input: Tensor,
-        *,
-        ignored_layers: Iterable[str] = (),
-        block_width: str = "prune",
-    ) -> None:
-        if isinstance(ignored_layers, str):
-            raise ValueError("ignored_layers must be a list of names/patterns, not a single string")
-        patterns = list(ignored_layers)
-        groups, self.refused = traced_groups(model, example_input, block_width)
-        self.groups: list[ChannelGroup] = []
-        for g in groups:
-            if any(fnmatch.fnmatchcase(c, p) for c in g.convs for p in patterns):
-                self.refused[g.convs[0]] = "it holds a conv of ignored_layers"
-            else:
-                self.groups.append(g)
-        with plain_forward(model), torch.no_grad():
-            self._layer_flops = flops_by_module(model, example_input)
-        self.base_flops = sum(self._layer_flops.values())
-        # Shapes are copied, not referenced: the model may be pruned in place afterwards.
-        self._shapes = {}  # name: (C_in, C_out, groups, depthwise) of every conv and linear layer
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Conv2d):
-                self._shapes[name] = (m.in_channels, m.out_channels, m.groups, is_depthwise(m))
-            elif isinstance(m, nn.Linear):
-                self._shapes[name] = (m.in_features, m.out_features, 1, False)
-
-    def group_scores(self, scores: Mapping[str, Tensor]) -> list[Tensor | None]:
-        """Per group, the (size,) mean of its members' scores (None when no member is scored)."""
-        result = []
-        for g in self.groups:
-            total = torch.zeros(g.size, dtype=torch.float64)
-            count = torch.zeros(g.size, dtype=torch.float64)
-            for conv in g.convs:
-                if conv not in scores:
-                    continue
-                s = torch.as_tensor(scores[conv]).detach().to("cpu", torch.float64).flatten()
-                width = self._shapes[conv][1]
-                if s.numel() != width:
-                    raise ValueError(
-                        f"scores[{conv!r}] has {s.numel()} entries, expected {width} (one per output channel)"
-                    )
-                k = torch.tensor(list(g.index[conv]))
-                total[k] += s[torch.tensor(list(g.index[conv].values()))]
-                count[k] += 1
-            mean = total / count if bool((count > 0).all()) else None
-            if mean is not None and g.units:  # a unit is removed whole, so it has one score
-                for u in g.units:
-                    mean[list(u)] = mean[list(u)].mean()
-            result.append(mean)
-        return result
-
-    def _to_plan(self, removed: Mapping[int, Iterable[int]]) -> Plan:
-        """The plan removing, per group number, the given group channels."""
-        plan = {}
-        for i, channels in removed.items():
-            g = self.groups[i]
-            channels = sorted(set(channels))
-            if not channels:
-                continue
-            for conv in g.convs:
-                plan[conv] = sorted(g.index[conv][k] for k in channels if k in g.index[conv])
-        return plan
-
-    def flops(self, plan: Mapping[str, Iterable[int]]) -> int:
-        """FLOPs (= 2 x MACs) the model will have on ``example_input`` after ``apply_plan(plan)``.
-
-        ``plan`` is one made for this space (entries outside its groups are not counted). Exact
-        for networks whose counted FLOPs are all in convs and linear layers (CNNs): each such
-        layer costs ``base * (C_in'/groups') * C_out' / ((C_in/groups) * C_out)``.
-        """
-        lost_out, lost_in = {}, {}
-        for g in self.groups:
-            channels = None
-            for conv in g.convs:
-                if conv in plan:
-                    inverse = {c: k for k, c in g.index[conv].items()}
-                    channels = {inverse[c] for c in plan[conv]}
-                    break
-            if not channels:
-                continue
-            for layer, kind, group_channels in g.shrinks:
-                n = sum(1 for k in group_channels if k in channels)
-                if kind in ("out", "depthwise"):
-                    lost_out[layer] = lost_out.get(layer, 0) + n
-                if kind == "in":
-                    lost_in[layer] = lost_in.get(layer, 0) + n
-        total = self.base_flops
-        for name in set(lost_out) | set(lost_in):
-            if name not in self._layer_flops:
-                continue  # a layer that did not run in the traced forward costs nothing
-            c_in, c_out, groups, depthwise = self._shapes[name]
-            per_in = c_in // groups
-            # A depthwise conv keeps one input channel per group; other convs keep `groups` and
-            # (C_in') // groups input channels per group, as torch-pruning does.
-            new_per_in = per_in if depthwise else (c_in - lost_in.get(name, 0)) // groups
-            new_out = c_out - lost_out.get(name, 0)
-            base = self._layer_flops[name]
-            total += base // (per_in * c_out) * (new_per_in * new_out) - base
-        return total
-
-    def reduction(self, plan: Mapping[str, Iterable[int]]) -> float:
-        """Fraction of FLOPs ``plan`` removes: ``1 - flops(plan) / base_flops``."""
-        return 1.0 - self.flops(plan) / self.base_flops
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -355,13 +225,7 @@ def flops_target(
             prunable groups allow, or ``round_to`` makes the steps too coarse); the message gives
             the closest reduction found.
     """
-    if not 0.0 < reduction < 1.0:
-        raise ValueError(f"reduction must be in (0, 1), got {reduction}")
-    if not tolerance > 0:
-        raise ValueError(f"tolerance must be > 0, got {tolerance}")
-    if search not in ("uniform", "global_ranking"):
-        raise ValueError(f"search must be 'uniform' or 'global_ranking', got {search!r}")
-    _check_common(min_channels, round_to)
+    _check_flops_target(reduction, tolerance, search, min_channels, round_to)
     group_scores = _scored(space, scores)
     order = _global_order(space, group_scores, normalize, min_channels) if search == "global_ranking" else []
 
@@ -393,18 +257,50 @@ def flops_target(
             return plan
         lo, hi = (mid, hi) if achieved < reduction else (lo, mid)
     # One step of the ratio jumps over the target: finish group by group from the lower side.
-    keep, below = keep_at(lo), evaluate(keep_at(lo))[1]
-    upper = keep_at(hi)
+    keep = keep_at(lo)
+    moves = _finishing_moves(space, search, keep, keep_at(hi), order, evaluate)
+    plan, closest = _take_moves(keep, moves, evaluate, reduction, tolerance, evaluate(keep)[1])
+    if plan is not None:
+        return plan
+    raise ValueError(
+        f"no {search} plan reaches a FLOPs reduction of {reduction:.4f} within {tolerance}: the closest from "
+        f"below is {closest:.4f} (loosen min_channels/round_to/ignored_layers, or the tolerance)"
+    )
+
+
+def _check_flops_target(reduction: float, tolerance: float, search: str, min_channels: int, round_to: int) -> None:
+    if not 0.0 < reduction < 1.0:
+        raise ValueError(f"reduction must be in (0, 1), got {reduction}")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    if search not in ("uniform", "global_ranking"):
+        raise ValueError(f"search must be 'uniform' or 'global_ranking', got {search!r}")
+    _check_common(min_channels, round_to)
+
+
+def _finishing_moves(space: PruningSpace, search: str, keep: dict[int, int], upper: dict[int, int], order: list[int],
+                     evaluate: Callable[[dict[int, int]], tuple[Plan, float]]) -> list[tuple[int, int]]:
+    """One-group moves (group, kept count) from ``keep`` towards ``upper``: for ``"uniform"`` each
+    group's next step, largest FLOPs saving first; for ``"global_ranking"`` the next channels in
+    ranking ``order``."""
     if search == "uniform":
+        below = evaluate(keep)[1]
         steps = [i for i in keep if upper[i] < keep[i]]
         saving = {i: evaluate({**keep, i: upper[i]})[1] - below for i in steps}
-        moves = [(i, upper[i]) for i in sorted(steps, key=lambda i: -saving[i])]
-    else:
-        removed = sum(space.groups[i].size - keep[i] for i in keep)
-        moves, taken = [], dict(keep)
-        for i in order[removed:]:
-            taken[i] -= 1
-            moves.append((i, taken[i]))
+        return [(i, upper[i]) for i in sorted(steps, key=lambda i: -saving[i])]
+    removed = sum(space.groups[i].size - keep[i] for i in keep)
+    moves, taken = [], dict(keep)
+    for i in order[removed:]:
+        taken[i] -= 1
+        moves.append((i, taken[i]))
+    return moves
+
+
+def _take_moves(keep: dict[int, int], moves: list[tuple[int, int]], evaluate: Callable[[dict[int, int]], tuple[Plan, float]],
+                reduction: float, tolerance: float, below: float) -> tuple[Plan | None, float]:
+    """Apply ``moves`` (group, kept count) to ``keep`` in order, skipping a group once a move of
+    it would overshoot ``reduction + tolerance``; ``(plan, reduction)`` at the first move that
+    lands within ``tolerance``, else ``(None, the closest reduction from below)``."""
     closest, blocked = below, set()
     for i, count in moves:
         if i in blocked:
@@ -415,12 +311,9 @@ def flops_target(
             continue
         keep[i] = count
         closest = achieved
-        if on_target(achieved):
-            return plan
-    raise ValueError(
-        f"no {search} plan reaches a FLOPs reduction of {reduction:.4f} within {tolerance}: the closest from "
-        f"below is {closest:.4f} (loosen min_channels/round_to/ignored_layers, or the tolerance)"
-    )
+        if abs(achieved - reduction) <= tolerance:
+            return plan, achieved
+    return None, closest
 
 
 def latency_target(
@@ -431,6 +324,7 @@ def latency_target(
     latency_reduction: float | None = None,
     latency_ms: float | None = None,
     normalize: str | None = None,
+    calibrate: int = 2,
     min_channels: int = 1,
     round_to: int = 1,
 ) -> Plan:
@@ -447,6 +341,10 @@ def latency_target(
         latency_ms: or as absolute milliseconds at the model's batch (give exactly one).
         normalize: as in :func:`global_ranking` (``"max"`` for criteria whose scale differs per
             layer); scores are then shifted so the lowest is 0, so every kept channel adds value.
+        calibrate: rounds of measuring the chosen network (for ``latency_reduction``: its ratio
+            to the dense network, timed in turns) and solving again with the budget divided by
+            measured / target, until within 2% (only for a latency model that times the
+            network; 0: trust the prediction).
         min_channels, round_to: see the module docstring.
 
     Raises:
@@ -476,14 +374,26 @@ def latency_target(
         allowed = sorted({_n_keep(g.size, w, min_channels, round_to) for w in range(1, g.size + 1)})
         values.append({w: gains[w] for w in latency_model.candidates(i, allowed)})
     budget = latency_ms if latency_ms is not None else (1 - latency_reduction) * latency_model.dense_ms
-    widths = choose_widths(latency_model, values, budget)
-    latency_model.save()
-    if widths is None:
-        floor = latency_model.predict([min(v) for v in values])
-        raise ValueError(f"a latency of {budget:.3f} ms is out of reach: the narrowest allowed widths predict "
-                         f"{floor:.3f} ms (lower min_channels/round_to or remove entries from ignored_layers)")
-    keep = {i: w for i, w in enumerate(widths) if group_scores[i] is not None}
-    return _plan_from_keep(space, group_scores, keep, min_channels, round_to)
+    aim, plan = budget, None
+    for _ in range(1 + (calibrate if latency_model.measure_network else 0)):
+        widths = choose_widths(latency_model, values, aim)
+        latency_model.save()
+        if widths is None:
+            if plan is not None:
+                break  # the last plan is as close as the groups allow
+            floor = latency_model.predict([min(v) for v in values])
+            raise ValueError(f"a latency of {aim:.3f} ms is out of reach: the narrowest allowed widths predict "
+                             f"{floor:.3f} ms (lower min_channels/round_to or remove entries from ignored_layers)")
+        keep = {i: w for i, w in enumerate(widths) if group_scores[i] is not None}
+        plan = _plan_from_keep(space, group_scores, keep, min_channels, round_to)
+        if not calibrate or not latency_model.measure_network:
+            break
+        measured, ratio = latency_model.measure_plan(plan)
+        error = ratio / (1 - latency_reduction) if latency_ms is None else measured / latency_ms
+        if abs(error - 1) <= 0.02:
+            break
+        aim /= error  # the model's error at this plan, taken out of the next budget
+    return plan
 
 
 def knockoff_threshold(W: Tensor, q: float, *, offset: int = 1) -> float:
