@@ -50,5 +50,11 @@ bench: build
 demo: build
 	$(VENV)/bin/scop demo --out runs/demo
 
+# On a CUDA machine, in under 8 minutes: build for its GPU, run the CUDA tests, the CUDA benchmark
+# rows and the demo on cuda; one summary in runs/gpu-check/summary.md. No GPU: one line, exit 1.
+.PHONY: gpu-check
+gpu-check:
+	@PY=$(PY) tools/gpu_check.sh
+
 clean:
 	rm -rf build scop_ext/_C*.so *.egg-info

@@ -7,17 +7,22 @@ Importing the package loads the compiled operators (``torch.ops.scop.*``);
 | stage (DESIGN.md §1) | `STAGES` name | `ScopPruner` step | module |
 |---|---|---|---|
 | 1. knockoff data | `knockoffs` | `fit_knockoffs` | `knockoffs/` |
-| 2. excavating: learn β, weights frozen | `scales` | `convert`, `learn_scales` | `prune/excavate.py` (on `layers.py`, `lemma2.py`) |
-| 3. selecting filters | `select` | `select` | `prune/importance.py`, `prune/groups.py`, `prune/select.py` |
+| 2. excavating: learn β, weights frozen | `scales` | `convert`, `learn_scales` | `prune/excavate.py` (on `layers.py`, `lemma2.py`, `knockoff_stream.py`) |
+| 3. selecting filters | `select` | `select` | `prune/importance.py`, `prune/groups.py`, `prune/space.py`, `prune/select.py` |
 | 4. physical pruning and fine-tuning | `prune`, `finetune` | `prune`, `recalibrate_bn`, `finetune` | `prune/surgery.py`, `train.py` |
 | the report | `report` | `evaluate`, `report` | `report.py` |
 
 Beside the stages: `_ops.py` (the compiled operators; `reference.py` is their plain-PyTorch
-twin), `layers.py` (`ScopConv2d`), `lemma2.py` (the knockoff bias), `config.py` (`PruneConfig`),
-`pipeline.py` (`ScopPruner`, `STAGES`), `cli.py`; generic pieces that baseline training uses as
-much as pruning: `train.py` (`fit`, `evaluate`, `recalibrate_bn`), `export.py` (pickle-free model
-files), `distributed.py` (torchrun), `resources.py` (memory checks), `checkpoint.py`, `data.py`,
-`models.py`, `plots.py`, `prune/flops.py`.
+twin), `layers.py` (`ScopConv2d`), `lemma2.py` (the knockoff bias), `knockoff_stream.py`
+(`split_forward`: the frozen-BN step with the knockoff stream run apart, without autograd);
+the run: `config.py` (`PruneConfig`), `presets.py` (named bundles of settings), `pipeline.py`
+(`ScopPruner`, `STAGES`), `runfolder.py` (its output folder, resume state), `planner.py`
+(`scop plan`, a dry run of stages 3-4), `cli.py`; generic pieces that baseline training uses as
+much as pruning: `epochs.py` (the resumable epoch loop and its NaN checks), `train.py` (`fit`,
+`evaluate`, `recalibrate_bn`), `export.py` (pickle-free model files), `distributed.py`
+(torchrun), `resources.py` (memory checks), `timing.py`, `checkpoint.py`, `data.py`,
+`models.py`, `plots.py` (every figure), `_checks.py`; in `prune/`: `flops.py`, `latency.py` and
+`knapsack.py` (the latency model and its budget), `shuffle.py` (channel shuffles through the dependency graph).
 """
 
 from ._loader import build_info

@@ -8,18 +8,21 @@ carrying a pickled payload is refused rather than executed.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
 import pickle
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
 __all__ = ["FORMAT_VERSION", "TEMP_PREFIX", "CheckpointError", "save", "load", "save_progress", "load_progress",
-           "atomic_write_bytes", "atomic_write_text", "write_json", "differing_keys"]
+           "atomic_write_bytes", "atomic_write_text", "write_json", "malformed", "file_mode", "first_nonfinite",
+           "differing_keys"]
 
 FORMAT_VERSION = 1
 TEMP_PREFIX = ".tmp-"  # files being written; a killed writer leaves one behind, never a half target
@@ -29,27 +32,53 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, corrupt, unsafe, or of the wrong kind/version."""
 
 
+def file_mode() -> int:
+    """The mode a new file gets under the process umask (0o666 & ~umask), as open() gives it."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    The file gets the mode ``open()`` would give it (the umask is honoured: run folders are
+    shared), not mkstemp's 0600.
+
+    Raises:
+        OSError: naming ``path`` itself (not the temporary), e.g. ENOSPC on a full disk; the
+            previous ``path``, if any, is left as it was.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.basename(path))
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.basename(path))
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        # The rename itself lives in the folder's entry: sync it too, or a power cut can undo it.
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        _remove(tmp)
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno or errno.EIO), path) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove(tmp)
         raise
-    # The rename itself lives in the folder's entry: sync it too, or a power cut can undo it.
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+
+def _remove(tmp: str | None) -> None:
+    if tmp is not None and os.path.exists(tmp):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -66,6 +95,12 @@ def _json_default(value):
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def first_nonfinite(state: dict) -> str | None:
+    """The name of the first floating-point tensor of a state_dict that holds NaN or Inf, or None."""
+    return next((k for k, v in state.items()
+                 if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
 
 
 def save(path: str | os.PathLike, kind: str, payload: dict) -> None:
@@ -152,3 +187,16 @@ def differing_keys(saved: dict, ours: dict, ignore: Iterable[str] = ()) -> list[
 def _brief(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+@contextlib.contextmanager
+def malformed(path: str | os.PathLike) -> Iterator[None]:
+    """Turn the KeyError/TypeError/... of restoring a checkpoint whose payload lacks a part, or
+    holds one of the wrong shape, into one CheckpointError naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        what = f"lacks {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        raise CheckpointError(f"{os.fspath(path)}: malformed checkpoint ({what}); delete it to start that step over") from None

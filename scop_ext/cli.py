@@ -10,6 +10,7 @@ with one line and exit status 1.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -60,6 +61,14 @@ def _key_values(pairs: list[str], flag: str) -> dict:
 # ---------------------------------------------------------------------------------- train
 
 def cmd_train(args) -> int:
+    from .runlock import RunLock
+
+    device = _device(args.device)
+    with RunLock(args.out):
+        return _train(args, device)
+
+
+def _train(args, device: str) -> int:
     import torch
 
     from .checkpoint import write_json
@@ -68,7 +77,6 @@ def cmd_train(args) -> int:
     from .models import build_model
     from .train import evaluate, fit, make_loader
 
-    device = _device(args.device)
     torch.manual_seed(args.seed)
     data = load_splits(args.dataset, args.data_root, val_fraction=args.val_fraction)
     info = data.info
@@ -123,10 +131,15 @@ def _config_values(args) -> dict:
     """The PruneConfig keys --config, the flags and --set give, later ones winning."""
     from .config import PruneConfig
 
+    from .export import read_arch
+
     values = PruneConfig.file_values(args.config) if args.config else {}
     for key in PRUNE_FLAGS:
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
+    stem = values.get("weights")
+    if "model" not in values and isinstance(stem, str) and os.path.isfile(stem + ".json"):
+        values["model"] = read_arch(stem)["model"]  # a `scop train` stem names its model: no --model needed
     if args.no_knockoff_bias:
         values["knockoff_bias"] = False
     values.update(_key_values(args.set, "--set"))
@@ -187,17 +200,28 @@ def cmd_plan(args) -> int:
 # ------------------------------------------------------------------------------ knockoffs
 
 def cmd_knockoffs_fit(args) -> int:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from .data import load_dataset
     from .knockoffs import KnockoffGAN, make_generator
+    from .runlock import RunLock
 
     device = _device(args.device)
     gen = make_generator(args.kind, **_key_values(args.option, "--option"))
     gan = isinstance(gen, KnockoffGAN)
     if args.resume and not gan:
         raise ValueError(f"--resume: only --kind gan trains in steps that can be resumed, not {args.kind!r}")
+    with RunLock(args.out):
+        _fit_generator(gen, args, device)
+    print(f"fitted {args.kind} knockoffs on {args.dataset} -> {os.path.join(args.out, 'knockoffs.pt')}")
+    return 0
+
+
+def _fit_generator(gen, args, device: str) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .data import load_dataset
+    from .knockoffs import KnockoffGAN
+
+    gan = isinstance(gen, KnockoffGAN)
     torch.manual_seed(args.seed)
     train, _ = load_dataset(args.dataset, args.data_root, "train", augment=False)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
@@ -205,10 +229,7 @@ def cmd_knockoffs_fit(args) -> int:
         gen.fit(loader, device=device, checkpoint=os.path.join(args.out, "knockoffs-progress.pt"), resume=args.resume)
     else:
         gen.fit(loader)
-    path = os.path.join(args.out, "knockoffs.pt")
-    gen.save(path)
-    print(f"fitted {args.kind} knockoffs on {args.dataset} -> {path}")
-    return 0
+    gen.save(os.path.join(args.out, "knockoffs.pt"))
 
 
 def cmd_knockoffs_check(args) -> int:
@@ -237,10 +258,13 @@ def cmd_report(args) -> int:
 
     path = os.path.join(args.run, "state.json")
     try:
-        with open(path) as f:
-            results = json.load(f)["results"]
-    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a readable scop run state ({exc})") from None
+    results = state.get("results") if isinstance(state, dict) else None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path}: not a scop run state (expected a mapping whose \"results\" is a mapping)")
     out = args.out or args.run
     paths = write_report(out, results)
     print(format_table(results.get("before", {}), results.get("after", {})))
@@ -251,13 +275,22 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
+    from .data import MAX_IMAGE_SIZE
     from .export import export_onnx, export_torchscript, load_model, onnx_missing, save_model
 
+    if not 1 <= args.image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"--image-size must be in 1..{MAX_IMAGE_SIZE}, got {args.image_size}")
     missing = onnx_missing() if args.format in ("onnx", "all") else None
     if missing and args.format == "onnx":
         raise ValueError(f"--format onnx: needs the {missing} package (pip install onnx onnxscript)")
     model, arch = load_model(args.model)
     example = torch.randn(1, arch["in_channels"], args.image_size, args.image_size)
+    try:
+        with torch.no_grad():
+            model(example)
+    except RuntimeError as exc:  # e.g. pooling below 1x1: say so before tracing fails the same way
+        raise ValueError(f"--image-size {args.image_size}: {args.model} cannot run on inputs of that size "
+                         f"({str(exc).strip().splitlines()[0]})") from None
     os.makedirs(args.out, exist_ok=True)
     formats = ["safetensors", "torchscript", "onnx"] if args.format == "all" else [args.format]
     for fmt in formats:
@@ -424,9 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     from .epochs import NonFiniteError
 
     try:
+        _check_out(getattr(args, "out", None))
         return args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+    except (ValueError, CheckpointError) as exc:
         _error(args, exc, "")
+        return 2
+    except OSError as exc:  # FileNotFoundError, a full disk, a read-only or unwritable --out
+        _error(args, _os_message(args, exc), "")
         return 2
     except NonFiniteError as exc:
         _error(args, exc, "; the last complete checkpoint is intact: fix the cause and rerun with --resume"
@@ -435,6 +472,36 @@ def main(argv: list[str] | None = None) -> int:
     except ResourceError as exc:
         _error(args, exc, "")
         return 1
+
+
+def _check_out(out: str | None) -> None:
+    """--out must be a folder or be creatable as one: not a file, nor under one."""
+    if not out:
+        return
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "is a file" if path == os.path.abspath(out) else f"is under {path}, which is a file"
+        raise ValueError(f"--out {out}: {where}, expected a folder")
+
+
+# A full disk stops a command between two atomic writes: every complete file is whole.
+_RESUME = {"prune": "rerun it with --resume", "train": "rerun the same command", "knockoffs": "rerun it (with --resume for --kind gan)"}
+
+
+def _os_message(args, exc: OSError) -> str:
+    if not exc.filename:
+        return str(exc)
+    text = f"{exc.filename}: {exc.strerror or exc}"
+    out = getattr(args, "out", None)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        resume = _RESUME.get(args.command, "rerun it")
+        return f"{text}; the folder is left resumable, every completed step kept: free some space and {resume} to continue"
+    inside = out and os.path.abspath(exc.filename).startswith(os.path.abspath(out))
+    if inside and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return f"{text} (--out must be a folder this user can write)"
+    return text
 
 
 def _error(args, exc: BaseException, hint: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -15,7 +16,7 @@ import torch
 
 from .presets import PRESETS, with_preset
 
-__all__ = ["PruneConfig", "load_yaml"]
+__all__ = ["PruneConfig", "load_json", "load_yaml"]
 
 
 @dataclass
@@ -112,7 +113,7 @@ class PruneConfig:
             raise ValueError(f"{path}: malformed config (not UTF-8 text: byte {exc.start})") from None
         try:
             if path.endswith(".json"):
-                values = json.loads(text)
+                values = load_json(text)
             else:
                 values = load_yaml(text)
         except Exception as exc:  # the parsers' own error types vary; one clear line either way
@@ -140,7 +141,10 @@ class PruneConfig:
             value = getattr(self, f.name)
             if not _has_type(value, hints[f.name]):
                 raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {type(value).__name__} {value!r}")
-        from .knockoffs import generator_kinds
+            where = _nonfinite(value, f.name)
+            if where:  # inf passes "> 0" and NaN fails every range test silently: refuse both by name
+                raise ValueError(f"{where} must be a finite number, got {value!r}")
+        from .knockoffs import generator_kinds, make_generator
         from .prune.importance import criterion_names
         from .timing import DTYPES, MEMORY_FORMATS
         from .prune.select import policy_names
@@ -182,6 +186,10 @@ class PruneConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        try:  # the generator's own constructor is the list of what it takes and accepts
+            make_generator(self.knockoffs, **self.knockoff_options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"knockoff_options: {exc}") from None
 
     def ranking_normalize(self) -> str | None:
         """The ``normalize`` of :func:`~scop_ext.prune.select.global_ranking`.
@@ -217,16 +225,31 @@ class PruneConfig:
         return {**common, **specific}
 
 
+def load_json(text: str) -> Any:
+    """Parse JSON, refusing a key repeated within one object (json.loads keeps the last one
+    silently, so a config would lose the setting written first). Raises ValueError."""
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"duplicate key {repeated[0]!r}")
+        return dict(pairs)
+
+    return json.loads(text, object_pairs_hook=unique)
+
+
 def load_yaml(text: str) -> Any:
-    """Parse YAML with the safe loader and no aliases.
+    """Parse YAML with the safe loader, no aliases and no repeated keys.
 
     Configs are a few flat keys; an alias (``*name``) is never needed there, and a few nested ones
     (the "billion laughs" file) expand into billions of elements as soon as anything walks the
-    result. Raises ``yaml.YAMLError`` on an alias.
+    result. A key given twice in one mapping is an error, not "the last one wins". Raises
+    ``yaml.YAMLError`` on either.
     """
     import yaml
 
-    class NoAliasLoader(yaml.SafeLoader):
+    class StrictLoader(yaml.SafeLoader):
         def compose_node(self, parent, index):
             if self.check_event(yaml.AliasEvent):
                 event = self.peek_event()
@@ -234,7 +257,16 @@ def load_yaml(text: str) -> Any:
                                                   event.start_mark)
             return super().compose_node(parent, index)
 
-    return yaml.load(text, Loader=NoAliasLoader)
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=StrictLoader)
 
 
 def _has_type(value, hint) -> bool:
@@ -258,6 +290,18 @@ def _type_name(hint) -> str:
     hint = typing.get_origin(hint) or hint
     return {type(None): "null", int: "an integer", float: "a number", bool: "true or false", str: "a string",
             dict: "a mapping", list: "a list", tuple: "a list"}[hint]
+
+
+def _nonfinite(value, key: str) -> str | None:
+    """The key (``scales_betas[1]``, ``knockoff_options.lr``) of the first NaN/Inf in ``value``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        found = _nonfinite(v, f"{key}.{k}" if isinstance(value, dict) else f"{key}[{k}]")
+        if found:
+            return found
+    return None
 
 
 def _is_device(name: str) -> bool:

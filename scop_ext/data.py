@@ -14,7 +14,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["DatasetInfo", "digits", "cifar10", "image_folder", "load_dataset", "holdout", "Splits", "load_splits"]
+__all__ = ["DatasetInfo", "MAX_IMAGE_SIZE", "digits", "cifar10", "image_folder", "load_dataset", "holdout", "Splits",
+           "load_splits"]
+
+# Largest edge an image is resized to: one 3 x 4096 x 4096 float32 image is already 200 MB, and a
+# larger size would fail on allocation while loading data, before any memory check could run.
+MAX_IMAGE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -180,8 +185,8 @@ def image_folder(root: str | os.PathLike, split: str = "train", image_size: int 
     from torchvision.datasets import ImageFolder
 
     _check_split(split, ("train", "val"))
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be an int in 1..{MAX_IMAGE_SIZE}, got {image_size!r}")
     folder = os.path.join(os.fspath(root), split)
     if not os.path.isdir(folder):
         raise FileNotFoundError(
@@ -197,9 +202,21 @@ def image_folder(root: str | os.PathLike, split: str = "train", image_size: int 
         [T.ToImage(), *steps, T.ToDtype(torch.float32, scale=True), T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)]
     )
     try:
-        return ImageFolder(folder, transform=transform)
+        return ImageFolder(folder, transform=transform, loader=_read_image)
     except FileNotFoundError as exc:  # ImageFolder's word for "no classes" / "no images"
         raise ValueError(f"{folder!r} is not an image folder tree: {exc}") from exc
+
+
+def _read_image(path: str):
+    """An RGB PIL image; ValueError naming the file when it is not a readable image (a bare PIL
+    error would not say which of thousands of files is damaged)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL's decoders raise all of these
+        raise ValueError(f"{path}: not a readable image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def load_dataset(

@@ -149,12 +149,14 @@ class EpochLoop:
 
         kind, start = f"{self.stage}-progress", 0
         state = checkpoint.load_progress(self.checkpoint_path, kind, self.settings, self.device) if self.checkpoint_path else None
-        if state is not None and int(state["epoch"]) + 1 > self.epochs:
-            raise checkpoint.CheckpointError(f"{self.checkpoint_path}: holds {int(state['epoch']) + 1} epochs of progress, "
-                                             f"more than the epochs={self.epochs} asked for; delete it to start over")
         if state is not None:
-            self.load_state_dict(state)
-            start = int(state["epoch"]) + 1
+            with checkpoint.malformed(self.checkpoint_path):  # a part missing or of the wrong shape: one line
+                if int(state["epoch"]) + 1 > self.epochs:
+                    raise checkpoint.CheckpointError(f"{self.checkpoint_path}: holds {int(state['epoch']) + 1} epochs of "
+                                                     f"progress, more than the epochs={self.epochs} asked for; delete it "
+                                                     "to start over")
+                self.load_state_dict(state)
+                start = int(state["epoch"]) + 1
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if distributed.world_size() > 1 else self.model
         quiet = not (self.progress and distributed.is_main())
         for epoch in range(start, self.epochs):

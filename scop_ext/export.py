@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .models import build_model, check_sizes
 from .prune.surgery import channel_widths, rebuild, scattered_convs
 
-__all__ = ["ARCH_VERSION", "save_model", "load_model", "export_torchscript", "export_onnx", "onnx_missing"]
+__all__ = ["ARCH_VERSION", "save_model", "load_model", "read_arch", "export_torchscript", "export_onnx", "onnx_missing"]
 
 ARCH_VERSION = 1
 
@@ -81,7 +82,35 @@ def read_arch(stem: str | os.PathLike) -> dict:
         raise checkpoint.CheckpointError(f"{path}: malformed model description: {', '.join(wrong)} "
                                          "(model a name, num_classes and in_channels integers >= 1, widths {conv: integer >= 1}, "
                                          "module_versions {module: integer >= 1}, scatter a list of conv names)")
+    try:
+        check_sizes(arch["num_classes"], arch["in_channels"])
+    except ValueError as exc:
+        raise checkpoint.CheckpointError(f"{path}: {exc}") from None
     return arch
+
+
+def _check_tensors(stem: str, arch: dict, weights: str) -> None:
+    """Refuse, before the model is built for real, a weights file that is not the model in
+    ``<stem>.json``: the dense model is built on the meta device (no memory) and each of its
+    convolutions must have its weight in the file (pruning narrows convs, never removes them).
+    A description naming a far larger model than its weights (``vit_h_14`` beside a small net)
+    is caught here instead of after building it."""
+    from safetensors import safe_open
+
+    try:
+        with torch.device("meta"):
+            dense = build_model(arch["model"], arch["num_classes"], arch["in_channels"])
+    except ValueError as exc:
+        raise checkpoint.CheckpointError(f"{stem}.json: describes no model that can be built ({exc})") from None
+    except Exception:  # noqa: BLE001 (an initialiser the meta device lacks, say): the real build still checks
+        return
+    with safe_open(weights, framework="pt") as f:
+        names = set(f.keys())
+    missing = sorted(f"{name}.weight" for name, m in dense.named_modules()
+                     if isinstance(m, nn.Conv2d) and f"{name}.weight" not in names)
+    if missing:
+        raise checkpoint.CheckpointError(f"{weights}: does not match the architecture in {stem}.json: lacks the weights "
+                                         f"of {len(missing)} convolutions of a {arch['model']!r} model, e.g. {missing[0]!r}")
 
 
 def load_model(stem: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -94,9 +123,15 @@ def load_model(stem: str | os.PathLike, map_location: str | torch.device = "cpu"
     if not os.path.isfile(weights):
         raise checkpoint.CheckpointError(f"{weights}: no such weights file")
     try:
+        _check_tensors(os.fspath(stem), arch, weights)
         state = load_file(weights, device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:
+        if isinstance(exc, checkpoint.CheckpointError):
+            raise
         raise checkpoint.CheckpointError(f"{weights}: truncated or corrupt safetensors file ({exc})") from None
+    bad = checkpoint.first_nonfinite(state)
+    if bad is not None:
+        raise checkpoint.CheckpointError(f"{weights}: tensor {bad!r} holds NaN or Inf; the model is unusable")
     try:
         model = rebuild(arch["model"], arch["widths"], arch["num_classes"], arch["in_channels"],
                         scattered=arch.get("scatter", ()))

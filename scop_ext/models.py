@@ -32,10 +32,18 @@ __all__ = [
     "build_model",
     "model_names",
     "example_input",
+    "check_sizes",
+    "MAX_CLASSES",
+    "MAX_IN_CHANNELS",
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
+
+# Bounds on sizes that may come from a file (a model description): beyond them a classifier or a
+# stem is gigabytes before anything could check it. ImageNet-21k has 21,841 classes.
+MAX_CLASSES = 100_000
+MAX_IN_CHANNELS = 1024
 
 
 class BasicBlock(nn.Module):
@@ -121,6 +129,15 @@ class CifarResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layers(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def check_sizes(num_classes, in_channels) -> None:
+    """ValueError naming ``num_classes`` or ``in_channels`` unless each is a positive int within
+    its bound (:data:`MAX_CLASSES`, :data:`MAX_IN_CHANNELS`)."""
+    check_counts(False, num_classes=num_classes, in_channels=in_channels)
+    for name, value, bound in (("num_classes", num_classes, MAX_CLASSES), ("in_channels", in_channels, MAX_IN_CHANNELS)):
+        if value > bound:
+            raise ValueError(f"{name} must be at most {bound}, got {value}")
 
 
 class ChannelShuffle(nn.Module):
@@ -286,7 +303,7 @@ def build_model(name: str, num_classes: int, in_channels: int, weights: str | os
         ValueError: an unknown name, or a weights file that is missing, unreadable, not a
             state_dict, or does not match the architecture (the message names the file).
     """
-    check_counts(False, num_classes=num_classes, in_channels=in_channels)
+    check_sizes(num_classes, in_channels)
     if name in _BUILDERS:
         model = _BUILDERS[name](num_classes=num_classes, in_channels=in_channels)
     elif name.startswith(TORCHVISION_PREFIX):
@@ -365,6 +382,11 @@ def _load_weights(model: nn.Module, name: str, path: str | os.PathLike) -> None:
         raise ValueError(f"weights file {path!r} could not be read as a state_dict: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise ValueError(f"weights file {path!r} does not hold a state_dict (a dict of str -> Tensor)")
+    from .checkpoint import first_nonfinite
+
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise ValueError(f"weights file {path!r}: tensor {bad!r} holds NaN or Inf; the model is unusable")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -17,7 +17,8 @@ last complete stage.
 
 from __future__ import annotations
 
-import json
+import difflib
+import fnmatch
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -30,17 +31,19 @@ from torch.utils.data import DataLoader
 from . import checkpoint, distributed, resources
 from .config import PruneConfig
 from .data import Splits, load_splits
-from .export import load_model, save_model
+from .export import load_model, read_arch, save_model
 from .layers import convert as convert_layers
 from .layers import scop_layers
 from .models import build_model
 from .prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
 from .prune.flops import count_flops, count_params
 from .prune.importance import make_importance
-from .prune.select import Plan, PruningSpace, cuts, make_policy
+from .prune.select import Plan, cuts, make_policy
+from .prune.space import PruningSpace
 from .prune.surgery import apply_plan, channel_widths
 from .report import latency_models, latency_section, measure_after, write_report
 from .runfolder import RunFolder
+from .runlock import RunLock
 from .timing import measure_latency
 from .train import amp_dtype, default_amp, evaluate, fit, make_loader, recalibrate_bn
 
@@ -50,10 +53,50 @@ STAGES = ("knockoffs", "scales", "select", "prune", "finetune", "report")
 
 
 def _load_weights(model_name: str, info, weights: str | None) -> nn.Module:
+    """The trained model. A ``save_model`` stem (the output of ``scop train``) describes its own
+    architecture; a config naming another model is refused rather than recorded beside weights
+    it cannot reload."""
     if weights and os.path.isfile(str(weights) + ".json"):
-        model, _ = load_model(weights)  # a save_model stem (e.g. the output of `scop train`)
+        arch = read_arch(weights)
+        if arch["model"] != model_name:
+            raise ValueError(f"weights {weights}: is a {arch['model']!r} model ({weights}.json), but model is "
+                             f"{model_name!r}; set model to {arch['model']!r}")
+        model, _ = load_model(weights)
         return model
     return build_model(model_name, info.num_classes, info.in_channels, weights=weights)
+
+
+def _check_names(model: nn.Module, key: str, patterns) -> None:
+    """Every name or pattern in ``patterns`` must match a convolution of ``model`` (a typo would
+    otherwise be ignored silently and the layer wrapped or pruned after all)."""
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in convs):
+            near = difflib.get_close_matches(pattern, convs, n=3, cutoff=0.3) or convs[:3]
+            raise ValueError(f"{key}: {pattern!r} names no convolution of the model; nearest: {', '.join(near)}")
+
+
+@torch.no_grad()
+def _sizes(model: nn.Module, example: Tensor, info, what: str) -> tuple[int, int]:
+    """``(num_classes, in_channels)`` the model was built for, checked against the data's: its
+    first convolution's input channels, and the width of its output on ``example``. Saved
+    models record these, not the data's, so they reload; data with more classes than the
+    model has outputs is refused."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    in_channels = info.in_channels if conv is None else conv.in_channels
+    if in_channels != info.in_channels:
+        raise ValueError(f"dataset {info.name!r} has {info.in_channels}-channel images, but {what} takes {in_channels} channels")
+    training = model.training
+    try:
+        num_classes = model.eval()(example).shape[-1]
+    except RuntimeError as exc:  # e.g. images too small for the model's pooling
+        raise ValueError(f"{what} cannot run on the dataset's images of shape {tuple(example.shape[1:])} "
+                         f"({str(exc).strip().splitlines()[0]})") from None
+    finally:
+        model.train(training)
+    if info.num_classes > num_classes:
+        raise ValueError(f"dataset {info.name!r} has {info.num_classes} classes, but {what} has {num_classes} outputs")
+    return num_classes, in_channels
 
 
 Importance = Callable[[nn.Module], Mapping[str, Tensor]]
@@ -99,6 +142,10 @@ class ScopPruner:
         self.train_set, self.train_aug, self.val_set, self.test_set = data.train, data.train_aug, data.val, data.test
         self.model = model.to(self.device)
         self.example = example_input
+        what = f"the model ({config.weights})" if config.weights else "the model"
+        self.num_classes, self.in_channels = _sizes(self.model, example_input.to(self.device), data.info, what)
+        _check_names(self.model, "skip", config.skip)
+        _check_names(self.model, "ignored_layers", config.ignored_layers)
         self.knockoffs = None
         self.plan: dict[str, list[int]] | None = None
         self.results: dict[str, Any] = {"config": config.to_dict(), "notes": []}
@@ -305,14 +352,31 @@ class ScopPruner:
         return paths
 
     def _save_model(self, stem: str) -> None:
-        save_model(self.model, self._path(stem), model_name=self.config.model, num_classes=self.info.num_classes,
-                   in_channels=self.info.in_channels)
+        save_model(self.model, self._path(stem), model_name=self.config.model, num_classes=self.num_classes,
+                   in_channels=self.in_channels)
 
     # ------------------------------------------------------------------ the whole run
 
     def run(self, resume: bool = False) -> dict[str, Any]:
-        """All steps in order; with ``resume`` completed stages are loaded from out_dir instead of rerun."""
+        """All steps in order; with ``resume`` completed stages are loaded from out_dir instead of rerun.
+
+        Process 0 holds out_dir's :class:`~scop_ext.runlock.RunLock` for the whole run, so a
+        second run into the same folder is refused (naming this one's pid) instead of mixing
+        the two; a killed run's lock is free at once, for ``resume``. Without ``resume`` the
+        folder must be empty or hold a run of these same settings: another's is never overwritten.
+        """
+        lock = RunLock(self.out_dir)
+        try:
+            if distributed.is_main():
+                lock.acquire()
+            return self._run(resume)
+        finally:
+            lock.release()
+
+    def _run(self, resume: bool) -> dict[str, Any]:
         if distributed.is_main():
+            if not resume:
+                self.folder.refuse_another_run(self.config.to_dict())
             self.folder.clear(keep_progress=resume)
         else:
             os.makedirs(self.out_dir, exist_ok=True)
@@ -373,8 +437,7 @@ class ScopPruner:
         self.model.to(self.device)
 
     def _load_plan(self):
-        with open(self._path("plan.json")) as f:
-            self.plan = json.load(f)
+        self.plan = self.folder.read_json("plan.json")
 
     def _load_model_stage(self, stem: str):
         self.model, _ = load_model(self._path(stem), map_location=self.device)

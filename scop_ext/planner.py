@@ -29,7 +29,8 @@ from .layers import ScopConv2d, convert, restore
 from .config import PruneConfig
 from .prune.flops import count_flops, count_params
 from .prune.importance import make_importance
-from .prune.select import PruningSpace, make_policy
+from .prune.select import make_policy
+from .prune.space import PruningSpace
 from .prune.surgery import apply_plan, channel_widths, scattered_convs
 from .report import latency_models, latency_section, latency_table, measure_after
 

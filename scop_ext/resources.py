@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["ResourceError", "MemoryEstimate", "available_memory", "estimate_step", "require", "require_step",
-           "format_bytes", "saved_for_backward"]
+__all__ = ["ResourceError", "MemoryEstimate", "available_memory", "autocast_itemsize", "estimate_step", "require",
+           "require_step", "format_bytes", "saved_for_backward"]
 
 # The backward's own transients (the gradient being computed beside the one flowing in, the
 # logits and their gradient) on top of the saved activations, as a fraction of them; measured on
@@ -126,6 +126,28 @@ def saved_for_backward(exclude: set[int] = frozenset()) -> Iterator[list[tuple[i
         yield saved
 
 
+def autocast_itemsize(device: torch.device | str, dtype: torch.dtype) -> int:
+    """Bytes to count per floating activation element of a ``dtype`` autocast step on ``device``.
+
+    ``dtype.itemsize`` where the backend computes convs natively in it: CUDA, and x86 CPUs whose
+    oneDNN has 16-bit kernels (AVX-512 or AMX; the check ATen's convolution makes itself).
+    Elsewhere (AVX2-only x86, oneDNN disabled) autocast still casts and saves 16-bit tensors, but
+    the fallback convolution allocates and frees float32 work buffers at every layer, and glibc's
+    heap keeps them: the process's resident memory over a few steps then grows to what
+    ``dtype.itemsize + 4`` bytes per element predicts (resnet20, 32 px, batch 64, bfloat16: 190 to
+    257 MiB measured over 3 to 6 steps, 225 MiB predicted; tests/test_resources.py forces this
+    path with ``ONEDNN_MAX_CPU_ISA=AVX2``). The buffers live inside the kernels, where no
+    saved-tensor hook or dispatch mode sees them, so the backend is modelled rather than traced.
+    """
+    if torch.device(device).type != "cpu":
+        return dtype.itemsize
+    native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+              torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(dtype)
+    if native is not None and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and native():
+        return dtype.itemsize
+    return dtype.itemsize + torch.float32.itemsize
+
+
 def _saved_activation_bytes(model: nn.Module, batch: torch.Tensor, trainable: Callable[[str], bool],
                             float_itemsize: int | None) -> tuple[int, int]:
     """(bytes of tensors saved for the backward, bytes of the largest) for one step on meta, floating
@@ -147,7 +169,8 @@ def _saved_activation_bytes(model: nn.Module, batch: torch.Tensor, trainable: Ca
 
 
 def estimate_step(model: nn.Module, example: torch.Tensor, *, paired: bool, trainable: Callable[[str], bool],
-                  optimizer_slots: int, probe_batch: int = 8, activation_dtype: torch.dtype | None = None) -> MemoryEstimate:
+                  optimizer_slots: int, probe_batch: int = 8, activation_dtype: torch.dtype | None = None,
+                  device: torch.device | str = "cpu") -> MemoryEstimate:
     """Predict the memory one training step of ``model`` adds, per sample and fixed.
 
     Args:
@@ -159,9 +182,10 @@ def estimate_step(model: nn.Module, example: torch.Tensor, *, paired: bool, trai
         probe_batch: real samples in the traced batch; activations scale linearly from it.
         activation_dtype: the 16-bit type of a mixed-precision step. The meta device runs no
             autocast, so the trace is in full precision; its floating activations are counted at
-            this type's size instead (autocast computes convs and linear layers, and so all that
-            follows them up to the loss, in it), and the 16-bit copies of the conv and linear
-            weights autocast keeps for the step are added.
+            the size :func:`autocast_itemsize` gives for ``device`` (where the backend computes
+            convs natively in 16 bits, autocast runs them and all that follows up to the loss in
+            it), and the 16-bit copies of the conv and linear weights autocast keeps are added.
+        device: where the step runs; only read with ``activation_dtype``.
 
     Raises:
         NotImplementedError, RuntimeError: the model cannot run on the meta device (e.g. it
@@ -180,7 +204,7 @@ def estimate_step(model: nn.Module, example: torch.Tensor, *, paired: bool, trai
     batch = torch.empty((images, *shape), dtype=example.dtype, device="meta")
     try:
         saved, largest = _saved_activation_bytes(model, batch, trainable,
-                                                 activation_dtype.itemsize if activation_dtype is not None else None)
+                                                 None if activation_dtype is None else autocast_itemsize(device, activation_dtype))
     finally:
         for layer, flag in zip(layers, bias_on):
             layer.knockoff_bias = flag
@@ -227,7 +251,7 @@ def require_step(model: nn.Module, example: torch.Tensor, batch_size: int, devic
     """
     try:
         estimate = estimate_step(model, example, paired=paired, trainable=trainable, optimizer_slots=optimizer_slots,
-                                 activation_dtype=activation_dtype)
+                                 activation_dtype=activation_dtype, device=device)
     except (NotImplementedError, RuntimeError) as exc:
         return f"{what}: memory use not predicted ({type(exc).__name__}: {str(exc).splitlines()[0]})"
     if host_cache and torch.device(device).type != "cpu":

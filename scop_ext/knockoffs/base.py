@@ -10,6 +10,7 @@ atomic, read with ``weights_only=True``) of kind ``"knockoff-generator"`` whose 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -244,7 +245,21 @@ def generator_kinds() -> list[str]:
 
 def make_generator(name: str, **kwargs) -> KnockoffGenerator:
     """A generator by name: ``"gaussian"``, ``"gan"``, ``"permutation"`` or ``"external"``;
-    ``kwargs`` go to its constructor."""
+    ``kwargs`` go to its constructor.
+
+    Raises:
+        ValueError: an unknown name, an option the constructor does not take (the message lists
+            those it does) or a value it refuses.
+    """
     if name not in _REGISTRY:
         raise ValueError(f"name must be one of {generator_kinds()}, got {name!r}")
-    return _REGISTRY[name](**kwargs)
+    cls = _REGISTRY[name]
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"{name} knockoffs: {exc}; it takes {', '.join(signature.parameters)}") from None
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a value of the wrong type met a comparison or an arithmetic step
+        raise ValueError(f"{name} knockoffs: an option of the wrong type ({exc})") from None

@@ -42,6 +42,8 @@ from .swap import ResBlock, SwapDiscriminator
 
 __all__ = ["GANSettings", "KnockoffGAN"]
 
+MAX_PARAMETERS = 10**9  # 4 GB of float32 weights, several times the largest GAN a knockoff needs
+
 
 def _downsamplings(hw: tuple[int, int], floor: int = 4) -> int:
     """How many times (h, w) can be halved exactly while staying above ``floor``."""
@@ -201,6 +203,13 @@ class KnockoffGAN(KnockoffGenerator):
         self.shape = shape
         self.layout = (c, *self.work_hw, s.block)
         resnet = s.arch == "resnet"
+        with torch.device("meta"):  # sizes may come from a file: count before anything is allocated
+            count = sum(p.numel() for net in (_Generator(c, s.noise_channels, self.work_hw, s.width, resnet),
+                                              SwapDiscriminator(c, s.block, s.width, resnet))
+                        for p in net.parameters())
+        if count > MAX_PARAMETERS:
+            raise ValueError(f"KnockoffGAN with width={s.width}, noise_channels={s.noise_channels} on {c} channels "
+                             f"would hold {count:.3g} parameters; at most {MAX_PARAMETERS:.0e}")
         with torch.random.fork_rng(devices=[]):  # initialise from our seed, leave the global RNG alone
             torch.manual_seed(s.seed)
             self.G = _Generator(c, s.noise_channels, self.work_hw, s.width, resnet)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import lemma2
+from .._checks import check_counts
 from ..checkpoint import write_json
 from .base import KnockoffGenerator, images_of, pixel_groups, resize
 from .exchangeability import (
@@ -119,6 +120,7 @@ def check(
     """
     if (model is None) != (not layers):
         raise ValueError("model and layers go together: pass both or neither")
+    check_counts(False, n=n)
     if not isinstance(swap_test_steps, int) or swap_test_steps < 0:
         raise ValueError(f"swap_test_steps must be an int >= 0, got {swap_test_steps!r}")
     out_dir = os.fspath(out_dir)

@@ -4,8 +4,8 @@
   frozen, on [real; knockoff] batches); ``ScaleLearner``, the same stage inside your own loop.
 - :mod:`.importance` (stage 3): criteria, ``criterion(model) -> {conv name: (C_out,) scores}``,
   and ``TorchPruningImportance``, any of their scores for Torch-Pruning's own pruners.
-- :mod:`.select` (stage 3): :class:`PruningSpace` (coupled channel groups + FLOPs prediction) and
-  the policies ``uniform``, ``global_ranking``, ``flops_target``, ``latency_target``, ``fdr`` returning a plan
+- :mod:`.space` (stage 3): :class:`PruningSpace` (coupled channel groups + FLOPs prediction).
+- :mod:`.select` (stage 3): the policies ``uniform``, ``global_ranking``, ``flops_target``, ``latency_target``, ``fdr`` returning a plan
   ``{conv name: [channel indices to remove]}``, and ``cuts`` (where a plan cut each group).
 - :mod:`.groups`: the coupled channel groups (:class:`ChannelGroup`, ``channel_groups``) and what
   ``block_width`` prune, keep and scatter (the authors' scheme) make of the residual ones.
@@ -31,8 +31,8 @@ from .importance import (
     following_batchnorm,
     make_importance,
 )
+from .space import PruningSpace
 from .select import (
-    PruningSpace,
     cuts,
     fdr,
     flops_target,

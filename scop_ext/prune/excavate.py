@@ -111,7 +111,10 @@ def fit_knockoff_biases(model: nn.Module, pairs: DataLoader, device: torch.devic
         s_in = lemma2.estimate_s(torch.cat(real[name]), torch.cat(knock[name]))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            sol = layer.fit_knockoff_bias(s_in, gamma)
+            try:
+                sol = layer.fit_knockoff_bias(s_in, gamma)
+            except ValueError as exc:  # e.g. "weight contains NaN or Inf": say which layer
+                raise ValueError(f"layer {name!r}: {exc}") from None
         for w in caught:  # lemma2.solve does not know which layer it solves for
             warnings.warn(f"layer {name!r}: {w.message}", w.category, stacklevel=2)
         report[name] = {"s_in": s_in, "lambda_max": sol.lambda_max, "gamma": sol.gamma, "margin": sol.margin,

@@ -204,7 +204,7 @@ class TorchPruningImportance(tp.importance.Importance):
         >>> pruner.step()
 
     A group's score for channel ``k`` is the mean of the scores its member convs give ``k``, the
-    rule of :meth:`scop_ext.prune.select.PruningSpace.group_scores`, so with the same ratio the
+    rule of :meth:`scop_ext.prune.space.PruningSpace.group_scores`, so with the same ratio the
     pruner removes the channels :func:`~scop_ext.prune.select.uniform` does. A group with a
     channel no member scores gets None, which Torch-Pruning's pruners skip.
 

@@ -147,7 +147,7 @@ class LatencyModel:
     Args:
         model: the network (ScopConv2d layers are timed as plain convs; the model is not changed).
         example_input: a (1, C, H, W) input of the model's size.
-        groups: the prunable channel groups (:attr:`~scop_ext.prune.select.PruningSpace.groups`).
+        groups: the prunable channel groups (:attr:`~scop_ext.prune.space.PruningSpace.groups`).
         batch, dtype, memory_format, device: how the network will run; ``dtype`` in
             :data:`DTYPES`, ``memory_format`` in :data:`MEMORY_FORMATS`.
         fold_bn: the network runs with BatchNorm folded into the convs (the rest term is

@@ -1,11 +1,9 @@
 """Selection policies: from per-channel scores to a pruning plan (DESIGN.md §1, stage 3).
 
-A :class:`PruningSpace` holds what can be pruned: the coupled channel groups of the model
-(:func:`~scop_ext.prune.groups.channel_groups`), minus ignored layers, and the per-layer FLOPs
-needed to predict the pruned network's FLOPs without pruning it. A policy takes the space and
-the scores of an importance criterion and returns a plan, ``{conv name: [channel indices to
-remove]}`` (:data:`~scop_ext.prune.groups.Plan`), which :func:`~scop_ext.prune.surgery.apply_plan`
-executes.
+A policy takes a :class:`~scop_ext.prune.space.PruningSpace` (what can be pruned, and the FLOPs
+of the result) and the scores of an importance criterion and returns a plan, ``{conv name:
+[channel indices to remove]}`` (:data:`~scop_ext.prune.groups.Plan`), which
+:func:`~scop_ext.prune.surgery.apply_plan` executes.
 
 **Coupled groups.** Channels that must go together (residual adds, depthwise convs,
 concatenations) are decided together: a group's score for channel ``k`` is the **mean** of the
@@ -30,18 +28,17 @@ channels, and a policy's kept count is rounded up to whole units.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._checks import check_counts
-from .flops import flops_by_module
 from .knapsack import choose_widths
-from .groups import ChannelGroup, Plan, is_depthwise, plain_forward, traced_groups
+from .groups import ChannelGroup, Plan
+from .space import PruningSpace
 
 __all__ = [
     "PruningSpace",
@@ -56,133 +53,6 @@ __all__ = [
     "policy_names",
     "cuts",
 ]
-
-
-class PruningSpace:
-    """The channel groups of ``model`` a policy may prune, and the FLOPs to predict the result.
-
-    Args:
-        model: the network (ScopConv2d layers are traced in plain mode; the model is not changed).
-        example_input: a plain (N, C, H, W) batch; FLOPs are counted on it.
-        ignored_layers: conv names or ``fnmatch`` patterns (``"conv1"``, ``"*.shortcut.0"``); a
-            group containing a matching conv is not pruned. The classifier (any linear layer's
-            outputs, and anything feeding the model output) is never pruned.
-        block_width: ``"prune"``, ``"keep"`` or ``"scatter"`` (the authors' scheme), see
-            :mod:`scop_ext.prune.groups`; pass the same to
-            :func:`~scop_ext.prune.surgery.apply_plan`.
-
-    Attributes:
-        groups: the prunable :class:`~scop_ext.prune.groups.ChannelGroup` s.
-        refused: ``{root conv: why its group is not in groups}`` for the other groups.
-        base_flops: FLOPs (= 2 x MACs) of the unpruned model on ``example_input``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        example_input: Tensor,
-        *,
-        ignored_layers: Iterable[str] = (),
-        block_width: str = "prune",
-    ) -> None:
-        if isinstance(ignored_layers, str):
-            raise ValueError("ignored_layers must be a list of names/patterns, not a single string")
-        patterns = list(ignored_layers)
-        groups, self.refused = traced_groups(model, example_input, block_width)
-        self.groups: list[ChannelGroup] = []
-        for g in groups:
-            if any(fnmatch.fnmatchcase(c, p) for c in g.convs for p in patterns):
-                self.refused[g.convs[0]] = "it holds a conv of ignored_layers"
-            else:
-                self.groups.append(g)
-        with plain_forward(model), torch.no_grad():
-            self._layer_flops = flops_by_module(model, example_input)
-        self.base_flops = sum(self._layer_flops.values())
-        # Shapes are copied, not referenced: the model may be pruned in place afterwards.
-        self._shapes = {}  # name: (C_in, C_out, groups, depthwise) of every conv and linear layer
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Conv2d):
-                self._shapes[name] = (m.in_channels, m.out_channels, m.groups, is_depthwise(m))
-            elif isinstance(m, nn.Linear):
-                self._shapes[name] = (m.in_features, m.out_features, 1, False)
-
-    def group_scores(self, scores: Mapping[str, Tensor]) -> list[Tensor | None]:
-        """Per group, the (size,) mean of its members' scores (None when no member is scored)."""
-        result = []
-        for g in self.groups:
-            total = torch.zeros(g.size, dtype=torch.float64)
-            count = torch.zeros(g.size, dtype=torch.float64)
-            for conv in g.convs:
-                if conv not in scores:
-                    continue
-                s = torch.as_tensor(scores[conv]).detach().to("cpu", torch.float64).flatten()
-                width = self._shapes[conv][1]
-                if s.numel() != width:
-                    raise ValueError(
-                        f"scores[{conv!r}] has {s.numel()} entries, expected {width} (one per output channel)"
-                    )
-                k = torch.tensor(list(g.index[conv]))
-                total[k] += s[torch.tensor(list(g.index[conv].values()))]
-                count[k] += 1
-            mean = total / count if bool((count > 0).all()) else None
-            if mean is not None and g.units:  # a unit is removed whole, so it has one score
-                for u in g.units:
-                    mean[list(u)] = mean[list(u)].mean()
-            result.append(mean)
-        return result
-
-    def _to_plan(self, removed: Mapping[int, Iterable[int]]) -> Plan:
-        """The plan removing, per group number, the given group channels."""
-        plan = {}
-        for i, channels in removed.items():
-            g = self.groups[i]
-            channels = sorted(set(channels))
-            if not channels:
-                continue
-            for conv in g.convs:
-                plan[conv] = sorted(g.index[conv][k] for k in channels if k in g.index[conv])
-        return plan
-
-    def flops(self, plan: Mapping[str, Iterable[int]]) -> int:
-        """FLOPs (= 2 x MACs) the model will have on ``example_input`` after ``apply_plan(plan)``.
-
-        ``plan`` is one made for this space (entries outside its groups are not counted). Exact
-        for networks whose counted FLOPs are all in convs and linear layers (CNNs): each such
-        layer costs ``base * (C_in'/groups') * C_out' / ((C_in/groups) * C_out)``.
-        """
-        lost_out, lost_in = {}, {}
-        for g in self.groups:
-            channels = None
-            for conv in g.convs:
-                if conv in plan:
-                    inverse = {c: k for k, c in g.index[conv].items()}
-                    channels = {inverse[c] for c in plan[conv]}
-                    break
-            if not channels:
-                continue
-            for layer, kind, group_channels in g.shrinks:
-                n = sum(1 for k in group_channels if k in channels)
-                if kind in ("out", "depthwise"):
-                    lost_out[layer] = lost_out.get(layer, 0) + n
-                if kind == "in":
-                    lost_in[layer] = lost_in.get(layer, 0) + n
-        total = self.base_flops
-        for name in set(lost_out) | set(lost_in):
-            if name not in self._layer_flops:
-                continue  # a layer that did not run in the traced forward costs nothing
-            c_in, c_out, groups, depthwise = self._shapes[name]
-            per_in = c_in // groups
-            # A depthwise conv keeps one input channel per group; other convs keep `groups` and
-            # (C_in') // groups input channels per group, as torch-pruning does.
-            new_per_in = per_in if depthwise else (c_in - lost_in.get(name, 0)) // groups
-            new_out = c_out - lost_out.get(name, 0)
-            base = self._layer_flops[name]
-            total += base // (per_in * c_out) * (new_per_in * new_out) - base
-        return total
-
-    def reduction(self, plan: Mapping[str, Iterable[int]]) -> float:
-        """Fraction of FLOPs ``plan`` removes: ``1 - flops(plan) / base_flops``."""
-        return 1.0 - self.flops(plan) / self.base_flops
 
 
 # --------------------------------------------------------------------------- shared pieces
