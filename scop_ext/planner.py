@@ -176,9 +176,6 @@ def dry_run(config: PruneConfig, scores: str = "random", *, num_classes: int | N
         and ``latency_batch`` (:func:`~scop_ext.report.latency_section`).
     """
     run = _run_dir(scores)
-    if config.policy == "latency_target":  # its latency model is measured by a run on its device
-        raise ValueError("--policy latency_target: scop plan does not measure latency models; plan with "
-                         "flops_target, uniform, global_ranking or fdr")
     model, num_classes, in_channels = _load(config, num_classes, in_channels)
     x = models.example_input(config.model, in_channels)
     if image_size is not None:

@@ -118,7 +118,6 @@ def test_plan_text_output():
     (["--block-width", "wide"], "block_width must be one of prune, keep, scatter"),
     (["--set", "keep_block_width=true"], "keep_block_width was replaced by block_width"),
     (["--num-classes", "0"], "--num-classes must be >= 1"),
-    (["--policy", "latency_target"], "--policy latency_target: scop plan does not measure latency models"),
     (["--weights", "/no/such.safetensors"], "/no/such.safetensors"),
 ])
 def test_plan_bad_input_is_one_line(args, message, capsys):
