@@ -35,6 +35,7 @@ from .export import load_model, read_arch, save_model
 from .layers import convert as convert_layers
 from .layers import scop_layers
 from .models import build_model
+from .presets import PRESETS
 from .prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
 from .prune.flops import count_flops, count_params
 from .prune.importance import make_importance
@@ -144,7 +145,10 @@ class ScopPruner:
         self.example = example_input
         what = f"the model ({config.weights})" if config.weights else "the model"
         self.num_classes, self.in_channels = _sizes(self.model, example_input.to(self.device), data.info, what)
-        _check_names(self.model, "skip", config.skip)
+        # A preset's own patterns are written for every architecture (CIFAR's shortcut.0 and
+        # torchvision's downsample.0), so only the names a user chose must match this model.
+        generic = PRESETS.get(config.preset, {}).get("skip", []) if config.preset else []
+        _check_names(self.model, "skip", [p for p in config.skip if p not in generic])
         _check_names(self.model, "ignored_layers", config.ignored_layers)
         self.knockoffs = None
         self.plan: dict[str, list[int]] | None = None
