@@ -12,7 +12,6 @@ freed blocks up to 32 MiB for reuse (see ``malloc_for_timing``).
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import re
@@ -20,24 +19,7 @@ import re
 import torch
 
 from scop_ext.resources import saved_for_backward
-from scop_ext.timing import time_ms
-
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc: leave malloc alone
-    _LIBC = None
-
-
-def malloc_for_timing() -> None:
-    """Let glibc keep freed blocks up to 32 MiB for reuse (its dynamic mmap threshold's ceiling,
-    fixed so it does not depend on what ran before) and not hand the heap's free top back to the
-    system: timings then exclude the page faults of re-mapping every activation, which otherwise
-    vary run to run by 2x (with a 64 MiB trim threshold a 2N = 256, 16@32 step, whose tensors
-    are 16 MiB each, still flipped between 40 and 80 ms)."""
-    if _LIBC is not None:
-        _LIBC.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
-        _LIBC.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD
+from scop_ext.timing import LIBC as _LIBC, malloc_for_timing, time_ms  # noqa: F401 (malloc_for_timing: speed.py's)
 
 
 def malloc_for_memory() -> None:

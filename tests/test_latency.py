@@ -66,7 +66,8 @@ def test_cache_reused_under_same_settings(digits, tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("threads", 999), ("torch", "0.0"), ("device", "another chip"),
-                                        ("dtype", "bfloat16"), ("memory_format", "channels_last"), ("batch", 128)])
+                                        ("dtype", "bfloat16"), ("memory_format", "channels_last"), ("batch", 128),
+                                        ("malloc", "system")])
 def test_cache_of_other_settings_is_refused_and_rebuilt(digits, tmp_path, key, value):
     model, x, space = digits
     path = tmp_path / "t.json"
@@ -113,6 +114,49 @@ def test_measured_table_with_the_default_timer(digits, tmp_path, one_thread):
     points = json.loads((tmp_path / "t.json").read_text())["points"]
     assert points and all(v > 0 and math.isfinite(v) for v in points.values())
     assert lat.dense_ms == pytest.approx(lat.measured_dense_ms)  # the rest term closes the gap
+
+
+def test_a_disturbed_first_timing_is_rechecked(digits):
+    """Every point's first timing is 3x too slow (another process was busy): the recheck keeps
+    the undisturbed time, so the table and the steps are those of the undisturbed timer."""
+    model, x, space = digits
+    clean, seen = block_timer(8), set()
+
+    def disturbed(shape, c_in, c_out):
+        first = (shape, c_in, c_out) not in seen
+        seen.add((shape, c_in, c_out))
+        return clean(shape, c_in, c_out) * (3 if first else 1)
+
+    lat, ref = make(model, x, space, disturbed), make(model, x, space, clean)
+    for i, g in enumerate(space.groups):
+        assert lat.candidates(i, range(1, g.size + 1)) == ref.candidates(i, range(1, g.size + 1))
+    assert all(lat._table.points[k] == pytest.approx(v) for k, v in ref._table.points.items())
+
+
+def conv_volume(net, x):
+    """Output elements of every conv of ``net`` for one image (what the rest term scales with)."""
+    volume = []
+    handles = [m.register_forward_hook(lambda m, i, o: volume.append(o[0].numel()))
+               for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        net.eval()(x)
+    for h in handles:
+        h.remove()
+    return sum(volume)
+
+
+def test_rest_term_fits_time_outside_the_convs(resnet20_space, monkeypatch):
+    """Networks whose time is conv sum + 0.7 ms + 2e-5 ms per activation: the fitted rest term
+    predicts a random plan's network exactly (a least-squares line through exact points)."""
+    model, x, space = resnet20_space
+    timer = block_timer()
+    network = lambda net: make(net, x, PruningSpace(net, x), timer).dense_ms + 0.7 + 2e-5 * conv_volume(net, x)  # noqa: E731
+    monkeypatch.setattr(LatencyModel, "_measure", lambda self, net: network(net))
+    lat = LatencyModel(model, x, space.groups, batch=4, timer=timer, progress=False)
+    assert lat.dense_ms == pytest.approx(network(model), rel=1e-9)
+    plan = select(space, RandomImportance(seed=3)(model), "global_ranking", ratio=0.45)
+    pruned = apply_plan(copy.deepcopy(model), x, plan)
+    assert lat.predict_plan(plan) == pytest.approx(network(pruned), rel=1e-9)
 
 
 # ------------------------------------------------------------------------- the knapsack
