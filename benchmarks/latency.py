@@ -1,5 +1,7 @@
 """Latency target: is the pruned network as fast as asked, and what does that cost in accuracy?
 
+0. **The model's error** (``error``): predicted ÷ measured latency ratio (pruned ÷ dense) of
+   networks at random widths (every group its own fraction around a random overall one).
 1. **Measured against target** (``targets``): resnet20, resnet56 and torchvision's resnet18 at
    32x32 (reduced resolution) with random scores (which channels go does not change the time),
    pruned by ``latency_target`` to 30 / 50 / 70% less latency, at batch 64 and batch 1, run as
@@ -14,10 +16,13 @@
    ratio bisected the same way). Top-1 raw, after BN recalibration and after fine-tuning, over seeds.
 
 Times are single-thread (``--threads``), the fastest of 5 blocks per timing (other processes only
-add time); the load average is printed beside the figures.
+add time); the load average is printed beside the figures. ``--models`` / ``--batches`` /
+``--modes`` pick part of the grid, so a long table is measured in several shorter runs: each run's
+rows are kept in ``<cache>/latency-<part>-rows.json`` (a rerun replaces its own rows) and the
+section shows every row with the run it came from.
 
     python benchmarks/latency.py --cache runs/bench-cache                     # print
-    python benchmarks/latency.py --cache runs/bench-cache --write benchmarks/README.md
+    python benchmarks/latency.py --parts targets --models resnet20 --cache runs/bench-cache --write benchmarks/README.md
     python benchmarks/latency.py --quick                                      # smoke run
 """
 
@@ -26,7 +31,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -49,9 +56,7 @@ from scop_ext.timing import measure_latency  # noqa: E402
 MODES = {"eager": ("eager, NCHW", dict(memory_format="contiguous", fold_bn=False)),
          "deploy": ("BN folded + channels_last", dict(memory_format="channels_last", fold_bn=True))}
 TARGETS = (0.3, 0.5, 0.7)
-# (model, batch, mode): the grid trimmed to what a shared 2-core machine runs in minutes.
-CASES = [("resnet20", 64, "eager"), ("resnet20", 64, "deploy"), ("resnet20", 1, "eager"), ("resnet56", 64, "eager"),
-         ("torchvision:resnet18", 64, "eager")]
+MODELS = ("resnet20", "resnet56", "torchvision:resnet18")
 QUICK_CASES = [("resnet20", 64, "eager"), ("resnet20", 1, "deploy")]
 
 
@@ -68,20 +73,24 @@ def timed_ratio(dense, pruned, x, batch: int, repeats: int, **how) -> list[float
 # --------------------------------------------------------------------------- 1. measured against target
 
 
+def latency_model(name: str, batch: int, mode: str, cache: str):
+    """Dense network, example input, pruning space and latency model (and its build seconds)."""
+    torch.manual_seed(0)
+    dense = build_model(name, 10, 3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    space = PruningSpace(dense, x)
+    t = time.time()
+    lat = LatencyModel(dense, x, space.groups, batch=batch, progress=False, **MODES[mode][1],
+                       cache=os.path.join(cache, f"latency-{name.replace(':', '-')}-{mode}-b{batch}.json"))
+    return dense, x, space, lat, time.time() - t
+
+
 def target_rows(cases, targets, cache: str, repeats: int) -> list[dict]:
     rows = []
     for name, batch, mode in cases:
-        torch.manual_seed(0)
-        dense = build_model(name, 10, 3).eval()
-        x = torch.randn(1, 3, 32, 32)
-        space = PruningSpace(dense, x)
+        dense, x, space, lat, build = latency_model(name, batch, mode, cache)
         scores = RandomImportance(seed=0)(dense)
         how = MODES[mode][1]
-        tag = name.replace(":", "-")
-        t = time.time()
-        lat = LatencyModel(dense, x, space.groups, batch=batch, progress=False, **how,
-                           cache=os.path.join(cache, f"latency-{tag}-{mode}-b{batch}.json"))
-        build = time.time() - t
         for target in targets:
             t = time.time()
             try:
@@ -102,20 +111,54 @@ def target_rows(cases, targets, cache: str, repeats: int) -> list[dict]:
     return rows
 
 
+def random_widths(sizes, rng: random.Random) -> list[int]:
+    """Every group at its own fraction within 0.15 of a random overall fraction in [0.3, 1]."""
+    f = rng.uniform(0.3, 1.0)
+    return [max(1, min(s, round(s * rng.uniform(f - 0.15, f + 0.15)))) for s in sizes]
+
+
+def error_rows(cases, plans: int, cache: str, repeats: int) -> list[dict]:
+    rows = []
+    for name, batch, mode in cases:
+        dense, x, space, lat, build = latency_model(name, batch, mode, cache)
+        rng, errors = random.Random(0), []
+        for _ in range(plans):
+            widths = random_widths(lat.sizes, rng)
+            plan = {c: [g.index[c][k] for k in range(w, g.size) if k in g.index[c]]
+                    for g, w in zip(space.groups, widths) if w < g.size for c in g.convs}
+            pruned = apply_plan(copy.deepcopy(dense), x, plan).eval()
+            measured = statistics.median(timed_ratio(dense, pruned, x, batch, repeats, **MODES[mode][1]))
+            errors.append(lat.predict(widths) / lat.dense_ms / measured)
+        rows.append(dict(model=name, batch=batch, mode=mode, errors=errors, build=build, points=lat._table.measured))
+        log(f"  {name} b{batch} {mode}: model error " + " ".join(f"{e:.3f}" for e in errors))
+    return rows
+
+
+def error_table(rows) -> str:
+    header = ["model", "batch", "run as", "plans", "model error (pred ÷ meas): median (range)",
+              "median \|error − 1\|", "build s (points)", "run"]
+    body = [[r["model"], r["batch"], MODES[r["mode"]][0], len(r["errors"]),
+             f"{statistics.median(r['errors']):.3f} ({min(r['errors']):.3f}–{max(r['errors']):.3f})",
+             f"**{statistics.median(abs(e - 1) for e in r['errors']):.3f}**", f"{r['build']:.0f} ({r['points']})",
+             r["run"]] for r in rows]
+    return _report.markdown_table(header, body)
+
+
 def target_table(rows) -> str:
     header = ["model", "batch", "run as", "target ratio", "measured ratio: median (range)", "measured ÷ target",
-              "predicted ratio", "model error (pred ÷ meas)", "FLOPs ratio", "measure + solve s (points)"]
+              "predicted ratio", "model error (pred ÷ meas)", "FLOPs ratio", "measure + solve s (points)", "run"]
     body = []
     for r in rows:
         if "out_of_reach" in r:
             body.append([r["model"], r["batch"], MODES[r["mode"]][0], f"{1 - r['target']:.2f}",
-                         "out of reach: " + r["out_of_reach"].split(":")[1].split("(")[0].strip(), *["–"] * 5])
+                         "out of reach: " + r["out_of_reach"].split(":")[1].split("(")[0].strip(), *["–"] * 5,
+                         r["run"]])
             continue
         m, goal = statistics.median(r["measured"]), 1 - r["target"]
         body.append([r["model"], r["batch"], MODES[r["mode"]][0], f"{goal:.2f}",
                      f"{m:.3f} ({min(r['measured']):.3f}–{max(r['measured']):.3f})", f"**{m / goal:.3f}**",
                      f"{r['predicted']:.3f}", f"{r['predicted'] / m:.3f}", f"{r['flops']:.3f}",
-                     f"{r['build']:.0f} + {r['solve']:.0f} ({r['points']})"])
+                     f"{r['build']:.0f} + {r['solve']:.0f} ({r['points']})", r["run"]])
     return _report.markdown_table(header, body)
 
 
@@ -206,7 +249,11 @@ def accuracy_table(rows, targets) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="targets,accuracy")
+    parser.add_argument("--parts", default="error,targets,accuracy")
+    parser.add_argument("--models", default=",".join(MODELS), help="models of the error and targets parts")
+    parser.add_argument("--batches", default="64,1", help="batches of the targets part (error: 64 only)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"of {list(MODES)}")
+    parser.add_argument("--plans", type=int, default=8, help="random-width networks per case in the error part")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--accuracy-targets", default="0.5", help="latency reductions for the accuracy table")
     parser.add_argument("--train-epochs", type=int, default=15)
@@ -214,25 +261,33 @@ def main(argv=None) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5, help="dense/pruned timing pairs per ratio")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cache", help="folder for baselines and latency tables (default: a temporary folder)")
+    parser.add_argument("--cache", help="folder for baselines, latency tables and rows (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="two cases, one target, one seed, short runs")
-    parser.add_argument("--write", metavar="README",
-                        help="write the tables into this file's `latency-targets` / `latency-accuracy` sections")
+    parser.add_argument("--write", metavar="README", help="write the tables into this file's `latency-error` / "
+                        "`latency-targets` / `latency-accuracy` sections")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases, targets, acc_targets = CASES, TARGETS, tuple(float(t) for t in args.accuracy_targets.split(","))
+    models, modes = args.models.split(","), args.modes.split(",")
+    cases = [(m, int(b), mode) for m in models for b in args.batches.split(",") for mode in modes]
+    targets, acc_targets = TARGETS, tuple(float(t) for t in args.accuracy_targets.split(","))
     if args.quick:
-        cases, targets, args.seeds, args.train_epochs, args.scales_epochs, args.finetune_epochs = \
-            QUICK_CASES, (0.5,), 1, 3, 2, 2
+        cases, targets, args.seeds, args.train_epochs, args.scales_epochs, args.finetune_epochs, args.plans = \
+            QUICK_CASES, (0.5,), 1, 3, 2, 2, 2
     parts = args.parts.split(",")
     with tempfile.TemporaryDirectory() as scratch:
         cache = args.cache or scratch
+        if "error" in parts:
+            run, t = _run_start(), time.time()
+            rows = error_rows([c for c in cases if c[1] == 64] or cases, args.plans, cache, args.repeats)
+            rows, runs = _merge(cache, "error", rows, _run_end(run, t), ("model", "batch", "mode"))
+            _emit(args.write, "latency-error", ["### The latency model's error", "", _runs_text(runs), "",
+                                                error_table(rows), "", ERROR_READING])
         if "targets" in parts:
-            load, t = _baseline.load_line(), time.time()
+            run, t = _run_start(), time.time()
             rows = target_rows(cases, targets, cache, args.repeats)
-            body = ["## Latency target", "", f"`{_report.command_line()}` at {_report.git_revision()}; "
-                    f"{_report.machine()}; {load}; {(time.time() - t) / 60:.1f} min, load average at the end "
-                    f"{_baseline.load_now()}.", "", "### Measured against target", "", target_table(rows), "", READING]
+            rows, runs = _merge(cache, "targets", rows, _run_end(run, t), ("model", "batch", "mode", "target"))
+            body = ["## Latency target", "", "### Measured against target", "", _runs_text(runs), "",
+                    target_table(rows), "", READING]
             _emit(args.write, "latency-targets", body)
         if "accuracy" in parts:
             load, t = _baseline.load_line(), time.time()
@@ -252,11 +307,52 @@ def main(argv=None) -> None:
             _emit(args.write, "latency-accuracy", body)
 
 
+def _run_start() -> dict:
+    return dict(command=_report.command_line(), revision=_report.git_revision(), machine=_report.machine(),
+                load=_baseline.load_line())
+
+
+def _run_end(run: dict, started: float) -> dict:
+    return {**run, "minutes": (time.time() - started) / 60, "load_end": _baseline.load_now()}
+
+
+def _merge(cache: str, part: str, rows: list[dict], run: dict, key: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
+    """This run's rows joined to those earlier runs left in ``<cache>/latency-<part>-rows.json``
+    (a row of the same ``key`` is replaced); every row names its run by number."""
+    path = os.path.join(cache, f"latency-{part}-rows.json")
+    stored = json.load(open(path)) if os.path.exists(path) else {"runs": [], "rows": []}
+    ours = {tuple(r[k] for k in key) for r in rows}
+    kept = [r for r in stored["rows"] if tuple(r[k] for k in key) not in ours]
+    runs = stored["runs"] + [run]
+    merged = kept + [{**r, "run": len(runs)} for r in rows]
+    used = sorted({r["run"] for r in merged})
+    renumber = {old: new for new, old in enumerate(used, 1)}
+    merged = [{**r, "run": renumber[r["run"]]} for r in merged]
+    runs = [runs[old - 1] for old in used]
+    order = {m: i for i, m in enumerate(MODELS)}
+    merged.sort(key=lambda r: (order.get(r["model"], 99), -r["batch"], r["mode"], -r.get("target", 0)))
+    os.makedirs(cache, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"runs": runs, "rows": merged}, f, indent=1)
+    return merged, runs
+
+
+def _runs_text(runs: list[dict]) -> str:
+    return "\n".join(f"Run {i}: `{r['command']}` at {r['revision']}; {r['machine']}; {r['load']}; "
+                     f"{r['minutes']:.1f} min, load average at the end {r['load_end']}.  " for i, r in enumerate(runs, 1))
+
+
 def _emit(readme: str | None, section: str, lines: list[str]) -> None:
     text = "\n".join(lines)
     print(text + "\n")
     if readme:
         _report.write_section(readme, section, text)
+
+
+ERROR_READING = ("Each plan keeps every group at its own fraction (within 0.15) of a random overall fraction in "
+                 "[0.3, 1]; *model error*: the latency model's predicted ratio (pruned ÷ dense) ÷ the measured one, "
+                 "timed in turns as in the targets table (median of the pairs). *build*: seconds to measure the "
+                 "latency model (cold cache unless an earlier part filled it); *points*: table entries measured.")
 
 
 READING = ("*ratio*: latency of the pruned network ÷ the dense one, both timed the same way in turns "
