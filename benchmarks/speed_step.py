@@ -67,11 +67,32 @@ STEP_CASES = [
 FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def _stage2_models(name: str, device: str, bn: str, fmt: torch.memory_format):
+@torch.no_grad()
+def _calibrate_batchnorm(model: nn.Module, px: int, device: str, fmt: torch.memory_format) -> None:
+    """Running statistics of random images, as a pretrained network has its data's. With the
+    initial ones (mean 0, variance 1) frozen BN lets the activations of random weights grow
+    layer by layer (10^4 at ResNet-56's end), the softmax saturates and a few per cent of the
+    gradients are subnormal floats, which the CPU computes many times slower: the frozen rows
+    would time that, not the step."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        model(torch.randn(16, 3, px, px, generator=gen).to(device).contiguous(memory_format=fmt))
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
+
+
+def _stage2_models(name: str, px: int, device: str, bn: str, fmt: torch.memory_format):
     """(dense model, SCOP-converted copy with fitted biases, plain two-branch copy), BN in mode
     ``bn`` as ``learn_scales`` sets it ("batch": over the paired batch; "frozen": eval)."""
     torch.manual_seed(0)
     dense = build_model(name, 10, 3).to(device).to(memory_format=fmt)
+    _calibrate_batchnorm(dense, px, device, fmt)
     scop = convert(copy.deepcopy(dense))
     for layer in scop_layers(scop).values():
         layer.fit_knockoff_bias(torch.full((layer.in_channels,), 0.1))  # any s_in: timing does not depend on it
@@ -115,7 +136,7 @@ def _beta_step(model: nn.Module, forward, x2, y):
 
 def _step_variants(name, device, bn, fmt, x2, y, compiled: bool) -> dict:
     """label -> (step, forward-only) for one model and BN mode; "scop" runs as learn_scales does."""
-    dense, scop, plain = _stage2_models(name, device, bn, fmt)
+    dense, scop, plain = _stage2_models(name, x2.shape[-1], device, bn, fmt)
     n = y.shape[0]
     scop_forward = (lambda x: split_forward(scop, x[:n], x[n:])) if bn == "frozen" else scop
     variants = {
