@@ -254,7 +254,8 @@ def test_pipeline_gan_checkpoints_in_the_run_folder(tmp_path):
 
 
 def test_config_file_and_flags_pick_the_same_default_device(tmp_path):
-    from scop_ext.cli import _device, _prune_config, build_parser
+    from scop_ext.cli import build_parser
+    from scop_ext.cli_config import _device, _prune_config
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("policy: uniform\n")
