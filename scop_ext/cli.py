@@ -16,7 +16,7 @@ import sys
 
 from .cli_commands import (cmd_demo, cmd_export, cmd_info, cmd_knockoffs_check, cmd_knockoffs_fit, cmd_plan,
                            cmd_prune, cmd_report, cmd_train)
-from .cli_config import _add_config_flags
+from .cli_config import add_config_flags
 
 __all__ = ["main"]
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune a trained model with SCOP: knockoffs, scales, selection, surgery, "
                                    "fine-tuning, report. Settings come from --config (YAML/JSON), then flags, "
                                    "then --set KEY=VALUE (any PruneConfig key).")
-    _add_config_flags(p)
+    add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last complete stage")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--device", default=None)
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="what a policy would prune, without training",
                        description="Dry run of selection and surgery: per-layer widths before and after, FLOPs and "
                                    "params reductions. Settings as for `scop prune` (--config, flags, --preset, --set).")
-    _add_config_flags(p)
+    add_config_flags(p)
     p.add_argument("--scores", default="random",
                    help="random (seeded by --seed), l1, or run:<dir> (the learned scales of a `scop prune` run; "
                         "its model and weights unless --model/--weights say otherwise)")

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 
-from .cli_config import _config_values, _device, _key_values, _prune_config
+from .cli_config import config_values, parse_key_values, prune_config, resolve_device
+
+__all__ = ["cmd_demo", "cmd_export", "cmd_info", "cmd_knockoffs_check", "cmd_knockoffs_fit", "cmd_plan", "cmd_prune",
+           "cmd_report", "cmd_train"]
 
 
 # ---------------------------------------------------------------------------------- train
@@ -14,7 +17,7 @@ from .cli_config import _config_values, _device, _key_values, _prune_config
 def cmd_train(args) -> int:
     from .runlock import RunLock
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     with RunLock(args.out):
         return _train(args, device)
 
@@ -53,7 +56,7 @@ def cmd_prune(args) -> int:
     from .pipeline import ScopPruner
     from .report import format_table
 
-    config = _prune_config(args)
+    config = prune_config(args)
     distributed.setup(config.device)
     main = distributed.is_main()  # after teardown every process would call itself the main one
     try:
@@ -71,7 +74,7 @@ def cmd_plan(args) -> int:
     from .config import PruneConfig
     from .planner import dry_run, format_plan, run_defaults
 
-    values = {**run_defaults(args.scores), **_config_values(args), "device": "cpu"}
+    values = {**run_defaults(args.scores), **config_values(args), "device": "cpu"}
     for flag, value in (("--num-classes", args.num_classes), ("--in-channels", args.in_channels),
                         ("--image-size", args.image_size)):
         if value is not None and value < 1:
@@ -88,8 +91,8 @@ def cmd_knockoffs_fit(args) -> int:
     from .knockoffs import KnockoffGAN, make_generator
     from .runlock import RunLock
 
-    device = _device(args.device)
-    gen = make_generator(args.kind, **_key_values(args.option, "--option"))
+    device = resolve_device(args.device)
+    gen = make_generator(args.kind, **parse_key_values(args.option, "--option"))
     gan = isinstance(gen, KnockoffGAN)
     if args.resume and not gan:
         raise ValueError(f"--resume: only --kind gan trains in steps that can be resumed, not {args.kind!r}")
@@ -122,7 +125,7 @@ def cmd_knockoffs_check(args) -> int:
     from .knockoffs import check, load
     from .export import load_model
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     gen = load(args.knockoffs, map_location=device)
     test, _ = load_dataset(args.dataset, args.data_root, "test")
     model, layers = None, None
@@ -219,7 +222,7 @@ def cmd_demo(args) -> int:
     from .report import format_table
 
     start = time.time()
-    device = _device(args.device)
+    device = resolve_device(args.device)
     base = os.path.join(args.out, "baseline")
     if not os.path.exists(os.path.join(base, "model.json")):
         cmd_train(build_parser().parse_args(["train", "--epochs", str(args.train_epochs), "--device", device,

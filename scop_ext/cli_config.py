@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 
+__all__ = ["PRUNE_FLAGS", "add_config_flags", "config_values", "parse_key_values", "prune_config", "resolve_device"]
 
-def _device(name: str | None) -> str:
+
+def resolve_device(name: str | None) -> str:
     import torch
 
     if name is None:
@@ -27,7 +29,7 @@ def _parse_value(text: str):
     return load_yaml(text)
 
 
-def _key_values(pairs: list[str], flag: str) -> dict:
+def parse_key_values(pairs: list[str], flag: str) -> dict:
     values = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -68,7 +70,7 @@ PRUNE_FLAGS = {
 }
 
 
-def _config_values(args) -> dict:
+def config_values(args) -> dict:
     """The PruneConfig keys --config, the flags and --set give, later ones winning."""
     from .config import PruneConfig
 
@@ -83,12 +85,12 @@ def _config_values(args) -> dict:
         values["model"] = read_arch(stem)["model"]  # a `scop train` stem names its model: no --model needed
     if args.no_knockoff_bias:
         values["knockoff_bias"] = False
-    values.update(_key_values(args.set, "--set"))
+    values.update(parse_key_values(args.set, "--set"))
     values["seed"] = args.seed if args.seed is not None else values.get("seed", 0)
     return values
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or JSON file of PruneConfig keys")
     for key, (kind, text) in PRUNE_FLAGS.items():
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=text)
@@ -96,9 +98,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any PruneConfig key (repeatable)")
 
 
-def _prune_config(args):
+def prune_config(args):
     from .config import PruneConfig
 
-    values = _config_values(args)
-    values["device"] = _device(args.device or values.get("device"))
+    values = config_values(args)
+    values["device"] = resolve_device(args.device or values.get("device"))
     return PruneConfig.from_dict(values)
