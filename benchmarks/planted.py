@@ -269,7 +269,7 @@ def run_seed(seed: int, args, log) -> list[dict]:
         if bias:
             fit_knockoff_biases(scop_model, DataLoader(pairs, batch_size=64), "cpu")
         learn_scales(scop_model, make_loader(pairs, 64, shuffle=True, seed=seed), "cpu", epochs=args.scales_epochs,
-                     knockoff_bias=bias, bn=args.bn, seed=seed, progress=False)
+                     use_knockoff_bias=bias, bn=args.bn, seed=seed, progress=False)
         scores[name] = make_importance("scop")(scop_model)
         if bias:
             noise_loss = stage2_loss_vs_noise_beta(scop_model, pairs, labels, seed)

@@ -75,7 +75,7 @@ def _stage2_models(name: str, device: str, bn: str, fmt: torch.memory_format):
     scop = convert(copy.deepcopy(dense))
     for layer in scop_layers(scop).values():
         layer.fit_knockoff_bias(torch.full((layer.in_channels,), 0.1))  # any s_in: timing does not depend on it
-        layer.knockoff_bias = True
+        layer.use_knockoff_bias = True
         layer.generator = None
     plain = copy.deepcopy(scop)
     for lname, layer in list(scop_layers(plain).items()):

@@ -122,8 +122,8 @@ def _autocast_dtype(t: Tensor) -> torch.dtype:
 def _dual_autocast(device_type: str):
     # torch.library.register_autocast casts to one dtype fixed at registration; this follows the
     # region's dtype instead (bfloat16 under autocast("cuda", dtype=torch.bfloat16)), like conv2d.
-    def kernel(input, weight, bias, beta, noise, *conv_args):
-        tensors = [None if t is None else t.to(_autocast_dtype(t)) for t in (input, weight, bias, beta, noise)]
+    def kernel(input, weight, bias, beta, knockoff_bias, *conv_args):
+        tensors = [None if t is None else t.to(_autocast_dtype(t)) for t in (input, weight, bias, beta, knockoff_bias)]
         with torch.autocast(device_type, enabled=False):
             return torch.ops.scop.dual_scaled_conv2d.default(*tensors, *conv_args)
 
@@ -229,14 +229,14 @@ def dual_scaled_conv2d(
 
 
 @torch.library.register_fake("scop::dual_scaled_conv2d")
-def _dual_scaled_conv2d_fake(input, weight, bias, beta, noise, stride, padding, dilation, groups, save_diff):
+def _dual_scaled_conv2d_fake(input, weight, bias, beta, knockoff_bias, stride, padding, dilation, groups, save_diff):
     torch._check(input.dim() == 4 and weight.dim() == 4, lambda: "input and weight must be 4-D")
     torch._check(input.shape[0] % 2 == 0, lambda: "input batch must be 2N")
     torch._check(input.shape[1] == weight.shape[1] * groups, lambda: "input channels do not match weight")
     torch._check(beta.shape == (weight.shape[0],), lambda: "beta must have one entry per output channel")
     # A meta tensor among CPU ones dispatches here, so this kernel must refuse what the real ones refuse.
     torch._check(
-        all(t.device == input.device for t in (weight, bias, beta, noise) if t is not None),
+        all(t.device == input.device for t in (weight, bias, beta, knockoff_bias) if t is not None),
         lambda: "input, weight, bias, beta and knockoff bias must be on one device",
     )
     n2, _, h, w = input.shape
@@ -284,7 +284,7 @@ def conv_input_grad(grad_y: Tensor, weight: Tensor, input_shape: Sequence[int], 
 
 
 def _dual_setup_context(ctx, inputs, output):
-    input, weight, _bias, _beta, _noise, stride, padding, dilation, groups, save_diff = inputs
+    input, weight, _bias, _beta, _knockoff_bias, stride, padding, dilation, groups, save_diff = inputs
     _, diff = output
     ctx.conv_args = (stride, padding, dilation, groups)
     # The flag, not diff.numel(): an empty batch (N = 0) saves an empty diff too.
@@ -305,7 +305,7 @@ def _dual_setup_context(ctx, inputs, output):
 
 def _dual_backward(ctx, grad_out, _grad_diff):
     input, weight, beta, diff = ctx.saved_tensors
-    need_input, need_weight, need_bias, need_beta, need_noise = ctx.needs_input_grad[:5]
+    need_input, need_weight, need_bias, need_beta, need_knockoff_bias = ctx.needs_input_grad[:5]
     if need_beta and not ctx.saved_diff:
         raise RuntimeError(
             "beta requires grad but scop::dual_scaled_conv2d was called with save_diff=False; "
@@ -313,7 +313,7 @@ def _dual_backward(ctx, grad_out, _grad_diff):
         )
     stride, padding, dilation, groups = ctx.conv_args
     grad_y, grad_beta, sums = torch.ops.scop.dual_mix_backward.default(
-        grad_out, beta, diff if need_beta else grad_out.new_empty((0,)), need_beta, need_bias or need_noise
+        grad_out, beta, diff if need_beta else grad_out.new_empty((0,)), need_beta, need_bias or need_knockoff_bias
     )
     grad_input = grad_weight = None
     if need_weight:
@@ -325,8 +325,8 @@ def _dual_backward(ctx, grad_out, _grad_diff):
         grad_input = conv_input_grad(grad_y, weight, ctx.input_shape, stride, padding, dilation, groups)
     # The sums come in opmath precision: reduce first, round to the parameters' dtype last.
     grad_bias = sums.sum(0).to(grad_out.dtype) if need_bias else None
-    grad_noise = sums.view(2, ctx.batch, ctx.channels).transpose(0, 1).to(grad_out.dtype) if need_noise else None
-    return grad_input, grad_weight, grad_bias, (grad_beta if need_beta else None), grad_noise, None, None, None, None, None
+    grad_knockoff_bias = sums.view(2, ctx.batch, ctx.channels).transpose(0, 1).to(grad_out.dtype) if need_knockoff_bias else None
+    return grad_input, grad_weight, grad_bias, (grad_beta if need_beta else None), grad_knockoff_bias, None, None, None, None, None
 
 
 torch.library.register_autograd("scop::dual_scaled_conv2d", _dual_backward, setup_context=_dual_setup_context)

@@ -42,18 +42,18 @@ class _Streams:
         x, padding = layer.padded(input)
         y = F.conv2d(x, layer.weight, layer.bias, layer.stride, padding, layer.dilation, layer.groups)
         if self.recording:
-            noise = layer.draw_knockoff_bias(input.shape[0])
-            if noise is not None:
-                y.add_(noise[:, 1, :, None, None])
-            self.records.setdefault(layer, deque()).append((y, noise))
+            knockoff_bias = layer.draw_knockoff_bias(input.shape[0])
+            if knockoff_bias is not None:
+                y.add_(knockoff_bias[:, 1, :, None, None])
+            self.records.setdefault(layer, deque()).append((y, knockoff_bias))
             return y
         calls = self.records.get(layer)
         if not calls:
             raise RuntimeError("split_forward: a ScopConv2d ran more often on the real images than on the knockoffs; "
                                "the model's forward must not depend on its input's values")
-        y_knock, noise = calls.popleft()
-        if noise is not None:
-            y = y + noise[:, 0, :, None, None]
+        y_knock, knockoff_bias = calls.popleft()
+        if knockoff_bias is not None:
+            y = y + knockoff_bias[:, 0, :, None, None]
         # autograd keeps only the (N, C, H, W) difference (for grad beta) and beta (for grad Y_r);
         # under autocast the mix runs in beta's wider dtype and is rounded once, as the kernels do.
         return (y_knock + layer.beta.view(1, -1, 1, 1) * (y - y_knock)).to(y.dtype)

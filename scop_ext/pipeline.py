@@ -270,7 +270,7 @@ class ScopPruner:
                 "bn=frozen does not")
         history = learn_scales(
             self.model, self._loader(pairs, shuffle=True), self.device, epochs=cfg.scales_epochs, lr=cfg.scales_lr,
-            betas=tuple(cfg.scales_betas), knockoff_bias=cfg.knockoff_bias, bn=cfg.bn, seed=cfg.seed,
+            adam_betas=tuple(cfg.scales_betas), use_knockoff_bias=cfg.knockoff_bias, bn=cfg.bn, seed=cfg.seed,
             checkpoint_path=self._path("scales-progress.pt"), settings=cfg.to_dict(), progress=self.progress,
         )
         self.results["scales_history"] = history.as_dict()

@@ -265,6 +265,7 @@ def test_latency_target_end_to_end_cli(baseline, tmp_path):
     assert "predicted / measured" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow  # ~30 s (measures two latency tables); the prune CLI test above keeps one end to end in make test
 def test_scop_plan_shows_predicted_beside_measured_latency(tmp_path):
     import subprocess
     import sys

@@ -5,8 +5,9 @@
 - :mod:`.importance` (stage 3): criteria, ``criterion(model) -> {conv name: (C_out,) scores}``,
   and ``TorchPruningImportance``, any of their scores for Torch-Pruning's own pruners.
 - :mod:`.space` (stage 3): :class:`PruningSpace` (coupled channel groups + FLOPs prediction).
-- :mod:`.select` (stage 3): the policies ``uniform``, ``global_ranking``, ``flops_target``, ``latency_target``, ``fdr`` returning a plan
-  ``{conv name: [channel indices to remove]}``, and ``cuts`` (where a plan cut each group).
+- :mod:`.select` (stage 3): the policies ``uniform``, ``global_ranking``, ``flops_target``, ``fdr``
+  and (from :mod:`.latency_policy`) ``latency_target``, returning a plan ``{conv name: [channel
+  indices to remove]}``, and ``cuts`` (where a plan cut each group); :mod:`.keep`: what they share.
 - :mod:`.groups`: the coupled channel groups (:class:`ChannelGroup`, ``channel_groups``) and what
   ``block_width`` prune, keep and scatter (the authors' scheme) make of the residual ones.
 - :mod:`.surgery` (stage 4): ``apply_plan`` (physical removal with torch-pruning),

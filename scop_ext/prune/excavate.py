@@ -191,8 +191,8 @@ def learn_scales(
     *,
     epochs: int = 20,
     lr: float = 0.004,
-    betas: tuple[float, float] = (0.5, 0.9),
-    knockoff_bias: bool = True,
+    adam_betas: tuple[float, float] = (0.5, 0.9),
+    use_knockoff_bias: bool = True,
     bn: str = "batch",
     seed: int = 0,
     checkpoint_path: str | None = None,
@@ -206,7 +206,8 @@ def learn_scales(
 
     Args:
         pairs: yields (x, x~, y) with x, x~ of shape (N, C, H, W) (see :func:`pair_dataset`).
-        knockoff_bias: add the Lemma 2 biases fitted by :func:`fit_knockoff_biases`.
+        adam_betas: Adam's coefficients (the learned scales are the layers' ``beta``).
+        use_knockoff_bias: add the Lemma 2 biases fitted by :func:`fit_knockoff_biases`.
         bn: ``"batch"`` normalises over the 2N batch as the authors do (running statistics are
             restored afterwards, so the pretrained model is unchanged), with the exact gradient;
             ``"batch_detached"`` runs the same forward but holds the batch statistics constant in
@@ -248,13 +249,13 @@ def learn_scales(
     restore = _train_betas_only(model, layers)
     for name, layer in layers.items():
         layer.enable_scop()
-        layer.knockoff_bias = knockoff_bias
+        layer.use_knockoff_bias = use_knockoff_bias
         layer.generator = torch.Generator(device="cpu").manual_seed(layer_seed(seed, name))
         layer.bias_shard = (rank, world)
-    run_settings = {**(settings or {}), "lr": lr, "betas": list(betas), "knockoff_bias": knockoff_bias, "bn": bn,
-                    "seed": seed, "layers": model_signature({name: (layer.out_channels,) for name, layer in layers.items()}),
+    run_settings = {**(settings or {}), "lr": lr, "adam_betas": list(adam_betas), "knockoff_bias": use_knockoff_bias,
+                    "bn": bn, "seed": seed, "layers": model_signature({name: (layer.out_channels,) for name, layer in layers.items()}),
                     "batches": len(pairs), "samples": len(pairs.dataset)}
-    loop = _ScaleLoop(model, pairs, epochs, device, layers=layers, lr=lr, adam_betas=betas, bn=bn,
+    loop = _ScaleLoop(model, pairs, epochs, device, layers=layers, lr=lr, adam_betas=adam_betas, bn=bn,
                       checkpoint_path=checkpoint_path, settings=run_settings, progress=progress)
     try:
         loop.run()
@@ -267,6 +268,9 @@ def learn_scales(
 
 class _ScaleLoop(EpochLoop):
     """:func:`learn_scales`'s epochs: Adam on the betas only, each clamped to [0, 1] after every step."""
+
+    # Progress files written before Adam's coefficients were named apart from the learned betas.
+    renamed_settings = {"betas": "adam_betas"}
 
     def __init__(self, model, pairs, epochs, device, *, layers, lr, adam_betas, bn, **kw):
         super().__init__("scales", model, pairs, epochs, device, error_name="learn_scales", **kw)

@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from .._checks import check_counts
-from .knapsack import choose_widths
 from .groups import ChannelGroup, Plan
+from .keep import check_common, lowest, plan_from_keep, scored
+from .latency_policy import latency_target
 from .space import PruningSpace
 
 __all__ = [
@@ -56,51 +56,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- shared pieces
-
-
-def _check_common(min_channels: int, round_to: int) -> None:
-    check_counts(False, min_channels=min_channels, round_to=round_to)
-
-
-def _n_keep(size: int, wanted: int, min_channels: int, round_to: int) -> int:
-    keep = max(wanted, min(min_channels, size))
-    if keep < size and round_to > 1:
-        keep = min(size, math.ceil(keep / round_to) * round_to)
-    return keep
-
-
-def _lowest(score: Tensor, n_remove: int) -> list[int]:
-    # Sort on (score, -index) so that among equal scores the lower index is kept.
-    values = score.tolist()
-    order = sorted(range(len(values)), key=lambda k: (values[k], -k))
-    return order[:n_remove]
-
-
-def _plan_from_keep(
-    space: PruningSpace, group_scores: list[Tensor | None], keep: Mapping[int, int], min_channels: int, round_to: int
-) -> Plan:
-    removed = {}
-    for i, wanted in keep.items():
-        score = group_scores[i]
-        group = space.groups[i]
-        n = _n_keep(group.size, wanted, min_channels, round_to)
-        if not group.units:
-            removed[i] = _lowest(score, group.size - n)
-            continue
-        # A grouped conv's slices lose whole units: keep the count rounded up to whole units.
-        units = sorted(group.units, key=lambda u: (float(score[u[0]]), -min(u)))
-        removed[i] = [k for u in units[: (group.size - n) // len(units[0])] for k in u]
-    return space._to_plan(removed)
-
-
-def _scored(space: PruningSpace, scores: Mapping[str, Tensor]) -> list[Tensor | None]:
-    group_scores = space.group_scores(scores)
-    if all(s is None for s in group_scores):
-        if not space.groups:
-            why = "; ".join(f"{conv!r}: {reason}" for conv, reason in list(space.refused.items())[:3])
-            raise ValueError(f"the model has no prunable channel group ({len(space.refused)} refused; {why or 'no convs'})")
-        raise ValueError("scores name no conv of any prunable group")
-    return group_scores
 
 
 def _check_ratio(ratio: float) -> None:
@@ -128,9 +83,9 @@ def uniform(
     (then ``min_channels`` and ``round_to`` apply).
     """
     _check_ratio(ratio)
-    _check_common(min_channels, round_to)
-    group_scores = _scored(space, scores)
-    return _plan_from_keep(space, group_scores, _uniform_keep(space, group_scores, ratio), min_channels, round_to)
+    check_common(min_channels, round_to)
+    group_scores = scored(space, scores)
+    return plan_from_keep(space, group_scores, _uniform_keep(space, group_scores, ratio), min_channels, round_to)
 
 
 def _global_order(
@@ -144,7 +99,7 @@ def _global_order(
         if s is None:
             continue
         ns = (s if normalize is None or not bool(s.abs().max() > 0) else s / s.abs().max()).tolist()
-        for k in _lowest(s, g.size - min(min_channels, g.size)):
+        for k in lowest(s, g.size - min(min_channels, g.size)):
             candidates.append((ns[k], i, -k))
     return [i for _, i, _ in sorted(candidates)]
 
@@ -180,10 +135,10 @@ def global_ranking(
             channels and the next lowest channel elsewhere goes instead.
     """
     _check_ratio(ratio)
-    _check_common(min_channels, round_to)
-    group_scores = _scored(space, scores)
+    check_common(min_channels, round_to)
+    group_scores = scored(space, scores)
     order = _global_order(space, group_scores, normalize, min_channels)
-    return _plan_from_keep(space, group_scores, _global_keep(space, group_scores, order, ratio), min_channels, round_to)
+    return plan_from_keep(space, group_scores, _global_keep(space, group_scores, order, ratio), min_channels, round_to)
 
 
 def flops_target(
@@ -226,7 +181,7 @@ def flops_target(
             the closest reduction found.
     """
     _check_flops_target(reduction, tolerance, search, min_channels, round_to)
-    group_scores = _scored(space, scores)
+    group_scores = scored(space, scores)
     order = _global_order(space, group_scores, normalize, min_channels) if search == "global_ranking" else []
 
     def keep_at(ratio: float) -> dict[int, int]:
@@ -235,7 +190,7 @@ def flops_target(
         return _global_keep(space, group_scores, order, ratio)
 
     def evaluate(keep: dict[int, int]) -> tuple[Plan, float]:
-        plan = _plan_from_keep(space, group_scores, keep, min_channels, round_to)
+        plan = plan_from_keep(space, group_scores, keep, min_channels, round_to)
         return plan, space.reduction(plan)
 
     def on_target(achieved: float) -> bool:
@@ -275,7 +230,7 @@ def _check_flops_target(reduction: float, tolerance: float, search: str, min_cha
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
     if search not in ("uniform", "global_ranking"):
         raise ValueError(f"search must be 'uniform' or 'global_ranking', got {search!r}")
-    _check_common(min_channels, round_to)
+    check_common(min_channels, round_to)
 
 
 def _finishing_moves(space: PruningSpace, search: str, keep: dict[int, int], upper: dict[int, int], order: list[int],
@@ -314,86 +269,6 @@ def _take_moves(keep: dict[int, int], moves: list[tuple[int, int]], evaluate: Ca
         if abs(achieved - reduction) <= tolerance:
             return plan, achieved
     return None, closest
-
-
-def latency_target(
-    space: PruningSpace,
-    scores: Mapping[str, Tensor],
-    latency_model,
-    *,
-    latency_reduction: float | None = None,
-    latency_ms: float | None = None,
-    normalize: str | None = None,
-    calibrate: int = 2,
-    min_channels: int = 1,
-    round_to: int = 1,
-) -> Plan:
-    """Keep the highest-scored channels whose predicted latency fits a budget (a knapsack over groups).
-
-    Each scored group may take the widths :meth:`~scop_ext.prune.latency.LatencyModel.candidates`
-    finds among those ``min_channels`` and ``round_to`` allow (the last width before each step
-    of its measured time), worth the sum of its kept channels' scores; unscored groups stay
-    whole. :func:`~scop_ext.prune.knapsack.choose_widths` picks one width per group.
-
-    Args:
-        latency_model: a :class:`~scop_ext.prune.latency.LatencyModel` built on ``space.groups``.
-        latency_reduction: the budget as a fraction of the dense network's predicted latency, in (0, 1);
-        latency_ms: or as absolute milliseconds at the model's batch (give exactly one).
-        normalize: as in :func:`global_ranking` (``"max"`` for criteria whose scale differs per
-            layer); scores are then shifted so the lowest is 0, so every kept channel adds value.
-        calibrate: rounds of measuring the chosen network (for ``latency_reduction``: its ratio
-            to the dense network, timed in turns) and solving again with the budget divided by
-            measured / target, until within 2% (only for a latency model that times the
-            network; 0: trust the prediction).
-        min_channels, round_to: see the module docstring.
-
-    Raises:
-        ValueError: when even the narrowest allowed widths predict more than the budget.
-    """
-    if (latency_reduction is None) == (latency_ms is None):
-        raise ValueError("give exactly one of latency_reduction and latency_ms")
-    if latency_reduction is not None and not 0.0 < latency_reduction < 1.0:
-        raise ValueError(f"latency_reduction must be in (0, 1), got {latency_reduction}")
-    if latency_ms is not None and not latency_ms > 0:
-        raise ValueError(f"latency_ms must be > 0, got {latency_ms}")
-    if list(latency_model.sizes) != [g.size for g in space.groups]:
-        raise ValueError("latency_model must be built on this space's groups (LatencyModel(model, x, space.groups))")
-    _check_common(min_channels, round_to)
-    if normalize not in ("max", None):
-        raise ValueError(f"normalize must be 'max' or None, got {normalize!r}")
-    group_scores = _scored(space, scores)
-    ranked = [None if s is None else (s / s.abs().max() if normalize and bool(s.abs().max() > 0) else s)
-              for s in group_scores]
-    low = min(float(s.min()) for s in ranked if s is not None)
-    values = []
-    for i, (g, s) in enumerate(zip(space.groups, ranked)):
-        if s is None:
-            values.append({g.size: 0.0})
-            continue
-        gains = [0.0, *torch.sort(s - low, descending=True).values.cumsum(0).tolist()]
-        allowed = sorted({_n_keep(g.size, w, min_channels, round_to) for w in range(1, g.size + 1)})
-        values.append({w: gains[w] for w in latency_model.candidates(i, allowed)})
-    budget = latency_ms if latency_ms is not None else (1 - latency_reduction) * latency_model.dense_ms
-    aim, plan = budget, None
-    for _ in range(1 + (calibrate if latency_model.measure_network else 0)):
-        widths = choose_widths(latency_model, values, aim)
-        latency_model.save()
-        if widths is None:
-            if plan is not None:
-                break  # the last plan is as close as the groups allow
-            floor = latency_model.predict([min(v) for v in values])
-            raise ValueError(f"a latency of {aim:.3f} ms is out of reach: the narrowest allowed widths predict "
-                             f"{floor:.3f} ms (lower min_channels/round_to or remove entries from ignored_layers)")
-        keep = {i: w for i, w in enumerate(widths) if group_scores[i] is not None}
-        plan = _plan_from_keep(space, group_scores, keep, min_channels, round_to)
-        if not calibrate or not latency_model.measure_network:
-            break
-        measured, ratio = latency_model.measure_plan(plan)
-        error = ratio / (1 - latency_reduction) if latency_ms is None else measured / latency_ms
-        if abs(error - 1) <= 0.02:
-            break
-        aim /= error  # the model's error at this plan, taken out of the next budget
-    return plan
 
 
 def knockoff_threshold(W: Tensor, q: float, *, offset: int = 1) -> float:
@@ -447,10 +322,10 @@ def fdr(
         scope: ``"layer"`` computes one threshold per group; ``"global"`` one over all channels.
         min_channels, round_to: see the module docstring.
     """
-    _check_common(min_channels, round_to)
+    check_common(min_channels, round_to)
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-    group_scores = _scored(space, scores)
+    group_scores = scored(space, scores)
     if scope == "global":
         t = knockoff_threshold(torch.cat([s for s in group_scores if s is not None]), q)
     keep = {}
@@ -459,7 +334,7 @@ def fdr(
             continue
         threshold = knockoff_threshold(s, q) if scope == "layer" else t
         keep[i] = int((s >= threshold).sum())
-    return _plan_from_keep(space, group_scores, keep, min_channels, round_to)
+    return plan_from_keep(space, group_scores, keep, min_channels, round_to)
 
 
 def cuts(space: PruningSpace, scores: Mapping[str, Tensor], plan: Mapping[str, Iterable[int]]) -> list[tuple[float, float]]:
