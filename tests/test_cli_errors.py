@@ -26,7 +26,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from scop_ext import checkpoint
-from scop_ext.cli import _prune_config, build_parser, main
+from scop_ext.cli import build_parser, main
+from scop_ext.cli_config import prune_config
 from scop_ext.knockoffs import KnockoffGAN, make_generator
 from scop_ext.models import build_model
 from scop_ext.export import load_model, save_model

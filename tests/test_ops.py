@@ -290,7 +290,7 @@ FLOATING_DTYPES = sorted({d for d in vars(torch).values() if isinstance(d, torch
 
 
 def test_kernel_dtype_list_matches_the_kernels(device):
-    """The wrappers refuse dtypes by scop_ext._ops._KERNEL_DTYPES, a hand copy of the C++
+    """The wrappers refuse dtypes by scop_ext._op_checks.KERNEL_DTYPES, a hand copy of the C++
     dispatch lists: every floating dtype must run in all three raw ops exactly when it is listed."""
     def accepted(call) -> bool:
         try:
@@ -307,7 +307,7 @@ def test_kernel_dtype_list_matches_the_kernels(device):
     }
     for name, call in calls.items():
         runs = [d for d in FLOATING_DTYPES if accepted(lambda: call(lambda *shape: torch.rand(*shape).to(device, d)))]
-        assert set(runs) == set(scop_ext._ops._KERNEL_DTYPES[device.type]), f"{name} on {device.type} runs in {runs}"
+        assert set(runs) == set(scop_ext._op_checks.KERNEL_DTYPES[device.type]), f"{name} on {device.type} runs in {runs}"
 
 
 def test_raw_op_rejects_bad_input_in_cpp():

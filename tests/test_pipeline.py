@@ -254,15 +254,16 @@ def test_pipeline_gan_checkpoints_in_the_run_folder(tmp_path):
 
 
 def test_config_file_and_flags_pick_the_same_default_device(tmp_path):
-    from scop_ext.cli import _device, _prune_config, build_parser
+    from scop_ext.cli import build_parser
+    from scop_ext.cli_config import prune_config, resolve_device
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("policy: uniform\n")
     for argv in ([], ["--config", str(cfg)]):
         args = build_parser().parse_args(["prune", *argv, "--out", str(tmp_path)])
-        assert _prune_config(args).device == _device(None)
+        assert prune_config(args).device == resolve_device(None)
     cfg.write_text("device: cpu\n")
-    assert _prune_config(build_parser().parse_args(["prune", "--config", str(cfg), "--out", str(tmp_path)])).device == "cpu"
+    assert prune_config(build_parser().parse_args(["prune", "--config", str(cfg), "--out", str(tmp_path)])).device == "cpu"
 
 
 def test_prune_prints_the_table_on_process_0_only(tmp_path, monkeypatch, capsys):
