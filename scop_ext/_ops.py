@@ -140,6 +140,23 @@ def _dual_mix_backward_fake(grad_out, beta, diff, need_beta, need_sums):
     return grad_y, grad_beta, sums
 
 
+def conv_input_grad(grad_y: Tensor, weight: Tensor, input_shape: Sequence[int], stride, padding, dilation,
+                    groups: int) -> Tensor:
+    """The gradient of ``conv2d(input, weight)`` with respect to an input of shape ``input_shape``,
+    (N, C_in, H, W), from the output gradient ``grad_y`` (N, C_out, H_out, W_out) and the weight.
+
+    Used when the input was not saved (the weight is frozen): convolution_backward would want it,
+    and a broadcast stand-in gets materialised at full size inside ATen; the transposed
+    convolution computes the same gradient from the weight and the shape alone.
+    """
+    output_padding = [
+        input_shape[2 + i]
+        - ((grad_y.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
+        for i in range(2)
+    ]
+    return torch.ops.aten.conv_transpose2d.input(grad_y, weight, None, stride, padding, output_padding, groups, dilation)
+
+
 def _dual_setup_context(ctx, inputs, output):
     input, weight, _bias, _beta, _knockoff_bias, stride, padding, dilation, groups, save_diff = inputs
     _, diff = output
@@ -179,17 +196,7 @@ def _dual_backward(ctx, grad_out, _grad_diff):
             [need_input, True, False],
         )
     elif need_input:
-        # The input was not saved (the weight is frozen). convolution_backward would want it, and
-        # a broadcast stand-in gets materialised at full size inside ATen; the transposed
-        # convolution computes the same gradient from the weight and the shape alone.
-        output_padding = [
-            ctx.input_shape[2 + i]
-            - ((grad_y.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
-            for i in range(2)
-        ]
-        grad_input = torch.ops.aten.conv_transpose2d.input(
-            grad_y, weight, None, stride, padding, output_padding, groups, dilation
-        )
+        grad_input = conv_input_grad(grad_y, weight, ctx.input_shape, stride, padding, dilation, groups)
     # The sums come in opmath precision: reduce first, round to the parameters' dtype last.
     grad_bias = sums.sum(0).to(grad_out.dtype) if need_bias else None
     grad_knockoff_bias = sums.view(2, ctx.batch, ctx.channels).transpose(0, 1).to(grad_out.dtype) if need_knockoff_bias else None

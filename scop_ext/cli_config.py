@@ -52,7 +52,7 @@ PRUNE_FLAGS = {
     "batch_size": (int, "images per batch (real images; stage 2 adds as many knockoffs)"),
     "knockoffs": (str, "knockoff generator (see `scop info`)"),
     "scales_epochs": (int, "stage 2 epochs"),
-    "bn": (str, "batch (authors) or frozen"),
+    "bn": (str, "stage-2 BatchNorm: batch (authors, exact gradient), batch_detached (same forward, statistics constant in the backward) or frozen"),
     "importance": (str, "importance criterion (see `scop info`)"),
     "policy": (str, "selection policy (see `scop info`)"),
     "ratio": (float, "fraction of channels removed (uniform / global_ranking)"),

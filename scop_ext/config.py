@@ -48,7 +48,7 @@ class PruneConfig:
     scales_betas: tuple = (0.5, 0.9)
     knockoff_bias: bool = True
     bias_gamma: float | None = None
-    bn: str = "batch"
+    bn: str = "batch"  # stage-2 BatchNorm: batch (exact), batch_detached (statistics constant in the backward) or frozen
     # stage 3
     importance: str = "scop"
     multiply_bn_gamma: bool = False
@@ -149,13 +149,14 @@ class PruneConfig:
         from .timing import DTYPES, MEMORY_FORMATS
         from .prune.select import policy_names
         from .prune.groups import BLOCK_WIDTHS
+        from .prune.excavate import BN_MODES
 
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
             (self.scales_epochs >= 1, "scales_epochs must be >= 1"),
             (self.finetune_epochs >= 0, "finetune_epochs must be >= 0"),
-            (self.bn in ("batch", "frozen"), "bn must be 'batch' or 'frozen'"),
+            (self.bn in BN_MODES, f"bn must be one of {', '.join(BN_MODES)}"),
             (self.policy in policy_names(), f"policy must be one of {', '.join(policy_names())}"),
             (0.0 <= self.ratio < 1.0, "ratio must be in [0, 1)"),
             (self.normalize in ("auto", "max", "none"), "normalize must be 'auto', 'max' or 'none'"),

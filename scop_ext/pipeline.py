@@ -214,9 +214,9 @@ class ScopPruner:
             report = fit_knockoff_biases(self.model, calibration, self.device, gamma=cfg.bias_gamma)
             self.results["lemma2"] = {name: {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()}
                                       for name, r in report.items()}
-        if cfg.bn == "batch" and distributed.world_size() > 1:
+        if cfg.bn != "frozen" and distributed.world_size() > 1:
             self.results["notes"].append(
-                f"stage 2 ran on {distributed.world_size()} processes with bn=batch: BatchNorm normalised each "
+                f"stage 2 ran on {distributed.world_size()} processes with bn={cfg.bn}: BatchNorm normalised each "
                 "process's part of the batch (it is not synchronised), so beta depends on the number of processes; "
                 "bn=frozen does not")
         history = learn_scales(

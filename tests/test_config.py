@@ -46,7 +46,7 @@ CONFIGS = [
     ("fdr_big.json", '{"fdr_q": 2}', "fdr_q must be in \\(0, 1\\)"),
     ("lr_zero.yaml", "scales_lr: 0\n", "scales_lr and finetune_lr must be > 0"),
     ("gamma_negative.yaml", "bias_gamma: -0.1\n", "bias_gamma must be > 0"),
-    ("bn_mode.yaml", "bn: sync\n", "bn must be 'batch' or 'frozen'"),
+    ("bn_mode.yaml", "bn: sync\n", "bn must be one of batch, batch_detached, frozen"),
     ("policy.yaml", "policy: greedy\n", "policy must be one of"),
     ("importance.yaml", "importance: scpo\n", "importance must be one of"),
     ("knockoffs.yaml", "knockoffs: diffusion\n", "knockoffs must be one of"),
