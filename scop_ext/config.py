@@ -26,7 +26,9 @@ class PruneConfig:
     Stage 2 defaults are the authors' (Adam 0.004, betas (0.5, 0.9), beta from 0.5); fine-tuning
     is SGD Nesterov with momentum 0.9, weight decay 1e-4 and a cosine schedule. ``preset``
     (:mod:`~scop_ext.presets`, e.g. ``"authors"``) fills the keys a dict or file leaves out
-    when read by :meth:`from_dict` / :meth:`from_file`; the constructor takes keys as given.
+    when read by :meth:`from_dict` / :meth:`from_file`, the one way to apply it: the
+    constructor refuses ``preset``, since it cannot tell a key left out from one given at its
+    default value.
     """
 
     preset: str | None = None
@@ -80,8 +82,15 @@ class PruneConfig:
     seed: int = 0
     latency: bool = True
 
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            raise ValueError(f"preset: PruneConfig(preset={self.preset!r}) cannot fill in the preset's settings "
+                             "(a constructor cannot tell a key left out from one given at its default); use "
+                             f"PruneConfig.from_dict({{'preset': {self.preset!r}, ...}})")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PruneConfig:
+        """The config of ``values``, its ``preset`` filling the keys it leaves out."""
         if "keep_block_width" in values:
             raise ValueError("keep_block_width was replaced by block_width: keep (what keep_block_width=true did), "
                              "scatter (the authors' scheme) or prune (the default)")
@@ -90,7 +99,8 @@ class PruneConfig:
         unknown = sorted(str(k) for k in set(values) - known)  # YAML keys need not be strings
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        cfg = cls(**values)
+        cfg = cls(**{k: v for k, v in values.items() if k != "preset"})
+        cfg.preset = values.get("preset")  # already applied above
         cfg.validate()
         return cfg
 

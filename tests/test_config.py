@@ -84,3 +84,14 @@ def test_bad_set_values_are_one_line(tmp_path, capsys):
     assert status == 2 and lines == ["scop prune: error: batch_size must be an integer, got str 'many'"]
     status, lines = cli(capsys, "prune", "--set", "nokey", "--out", tmp_path / "o")
     assert status == 2 and len(lines) == 1 and "--set expects KEY=VALUE" in lines[0]
+
+
+def test_a_preset_is_applied_by_from_dict_and_refused_by_the_constructor():
+    # The constructor cannot tell knockoff_bias=True given from knockoff_bias left out, so it
+    # cannot fill only the keys left out: it refuses rather than ignore the preset silently.
+    with pytest.raises(ValueError, match=r"^preset: PruneConfig\(preset='authors'\) .* use PruneConfig\.from_dict"):
+        PruneConfig(preset="authors")
+    config = PruneConfig.from_dict({"preset": "authors", "knockoff_bias": True})
+    assert (config.preset, config.block_width, config.ratio) == ("authors", "scatter", 0.45)  # filled in
+    assert config.knockoff_bias is True  # given at its default value, and still it wins over the preset
+    assert PruneConfig.from_dict(config.to_dict()) == config  # what a run folder records reads back the same
