@@ -14,6 +14,7 @@ import time
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from scop_ext.data import load_splits
 from scop_ext.models import build_model
 from scop_ext.train import evaluate, fit, make_loader
@@ -33,6 +34,11 @@ def datasets(name: str = "digits", root: str | None = None):
     """``(train without augmentation, train with augmentation, test, info)``, the whole training split."""
     data = load_splits(name, root, val_fraction=0.0)
     return data.train, data.train_aug, data.test, data.info
+
+
+def images(dataset) -> torch.Tensor:
+    """Every image of ``dataset`` (a ``TensorDataset`` or a ``Subset`` of one) as one tensor."""
+    return next(iter(DataLoader(dataset, batch_size=len(dataset))))[0]
 
 
 def test_loader(test, batch_size: int = 256):

@@ -243,13 +243,13 @@ def run_seed(seed: int, args, log) -> list[dict]:
     acc_base = _baseline.accuracy(base, test)
     model = copy.deepcopy(base)
     const = add_constant_channel(model)
-    x_train = train.tensors[0]
+    x_train = _baseline.images(train)
     rng = torch.Generator().manual_seed(1000 + seed)
     labels = {f"{b}.conv1": plant(model, b, k, const, x_train, rng) for b, k in PLANTED_LAYERS.items()}
     model.eval()
     acc_planted = _baseline.accuracy(model, test)
     with torch.no_grad():
-        x_test = test.tensors[0]
+        x_test = _baseline.images(test)
         drift = float((model(x_test) - base(x_test)).abs().max())
     log(f"  seed {seed}: top-1 {100 * acc_base:.2f}% before planting, {100 * acc_planted:.2f}% after "
         f"(max |logit change| {drift:.2e})")

@@ -175,9 +175,14 @@ def _dual_setup_context(ctx, inputs, output):
         diff if need_beta else None,
     )
     ctx.mark_non_differentiable(diff)
+    # diff never has a gradient: without this autograd hands the backward a zero-filled tensor of
+    # its size, an (N, C, H, W) fill per conv and step for nothing.
+    ctx.set_materialize_grads(False)
 
 
 def _dual_backward(ctx, grad_out, _grad_diff):
+    if grad_out is None:  # the output was not used (grads are not materialised)
+        return (None,) * 10
     input, weight, beta, diff = ctx.saved_tensors
     need_input, need_weight, need_bias, need_beta, need_knockoff_bias = ctx.needs_input_grad[:5]
     if need_beta and not ctx.saved_diff:

@@ -71,12 +71,15 @@ class _KnockoffCut(torch.autograd.Function):
         ctx.input_shape = (input.shape[0] // 2, *input.shape[1:])
         ctx.save_for_backward(weight, beta, diff)
         ctx.mark_non_differentiable(diff)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for diff (see _ops)
         return out, diff
 
     @staticmethod
     def backward(ctx, grad_out, _grad_diff):
         _trains_beta_only(ctx, 1, 3, "a conv weight or bias")
         _trains_beta_only(ctx, 4, 5, "the knockoff bias")
+        if grad_out is None:  # the output was not used
+            return (None,) * 10
         weight, beta, diff = ctx.saved_tensors
         need_input, need_beta = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         real = grad_out[: ctx.input_shape[0]]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .export import load_model, read_arch
 from .models import build_model
+from .prune.groups import plain_forward
 
 __all__ = ["check_conv_names", "load_trained", "model_sizes"]
 
@@ -50,14 +51,13 @@ def model_sizes(model: nn.Module, example: Tensor, info, what: str) -> tuple[int
     in_channels = info.in_channels if conv is None else conv.in_channels
     if in_channels != info.in_channels:
         raise ValueError(f"dataset {info.name!r} has {info.in_channels}-channel images, but {what} takes {in_channels} channels")
-    training = model.training
     try:
-        num_classes = model.eval()(example).shape[-1]
+        # SCOP mode off: a converted model (a stage-2 result handed on) would want a paired batch
+        with plain_forward(model), torch.no_grad():
+            num_classes = model.eval()(example).shape[-1]
     except RuntimeError as exc:  # e.g. images too small for the model's pooling
         raise ValueError(f"{what} cannot run on the dataset's images of shape {tuple(example.shape[1:])} "
                          f"({str(exc).strip().splitlines()[0]})") from None
-    finally:
-        model.train(training)
     if info.num_classes > num_classes:
         raise ValueError(f"dataset {info.name!r} has {info.num_classes} classes, but {what} has {num_classes} outputs")
     return num_classes, in_channels
