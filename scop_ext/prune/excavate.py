@@ -206,7 +206,6 @@ def learn_scales(
 
     Args:
         pairs: yields (x, x~, y) with x, x~ of shape (N, C, H, W) (see :func:`pair_dataset`).
-        adam_betas: Adam's coefficients (the learned scales are the layers' ``beta``).
         use_knockoff_bias: add the Lemma 2 biases fitted by :func:`fit_knockoff_biases`.
         bn: ``"batch"`` normalises over the 2N batch as the authors do (running statistics are
             restored afterwards, so the pretrained model is unchanged), with the exact gradient;
