@@ -14,15 +14,31 @@ import time
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from scop_ext.data import load_splits
 from scop_ext.models import build_model
 from scop_ext.train import evaluate, fit, make_loader
+
+
+# learn_scales's bn modes (scop_ext.prune.excavate.BN_MODES) as the tables' notes describe them
+BN_MODES = {"batch": "BN over the paired batch",
+            "batch_detached": "BN over the paired batch, its statistics constant in the backward",
+            "frozen": "BN frozen"}
+
+
+def add_bn_argument(parser) -> None:
+    parser.add_argument("--bn", choices=tuple(BN_MODES), default="batch", help="stage-2 BatchNorm mode (learn_scales)")
 
 
 def datasets(name: str = "digits", root: str | None = None):
     """``(train without augmentation, train with augmentation, test, info)``, the whole training split."""
     data = load_splits(name, root, val_fraction=0.0)
     return data.train, data.train_aug, data.test, data.info
+
+
+def images(dataset) -> torch.Tensor:
+    """Every image of ``dataset`` (a ``TensorDataset`` or a ``Subset`` of one) as one tensor."""
+    return next(iter(DataLoader(dataset, batch_size=len(dataset))))[0]
 
 
 def test_loader(test, batch_size: int = 256):

@@ -256,7 +256,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, each running whole (seed, method) units")
-    parser.add_argument("--bn", choices=("batch", "frozen"), default="batch", help="stage-2 BatchNorm mode (learn_scales)")
+    _baseline.add_bn_argument(parser)
     parser.add_argument("--only", default="", help="run only the methods whose name contains this text")
     parser.add_argument("--quick", action="store_true", help="2 seeds, very short runs: a smoke test")
     parser.add_argument("--write", metavar="README", help="write the tables into this file's `accuracy` section")
@@ -304,7 +304,7 @@ def main(argv=None) -> None:
                 "",
                 f"{len(task['seeds'])} seeds (mean ± std). Baseline: {task['train_epochs']} epochs (SGD Nesterov, lr "
                 f"0.1, cosine, wd 5e-4, batch 64, on 90% of the training split; last epoch). SCOP stage 2: {task['scales_epochs']} epochs (Adam "
-                f"0.004, betas (0.5, 0.9), {'BN over the paired batch' if task['bn'] == 'batch' else 'BN frozen'}); KnockoffGAN: {task['gan_iterations']} "
+                f"0.004, betas (0.5, 0.9), {_baseline.BN_MODES[task['bn']]}); KnockoffGAN: {task['gan_iterations']} "
                 f"iterations per seed. Selection: `flops_target`, per-layer uniform ratio, all coupled groups "
                 f"(residual ones included). After pruning: BN statistics re-estimated on ≤ 50 training batches, "
                 f"then {task['finetune_epochs']} fine-tuning epochs (SGD Nesterov, lr {task['finetune_lr']}, cosine, "

@@ -243,13 +243,13 @@ def run_seed(seed: int, args, log) -> list[dict]:
     acc_base = _baseline.accuracy(base, test)
     model = copy.deepcopy(base)
     const = add_constant_channel(model)
-    x_train = train.tensors[0]
+    x_train = _baseline.images(train)
     rng = torch.Generator().manual_seed(1000 + seed)
     labels = {f"{b}.conv1": plant(model, b, k, const, x_train, rng) for b, k in PLANTED_LAYERS.items()}
     model.eval()
     acc_planted = _baseline.accuracy(model, test)
     with torch.no_grad():
-        x_test = test.tensors[0]
+        x_test = _baseline.images(test)
         drift = float((model(x_test) - base(x_test)).abs().max())
     log(f"  seed {seed}: top-1 {100 * acc_base:.2f}% before planting, {100 * acc_planted:.2f}% after "
         f"(max |logit change| {drift:.2e})")
@@ -269,7 +269,7 @@ def run_seed(seed: int, args, log) -> list[dict]:
         if bias:
             fit_knockoff_biases(scop_model, DataLoader(pairs, batch_size=64), "cpu")
         learn_scales(scop_model, make_loader(pairs, 64, shuffle=True, seed=seed), "cpu", epochs=args.scales_epochs,
-                     knockoff_bias=bias, bn=args.bn, seed=seed, progress=False)
+                     use_knockoff_bias=bias, bn=args.bn, seed=seed, progress=False)
         scores[name] = make_importance("scop")(scop_model)
         if bias:
             noise_loss = stage2_loss_vs_noise_beta(scop_model, pairs, labels, seed)
@@ -346,9 +346,6 @@ def stat_table(rows: list[dict]) -> str:
     return _report.markdown_table(header, body)
 
 
-BN_MODES = {"batch": "BN over the paired batch", "frozen": "BN frozen"}
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0, 1, ...)")
@@ -358,7 +355,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-bias-variant", action=argparse.BooleanOptionalAction, default=True,
                         help="also run SCOP with the Lemma 2 bias off (default on)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: these models are tiny)")
-    parser.add_argument("--bn", choices=("batch", "frozen"), default="batch", help="stage-2 BatchNorm mode (learn_scales)")
+    _baseline.add_bn_argument(parser)
     parser.add_argument("--quick", action="store_true", help="2 seeds, 5 baseline and 3 stage-2 epochs")
     parser.add_argument("--write", metavar="README", help="write the tables into this file's `planted` section")
     args = parser.parse_args(argv)
@@ -395,7 +392,7 @@ def main(argv=None) -> None:
             f"({args.train_epochs} epochs, test top-1 {_baseline.pm(base, 100)}%), plants "
             f"{planted} filters in `layers.0.0.conv1` (16 → 22) and `layers.1.0.conv1` (32 → 44), one third of "
             f"each kind ({total} filters in the two layers), and runs SCOP stage 2 with Gaussian knockoffs "
-            f"({args.scales_epochs} epochs, Adam 0.004, {BN_MODES[args.bn]}). Test top-1 after planting "
+            f"({args.scales_epochs} epochs, Adam 0.004, {_baseline.BN_MODES[args.bn]}). Test top-1 after planting "
             f"{_baseline.pm(after, 100)}%, largest change of any test logit {drift:.1e} (BatchNorm's ε does not "
             "scale with a duplicate's variance): the planted network computes the same function. How each kind is built is in the docstring of "
             "`benchmarks/planted.py`; in short: *duplicate* = rescaled copy of an original filter (found if "

@@ -21,7 +21,7 @@ namespace {
 // Second line of defence behind the Python argument checks.
 void check_dual_conv_args(const at::Tensor& input, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, const at::Tensor& beta,
-                          const std::optional<at::Tensor>& noise, int64_t groups) {
+                          const std::optional<at::Tensor>& knockoff_bias, int64_t groups) {
   TORCH_CHECK(input.dim() == 4, "scop: input must be 4-D (2N, C_in, H, W), got ", input.dim(), "-D");
   TORCH_CHECK(weight.dim() == 4, "scop: weight must be 4-D (C_out, C_in/groups, kH, kW), got ",
               weight.dim(), "-D");
@@ -43,26 +43,26 @@ void check_dual_conv_args(const at::Tensor& input, const at::Tensor& weight,
     TORCH_CHECK(bias->scalar_type() == input.scalar_type() && bias->device() == input.device(),
                 "scop: bias must match input's dtype and device");
   }
-  if (noise.has_value()) {
-    TORCH_CHECK(noise->dim() == 3 && noise->size(0) == input.size(0) / 2 && noise->size(1) == 2 &&
-                    noise->size(2) == c_out,
+  if (knockoff_bias.has_value()) {
+    TORCH_CHECK(knockoff_bias->dim() == 3 && knockoff_bias->size(0) == input.size(0) / 2 &&
+                    knockoff_bias->size(1) == 2 && knockoff_bias->size(2) == c_out,
                 "scop: knockoff bias must have shape (", input.size(0) / 2, ", 2, ", c_out,
-                "), got ", noise->sizes());
-    TORCH_CHECK(noise->scalar_type() == input.scalar_type() && noise->device() == input.device(),
+                "), got ", knockoff_bias->sizes());
+    TORCH_CHECK(knockoff_bias->scalar_type() == input.scalar_type() && knockoff_bias->device() == input.device(),
                 "scop: knockoff bias must match input's dtype and device");
   }
 }
 
 at::Tensor branch_shifts(const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& noise, int64_t n, int64_t c,
+                         const std::optional<at::Tensor>& knockoff_bias, int64_t n, int64_t c,
                          const at::Tensor& like) {
   const auto opmath = at::toOpMathType(like.scalar_type());
   at::Tensor shifts = at::zeros({2, n, c}, like.options().dtype(opmath));
   if (bias.has_value()) {
     shifts.add_(bias->to(opmath));
   }
-  if (noise.has_value()) {
-    shifts.add_(noise->to(opmath).permute({1, 0, 2}));
+  if (knockoff_bias.has_value()) {
+    shifts.add_(knockoff_bias->to(opmath).permute({1, 0, 2}));
   }
   return shifts;
 }
@@ -88,10 +88,10 @@ void check_mix_backward_args(const at::Tensor& grad_out, const at::Tensor& beta,
 
 DualForward prepare_dual_forward(const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, const at::Tensor& beta,
-                                 const std::optional<at::Tensor>& noise, at::IntArrayRef stride,
+                                 const std::optional<at::Tensor>& knockoff_bias, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                  bool save_diff) {
-  check_dual_conv_args(input, weight, bias, beta, noise, groups);
+  check_dual_conv_args(input, weight, bias, beta, knockoff_bias, groups);
   const auto fmt = dual_memory_format(input);
   // The conv bias is left to the fused pass, which adds it together with [b, b~].
   at::Tensor y = at::convolution(input, weight, std::nullopt, stride, padding, dilation,
@@ -104,7 +104,7 @@ DualForward prepare_dual_forward(const at::Tensor& input, const at::Tensor& weig
   state.channels_last = fmt == at::MemoryFormat::ChannelsLast;
   state.diff = save_diff ? at::empty({state.n, state.c, y.size(2), y.size(3)}, y.options().memory_format(fmt))
                          : at::empty({0}, y.options());
-  state.shifts = branch_shifts(bias, noise, state.n, state.c, y);
+  state.shifts = branch_shifts(bias, knockoff_bias, state.n, state.c, y);
   state.beta = beta.to(state.shifts.scalar_type()).contiguous();
   state.y = std::move(y);
   return state;
@@ -123,8 +123,8 @@ MixBackward prepare_mix_backward(const at::Tensor& grad_out, const at::Tensor& b
   state.hw = grad_out.size(2) * grad_out.size(3);
   state.channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const auto acc = grad_out.options().dtype(at::toOpMathType(grad_out.scalar_type()));
-  state.part_p = at::zeros({state.n, state.c}, acc);
-  state.part_s = at::zeros({2 * state.n, state.c}, acc);
+  state.part_grad_beta = at::zeros({state.n, state.c}, acc);
+  state.part_sums = at::zeros({2 * state.n, state.c}, acc);
   state.beta = beta.to(acc.dtype()).contiguous();
   return state;
 }
@@ -132,10 +132,11 @@ MixBackward prepare_mix_backward(const at::Tensor& grad_out, const at::Tensor& b
 std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_mix_backward(const MixBackward& state,
                                                                    const at::Tensor& beta,
                                                                    bool need_beta, bool need_sums) {
-  at::Tensor grad_beta = need_beta ? state.part_p.sum(0).to(beta.scalar_type()) : at::empty({0}, beta.options());
+  at::Tensor grad_beta = need_beta ? state.part_grad_beta.sum(0).to(beta.scalar_type())
+                                   : at::empty({0}, beta.options());
   // The sums stay in opmath: the caller still reduces them over samples, and rounding them to
   // half precision first would lose that sum's precision (and overflow float16).
-  at::Tensor sums = need_sums ? state.part_s : at::empty({0}, state.part_s.options());
+  at::Tensor sums = need_sums ? state.part_sums : at::empty({0}, state.part_sums.options());
   return {state.grad_y, grad_beta, sums};
 }
 
@@ -167,7 +168,7 @@ TORCH_LIBRARY(scop, m) {
   // mixed paired batch; diff = (Y_r + b) - (Y_k + b~) is kept for grad_beta when save_diff.
   m.def(
       "dual_scaled_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor beta, "
-      "Tensor? noise, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "Tensor? knockoff_bias, int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "bool save_diff) -> (Tensor, Tensor)");
   // One fused pass of the backward: (grad of the conv output, grad_beta, per-(sample, channel)
   // spatial sums of that grad, from which the bias and knockoff-bias grads follow). The sums are

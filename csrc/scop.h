@@ -26,11 +26,11 @@ struct DualForward {
 };
 DualForward prepare_dual_forward(const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, const at::Tensor& beta,
-                                 const std::optional<at::Tensor>& noise, at::IntArrayRef stride,
+                                 const std::optional<at::Tensor>& knockoff_bias, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                  bool save_diff);
 
-// The same for the fused backward pass. part_p (N, C) and part_s (2N, C) take per-(sample,
+// The same for the fused backward pass. part_grad_beta (N, C) and part_sums (2N, C) take per-(sample,
 // channel) partial sums that are reduced over samples afterwards: no atomics, and results do not
 // depend on the thread or block count.
 struct MixBackward {
@@ -38,7 +38,7 @@ struct MixBackward {
   at::Tensor diff;      // same layout, or undefined when !need_beta
   at::Tensor grad_y;
   at::Tensor beta;      // (C,) opmath
-  at::Tensor part_p, part_s;
+  at::Tensor part_grad_beta, part_sums;
   bool channels_last;
   int64_t n, c, hw;
 };

@@ -1,4 +1,4 @@
-"""Argument checks shared across the package (the operators keep their own, in ``_ops.py``)."""
+"""Argument checks shared across the package (the operators keep their own, in ``_op_checks.py``)."""
 
 from __future__ import annotations
 

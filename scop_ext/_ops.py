@@ -1,7 +1,7 @@
-"""Python face of the compiled operators: argument checks, fake kernels and autograd.
+"""Python face of the compiled operators: wrappers, fake kernels and autograd.
 
-Each operator has a documented wrapper that checks its arguments (the error names the argument
-and what was expected), a fake kernel so ``torch.compile`` and ``torch.export`` can trace it,
+Each operator has a documented wrapper that checks its arguments (the checks, whose errors name
+the argument and what was expected, are in ``_op_checks.py``), a fake kernel so ``torch.compile`` and ``torch.export`` can trace it,
 and, where it is differentiable, an autograd formula.
 """
 
@@ -14,72 +14,13 @@ import torch
 from torch import Tensor
 
 from . import _loader  # noqa: F401  (loads the library that defines the ops)
+from ._op_checks import (AUTOCAST_DEVICES, autocast_dtype, check_dual_conv_args, conv_out_size, is_int,
+                         require_kernel_dtype, require_tensor)
 
 __all__ = ["dual_scaled_conv2d", "lemma2_sample", "draw_seed"]
 
 
-# --------------------------------------------------------------------------- argument checks
-
-
-def _is_int(value) -> bool:
-    # bool is an int subclass, but True as a stride or group count is a caller's mistake.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _pair(value, name: str, minimum: int) -> list[int]:
-    if _is_int(value):
-        value = (value, value)
-    if not (isinstance(value, Sequence) and len(value) == 2 and all(_is_int(v) for v in value)):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
-    return [int(v) for v in value]
-
-
-def _require_tensor(name: str, t, dim: int | None = None) -> None:
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if dim is not None and t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-
-
-# The dtypes the kernels in csrc/ dispatch on, per device; any other would fail inside them.
-# A copy of the C++ dispatch lists, held to them by test_kernel_dtype_list_matches_the_kernels.
-_KERNEL_DTYPES = {
-    "cpu": (torch.float32, torch.float64, torch.bfloat16),
-    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
-
-
-def _require_kernel_dtype(name: str, t: Tensor, dtype: torch.dtype | None = None) -> None:
-    """``dtype``: what ``t`` reaches the kernel as, when that is not its own dtype (autocast)."""
-    dtype = t.dtype if dtype is None else dtype
-    supported = _KERNEL_DTYPES.get(t.device.type)
-    if supported is not None and dtype not in supported:
-        what = f"dtype {dtype}" if dtype == t.dtype else f"dtype {t.dtype}, cast to {dtype} by autocast"
-        raise ValueError(
-            f"{name} has {what}, which the {t.device.type} kernel does not support; "
-            f"use one of {', '.join(str(d) for d in supported)}"
-        )
-
-
-def _same_dtype_device(ref_name: str, ref: Tensor, **others: Tensor | None) -> None:
-    """Compares dtypes as the kernel will see them, after autocast (see _autocast_dtype)."""
-    ref_dtype = _autocast_dtype(ref)
-    for name, t in others.items():
-        if t is None:
-            continue
-        if _autocast_dtype(t) != ref_dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
-        if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
-
-
-def _holds_data(t: Tensor) -> bool:
-    # Value checks need real data: skip them while tracing (fake/meta tensors, compile, export).
-    return not torch.compiler.is_compiling() and type(t) in (Tensor, torch.nn.Parameter) and t.device.type != "meta"
+# ------------------------------------------------------------------------------ kernel layout
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:
@@ -94,36 +35,14 @@ def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _conv_out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-
-
 # ------------------------------------------------------------------------------------ autocast
-
-
-_AUTOCAST_DEVICES = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
-
-
-def _autocast_dtype(t: Tensor) -> torch.dtype:
-    """The dtype ``t`` reaches the fused convolution in: inside an autocast region for its device,
-    float32 and float16 operands are cast to the region's dtype, as autocast does for ``conv2d``
-    (float64 is left alone)."""
-    device = t.device.type
-    if (
-        t.is_floating_point()
-        and t.dtype != torch.float64
-        and device in _AUTOCAST_DEVICES
-        and torch.is_autocast_enabled(device)
-    ):
-        return torch.get_autocast_dtype(device)
-    return t.dtype
 
 
 def _dual_autocast(device_type: str):
     # torch.library.register_autocast casts to one dtype fixed at registration; this follows the
     # region's dtype instead (bfloat16 under autocast("cuda", dtype=torch.bfloat16)), like conv2d.
-    def kernel(input, weight, bias, beta, noise, *conv_args):
-        tensors = [None if t is None else t.to(_autocast_dtype(t)) for t in (input, weight, bias, beta, noise)]
+    def kernel(input, weight, bias, beta, knockoff_bias, *conv_args):
+        tensors = [None if t is None else t.to(autocast_dtype(t)) for t in (input, weight, bias, beta, knockoff_bias)]
         with torch.autocast(device_type, enabled=False):
             return torch.ops.scop.dual_scaled_conv2d.default(*tensors, *conv_args)
 
@@ -131,7 +50,7 @@ def _dual_autocast(device_type: str):
 
 
 _autocast_lib = torch.library.Library("scop", "IMPL")
-for _device, _key in _AUTOCAST_DEVICES.items():
+for _device, _key in AUTOCAST_DEVICES.items():
     _autocast_lib.impl("dual_scaled_conv2d", _dual_autocast(_device), _key)
 
 
@@ -174,53 +93,8 @@ def dual_scaled_conv2d(
     Returns:
         (2N, C_out, H_out, W_out), channels_last when ``input`` is.
     """
-    _require_tensor("input", input)
-    if input.dim() != 4:
-        raise ValueError(f"input must be 4-D (2N, C_in, H, W), got shape {tuple(input.shape)}")
-    if input.shape[0] % 2:
-        raise ValueError(
-            f"input batch must be 2N (N real images then their N knockoffs), got odd size {input.shape[0]}"
-        )
-    _require_kernel_dtype("input", input, _autocast_dtype(input))
-    _require_tensor("weight", weight, 4)
-    _require_tensor("beta", beta, 1)
-    stride = _pair(stride, "stride", 1)
-    padding = _pair(padding, "padding", 0)
-    dilation = _pair(dilation, "dilation", 1)
-    if not _is_int(groups) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    c_out = weight.shape[0]
-    if weight.shape[1] * groups != input.shape[1]:
-        raise ValueError(
-            f"input has {input.shape[1]} channels but weight of shape {tuple(weight.shape)} with "
-            f"groups={groups} expects {weight.shape[1] * groups}"
-        )
-    if c_out % groups:
-        raise ValueError(f"weight's {c_out} output channels are not divisible by groups={groups}")
-    if beta.shape != (c_out,):
-        raise ValueError(f"beta must have shape ({c_out},) (one per output channel), got {tuple(beta.shape)}")
-    if bias is not None:
-        _require_tensor("bias", bias)
-        if bias.shape != (c_out,):
-            raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
-    n = input.shape[0] // 2
-    if knockoff_bias is not None:
-        _require_tensor("knockoff_bias", knockoff_bias)
-        if knockoff_bias.shape != (n, 2, c_out):
-            raise ValueError(
-                f"knockoff_bias must have shape (N, 2, C_out) = ({n}, 2, {c_out}), got {tuple(knockoff_bias.shape)}"
-            )
-    _same_dtype_device("input", input, weight=weight, bias=bias, beta=beta, knockoff_bias=knockoff_bias)
-    for dim, name in ((2, "height"), (3, "width")):
-        k = weight.shape[dim]
-        size = _conv_out_size(input.shape[dim], k, stride[dim - 2], padding[dim - 2], dilation[dim - 2])
-        if size < 1:
-            raise ValueError(
-                f"input {name} {input.shape[dim]} is too small for a kernel of {k} with "
-                f"padding {padding[dim - 2]} and dilation {dilation[dim - 2]}"
-            )
-    if _holds_data(beta) and not bool(torch.isfinite(beta).all()):
-        raise ValueError("beta contains NaN or Inf")
+    stride, padding, dilation = check_dual_conv_args(input, weight, bias, beta, knockoff_bias, stride, padding,
+                                                     dilation, groups)
     save_diff = torch.is_grad_enabled() and beta.requires_grad
     out, _ = torch.ops.scop.dual_scaled_conv2d.default(
         input, weight, bias, beta, knockoff_bias, stride, padding, dilation, groups, save_diff
@@ -229,20 +103,20 @@ def dual_scaled_conv2d(
 
 
 @torch.library.register_fake("scop::dual_scaled_conv2d")
-def _dual_scaled_conv2d_fake(input, weight, bias, beta, noise, stride, padding, dilation, groups, save_diff):
+def _dual_scaled_conv2d_fake(input, weight, bias, beta, knockoff_bias, stride, padding, dilation, groups, save_diff):
     torch._check(input.dim() == 4 and weight.dim() == 4, lambda: "input and weight must be 4-D")
     torch._check(input.shape[0] % 2 == 0, lambda: "input batch must be 2N")
     torch._check(input.shape[1] == weight.shape[1] * groups, lambda: "input channels do not match weight")
     torch._check(beta.shape == (weight.shape[0],), lambda: "beta must have one entry per output channel")
     # A meta tensor among CPU ones dispatches here, so this kernel must refuse what the real ones refuse.
     torch._check(
-        all(t.device == input.device for t in (weight, bias, beta, noise) if t is not None),
+        all(t.device == input.device for t in (weight, bias, beta, knockoff_bias) if t is not None),
         lambda: "input, weight, bias, beta and knockoff bias must be on one device",
     )
     n2, _, h, w = input.shape
     c_out, _, kh, kw = weight.shape
-    h_out = _conv_out_size(h, kh, stride[0], padding[0], dilation[0])
-    w_out = _conv_out_size(w, kw, stride[1], padding[1], dilation[1])
+    h_out = conv_out_size(h, kh, stride[0], padding[0], dilation[0])
+    w_out = conv_out_size(w, kw, stride[1], padding[1], dilation[1])
     fmt = _memory_format(input)
     out = torch.empty((n2, c_out, h_out, w_out), dtype=input.dtype, device=input.device, memory_format=fmt)
     if save_diff:
@@ -266,8 +140,25 @@ def _dual_mix_backward_fake(grad_out, beta, diff, need_beta, need_sums):
     return grad_y, grad_beta, sums
 
 
+def conv_input_grad(grad_y: Tensor, weight: Tensor, input_shape: Sequence[int], stride, padding, dilation,
+                    groups: int) -> Tensor:
+    """The gradient of ``conv2d(input, weight)`` with respect to an input of shape ``input_shape``,
+    (N, C_in, H, W), from the output gradient ``grad_y`` (N, C_out, H_out, W_out) and the weight.
+
+    Used when the input was not saved (the weight is frozen): convolution_backward would want it,
+    and a broadcast stand-in gets materialised at full size inside ATen; the transposed
+    convolution computes the same gradient from the weight and the shape alone.
+    """
+    output_padding = [
+        input_shape[2 + i]
+        - ((grad_y.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
+        for i in range(2)
+    ]
+    return torch.ops.aten.conv_transpose2d.input(grad_y, weight, None, stride, padding, output_padding, groups, dilation)
+
+
 def _dual_setup_context(ctx, inputs, output):
-    input, weight, _bias, _beta, _noise, stride, padding, dilation, groups, save_diff = inputs
+    input, weight, _bias, _beta, _knockoff_bias, stride, padding, dilation, groups, save_diff = inputs
     _, diff = output
     ctx.conv_args = (stride, padding, dilation, groups)
     # The flag, not diff.numel(): an empty batch (N = 0) saves an empty diff too.
@@ -284,11 +175,16 @@ def _dual_setup_context(ctx, inputs, output):
         diff if need_beta else None,
     )
     ctx.mark_non_differentiable(diff)
+    # diff never has a gradient: without this autograd hands the backward a zero-filled tensor of
+    # its size, an (N, C, H, W) fill per conv and step for nothing.
+    ctx.set_materialize_grads(False)
 
 
 def _dual_backward(ctx, grad_out, _grad_diff):
+    if grad_out is None:  # the output was not used (grads are not materialised)
+        return (None,) * 10
     input, weight, beta, diff = ctx.saved_tensors
-    need_input, need_weight, need_bias, need_beta, need_noise = ctx.needs_input_grad[:5]
+    need_input, need_weight, need_bias, need_beta, need_knockoff_bias = ctx.needs_input_grad[:5]
     if need_beta and not ctx.saved_diff:
         raise RuntimeError(
             "beta requires grad but scop::dual_scaled_conv2d was called with save_diff=False; "
@@ -296,7 +192,7 @@ def _dual_backward(ctx, grad_out, _grad_diff):
         )
     stride, padding, dilation, groups = ctx.conv_args
     grad_y, grad_beta, sums = torch.ops.scop.dual_mix_backward.default(
-        grad_out, beta, diff if need_beta else grad_out.new_empty((0,)), need_beta, need_bias or need_noise
+        grad_out, beta, diff if need_beta else grad_out.new_empty((0,)), need_beta, need_bias or need_knockoff_bias
     )
     grad_input = grad_weight = None
     if need_weight:
@@ -305,21 +201,11 @@ def _dual_backward(ctx, grad_out, _grad_diff):
             [need_input, True, False],
         )
     elif need_input:
-        # The input was not saved (the weight is frozen). convolution_backward would want it, and
-        # a broadcast stand-in gets materialised at full size inside ATen; the transposed
-        # convolution computes the same gradient from the weight and the shape alone.
-        output_padding = [
-            ctx.input_shape[2 + i]
-            - ((grad_y.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
-            for i in range(2)
-        ]
-        grad_input = torch.ops.aten.conv_transpose2d.input(
-            grad_y, weight, None, stride, padding, output_padding, groups, dilation
-        )
+        grad_input = conv_input_grad(grad_y, weight, ctx.input_shape, stride, padding, dilation, groups)
     # The sums come in opmath precision: reduce first, round to the parameters' dtype last.
     grad_bias = sums.sum(0).to(grad_out.dtype) if need_bias else None
-    grad_noise = sums.view(2, ctx.batch, ctx.channels).transpose(0, 1).to(grad_out.dtype) if need_noise else None
-    return grad_input, grad_weight, grad_bias, (grad_beta if need_beta else None), grad_noise, None, None, None, None, None
+    grad_knockoff_bias = sums.view(2, ctx.batch, ctx.channels).transpose(0, 1).to(grad_out.dtype) if need_knockoff_bias else None
+    return grad_input, grad_weight, grad_bias, (grad_beta if need_beta else None), grad_knockoff_bias, None, None, None, None, None
 
 
 torch.library.register_autograd("scop::dual_scaled_conv2d", _dual_backward, setup_context=_dual_setup_context)
@@ -377,20 +263,20 @@ def lemma2_sample(
     Returns:
         (n, 2, C) with ``[:, 0] = b`` and ``[:, 1] = b~``, R's dtype and device.
     """
-    _require_tensor("R", R, 2)
+    require_tensor("R", R, 2)
     if R.shape[0] != R.shape[1]:
         raise ValueError(f"R must be square (C, C), got shape {tuple(R.shape)}")
-    _require_kernel_dtype("R", R)
+    require_kernel_dtype("R", R)
     if isinstance(gamma, bool) or not isinstance(gamma, (numbers.Real, torch.SymFloat)):
         raise ValueError(f"gamma must be a number, got {gamma!r}")
     gamma = float(gamma)
     if not (gamma >= 0.0 and gamma != float("inf")):
         raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
-    if not (_is_int(n) or isinstance(n, torch.SymInt)) or (_is_int(n) and n < 0):
+    if not (is_int(n) or isinstance(n, torch.SymInt)) or (is_int(n) and n < 0):
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     if seed is None:
         seed = draw_seed(generator)
-    elif _is_int(seed):
+    elif is_int(seed):
         if not -(2**63) <= seed < 2**63:
             raise ValueError(f"seed must fit in int64 (the Philox key is 64 bits), got {seed}")
         seed = torch.tensor([seed], dtype=torch.int64)

@@ -15,7 +15,7 @@ import json
 import os
 import pickle
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -149,9 +149,10 @@ def save_progress(path: str | os.PathLike, kind: str, settings: dict, payload: d
     save(path, kind, {**payload, "settings": json.dumps(settings, sort_keys=True, default=_json_default)})
 
 
-def load_progress(path: str | os.PathLike, kind: str, settings: dict, map_location: str | torch.device = "cpu") -> dict | None:
+def load_progress(path: str | os.PathLike, kind: str, settings: dict, map_location: str | torch.device = "cpu", *,
+                  renamed: Mapping[str, str] | None = None) -> dict | None:
     """The payload of the progress file at ``path`` if it was written under ``settings``; None
-    when there is no file.
+    when there is no file. ``renamed`` maps settings keys of older files to their names now.
 
     A file of other settings, or one that records none, is refused rather than ignored: resuming
     it would mix two runs, and starting over would overwrite the other run's work.
@@ -168,6 +169,8 @@ def load_progress(path: str | os.PathLike, kind: str, settings: dict, map_locati
         saved = json.loads(payload["settings"])
     except (KeyError, TypeError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: records no settings to match this run against; {start_over}") from None
+    if renamed and isinstance(saved, dict):
+        saved = {renamed.get(k, k): v for k, v in saved.items()}
     ours = json.loads(json.dumps(settings, sort_keys=True, default=_json_default))
     differ = differing_keys(saved, ours)
     if differ:

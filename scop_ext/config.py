@@ -26,7 +26,9 @@ class PruneConfig:
     Stage 2 defaults are the authors' (Adam 0.004, betas (0.5, 0.9), beta from 0.5); fine-tuning
     is SGD Nesterov with momentum 0.9, weight decay 1e-4 and a cosine schedule. ``preset``
     (:mod:`~scop_ext.presets`, e.g. ``"authors"``) fills the keys a dict or file leaves out
-    when read by :meth:`from_dict` / :meth:`from_file`; the constructor takes keys as given.
+    when read by :meth:`from_dict` / :meth:`from_file`, the one way to apply it: the
+    constructor refuses ``preset``, since it cannot tell a key left out from one given at its
+    default value.
     """
 
     preset: str | None = None
@@ -48,7 +50,7 @@ class PruneConfig:
     scales_betas: tuple = (0.5, 0.9)
     knockoff_bias: bool = True
     bias_gamma: float | None = None
-    bn: str = "batch"
+    bn: str = "batch"  # stage-2 BatchNorm: batch (exact), batch_detached (statistics constant in the backward) or frozen
     # stage 3
     importance: str = "scop"
     multiply_bn_gamma: bool = False
@@ -80,8 +82,15 @@ class PruneConfig:
     seed: int = 0
     latency: bool = True
 
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            raise ValueError(f"preset: PruneConfig(preset={self.preset!r}) cannot fill in the preset's settings "
+                             "(a constructor cannot tell a key left out from one given at its default); use "
+                             f"PruneConfig.from_dict({{'preset': {self.preset!r}, ...}})")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PruneConfig:
+        """The config of ``values``, its ``preset`` filling the keys it leaves out."""
         if "keep_block_width" in values:
             raise ValueError("keep_block_width was replaced by block_width: keep (what keep_block_width=true did), "
                              "scatter (the authors' scheme) or prune (the default)")
@@ -90,7 +99,8 @@ class PruneConfig:
         unknown = sorted(str(k) for k in set(values) - known)  # YAML keys need not be strings
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        cfg = cls(**values)
+        cfg = cls(**{k: v for k, v in values.items() if k != "preset"})
+        cfg.preset = values.get("preset")  # already applied above
         cfg.validate()
         return cfg
 
@@ -149,13 +159,14 @@ class PruneConfig:
         from .timing import DTYPES, MEMORY_FORMATS
         from .prune.select import policy_names
         from .prune.groups import BLOCK_WIDTHS
+        from .prune.excavate import BN_MODES
 
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
             (self.scales_epochs >= 1, "scales_epochs must be >= 1"),
             (self.finetune_epochs >= 0, "finetune_epochs must be >= 0"),
-            (self.bn in ("batch", "frozen"), "bn must be 'batch' or 'frozen'"),
+            (self.bn in BN_MODES, f"bn must be one of {', '.join(BN_MODES)}"),
             (self.policy in policy_names(), f"policy must be one of {', '.join(policy_names())}"),
             (0.0 <= self.ratio < 1.0, "ratio must be in [0, 1)"),
             (self.normalize in ("auto", "max", "none"), "normalize must be 'auto', 'max' or 'none'"),

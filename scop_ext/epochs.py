@@ -113,6 +113,9 @@ class EpochLoop:
         error_name: names the stage in a NonFiniteError (default ``stage``).
     """
 
+    # {old settings key: its name now}, so progress saved before a rename still resumes.
+    renamed_settings: dict[str, str] = {}
+
     def __init__(self, stage: str, model: nn.Module, loader: DataLoader, epochs: int, device: torch.device, *,
                  checkpoint_path: str | None, settings: dict, progress: bool, error_name: str | None = None):
         self.stage, self.model, self.loader, self.epochs, self.device = stage, model, loader, epochs, device
@@ -148,7 +151,8 @@ class EpochLoop:
         from tqdm.auto import tqdm
 
         kind, start = f"{self.stage}-progress", 0
-        state = checkpoint.load_progress(self.checkpoint_path, kind, self.settings, self.device) if self.checkpoint_path else None
+        state = checkpoint.load_progress(self.checkpoint_path, kind, self.settings, self.device,
+                                         renamed=self.renamed_settings) if self.checkpoint_path else None
         if state is not None:
             with checkpoint.malformed(self.checkpoint_path):  # a part missing or of the wrong shape: one line
                 if int(state["epoch"]) + 1 > self.epochs:

@@ -15,48 +15,161 @@ The result equals the real half of the paired forward, while the backward runs n
 input-gradient, BatchNorm or ReLU backward for the knockoff half and autograd keeps none of its
 activations. Records are keyed by layer and call order, so a convolution called several times
 per forward (a shared or reused module) mixes each call with its own record.
+
+The real stream keeps what its backward reads and nothing else. With the weights frozen (stage
+2 trains beta only) each ScopConv2d saves the (N, C, H, W) branch difference and beta, not its
+input (the input gradient is a transposed convolution of the weight), and each frozen BatchNorm
+saves its per-channel scale, not its input (``grad * weight / sqrt(var + eps)``). Per layer that
+leaves the difference and whatever the model's own ReLU keeps: about an ordinary step's worth.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
+from ._ops import conv_input_grad
 from .layers import ScopConv2d, scop_layers
 
 __all__ = ["split_forward"]
 
+# Layers whose knockoff output the model changes in place (an in-place ReLU right after the
+# conv, say): their records are copies. Found by the version counter on a first call.
+_OVERWRITTEN: weakref.WeakSet[ScopConv2d] = weakref.WeakSet()
+
+
+def _requires_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _channel_view(t: Tensor, dim: int) -> Tensor:
+    return t.view(1, -1, *([1] * (dim - 2)))
+
+
+class _MixedConv(torch.autograd.Function):
+    """``record + beta * (conv(input) + c + b - record)`` with the weight, c, b and the record constant.
+
+    Saves the branch difference (N, C, H, W) and beta: grad beta is the per-channel sum of
+    ``grad * difference``, and the input gradient the transposed convolution of ``grad * beta``
+    (so the input is not kept).
+    """
+
+    @staticmethod
+    def forward(ctx, input, beta, weight, bias, record, b, stride, padding, dilation, groups):
+        y = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        # under autocast y comes in the region's dtype: mix in beta's and round once, as the kernels do
+        diff = y if y.dtype == beta.dtype else y.to(beta.dtype)
+        if b is not None:
+            diff.add_(b[:, :, None, None])
+        diff.sub_(record)
+        ctx.save_for_backward(weight, beta, diff)
+        ctx.conv_args, ctx.input_shape = (stride, padding, dilation, groups), input.shape
+        return torch.addcmul(record, _channel_view(beta, 4), diff).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, beta, diff = ctx.saved_tensors
+        need_input, need_beta = ctx.needs_input_grad[:2]
+        # Eval-mode batch-norm backward with mean 0 and variance 1 is exactly this layer's:
+        # grad_input = grad * beta and grad_weight = sum(grad * diff) per channel, one fused pass
+        # where separate ops take three (a reduction over N, H and W is slow in NCHW).
+        zeros = beta.new_zeros(beta.shape)
+        grad_y, grad_beta, _ = torch.ops.aten.native_batch_norm_backward(
+            grad.to(diff.dtype), diff, beta, zeros, zeros + 1, None, None, False, 0.0, [need_input, need_beta, False])
+        grad_input = None
+        if need_input:
+            grad_input = conv_input_grad(grad_y.to(weight.dtype), weight, ctx.input_shape, *ctx.conv_args)
+        return grad_input, grad_beta, None, None, None, None, None, None, None, None
+
+
+class _FrozenStatistics(torch.autograd.Function):
+    """Eval-mode batch norm with constant weight and bias: the same forward kernel; the backward
+    is ``grad * weight / sqrt(running_var + eps)`` from the saved per-channel scale alone."""
+
+    @staticmethod
+    def forward(ctx, input, running_mean, running_var, weight, bias, eps):
+        scale = torch.rsqrt(running_var + eps)
+        ctx.save_for_backward(scale if weight is None else scale * weight)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return (grad * _channel_view(scale, grad.dim())).to(grad.dtype), None, None, None, None, None
+
+
+class _FrozenBatchNorms(TorchFunctionMode):
+    """Routes every eval-mode ``F.batch_norm`` with constant parameters through :class:`_FrozenStatistics`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            bound = dict(zip(("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+                             args), **kwargs)
+            if not bound.get("training", False) and bound["running_mean"] is not None and \
+                    not _requires_grad(bound.get("weight"), bound.get("bias")):
+                return _FrozenStatistics.apply(bound["input"], bound["running_mean"], bound["running_var"],
+                                               bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5))
+        return func(*args, **kwargs)
+
 
 class _Streams:
-    """Installed as ``ScopConv2d.stream``: records in the knockoff pass, mixes in the real one."""
+    """Installed as ``ScopConv2d.stream``: records in the knockoff pass, mixes in the real one.
 
-    def __init__(self) -> None:
+    ``replay``: the Lemma 2 draws of an earlier knockoff pass of the same call, used again so a
+    pass rerun with copied records draws nothing new.
+    """
+
+    def __init__(self, replay: dict[ScopConv2d, deque] | None = None) -> None:
         self.recording = True
-        self.records: dict[ScopConv2d, deque[tuple[Tensor, Tensor | None]]] = {}
+        self.records: dict[ScopConv2d, deque[tuple[Tensor, Tensor | None, int]]] = {}
+        self.draws: dict[ScopConv2d, deque[Tensor | None]] = {}
+        self.replay = replay
 
     def __call__(self, layer: ScopConv2d, input: Tensor) -> Tensor:
-        x, padding = layer.padded(input)
-        y = F.conv2d(x, layer.weight, layer.bias, layer.stride, padding, layer.dilation, layer.groups)
         if self.recording:
-            noise = layer.draw_knockoff_bias(input.shape[0])
-            if noise is not None:
-                y.add_(noise[:, 1, :, None, None])
-            self.records.setdefault(layer, deque()).append((y, noise))
-            return y
+            return self._record(layer, input)
         calls = self.records.get(layer)
         if not calls:
             raise RuntimeError("split_forward: a ScopConv2d ran more often on the real images than on the knockoffs; "
                                "the model's forward must not depend on its input's values")
-        y_knock, noise = calls.popleft()
-        if noise is not None:
-            y = y + noise[:, 0, :, None, None]
-        # autograd keeps only the (N, C, H, W) difference (for grad beta) and beta (for grad Y_r);
-        # under autocast the mix runs in beta's wider dtype and is rounded once, as the kernels do.
-        return (y_knock + layer.beta.view(1, -1, 1, 1) * (y - y_knock)).to(y.dtype)
+        record, knockoff_bias, _ = calls.popleft()
+        x, padding = layer.padded(input)
+        b = None if knockoff_bias is None else knockoff_bias[:, 0]
+        padding = (padding, padding) if isinstance(padding, int) else padding
+        conv_args = (layer.stride, padding, layer.dilation, layer.groups)
+        if not _requires_grad(layer.weight, layer.bias, knockoff_bias):
+            return _MixedConv.apply(x, layer.beta, layer.weight, layer.bias, record, b, *conv_args)
+        # something besides beta trains: plain autograd ops, which differentiate everything
+        y = F.conv2d(x, layer.weight, layer.bias, *conv_args)
+        if b is not None:
+            y = y + b[:, :, None, None]
+        return (record + _channel_view(layer.beta, 4) * (y - record)).to(y.dtype)
+
+    def _record(self, layer: ScopConv2d, input: Tensor) -> Tensor:
+        x, padding = layer.padded(input)
+        y = F.conv2d(x, layer.weight, layer.bias, layer.stride, padding, layer.dilation, layer.groups)
+        if self.replay is not None:
+            knockoff_bias = self.replay[layer].popleft()
+        else:
+            knockoff_bias = layer.draw_knockoff_bias(input.shape[0])
+        self.draws.setdefault(layer, deque()).append(knockoff_bias)
+        if knockoff_bias is not None:
+            y.add_(knockoff_bias[:, 1, :, None, None])
+        record = y.clone() if layer in _OVERWRITTEN else y
+        self.records.setdefault(layer, deque()).append((record, knockoff_bias, record._version))
+        return y
+
+    def overwritten(self) -> set[ScopConv2d]:
+        """Layers whose record the model changed in place after it was taken."""
+        return {layer for layer, calls in self.records.items() for record, _, version in calls
+                if record._version != version}
 
 
 @contextmanager
@@ -70,13 +183,28 @@ def _installed(layers: list[ScopConv2d], streams: _Streams):
             layer.stream = None
 
 
+def _knockoff_pass(model: nn.Module, layers: list[ScopConv2d], x_knockoff: Tensor) -> _Streams:
+    """The knockoff stream under no_grad, its records taken; rerun with copies (and the same
+    draws) for any layer whose output the model then changed in place."""
+    streams = _Streams()
+    with _installed(layers, streams), torch.no_grad():
+        model(x_knockoff)
+    overwritten = streams.overwritten()
+    if overwritten:
+        _OVERWRITTEN.update(overwritten)
+        streams = _Streams(replay=streams.draws)
+        with _installed(layers, streams), torch.no_grad():
+            model(x_knockoff)
+    return streams
+
+
 def split_forward(model: nn.Module, x: Tensor, x_knockoff: Tensor) -> Tensor:
     """The real half of ``model(torch.cat([x, x_knockoff]))`` for a model in eval mode, computed
     with the knockoff stream apart and without autograd (see the module docstring).
 
     Every ScopConv2d in SCOP mode draws its Lemma 2 biases once, as in the paired forward, so
     with the same generators the two give the same numbers. Only valid when no layer couples
-    samples: BatchNorm in eval mode (frozen statistics), no batch-dependent layers.
+    samples: BatchNorm in eval mode with running statistics, no batch-dependent layers.
 
     Args:
         model: a converted model (``scop_ext.convert``), or a wrapper around one such as
@@ -89,15 +217,14 @@ def split_forward(model: nn.Module, x: Tensor, x_knockoff: Tensor) -> Tensor:
     """
     if x.shape != x_knockoff.shape:
         raise ValueError(f"x and x_knockoff must have one shape, got {tuple(x.shape)} and {tuple(x_knockoff.shape)}")
-    coupled = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    if coupled:
-        raise ValueError(f"split_forward needs BatchNorm in eval mode (frozen statistics); {coupled[0]!r} is training")
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+            why = "is training" if m.training else "keeps no running statistics, so it normalises over the batch"
+            raise ValueError(f"split_forward needs BatchNorm in eval mode (frozen statistics); {name!r} {why}")
     layers = [layer for layer in scop_layers(model).values() if layer.scop_enabled]
-    streams = _Streams()
-    with _installed(layers, streams):
-        with torch.no_grad():
-            model(x_knockoff)
-        streams.recording = False
+    streams = _knockoff_pass(model, layers, x_knockoff)
+    streams.recording = False
+    with _installed(layers, streams), _FrozenBatchNorms():
         out = model(x)
     if any(streams.records.values()):
         raise RuntimeError("split_forward: a ScopConv2d ran more often on the knockoffs than on the real images; "

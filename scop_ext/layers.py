@@ -56,7 +56,7 @@ class ScopConv2d(nn.Conv2d):
         self.register_buffer("knockoff_R", None)
         self.register_buffer("knockoff_gamma", None)
         self.scop_enabled = False
-        self.knockoff_bias = True
+        self.use_knockoff_bias = True
         self.generator: torch.Generator | None = None
         # gamma mirrored as a Python float: reading the buffer in forward would be a
         # data-dependent scalar that torch.compile cannot trace without a graph break.
@@ -164,14 +164,14 @@ class ScopConv2d(nn.Conv2d):
         if self.stream is not None:
             return self.stream(self, input)
         input, padding = self.padded(input)
-        noise = None
-        if self.knockoff_bias and self.knockoff_R is not None:
+        knockoff_bias = None
+        if self.use_knockoff_bias and self.knockoff_R is not None:
             if input.dim() != 4 or input.shape[0] % 2:
                 raise ValueError(
                     f"input must be a paired batch (2N, C, H, W) in SCOP mode, got shape {tuple(input.shape)}"
                 )
-            noise = self.draw_knockoff_bias(input.shape[0] // 2)
-        args = (input, self.weight, self.bias, self.beta, noise, self.stride, padding, self.dilation, self.groups)
+            knockoff_bias = self.draw_knockoff_bias(input.shape[0] // 2)
+        args = (input, self.weight, self.bias, self.beta, knockoff_bias, self.stride, padding, self.dilation, self.groups)
         if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
             # Plain ops, so inductor fuses the mixing with the BN and ReLU around it (an opaque
             # custom op would be a fusion barrier); eager and export keep the fused kernels.
@@ -193,18 +193,18 @@ class ScopConv2d(nn.Conv2d):
     def draw_knockoff_bias(self, n: int) -> Tensor | None:
         """This process's (n, 2, C_out) Lemma 2 pairs ``[b, b~]`` for n real images, or None when
         the layer adds no knockoff bias. One draw advances :attr:`generator` once."""
-        if not (self.knockoff_bias and self.knockoff_R is not None):
+        if not (self.use_knockoff_bias and self.knockoff_R is not None):
             return None
         rank, world = self.bias_shard
-        noise = lemma2_sample(self.knockoff_R, self._gamma, n * world, generator=self.generator)
-        return noise[rank * n : (rank + 1) * n] if world > 1 else noise
+        knockoff_bias = lemma2_sample(self.knockoff_R, self._gamma, n * world, generator=self.generator)
+        return knockoff_bias[rank * n : (rank + 1) * n] if world > 1 else knockoff_bias
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", scop={'on' if self.scop_enabled else 'off'}"
         if self.beta is not None:
             s += f", beta=({self.beta.shape[0]},)"
         if self.knockoff_R is not None:
-            s += f", knockoff_bias={'on' if self.knockoff_bias else 'off'}(gamma={self._gamma:.3g})"
+            s += f", knockoff_bias={'on' if self.use_knockoff_bias else 'off'}(gamma={self._gamma:.3g})"
         return s
 
 

@@ -17,8 +17,6 @@ last complete stage.
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -31,10 +29,9 @@ from torch.utils.data import DataLoader
 from . import checkpoint, distributed, resources
 from .config import PruneConfig
 from .data import Splits, load_splits
-from .export import load_model, read_arch, save_model
+from .export import load_model, save_model
 from .layers import convert as convert_layers
 from .layers import scop_layers
-from .models import build_model
 from .presets import PRESETS
 from .prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
 from .prune.flops import count_flops, count_params
@@ -45,59 +42,13 @@ from .prune.surgery import apply_plan, channel_widths
 from .report import latency_models, latency_section, measure_after, write_report
 from .runfolder import RunFolder
 from .runlock import RunLock
+from .trained_model import check_conv_names, load_trained, model_sizes
 from .timing import measure_latency
 from .train import amp_dtype, default_amp, evaluate, fit, make_loader, recalibrate_bn
 
 __all__ = ["ScopPruner", "STAGES"]
 
 STAGES = ("knockoffs", "scales", "select", "prune", "finetune", "report")
-
-
-def _load_weights(model_name: str, info, weights: str | None) -> nn.Module:
-    """The trained model. A ``save_model`` stem (the output of ``scop train``) describes its own
-    architecture; a config naming another model is refused rather than recorded beside weights
-    it cannot reload."""
-    if weights and os.path.isfile(str(weights) + ".json"):
-        arch = read_arch(weights)
-        if arch["model"] != model_name:
-            raise ValueError(f"weights {weights}: is a {arch['model']!r} model ({weights}.json), but model is "
-                             f"{model_name!r}; set model to {arch['model']!r}")
-        model, _ = load_model(weights)
-        return model
-    return build_model(model_name, info.num_classes, info.in_channels, weights=weights)
-
-
-def _check_names(model: nn.Module, key: str, patterns) -> None:
-    """Every name or pattern in ``patterns`` must match a convolution of ``model`` (a typo would
-    otherwise be ignored silently and the layer wrapped or pruned after all)."""
-    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in convs):
-            near = difflib.get_close_matches(pattern, convs, n=3, cutoff=0.3) or convs[:3]
-            raise ValueError(f"{key}: {pattern!r} names no convolution of the model; nearest: {', '.join(near)}")
-
-
-@torch.no_grad()
-def _sizes(model: nn.Module, example: Tensor, info, what: str) -> tuple[int, int]:
-    """``(num_classes, in_channels)`` the model was built for, checked against the data's: its
-    first convolution's input channels, and the width of its output on ``example``. Saved
-    models record these, not the data's, so they reload; data with more classes than the
-    model has outputs is refused."""
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    in_channels = info.in_channels if conv is None else conv.in_channels
-    if in_channels != info.in_channels:
-        raise ValueError(f"dataset {info.name!r} has {info.in_channels}-channel images, but {what} takes {in_channels} channels")
-    training = model.training
-    try:
-        num_classes = model.eval()(example).shape[-1]
-    except RuntimeError as exc:  # e.g. images too small for the model's pooling
-        raise ValueError(f"{what} cannot run on the dataset's images of shape {tuple(example.shape[1:])} "
-                         f"({str(exc).strip().splitlines()[0]})") from None
-    finally:
-        model.train(training)
-    if info.num_classes > num_classes:
-        raise ValueError(f"dataset {info.name!r} has {info.num_classes} classes, but {what} has {num_classes} outputs")
-    return num_classes, in_channels
 
 
 Importance = Callable[[nn.Module], Mapping[str, Tensor]]
@@ -144,12 +95,12 @@ class ScopPruner:
         self.model = model.to(self.device)
         self.example = example_input
         what = f"the model ({config.weights})" if config.weights else "the model"
-        self.num_classes, self.in_channels = _sizes(self.model, example_input.to(self.device), data.info, what)
+        self.num_classes, self.in_channels = model_sizes(self.model, example_input.to(self.device), data.info, what)
         # A preset's own patterns are written for every architecture (CIFAR's shortcut.0 and
         # torchvision's downsample.0), so only the names a user chose must match this model.
         generic = PRESETS.get(config.preset, {}).get("skip", []) if config.preset else []
-        _check_names(self.model, "skip", [p for p in config.skip if p not in generic])
-        _check_names(self.model, "ignored_layers", config.ignored_layers)
+        check_conv_names(self.model, "skip", [p for p in config.skip if p not in generic])
+        check_conv_names(self.model, "ignored_layers", config.ignored_layers)
         self.knockoffs = None
         self.plan: dict[str, list[int]] | None = None
         self.results: dict[str, Any] = {"config": config.to_dict(), "notes": []}
@@ -164,7 +115,7 @@ class ScopPruner:
         data = load_splits(config.dataset, config.data_root, image_size=config.image_size,
                            val_fraction=config.val_fraction)
         if model is None:
-            model = _load_weights(config.model, data.info, config.weights)
+            model = load_trained(config.model, data.info, config.weights)
         return cls(model, data.train[0][0][None], make_importance(config.importance, **config.importance_params()),
                    make_policy(config.policy, **config.policy_params()), data=data, config=config, out_dir=out_dir,
                    progress=progress, log=log)
@@ -263,14 +214,14 @@ class ScopPruner:
             report = fit_knockoff_biases(self.model, calibration, self.device, gamma=cfg.bias_gamma)
             self.results["lemma2"] = {name: {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()}
                                       for name, r in report.items()}
-        if cfg.bn == "batch" and distributed.world_size() > 1:
+        if cfg.bn != "frozen" and distributed.world_size() > 1:
             self.results["notes"].append(
-                f"stage 2 ran on {distributed.world_size()} processes with bn=batch: BatchNorm normalised each "
+                f"stage 2 ran on {distributed.world_size()} processes with bn={cfg.bn}: BatchNorm normalised each "
                 "process's part of the batch (it is not synchronised), so beta depends on the number of processes; "
                 "bn=frozen does not")
         history = learn_scales(
             self.model, self._loader(pairs, shuffle=True), self.device, epochs=cfg.scales_epochs, lr=cfg.scales_lr,
-            betas=tuple(cfg.scales_betas), knockoff_bias=cfg.knockoff_bias, bn=cfg.bn, seed=cfg.seed,
+            adam_betas=tuple(cfg.scales_betas), use_knockoff_bias=cfg.knockoff_bias, bn=cfg.bn, seed=cfg.seed,
             checkpoint_path=self._path("scales-progress.pt"), settings=cfg.to_dict(), progress=self.progress,
         )
         self.results["scales_history"] = history.as_dict()

@@ -196,9 +196,9 @@ def estimate_step(model: nn.Module, example: torch.Tensor, *, paired: bool, trai
     from .layers import scop_layers
 
     layers = scop_layers(model).values()
-    bias_on = [layer.knockoff_bias for layer in layers]
+    bias_on = [layer.use_knockoff_bias for layer in layers]
     for layer in layers:
-        layer.knockoff_bias = False
+        layer.use_knockoff_bias = False
     images = probe_batch * (2 if paired else 1)
     shape = example.shape[1:] if example.dim() == 4 else example.shape
     batch = torch.empty((images, *shape), dtype=example.dtype, device="meta")
@@ -207,7 +207,7 @@ def estimate_step(model: nn.Module, example: torch.Tensor, *, paired: bool, trai
                                                  None if activation_dtype is None else autocast_itemsize(device, activation_dtype))
     finally:
         for layer, flag in zip(layers, bias_on):
-            layer.knockoff_bias = flag
+            layer.use_knockoff_bias = flag
     step = saved + batch.nbytes + _BACKWARD_OVERHEAD * saved + largest
     trained = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if trainable(name))
     fixed = {"gradients": trained, "optimizer state": optimizer_slots * trained}

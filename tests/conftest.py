@@ -54,10 +54,20 @@ def baseline(tmp_path_factory) -> str:
     return str(out / "model")
 
 
+def _eval_space(build, input_shape):
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(*input_shape)
+    return model, x, PruningSpace(model, x)
+
+
 @pytest.fixture(scope="module")
 def resnet20_space():
     """(resnet20 in eval mode, a 32x32 example input, its PruningSpace); one per test module."""
-    torch.manual_seed(0)
-    model = models.resnet20().eval()
-    x = torch.randn(1, 3, 32, 32)
-    return model, x, PruningSpace(model, x)
+    return _eval_space(models.resnet20, (1, 3, 32, 32))
+
+
+@pytest.fixture(scope="module")
+def digits_space():
+    """(resnet_digits in eval mode, an 8x8 example input, its PruningSpace); one per test module."""
+    return _eval_space(models.resnet_digits, (1, 1, 8, 8))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,31 +25,19 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from scop_ext import checkpoint
-from scop_ext.cli import _prune_config, build_parser, main
+from scop_ext.cli import main
 from scop_ext.knockoffs import KnockoffGAN, make_generator
 from scop_ext.models import build_model
 from scop_ext.export import load_model, save_model
 from scop_ext.runlock import LOCK_NAME, RunLock
 
-from .conftest import ENV, prune_args
+from ._helpers import assert_one_line, cli
+from .conftest import ENV
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 QUICK = ["--scales-epochs", "1", "--finetune-epochs", "1", "--batch-size", "128", "--set", "latency=false",
          "--set", "bn_batches=2", "--quiet"]
-
-
-def cli(capsys, argv) -> tuple[int, list[str]]:
-    """Run ``scop`` in this process: (exit status, stderr lines)."""
-    status = main([str(a) for a in argv])
-    return status, capsys.readouterr().err.strip().splitlines()
-
-
-def assert_refused(status, lines, named, pattern):
-    assert status == 2, lines
-    assert len(lines) == 1, lines
-    assert str(named) in lines[0], lines[0]
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 # ------------------------------------------------------------------------------ test data
@@ -285,7 +272,7 @@ def fixtures(request):
 def test_refused_in_one_line(case, tmp_path, baseline, fixtures, capsys):
     argv, named, pattern = CASES[case](tmp_path, baseline, fixtures)
     capsys.readouterr()  # what a case's set-up printed
-    assert_refused(*cli(capsys, argv), named, pattern)
+    assert_one_line(*cli(capsys, *argv), named, pattern)
 
 
 @pytest.mark.parametrize("case", ["train epochs 0", "knockoffs fit --option nosuch", "--out under /sys",
@@ -295,7 +282,7 @@ def test_refused_by_a_real_scop_process(case, tmp_path, baseline, fixtures):
     proc = subprocess.run([sys.executable, "-m", "scop_ext.cli", *map(str, argv)], capture_output=True, text=True,
                           env=ENV, timeout=300)
     lines = proc.stderr.strip().splitlines()
-    assert_refused(proc.returncode, lines, named, pattern)
+    assert_one_line(proc.returncode, lines, named, pattern)
     assert "Traceback" not in proc.stderr
 
 
@@ -304,7 +291,7 @@ def test_refused_runs_leave_the_other_run_as_it_was(finished_run, tmp_path, base
     run = run_copy(finished_run, tmp_path / "run")
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != LOCK_NAME}
     assert "finetune-progress.pt" in before
-    assert_refused(*cli(capsys, quick_prune(baseline, run, "--seed", "2")), run, "other settings")
+    assert_one_line(*cli(capsys, *quick_prune(baseline, run, "--seed", "2")), run, "other settings")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != LOCK_NAME} == before
 
 
@@ -353,10 +340,10 @@ def test_full_disk_keeps_the_folder_resumable(command, tmp_path, baseline, monke
         return real(*args, suffix=suffix, **kwargs)
 
     monkeypatch.setattr(checkpoint.tempfile, "mkstemp", full)
-    assert_refused(*cli(capsys, argv), out / target, r"No space left on device; the folder is left resumable")
+    assert_one_line(*cli(capsys, *argv), out / target, r"No space left on device; the folder is left resumable")
     assert not [p for p in out.iterdir() if p.name.startswith(checkpoint.TEMP_PREFIX)]
     monkeypatch.setattr(checkpoint.tempfile, "mkstemp", real)
-    assert cli(capsys, argv + (["--resume"] if command == "prune" else []))[0] == 0
+    assert cli(capsys, *argv + (["--resume"] if command == "prune" else []))[0] == 0
     assert (out / target).exists()
 
 
@@ -384,15 +371,15 @@ def read_only(tmp_path):
 
 def test_a_real_full_disk_during_prune(small_disk, baseline, capsys, tmp_path):
     out = small_disk / "run"
-    status, lines = cli(capsys, quick_prune(baseline, out))
-    assert_refused(status, lines, out, r"No space left on device; the folder is left resumable.*--resume")
+    status, lines = cli(capsys, *quick_prune(baseline, out))
+    assert_one_line(status, lines, out, r"No space left on device; the folder is left resumable.*--resume")
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
-    assert cli(capsys, quick_prune(baseline, out, "--resume"))[0] == 0
+    assert cli(capsys, *quick_prune(baseline, out, "--resume"))[0] == 0
     load_model(out / "final")
 
 
 def test_a_read_only_filesystem(read_only, capsys):
-    assert_refused(*cli(capsys, ["train", "--epochs", "1", "--out", read_only / "x"]), read_only / "x",
+    assert_one_line(*cli(capsys, "train", "--epochs", "1", "--out", read_only / "x"), read_only / "x",
                    r"Read-only file system \(--out must be a folder this user can write\)")
 
 
@@ -410,13 +397,14 @@ def test_files_honour_the_umask(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ the run lock
 
-def test_one_live_run_per_folder(baseline, tmp_path):
-    """Item 18 with real processes: a second run into a live run's folder is refused naming the
-    holder's pid and changes nothing; once the holder is SIGKILLed, --resume takes the lock over
-    and finishes. The holder is paused (SIGSTOP) while the others try, so it is still alive
-    however slowly they start on a busy machine."""
+def test_one_live_run_per_folder(baseline, tmp_path, capsys):
+    """Item 18 with a real holder process: a second run into a live run's folder is refused naming
+    the holder's pid and changes nothing; once the holder is SIGKILLed, --resume takes the lock
+    over and finishes. The holder is paused (SIGSTOP) while the others try, so it is still alive
+    however slowly they start on a busy machine; they run in this process (the lock is the
+    holder's, not this process's), which spares two interpreter starts."""
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "scop_ext.cli", *prune_args(baseline, out)],
+    first = subprocess.Popen([sys.executable, "-m", "scop_ext.cli", *quick_prune(baseline, out)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     try:
         for line in first.stdout:  # stage 2 has started: the folder holds the first run's files
@@ -428,19 +416,15 @@ def test_one_live_run_per_folder(baseline, tmp_path):
         assert (out / LOCK_NAME).read_text().strip() == str(first.pid)
         files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
         for extra in (["--seed", "2"], ["--resume"]):
-            second = subprocess.run([sys.executable, "-m", "scop_ext.cli", *prune_args(baseline, out, *extra)],
-                                    capture_output=True, text=True, env=ENV, timeout=300)
-            assert_refused(second.returncode, second.stderr.strip().splitlines(), f"pid {first.pid}",
-                           r"in use by another scop run")
+            assert_one_line(*cli(capsys, *quick_prune(baseline, out, *extra)), f"pid {first.pid}",
+                            r"in use by another scop run")
         assert first.poll() is None
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    resumed = subprocess.run([sys.executable, "-m", "scop_ext.cli", *prune_args(baseline, out, "--resume")],
-                             capture_output=True, text=True, env=ENV, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "[knockoffs] loaded" in resumed.stdout
+    assert main(quick_prune(baseline, out, "--resume")) == 0, capsys.readouterr().err
+    assert "[knockoffs] loaded" in capsys.readouterr().out
     load_model(out / "final")
 
 

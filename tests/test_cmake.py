@@ -131,12 +131,12 @@ def test_cmake_library_loads_in_python(cmake_build_dir: Path):
         torch.ops.load_library(sys.argv[1])
         x = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
         w, beta, bias = torch.randn(5, 3, 3, 3), torch.rand(5), torch.randn(5)
-        noise = torch.randn(2, 2, 5)
-        out, diff = torch.ops.scop.dual_scaled_conv2d(x, w, bias, beta, noise, [1, 1], [1, 1],
+        knockoff_bias = torch.randn(2, 2, 5)
+        out, diff = torch.ops.scop.dual_scaled_conv2d(x, w, bias, beta, knockoff_bias, [1, 1], [1, 1],
                                                       [1, 1], 1, True)
         y = torch.nn.functional.conv2d(x, w, bias, 1, 1)
-        r = y[:2] + noise[:, 0, :, None, None]
-        k = y[2:] + noise[:, 1, :, None, None]
+        r = y[:2] + knockoff_bias[:, 0, :, None, None]
+        k = y[2:] + knockoff_bias[:, 1, :, None, None]
         b = beta.view(1, -1, 1, 1)
         torch.testing.assert_close(out, torch.cat([b * r + (1 - b) * k, k]))
         torch.testing.assert_close(diff, r - k)

@@ -64,7 +64,7 @@ def test_compiled_model_hands_inductor_the_mixing_as_plain_ops():
 def test_export_round_trip():
     net = _model().eval()
     for layer in scop_layers(net).values():
-        layer.knockoff_bias = False  # deterministic program
+        layer.use_knockoff_bias = False  # deterministic program
     x = torch.randn(4, 3, 10, 10)
     program = torch.export.export(net, (x,))
     assert any("scop.dual_scaled_conv2d" in str(node.target) for node in program.graph.nodes)
@@ -80,7 +80,7 @@ def test_compiled_plain_mode_layer():
 def test_compiled_model_under_autocast_matches_eager():
     net = _model().eval()
     for layer in scop_layers(net).values():
-        layer.knockoff_bias = False  # deterministic program
+        layer.use_knockoff_bias = False  # deterministic program
     x = torch.randn(4, 3, 10, 10)
 
     def run(x):

@@ -46,7 +46,7 @@ CONFIGS = [
     ("fdr_big.json", '{"fdr_q": 2}', "fdr_q must be in \\(0, 1\\)"),
     ("lr_zero.yaml", "scales_lr: 0\n", "scales_lr and finetune_lr must be > 0"),
     ("gamma_negative.yaml", "bias_gamma: -0.1\n", "bias_gamma must be > 0"),
-    ("bn_mode.yaml", "bn: sync\n", "bn must be 'batch' or 'frozen'"),
+    ("bn_mode.yaml", "bn: sync\n", "bn must be one of batch, batch_detached, frozen"),
     ("policy.yaml", "policy: greedy\n", "policy must be one of"),
     ("importance.yaml", "importance: scpo\n", "importance must be one of"),
     ("knockoffs.yaml", "knockoffs: diffusion\n", "knockoffs must be one of"),
@@ -84,3 +84,14 @@ def test_bad_set_values_are_one_line(tmp_path, capsys):
     assert status == 2 and lines == ["scop prune: error: batch_size must be an integer, got str 'many'"]
     status, lines = cli(capsys, "prune", "--set", "nokey", "--out", tmp_path / "o")
     assert status == 2 and len(lines) == 1 and "--set expects KEY=VALUE" in lines[0]
+
+
+def test_a_preset_is_applied_by_from_dict_and_refused_by_the_constructor():
+    # The constructor cannot tell knockoff_bias=True given from knockoff_bias left out, so it
+    # cannot fill only the keys left out: it refuses rather than ignore the preset silently.
+    with pytest.raises(ValueError, match=r"^preset: PruneConfig\(preset='authors'\) .* use PruneConfig\.from_dict"):
+        PruneConfig(preset="authors")
+    config = PruneConfig.from_dict({"preset": "authors", "knockoff_bias": True})
+    assert (config.preset, config.block_width, config.ratio) == ("authors", "scatter", 0.45)  # filled in
+    assert config.knockoff_bias is True  # given at its default value, and still it wins over the preset
+    assert PruneConfig.from_dict(config.to_dict()) == config  # what a run folder records reads back the same

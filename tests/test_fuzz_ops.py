@@ -88,14 +88,14 @@ def conv_cases(draw, dtypes=(torch.float32, torch.float64)):
         "binary": lambda: torch.randint(0, 2, (c_out,), generator=gen).double(),
     }[beta_kind]()
     bias = torch.randn(c_out, **f64) * xs * ws if draw(st.booleans()) else None
-    noise = torch.randn(n, 2, c_out, **f64) * xs * ws if draw(st.booleans()) else None
+    knockoff_bias = torch.randn(n, 2, c_out, **f64) * xs * ws if draw(st.booleans()) else None
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     x = layout(cast(x), draw(st.sampled_from(LAYOUTS)))
     w = cast(w)
     if draw(st.booleans()):
         w = w.contiguous(memory_format=torch.channels_last)
     conv = dict(stride=stride, padding=padding, dilation=dilation, groups=g)
-    return dict(input=x, weight=w, bias=cast(bias), beta=cast(beta), knockoff_bias=cast(noise)), conv
+    return dict(input=x, weight=w, bias=cast(bias), beta=cast(beta), knockoff_bias=cast(knockoff_bias)), conv
 
 
 def _magnitudes(args, conv, grad, ref_dtype) -> dict[str, torch.Tensor]:
@@ -348,7 +348,7 @@ def base(d):
     dtype = d(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
     t = lambda *s: torch.randn(*s).to(dtype)
     return dict(input=t(2 * n, c_in, h, w), weight=t(c_out, c_in // g, k, k), bias=t(c_out), beta=t(c_out),
-                noise=t(n, 2, c_out), stride=[1, 1], padding=[0, 0], dilation=[1, 1], groups=g, save_diff=True)
+                knockoff_bias=t(n, 2, c_out), stride=[1, 1], padding=[0, 0], dilation=[1, 1], groups=g, save_diff=True)
 
 def change(**kw):
     return lambda a: a.update({k: (f(a) if callable(f) else f) for k, f in kw.items()})
@@ -364,15 +364,15 @@ CONV = [
     ("beta short", change(beta=lambda a: a["beta"][1:]), "scop: beta must have shape"),
     ("beta 0-D", change(beta=lambda a: a["beta"][0]), "scop: beta must have shape"),
     ("bias long", change(bias=lambda a: torch.cat([a["bias"], a["bias"]])), "scop: bias must have shape"),
-    ("noise shape", change(noise=lambda a: a["noise"][:, :1]), "scop: knockoff bias must have shape"),
-    ("noise 4-D", change(noise=lambda a: a["noise"][None]), "scop: knockoff bias must have shape"),
+    ("knockoff_bias shape", change(knockoff_bias=lambda a: a["knockoff_bias"][:, :1]), "scop: knockoff bias must have shape"),
+    ("knockoff_bias 4-D", change(knockoff_bias=lambda a: a["knockoff_bias"][None]), "scop: knockoff bias must have shape"),
     ("beta dtype", change(beta=lambda a: a["beta"].to(torch.float64 if a["beta"].dtype != torch.float64 else torch.float32)),
      "scop: input, weight and beta must share a dtype"),
     ("bias dtype", change(bias=lambda a: a["bias"].to(torch.float64 if a["bias"].dtype != torch.float64 else torch.float32)),
      "scop: bias must match"),
-    ("noise integer", change(noise=lambda a: a["noise"].long()), "scop: knockoff bias must match"),
-    ("all integer", lambda a: a.update({k: a[k].long() for k in ("input", "weight", "bias", "beta", "noise")}), "not implemented for 'Long'"),
-    ("all float16 on CPU", lambda a: a.update({k: a[k].half() for k in ("input", "weight", "bias", "beta", "noise")}), "not implemented for 'Half'"),
+    ("knockoff_bias integer", change(knockoff_bias=lambda a: a["knockoff_bias"].long()), "scop: knockoff bias must match"),
+    ("all integer", lambda a: a.update({k: a[k].long() for k in ("input", "weight", "bias", "beta", "knockoff_bias")}), "not implemented for 'Long'"),
+    ("all float16 on CPU", lambda a: a.update({k: a[k].half() for k in ("input", "weight", "bias", "beta", "knockoff_bias")}), "not implemented for 'Half'"),
     ("beta on meta", change(beta=lambda a: a["beta"].to("meta")), "must be on one device|no fake impl or Meta kernel"),
     ("stride 0", change(stride=[0, 1]), "non-positive stride"),
     ("stride negative", change(stride=[1, -4]), "non-positive stride"),
@@ -437,8 +437,8 @@ def fuzz_conv(data, case):
 def fuzz_mix(data, case):
     what, mutate, match = case
     a = base(data.draw)
-    g = torch.randn(2 * len(a["noise"]), len(a["beta"]), 4, 5).to(a["beta"].dtype)
-    d = torch.randn(len(a["noise"]), len(a["beta"]), 4, 5).to(a["beta"].dtype)
+    g = torch.randn(2 * len(a["knockoff_bias"]), len(a["beta"]), 4, 5).to(a["beta"].dtype)
+    d = torch.randn(len(a["knockoff_bias"]), len(a["beta"]), 4, 5).to(a["beta"].dtype)
     expect_error(f"dual_mix_backward: {what}", lambda: mix(*mutate(g, a["beta"], d)), match)
 
 @profile
@@ -495,14 +495,14 @@ def check(n, c_in, c_out, h, w, k, stride, padding, groups, dtype, in_layout, gr
     x = layout(torch.randn(2 * n, c_in, h + k - 1, w + k - 1).to(dtype), in_layout)
     wt = torch.randn(c_out, c_in // groups, k, k).to(dtype)
     beta = torch.rand(c_out).to(dtype)
-    bias, noise = (torch.randn(c_out).to(dtype), torch.randn(n, 2, c_out).to(dtype)) if extras else (None, None)
-    out, diff = conv(x, wt, bias, beta, noise, [stride] * 2, [padding] * 2, [1, 1], groups, need_beta)
+    bias, knockoff_bias = (torch.randn(c_out).to(dtype), torch.randn(n, 2, c_out).to(dtype)) if extras else (None, None)
+    out, diff = conv(x, wt, bias, beta, knockoff_bias, [stride] * 2, [padding] * 2, [1, 1], groups, need_beta)
     # the reference in float64 (ATen's native path; its bias is added separately, see native_conv)
     with torch.backends.mkldnn.flags(enabled=False):
         y = F.conv2d(x.double(), wt.double(), None, stride, padding, 1, groups)
     if extras:
         y = y + bias.double().view(1, -1, 1, 1)
-        y = torch.cat([y[:n] + noise[:, 0, :, None, None].double(), y[n:] + noise[:, 1, :, None, None].double()])
+        y = torch.cat([y[:n] + knockoff_bias[:, 0, :, None, None].double(), y[n:] + knockoff_bias[:, 1, :, None, None].double()])
     r, kk = y[:n], y[n:]
     b = beta.double().view(1, -1, 1, 1)
     tol = {torch.float32: 1e-3, torch.float64: 1e-8, torch.bfloat16: 0.1}[dtype]

@@ -72,12 +72,17 @@ def test_split_forward_matches_the_real_half_of_the_paired_forward():
     for layer in scop_layers(net).values():
         with torch.no_grad():
             layer.beta.uniform_()
+    _assert_split_matches_paired(net, seed=10)
+
+
+def _assert_split_matches_paired(net, seed):
+    """Output and beta gradients of split_forward equal those of the paired forward (same draws)."""
     x, xk, _ = next(iter(_pairs()))
     betas = [layer.beta for layer in scop_layers(net).values()]
     results = []
     for forward in (split_forward, _paired_forward):
         for i, layer in enumerate(scop_layers(net).values()):
-            layer.generator = torch.Generator().manual_seed(10 + i)
+            layer.generator = torch.Generator().manual_seed(seed + i)
         out = forward(net, x, xk)
         results.append((out.detach(), torch.autograd.grad(out.square().sum(), betas)))
     (out_s, grads_s), (out_p, grads_p) = results
@@ -151,3 +156,59 @@ def test_split_forward_refuses_training_bn_and_unpaired_shapes():
     with pytest.raises(ValueError, match="'bn' is training"):
         split_forward(net, x, x)
     assert all(layer.stream is None for layer in scop_layers(net).values())
+
+
+def test_split_forward_keeps_no_batchnorm_or_conv_input():
+    # Per conv call autograd keeps the branch difference, and ReLU its output; a frozen BN keeps
+    # a per-channel scale, not its (N, C, H, W) input, and a ScopConv2d not its input.
+    x, xk, _ = next(iter(_pairs()))
+    net = _model()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for layer in scop_layers(net).values():
+        layer.beta.requires_grad_(True)
+    bn_inputs = []
+    hook = net.bn.register_forward_hook(lambda m, args, out: bn_inputs.append(args[0]))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = split_forward(net, x, xk)
+    hook.remove()
+    weights = {layer.weight.shape for layer in scop_layers(net).values()}
+    activations = {t.untyped_storage().data_ptr() for t in saved if _activation(t, weights)}
+    assert bn_inputs[-1].untyped_storage().data_ptr() not in activations
+    # 4 conv calls (stem, shared twice, reflect) and 4 ReLUs: one activation each, no more.
+    assert len(activations) == 8
+    out.sum().backward()  # and what was kept suffices
+
+
+class _InPlaceNet(nn.Module):
+    """VGG-like: an in-place ReLU right on a conv's output, which changes the knockoff record."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True),
+                                      nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_split_forward_survives_in_place_changes_of_the_knockoff_output():
+    torch.manual_seed(0)
+    net = convert(_InPlaceNet().double()).eval()
+    for layer in scop_layers(net).values():
+        layer.fit_knockoff_bias(torch.rand(layer.in_channels, dtype=torch.float64) + 0.1)
+        with torch.no_grad():
+            layer.beta.uniform_()
+    # The first call finds the overwritten record and redoes the knockoff pass; the next copies it at once.
+    for seed in (20, 30):
+        _assert_split_matches_paired(net, seed)
+
+
+def test_split_forward_refuses_batchnorm_without_running_statistics():
+    net = _model()
+    net.bn.track_running_stats, net.bn.running_mean, net.bn.running_var = False, None, None
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="'bn' keeps no running statistics"):
+        split_forward(net, x, x)

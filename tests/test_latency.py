@@ -38,14 +38,6 @@ def out_only_timer(shape, c_in, c_out):
     return 0.01 * math.ceil(c_out / 4) * shape.in_hw[0] * shape.in_hw[1]
 
 
-@pytest.fixture(scope="module")
-def digits():
-    torch.manual_seed(0)
-    model = models.resnet_digits().eval()
-    x = torch.randn(1, 1, 8, 8)
-    return model, x, PruningSpace(model, x)
-
-
 def make(model, x, space, timer, **kw):
     return LatencyModel(model, x, space.groups, batch=4, timer=timer, measure_network=False, progress=False, **kw)
 
@@ -53,8 +45,8 @@ def make(model, x, space, timer, **kw):
 # ------------------------------------------------------------------------- the cache
 
 
-def test_cache_reused_under_same_settings(digits, tmp_path):
-    model, x, space = digits
+def test_cache_reused_under_same_settings(digits_space, tmp_path):
+    model, x, space = digits_space
     calls = []
     first = make(model, x, space, block_timer(calls=calls), cache=tmp_path / "t.json")
     assert calls, "nothing was measured"
@@ -68,8 +60,8 @@ def test_cache_reused_under_same_settings(digits, tmp_path):
 @pytest.mark.parametrize("key, value", [("threads", 999), ("torch", "0.0"), ("device", "another chip"),
                                         ("dtype", "bfloat16"), ("memory_format", "channels_last"), ("batch", 128),
                                         ("malloc", "system")])
-def test_cache_of_other_settings_is_refused_and_rebuilt(digits, tmp_path, key, value):
-    model, x, space = digits
+def test_cache_of_other_settings_is_refused_and_rebuilt(digits_space, tmp_path, key, value):
+    model, x, space = digits_space
     path = tmp_path / "t.json"
     make(model, x, space, block_timer(), cache=path)
     stored = json.loads(path.read_text())
@@ -86,8 +78,8 @@ def test_cache_of_other_settings_is_refused_and_rebuilt(digits, tmp_path, key, v
     assert max(rebuilt["points"].values()) < 1e6
 
 
-def test_unreadable_cache_is_measured_again(digits, tmp_path):
-    model, x, space = digits
+def test_unreadable_cache_is_measured_again(digits_space, tmp_path):
+    model, x, space = digits_space
     path = tmp_path / "t.json"
     path.write_text("{not json")
     messages, calls = [], []
@@ -108,18 +100,18 @@ def test_prediction_matches_the_pruned_network(resnet20_space):
     assert lat.predict_plan(plan) < lat.dense_ms
 
 
-def test_measured_table_with_the_default_timer(digits, tmp_path, one_thread):
-    model, x, space = digits
+def test_measured_table_with_the_default_timer(digits_space, tmp_path, one_thread):
+    model, x, space = digits_space
     lat = LatencyModel(model, x, space.groups, batch=2, cache=tmp_path / "t.json", progress=False)
     points = json.loads((tmp_path / "t.json").read_text())["points"]
     assert points and all(v > 0 and math.isfinite(v) for v in points.values())
     assert lat.dense_ms == pytest.approx(lat.measured_dense_ms)  # the rest term closes the gap
 
 
-def test_a_disturbed_first_timing_is_rechecked(digits):
+def test_a_disturbed_first_timing_is_rechecked(digits_space):
     """Every point's first timing is 3x too slow (another process was busy): the recheck keeps
     the undisturbed time, so the table and the steps are those of the undisturbed timer."""
-    model, x, space = digits
+    model, x, space = digits_space
     clean, seen = block_timer(8), set()
 
     def disturbed(shape, c_in, c_out):
@@ -194,8 +186,8 @@ def test_knapsack_against_brute_force(seed):
         assert sum(values[g][j] for g, j in enumerate(choice)) >= slack - 1e-9
 
 
-def test_choose_widths_optimal_when_separable(digits):
-    model, x, space = digits
+def test_choose_widths_optimal_when_separable(digits_space):
+    model, x, space = digits_space
     lat = make(model, x, space, out_only_timer)
     rng = random.Random(0)
     values = [{w: w + rng.random() for w in lat.candidates(i, range(1, g.size + 1))} for i, g in enumerate(space.groups)]
@@ -211,8 +203,8 @@ def test_choose_widths_optimal_when_separable(digits):
 # ------------------------------------------------------------------------- steps and the policy
 
 
-def test_candidates_sit_at_the_top_of_each_step(digits):
-    model, x, space = digits
+def test_candidates_sit_at_the_top_of_each_step(digits_space):
+    model, x, space = digits_space
     lat = make(model, x, space, block_timer(8))
     for i, g in enumerate(space.groups):
         assert lat.candidates(i, range(1, g.size + 1)) == list(range(8, g.size + 1, 8))

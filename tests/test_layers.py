@@ -71,10 +71,10 @@ def test_knockoff_bias_is_drawn_from_the_generator():
     layer.generator = torch.Generator().manual_seed(42)
     out = layer(x)
     seed = scop_ext.draw_seed(torch.Generator().manual_seed(42))
-    noise = scop_ext.lemma2_sample(layer.knockoff_R, float(layer.knockoff_gamma), 2, seed=seed)
-    want = reference.dual_scaled_conv2d(x, layer.weight, layer.bias, layer.beta, noise, 1, 1)
+    knockoff_bias = scop_ext.lemma2_sample(layer.knockoff_R, float(layer.knockoff_gamma), 2, seed=seed)
+    want = reference.dual_scaled_conv2d(x, layer.weight, layer.bias, layer.beta, knockoff_bias, 1, 1)
     torch.testing.assert_close(out, want)
-    layer.knockoff_bias = False
+    layer.use_knockoff_bias = False
     torch.testing.assert_close(layer(x), reference.dual_scaled_conv2d(x, layer.weight, layer.bias, layer.beta, None, 1, 1))
     assert "knockoff_bias=off" in repr(layer) and "scop=on" in repr(layer)
 

@@ -24,7 +24,7 @@ LAYOUTS = ["contiguous", "channels_last", "strided"]
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5)}
 
 
-def _case(shape, dtype, device, bias=True, noise=True, seed=0):
+def _case(shape, dtype, device, bias=True, use_knockoff_bias=True, seed=0):
     n, cin, cout, h, w, k, s, p, d, g = shape
     k = (k, k) if isinstance(k, int) else k
     gen = torch.Generator().manual_seed(seed)
@@ -33,7 +33,7 @@ def _case(shape, dtype, device, bias=True, noise=True, seed=0):
     weight = torch.randn(cout, cin // g, *k, generator=gen, **opts) / (cin // g * k[0] * k[1]) ** 0.5
     b = torch.randn(cout, generator=gen, **opts) if bias else None
     beta = torch.rand(cout, generator=gen, **opts)
-    nz = torch.randn(n, 2, cout, generator=gen, **opts) if noise else None
+    nz = torch.randn(n, 2, cout, generator=gen, **opts) if use_knockoff_bias else None
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
     return move(x), move(weight), move(b), move(beta), move(nz), dict(stride=s, padding=p, dilation=d, groups=g)
 
@@ -58,9 +58,9 @@ def test_forward_backward_match_reference(shape, kind, dtype, device):
         torch.testing.assert_close(got.grad, want.grad, **TOL[dtype], msg=lambda m: f"grad of {name}: {m}")
 
 
-@pytest.mark.parametrize("bias,noise", [(False, False), (True, False), (False, True)])
-def test_optional_bias_and_noise(bias, noise, device):
-    x, w, b, beta, nz, conv = _case(SHAPES[0], torch.float64, device, bias=bias, noise=noise)
+@pytest.mark.parametrize("bias,use_knockoff_bias", [(False, False), (True, False), (False, True)])
+def test_optional_bias_and_knockoff_bias(bias, use_knockoff_bias, device):
+    x, w, b, beta, nz, conv = _case(SHAPES[0], torch.float64, device, bias=bias, use_knockoff_bias=use_knockoff_bias)
     torch.testing.assert_close(
         scop_ext.dual_scaled_conv2d(x, w, b, beta, nz, **conv),
         reference.dual_scaled_conv2d(x, w, b, beta, nz, **conv),
@@ -185,7 +185,7 @@ def test_cuda_batch_beyond_grid_y_limit(kind):
 
 
 def test_empty_batch(device):
-    x, w, b, beta, _, conv = _case(SHAPES[0], torch.float32, device, noise=False)
+    x, w, b, beta, _, conv = _case(SHAPES[0], torch.float32, device, use_knockoff_bias=False)
     out = scop_ext.dual_scaled_conv2d(x[:0], w, b, beta, None, **conv)
     assert out.shape == (0, w.shape[0], 9, 7)
 
@@ -290,7 +290,7 @@ FLOATING_DTYPES = sorted({d for d in vars(torch).values() if isinstance(d, torch
 
 
 def test_kernel_dtype_list_matches_the_kernels(device):
-    """The wrappers refuse dtypes by scop_ext._ops._KERNEL_DTYPES, a hand copy of the C++
+    """The wrappers refuse dtypes by scop_ext._op_checks.KERNEL_DTYPES, a hand copy of the C++
     dispatch lists: every floating dtype must run in all three raw ops exactly when it is listed."""
     def accepted(call) -> bool:
         try:
@@ -307,7 +307,7 @@ def test_kernel_dtype_list_matches_the_kernels(device):
     }
     for name, call in calls.items():
         runs = [d for d in FLOATING_DTYPES if accepted(lambda: call(lambda *shape: torch.rand(*shape).to(device, d)))]
-        assert set(runs) == set(scop_ext._ops._KERNEL_DTYPES[device.type]), f"{name} on {device.type} runs in {runs}"
+        assert set(runs) == set(scop_ext._op_checks.KERNEL_DTYPES[device.type]), f"{name} on {device.type} runs in {runs}"
 
 
 def test_raw_op_rejects_bad_input_in_cpp():

@@ -91,6 +91,24 @@ def test_policies_through_the_pipeline(baseline, tmp_path, policy, params, check
     pruner.model(torch.randn(2, 1, 8, 8))
 
 
+def test_a_stage2_result_starts_another_pruner(baseline, tmp_path):
+    """A model fresh from stage 2 (SCOP mode on, Lemma 2 biases fitted) is handed to a new pruner,
+    as benchmarks/accuracy.py does to prune one stage 2 at several targets."""
+    pruner = ScopPruner.from_config(PruneConfig(weights=baseline, **TINY), tmp_path / "a", progress=False)
+    pruner.fit_knockoffs()
+    pruner.convert()
+    pruner.learn_scales()
+    betas = {name: layer.beta.detach().clone() for name, layer in scop_layers(pruner.model).items()}
+    again = ScopPruner.from_config(PruneConfig(weights=baseline, **TINY), tmp_path / "b", model=pruner.model,
+                                   progress=False)
+    assert (again.num_classes, again.in_channels) == (10, 1)
+    layers = scop_layers(again.model)
+    assert all(layer.scop_enabled for layer in layers.values())  # the size check left SCOP mode as it was
+    assert all(torch.equal(layer.beta, betas[name]) for name, layer in layers.items())
+    again.select()
+    again.prune()
+
+
 def test_progress_of_other_settings_is_refused_not_resumed(baseline, tmp_path):
     """A progress file left by a run with other settings is neither resumed nor overwritten."""
     first = ScopPruner.from_config(PruneConfig(weights=baseline, **TINY), tmp_path, progress=False)
@@ -254,15 +272,16 @@ def test_pipeline_gan_checkpoints_in_the_run_folder(tmp_path):
 
 
 def test_config_file_and_flags_pick_the_same_default_device(tmp_path):
-    from scop_ext.cli import _device, _prune_config, build_parser
+    from scop_ext.cli import build_parser
+    from scop_ext.cli_config import prune_config, resolve_device
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("policy: uniform\n")
     for argv in ([], ["--config", str(cfg)]):
         args = build_parser().parse_args(["prune", *argv, "--out", str(tmp_path)])
-        assert _prune_config(args).device == _device(None)
+        assert prune_config(args).device == resolve_device(None)
     cfg.write_text("device: cpu\n")
-    assert _prune_config(build_parser().parse_args(["prune", "--config", str(cfg), "--out", str(tmp_path)])).device == "cpu"
+    assert prune_config(build_parser().parse_args(["prune", "--config", str(cfg), "--out", str(tmp_path)])).device == "cpu"
 
 
 def test_prune_prints_the_table_on_process_0_only(tmp_path, monkeypatch, capsys):

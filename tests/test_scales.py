@@ -1,6 +1,7 @@
 """Stage 2 (learn_scales), the Lemma 2 bias fit, and the shared training loop."""
 
 import copy
+import json
 import re
 
 import pytest
@@ -86,6 +87,22 @@ def test_resume_gives_the_same_betas(tmp_path):
     learn_scales(part, loader, "cpu", epochs=1, checkpoint_path=path, progress=False)
     resumed = convert(_net())  # a fresh process: nothing in memory but the checkpoint
     learn_scales(resumed, loader, "cpu", epochs=3, checkpoint_path=path, progress=False)
+    for name, layer in scop_layers(full).items():
+        assert torch.equal(layer.beta, scop_layers(resumed)[name].beta), name
+
+
+def test_progress_saved_before_adam_betas_was_named_apart_still_resumes(tmp_path):
+    loader = make_loader(_pairs(), 16, shuffle=True)
+    full = convert(_net())
+    learn_scales(full, loader, "cpu", epochs=2, progress=False)
+    path = str(tmp_path / "scales.pt")
+    learn_scales(convert(_net()), loader, "cpu", epochs=1, checkpoint_path=path, progress=False)
+    state = checkpoint.load(path, "scales-progress")
+    settings = json.loads(state["settings"])
+    settings["betas"] = settings.pop("adam_betas")  # the key an older scop wrote
+    checkpoint.save(path, "scales-progress", {**state, "settings": json.dumps(settings, sort_keys=True)})
+    resumed = convert(_net())
+    learn_scales(resumed, loader, "cpu", epochs=2, checkpoint_path=path, progress=False)
     for name, layer in scop_layers(full).items():
         assert torch.equal(layer.beta, scop_layers(resumed)[name].beta), name
 

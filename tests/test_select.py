@@ -44,13 +44,6 @@ DIGITS_GROUPS = {  # resnet_digits: coupled convs and group sizes
 }
 
 
-@pytest.fixture(scope="module")
-def digits_space():
-    torch.manual_seed(0)
-    model = models.resnet_digits().eval()
-    return model, PruningSpace(model, torch.randn(1, 1, 8, 8))
-
-
 def coupled_scores(seed=0, low_group=None):
     """Random scores, identical for the members of a coupled group (so the mean is known)."""
     g = torch.Generator().manual_seed(seed)
@@ -117,7 +110,7 @@ def test_knockoff_threshold_arguments():
 
 
 def test_space_groups_and_mean_aggregation(digits_space):
-    model, space = digits_space
+    model, _, space = digits_space
     assert {tuple(sorted(g.convs)): g.size for g in space.groups} == DIGITS_GROUPS
     residual = {tuple(sorted(g.convs)) for g in space.groups if g.residual}
     assert residual == {("conv1", "layers.0.0.conv2"), ("layers.1.0.conv2", "layers.1.0.shortcut.0")}
@@ -134,7 +127,7 @@ def test_space_groups_and_mean_aggregation(digits_space):
 
 
 def test_space_ignores_layers_and_never_the_classifier(digits_space):
-    model, _ = digits_space
+    model, _, _ = digits_space
     space = PruningSpace(model, torch.randn(1, 1, 8, 8), ignored_layers=["layers.1.*"])
     assert {c for g in space.groups for c in g.convs} == {"conv1", "layers.0.0.conv1", "layers.0.0.conv2"}
     kbw = PruningSpace(model, torch.randn(1, 1, 8, 8), block_width="keep")
@@ -153,7 +146,7 @@ def test_space_ignores_layers_and_never_the_classifier(digits_space):
 
 
 def test_uniform_removes_lowest_per_group(digits_space):
-    _, space = digits_space
+    _, _, space = digits_space
     scores = coupled_scores()
     plan = uniform(space, scores, 0.4)
     json.dumps(plan)  # plain and serialisable
@@ -165,7 +158,7 @@ def test_uniform_removes_lowest_per_group(digits_space):
 
 
 def test_uniform_round_to_and_floor(digits_space):
-    _, space = digits_space
+    _, _, space = digits_space
     scores = coupled_scores()
     plan = uniform(space, scores, 0.3, round_to=8)
     # 16 -> keep 16 - 4 = 12 -> rounded up to 16 (untouched); 32 -> keep 32 - 9 = 23 -> 24.
@@ -182,7 +175,7 @@ def test_uniform_round_to_and_floor(digits_space):
 
 
 def test_uniform_leaves_unscored_groups_alone(digits_space):
-    _, space = digits_space
+    _, _, space = digits_space
     scores = {"layers.0.0.conv1": torch.randn(16), "layers.1.0.conv1": torch.randn(32)}  # like SCOP skipping some convs
     plan = uniform(space, scores, 0.5)
     assert sorted(plan) == ["layers.0.0.conv1", "layers.1.0.conv1"]
@@ -191,7 +184,7 @@ def test_uniform_leaves_unscored_groups_alone(digits_space):
 
 
 def test_global_ranking_normalised(digits_space):
-    _, space = digits_space
+    _, _, space = digits_space
     g = torch.Generator().manual_seed(3)
     scale = {16: 1.0, 32: 50.0}  # raw scales differ by layer: "max" normalisation makes them comparable
     scores = {}
@@ -212,7 +205,7 @@ def test_global_ranking_normalised(digits_space):
 
 
 def test_global_ranking_raw_scores_respect_floor(digits_space):
-    _, space = digits_space
+    _, _, space = digits_space
     scores = coupled_scores(low_group=("layers.0.0.conv1",))  # one group far below the others
     plan = global_ranking(space, scores, 0.25, normalize=None, min_channels=2)
     # 24 of 96 channels go: the low group gives all but its floor (14), the rest come from elsewhere.
@@ -227,7 +220,7 @@ def test_global_ranking_raw_scores_respect_floor(digits_space):
 
 
 def test_fdr_per_layer_and_global(digits_space):
-    _, space = digits_space
+    _, _, space = digits_space
     g = torch.Generator().manual_seed(5)
     scores = {}
     for convs, size in DIGITS_GROUPS.items():
@@ -257,7 +250,7 @@ def test_fdr_per_layer_and_global(digits_space):
 
 
 def test_cuts_are_where_the_policy_cut(digits_space):
-    _, space = digits_space
+    _, _, space = digits_space
     scores = coupled_scores(seed=4)
     # a global ranking of raw scores is one threshold: every removed score below every kept one
     plan = global_ranking(space, scores, 0.4, normalize=None)
@@ -294,7 +287,7 @@ def test_flops_target_unreachable(resnet20_space):
 
 
 def test_select_dispatch(digits_space):
-    _, space = digits_space
+    _, _, space = digits_space
     scores = coupled_scores()
     assert select(space, scores, "uniform", ratio=0.5) == uniform(space, scores, 0.5)
     assert select(space, scores, "fdr", q=0.3, min_channels=3) == fdr(space, scores, 0.3, min_channels=3)

@@ -61,7 +61,7 @@ def _lively(model: nn.Module, x: torch.Tensor) -> nn.Module:
 def _stage2_step(model: nn.Module, x: torch.Tensor) -> None:
     # Independent N(0, 1) images are exact knockoffs of N(0, 1) images.
     pairs = DataLoader(TensorDataset(x, torch.randn_like(x), torch.arange(len(x)) % 10), batch_size=len(x))
-    learn_scales(model, pairs, "cpu", epochs=1, knockoff_bias=False, progress=False)
+    learn_scales(model, pairs, "cpu", epochs=1, use_knockoff_bias=False, progress=False)
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -40,57 +40,58 @@ __device__ T warp_sum(T v) {
 }
 
 // grad_Y_r = beta g_r and grad_Y_k = (1 - beta) g_r + g_k for element i, accumulating
-// sum(g_r d) into p and the two gradients into sr / sk.
+// sum(g_r diff) into dot and the two gradients into sum_r / sum_k.
 template <typename scalar_t, typename opmath_t>
-__device__ __forceinline__ void mix_backward_element(const scalar_t* go, const scalar_t* d, scalar_t* gy,
-                                                     int64_t i, int64_t half, opmath_t b, opmath_t& p,
-                                                     opmath_t& sr, opmath_t& sk) {
-  const opmath_t g = static_cast<opmath_t>(go[i]);
+__device__ __forceinline__ void mix_backward_element(const scalar_t* grad_out, const scalar_t* diff,
+                                                     scalar_t* grad_y, int64_t i, int64_t half,
+                                                     opmath_t b, opmath_t& dot, opmath_t& sum_r,
+                                                     opmath_t& sum_k) {
+  const opmath_t g = static_cast<opmath_t>(grad_out[i]);
   const opmath_t a = b * g;
-  const opmath_t k = (opmath_t(1) - b) * g + static_cast<opmath_t>(go[i + half]);
-  gy[i] = static_cast<scalar_t>(a);
-  gy[i + half] = static_cast<scalar_t>(k);
-  sr += a;
-  sk += k;
-  if (d) p += g * static_cast<opmath_t>(d[i]);
+  const opmath_t k = (opmath_t(1) - b) * g + static_cast<opmath_t>(grad_out[i + half]);
+  grad_y[i] = static_cast<scalar_t>(a);
+  grad_y[i + half] = static_cast<scalar_t>(k);
+  sum_r += a;
+  sum_k += k;
+  if (diff) dot += g * static_cast<opmath_t>(diff[i]);
 }
 
 // NCHW: blocks stride over the (sample, channel) planes; a plane's three sums are block reductions.
 template <typename scalar_t, typename opmath_t>
-__global__ void mix_backward_planes(const scalar_t* __restrict__ go, const scalar_t* __restrict__ d,
-                                    scalar_t* __restrict__ gy, const opmath_t* __restrict__ beta,
-                                    opmath_t* __restrict__ part_p, opmath_t* __restrict__ part_s,
+__global__ void mix_backward_planes(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ diff,
+                                    scalar_t* __restrict__ grad_y, const opmath_t* __restrict__ beta,
+                                    opmath_t* __restrict__ part_grad_beta, opmath_t* __restrict__ part_sums,
                                     int64_t n, int64_t c, int64_t hw) {
   const int64_t half = n * c * hw;
   __shared__ opmath_t smem[3][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int64_t plane = blockIdx.x; plane < n * c; plane += gridDim.x) {
     const opmath_t b = beta[plane % c];
-    opmath_t p = 0, sr = 0, sk = 0;
+    opmath_t dot = 0, sum_r = 0, sum_k = 0;
     for (int64_t q = threadIdx.x; q < hw; q += blockDim.x) {
-      mix_backward_element(go, d, gy, plane * hw + q, half, b, p, sr, sk);
+      mix_backward_element(grad_out, diff, grad_y, plane * hw + q, half, b, dot, sum_r, sum_k);
     }
-    p = warp_sum(p);
-    sr = warp_sum(sr);
-    sk = warp_sum(sk);
+    dot = warp_sum(dot);
+    sum_r = warp_sum(sum_r);
+    sum_k = warp_sum(sum_k);
     if (lane == 0) {
-      smem[0][warp] = p;
-      smem[1][warp] = sr;
-      smem[2][warp] = sk;
+      smem[0][warp] = dot;
+      smem[1][warp] = sum_r;
+      smem[2][warp] = sum_k;
     }
     __syncthreads();
     if (warp == 0) {
       const int warps = blockDim.x / 32;
-      p = lane < warps ? smem[0][lane] : opmath_t(0);
-      sr = lane < warps ? smem[1][lane] : opmath_t(0);
-      sk = lane < warps ? smem[2][lane] : opmath_t(0);
-      p = warp_sum(p);
-      sr = warp_sum(sr);
-      sk = warp_sum(sk);
+      dot = lane < warps ? smem[0][lane] : opmath_t(0);
+      sum_r = lane < warps ? smem[1][lane] : opmath_t(0);
+      sum_k = lane < warps ? smem[2][lane] : opmath_t(0);
+      dot = warp_sum(dot);
+      sum_r = warp_sum(sum_r);
+      sum_k = warp_sum(sum_k);
       if (lane == 0) {
-        part_p[plane] = p;
-        part_s[plane] = sr;
-        part_s[n * c + plane] = sk;
+        part_grad_beta[plane] = dot;
+        part_sums[plane] = sum_r;
+        part_sums[n * c + plane] = sum_k;
       }
     }
     __syncthreads();  // warp 0 has read smem before the next plane overwrites it
@@ -101,9 +102,9 @@ __global__ void mix_backward_planes(const scalar_t* __restrict__ go, const scala
 // the grid is smaller; loads are coalesced along channels and the 8 pixel lanes are reduced
 // through shared memory.
 template <typename scalar_t, typename opmath_t>
-__global__ void mix_backward_rows(const scalar_t* __restrict__ go, const scalar_t* __restrict__ d,
-                                  scalar_t* __restrict__ gy, const opmath_t* __restrict__ beta,
-                                  opmath_t* __restrict__ part_p, opmath_t* __restrict__ part_s,
+__global__ void mix_backward_rows(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ diff,
+                                  scalar_t* __restrict__ grad_y, const opmath_t* __restrict__ beta,
+                                  opmath_t* __restrict__ part_grad_beta, opmath_t* __restrict__ part_sums,
                                   int64_t n, int64_t c, int64_t hw) {
   const int64_t half = n * c * hw;
   const int64_t tiles = (c + 31) / 32;
@@ -111,26 +112,26 @@ __global__ void mix_backward_rows(const scalar_t* __restrict__ go, const scalar_
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t ch = tile * 32 + threadIdx.x;
     for (int64_t s = blockIdx.y; s < n; s += gridDim.y) {
-      opmath_t p = 0, sr = 0, sk = 0;
+      opmath_t dot = 0, sum_r = 0, sum_k = 0;
       if (ch < c) {
         const opmath_t b = beta[ch];
         for (int64_t q = threadIdx.y; q < hw; q += blockDim.y) {
-          mix_backward_element(go, d, gy, (s * hw + q) * c + ch, half, b, p, sr, sk);
+          mix_backward_element(grad_out, diff, grad_y, (s * hw + q) * c + ch, half, b, dot, sum_r, sum_k);
         }
       }
-      smem[0][threadIdx.y][threadIdx.x] = p;
-      smem[1][threadIdx.y][threadIdx.x] = sr;
-      smem[2][threadIdx.y][threadIdx.x] = sk;
+      smem[0][threadIdx.y][threadIdx.x] = dot;
+      smem[1][threadIdx.y][threadIdx.x] = sum_r;
+      smem[2][threadIdx.y][threadIdx.x] = sum_k;
       __syncthreads();
       if (threadIdx.y == 0 && ch < c) {
         for (int j = 1; j < blockDim.y; ++j) {
-          p += smem[0][j][threadIdx.x];
-          sr += smem[1][j][threadIdx.x];
-          sk += smem[2][j][threadIdx.x];
+          dot += smem[0][j][threadIdx.x];
+          sum_r += smem[1][j][threadIdx.x];
+          sum_k += smem[2][j][threadIdx.x];
         }
-        part_p[s * c + ch] = p;
-        part_s[s * c + ch] = sr;
-        part_s[(n + s) * c + ch] = sk;
+        part_grad_beta[s * c + ch] = dot;
+        part_sums[s * c + ch] = sum_r;
+        part_sums[(n + s) * c + ch] = sum_k;
       }
       __syncthreads();  // row 0 has read smem before the next sample overwrites it
     }
@@ -152,19 +153,20 @@ int grid_for(int64_t elems) {
 
 std::tuple<at::Tensor, at::Tensor> dual_scaled_conv2d_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& beta, const std::optional<at::Tensor>& noise, at::IntArrayRef stride,
+    const at::Tensor& beta, const std::optional<at::Tensor>& knockoff_bias, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool save_diff) {
   const c10::cuda::CUDAGuard guard(input.device());
-  DualForward st = prepare_dual_forward(input, weight, bias, beta, noise, stride, padding, dilation,
-                                        groups, save_diff);
+  DualForward st = prepare_dual_forward(input, weight, bias, beta, knockoff_bias, stride, padding,
+                                        dilation, groups, save_diff);
   const int64_t half = st.n * st.c * st.hw;
   if (half == 0) return {st.y, st.diff};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st.y.scalar_type(), "dual_scaled_conv2d_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    scalar_t* dp = save_diff ? st.diff.data_ptr<scalar_t>() : nullptr;
+    scalar_t* diff_data = save_diff ? st.diff.data_ptr<scalar_t>() : nullptr;
     auto launch = [&](auto kernel) {
-      kernel<<<grid_for(half), kThreads, 0, stream>>>(st.y.data_ptr<scalar_t>(), dp, st.beta.data_ptr<opmath_t>(),
+      kernel<<<grid_for(half), kThreads, 0, stream>>>(st.y.data_ptr<scalar_t>(), diff_data,
+                                                      st.beta.data_ptr<opmath_t>(),
                                                       st.shifts.data_ptr<opmath_t>(), st.n, st.c, st.hw);
     };
     if (st.channels_last) {
@@ -187,19 +189,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_mix_backward_cuda(
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st.grad_out.scalar_type(), "dual_mix_backward_cuda", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
-      const scalar_t* dp = need_beta ? st.diff.data_ptr<scalar_t>() : nullptr;
-      const scalar_t* gp = st.grad_out.data_ptr<scalar_t>();
-      scalar_t* op = st.grad_y.data_ptr<scalar_t>();
-      const opmath_t* bp = st.beta.data_ptr<opmath_t>();
-      opmath_t* pp = st.part_p.data_ptr<opmath_t>();
-      opmath_t* sp = st.part_s.data_ptr<opmath_t>();
+      const scalar_t* diff_data = need_beta ? st.diff.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* grad_out_data = st.grad_out.data_ptr<scalar_t>();
+      scalar_t* grad_y_data = st.grad_y.data_ptr<scalar_t>();
+      const opmath_t* beta_data = st.beta.data_ptr<opmath_t>();
+      opmath_t* part_grad_beta = st.part_grad_beta.data_ptr<opmath_t>();
+      opmath_t* part_sums = st.part_sums.data_ptr<opmath_t>();
       if (st.channels_last) {
         const dim3 block(32, 8), grid(grid_dim((c + 31) / 32, kMaxGridX), grid_dim(n, kMaxGridY));
-        mix_backward_rows<scalar_t, opmath_t><<<grid, block, 0, stream>>>(gp, dp, op, bp, pp, sp, n, c, hw);
+        mix_backward_rows<scalar_t, opmath_t><<<grid, block, 0, stream>>>(
+            grad_out_data, diff_data, grad_y_data, beta_data, part_grad_beta, part_sums, n, c, hw);
       } else {
         const int threads = hw >= 256 ? 256 : (hw >= 128 ? 128 : 64);
         mix_backward_planes<scalar_t, opmath_t><<<grid_dim(n * c, kMaxGridX), threads, 0, stream>>>(
-            gp, dp, op, bp, pp, sp, n, c, hw);
+            grad_out_data, diff_data, grad_y_data, beta_data, part_grad_beta, part_sums, n, c, hw);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

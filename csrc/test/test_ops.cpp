@@ -118,7 +118,7 @@ at::Tensor lemma2(const at::Tensor& R, double gamma, int64_t n, int64_t seed) {
 std::tuple<at::Tensor, at::Tensor> conv_reference(const at::Tensor& input, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias,
                                                   const at::Tensor& beta,
-                                                  const std::optional<at::Tensor>& noise,
+                                                  const std::optional<at::Tensor>& knockoff_bias,
                                                   at::IntArrayRef stride, at::IntArrayRef padding,
                                                   at::IntArrayRef dilation, int64_t groups) {
   // Arithmetic in float64 on the conv output of the input dtype, cast back at the end, as the
@@ -131,9 +131,9 @@ std::tuple<at::Tensor, at::Tensor> conv_reference(const at::Tensor& input, const
     r = r + bias->to(at::kDouble).view({1, c, 1, 1});
     k = k + bias->to(at::kDouble).view({1, c, 1, 1});
   }
-  if (noise.has_value()) {
-    r = r + noise->select(1, 0).to(at::kDouble).view({n, c, 1, 1});
-    k = k + noise->select(1, 1).to(at::kDouble).view({n, c, 1, 1});
+  if (knockoff_bias.has_value()) {
+    r = r + knockoff_bias->select(1, 0).to(at::kDouble).view({n, c, 1, 1});
+    k = k + knockoff_bias->select(1, 1).to(at::kDouble).view({n, c, 1, 1});
   }
   const at::Tensor b = beta.to(at::kDouble).view({1, c, 1, 1});
   const at::Tensor out = at::cat({b * r + (1 - b) * k, k});
@@ -217,20 +217,20 @@ void test_dual_scaled_conv2d() {
           at::Tensor input = at::randn({2 * cc.n, cc.c_in, cc.h, cc.w}, opts);
           const at::Tensor weight = at::randn({cc.c_out, cc.c_in / cc.groups, cc.k, cc.k}, opts);
           const at::Tensor beta = at::rand({cc.c_out}, opts);
-          std::optional<at::Tensor> bias, noise;
+          std::optional<at::Tensor> bias, knockoff_bias;
           if (with_extras) {
             bias = at::randn({cc.c_out}, opts);
-            noise = at::randn({cc.n, 2, cc.c_out}, opts);
+            knockoff_bias = at::randn({cc.n, 2, cc.c_out}, opts);
           }
           if (channels_last) input = input.contiguous(at::MemoryFormat::ChannelsLast);
           const bool save_diff = with_extras;  // also covers save_diff=false
-          auto [out, diff] = conv_op().call(input, weight, bias, beta, noise, cc.stride, cc.padding,
+          auto [out, diff] = conv_op().call(input, weight, bias, beta, knockoff_bias, cc.stride, cc.padding,
                                             cc.dilation, cc.groups, save_diff);
-          auto [want_out, want_diff] = conv_reference(input, weight, bias, beta, noise, cc.stride,
+          auto [want_out, want_diff] = conv_reference(input, weight, bias, beta, knockoff_bias, cc.stride,
                                                       cc.padding, cc.dilation, cc.groups);
           std::ostringstream what;
           what << "dual_scaled_conv2d " << dtype << (channels_last ? " channels_last" : " NCHW")
-               << (with_extras ? " +bias+noise" : " plain") << " case n=" << cc.n
+               << (with_extras ? " +bias+knockoff_bias" : " plain") << " case n=" << cc.n
                << " c_out=" << cc.c_out;
           const double rtol = dtype == at::kBFloat16 ? 2e-2 : (dtype == at::kFloat ? 1e-5 : 1e-12);
           const double atol = dtype == at::kBFloat16 ? 5e-2 : (dtype == at::kFloat ? 1e-5 : 1e-12);
@@ -392,7 +392,7 @@ void test_bad_inputs() {
                    "dual_scaled_conv2d with beta of the wrong length");
   EXPECT_THROWS_C10(conv_op().call(at::randn({4, 3, 8, 8}), w, std::nullopt, beta,
                                   at::randn({2, 2, 3}), one, zero, one, 1, false),
-                   "dual_scaled_conv2d with noise of the wrong shape");
+                   "dual_scaled_conv2d with knockoff_bias of the wrong shape");
   EXPECT_THROWS_C10(conv_op().call(at::randn({4, 3, 8, 8}, at::kDouble), w, std::nullopt, beta,
                                   std::nullopt, one, zero, one, 1, false),
                    "dual_scaled_conv2d with mixed dtypes");
@@ -426,11 +426,11 @@ void test_cuda_matches_cpu() {
     at::Tensor input = at::randn({6, 5, 9, 11});
     if (channels_last) input = input.contiguous(at::MemoryFormat::ChannelsLast);
     const at::Tensor w = at::randn({21, 5, 3, 3}), beta = at::rand({21}), bias = at::randn({21});
-    const at::Tensor noise = at::randn({3, 2, 21});
+    const at::Tensor knockoff_bias = at::randn({3, 2, 21});
     const std::vector<int64_t> one{1, 1};
-    auto [out, diff] = conv_op().call(input, w, bias, beta, noise, one, one, one, 1, true);
+    auto [out, diff] = conv_op().call(input, w, bias, beta, knockoff_bias, one, one, one, 1, true);
     auto [out_c, diff_c] = conv_op().call(input.to(cuda), w.to(cuda), bias.to(cuda), beta.to(cuda),
-                                          noise.to(cuda), one, one, one, 1, true);
+                                          knockoff_bias.to(cuda), one, one, one, 1, true);
     EXPECT_CLOSE(out_c.cpu(), out, 1e-4, 1e-4, "CUDA dual_scaled_conv2d out");
     EXPECT_CLOSE(diff_c.cpu(), diff, 1e-4, 1e-4, "CUDA dual_scaled_conv2d diff");
 

@@ -3,6 +3,7 @@ of real images paired with their knockoffs, plus the Lemma 2 bias fit that prece
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
 from collections.abc import Callable
@@ -14,15 +15,35 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .. import distributed, lemma2
+from ..batch_detached import batch_detached
 from ..knockoff_stream import split_forward
 from ..layers import convert, scop_layers
 from ..epochs import EpochLoop, NonFiniteError
 from ..train import batchnorms, model_signature
 from .importance import ScopImportance
 
-__all__ = ["pair_dataset", "PairedDataset", "fit_knockoff_biases", "layer_seed", "learn_scales", "ScaleHistory", "ScaleLearner"]
+__all__ = ["BN_MODES", "pair_dataset", "PairedDataset", "fit_knockoff_biases", "layer_seed", "learn_scales", "ScaleHistory",
+           "ScaleLearner"]
 
 Sampler = Callable[..., Tensor]  # (x, generator=...) -> x~ with x's shape
+
+# Stage 2's BatchNorm modes (learn_scales's ``bn``): over the paired batch with the exact gradient,
+# over the paired batch with its statistics constant in the backward, or the stored statistics.
+BN_MODES = ("batch", "batch_detached", "frozen")
+
+
+def _check_bn(bn: str) -> None:
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {', '.join(map(repr, BN_MODES))}, got {bn!r}")
+
+
+def _paired_loss(model: nn.Module, x: Tensor, xk: Tensor, y, bn: str, loss_fn=F.cross_entropy) -> Tensor:
+    """``loss_fn`` of the real half's output of the paired batch ``[x; xk]``, as mode ``bn`` runs it
+    (BatchNorms already in that mode's train/eval state)."""
+    if bn == "frozen":  # frozen BN couples no samples, so the knockoff stream runs apart without autograd
+        return loss_fn(split_forward(model, x, xk), y)
+    with batch_detached() if bn == "batch_detached" else contextlib.nullcontext():
+        return loss_fn(model(torch.cat([x, xk]))[: x.shape[0]], y)
 
 
 @torch.no_grad()
@@ -170,8 +191,8 @@ def learn_scales(
     *,
     epochs: int = 20,
     lr: float = 0.004,
-    betas: tuple[float, float] = (0.5, 0.9),
-    knockoff_bias: bool = True,
+    adam_betas: tuple[float, float] = (0.5, 0.9),
+    use_knockoff_bias: bool = True,
     bn: str = "batch",
     seed: int = 0,
     checkpoint_path: str | None = None,
@@ -185,14 +206,19 @@ def learn_scales(
 
     Args:
         pairs: yields (x, x~, y) with x, x~ of shape (N, C, H, W) (see :func:`pair_dataset`).
-        knockoff_bias: add the Lemma 2 biases fitted by :func:`fit_knockoff_biases`.
+        use_knockoff_bias: add the Lemma 2 biases fitted by :func:`fit_knockoff_biases`.
         bn: ``"batch"`` normalises over the 2N batch as the authors do (running statistics are
-            restored afterwards, so the pretrained model is unchanged); ``"frozen"`` uses the
+            restored afterwards, so the pretrained model is unchanged), with the exact gradient;
+            ``"batch_detached"`` runs the same forward but holds the batch statistics constant in
+            the backward, which then skips the knockoff half
+            (:func:`scop_ext.batch_detached.batch_detached`), an approximation whose effect on
+            beta is measured in benchmarks/README.md; ``"frozen"`` uses the
             stored statistics, which couple no samples, so each step runs the knockoff stream
             apart without autograd (:func:`scop_ext.knockoff_stream.split_forward`): the same
             beta for about half the backward work. Under torchrun ``"batch"`` normalises over each process's own
             part of the batch (BatchNorm is not synchronised: torch's SyncBatchNorm runs on GPUs
-            only), so beta then depends on the number of processes; ``"frozen"`` does not.
+            only), so beta then depends on the number of processes (so it does with
+            ``"batch_detached"``); ``"frozen"`` does not.
         seed: keys the Lemma 2 bias draws (each layer its own stream, see :func:`layer_seed`);
             together with the loader's order it fixes the result.
         checkpoint_path: after each epoch the betas, optimizer and history are written there
@@ -210,8 +236,7 @@ def learn_scales(
         CheckpointError: ``checkpoint_path`` holds the progress of other settings, or of more
             epochs than ``epochs``.
     """
-    if bn not in ("batch", "frozen"):
-        raise ValueError(f"bn must be 'batch' or 'frozen', got {bn!r}")
+    _check_bn(bn)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     device = torch.device(device)
@@ -223,13 +248,13 @@ def learn_scales(
     restore = _train_betas_only(model, layers)
     for name, layer in layers.items():
         layer.enable_scop()
-        layer.knockoff_bias = knockoff_bias
+        layer.use_knockoff_bias = use_knockoff_bias
         layer.generator = torch.Generator(device="cpu").manual_seed(layer_seed(seed, name))
         layer.bias_shard = (rank, world)
-    run_settings = {**(settings or {}), "lr": lr, "betas": list(betas), "knockoff_bias": knockoff_bias, "bn": bn,
-                    "seed": seed, "layers": model_signature({name: (layer.out_channels,) for name, layer in layers.items()}),
+    run_settings = {**(settings or {}), "lr": lr, "adam_betas": list(adam_betas), "knockoff_bias": use_knockoff_bias,
+                    "bn": bn, "seed": seed, "layers": model_signature({name: (layer.out_channels,) for name, layer in layers.items()}),
                     "batches": len(pairs), "samples": len(pairs.dataset)}
-    loop = _ScaleLoop(model, pairs, epochs, device, layers=layers, lr=lr, adam_betas=betas, bn=bn,
+    loop = _ScaleLoop(model, pairs, epochs, device, layers=layers, lr=lr, adam_betas=adam_betas, bn=bn,
                       checkpoint_path=checkpoint_path, settings=run_settings, progress=progress)
     try:
         loop.run()
@@ -243,6 +268,9 @@ def learn_scales(
 class _ScaleLoop(EpochLoop):
     """:func:`learn_scales`'s epochs: Adam on the betas only, each clamped to [0, 1] after every step."""
 
+    # Progress files written before Adam's coefficients were named apart from the learned betas.
+    renamed_settings = {"betas": "adam_betas"}
+
     def __init__(self, model, pairs, epochs, device, *, layers, lr, adam_betas, bn, **kw):
         super().__init__("scales", model, pairs, epochs, device, error_name="learn_scales", **kw)
         self.layers, self.bn = layers, bn
@@ -253,16 +281,12 @@ class _ScaleLoop(EpochLoop):
     def start_epoch(self, epoch):
         self.model.eval()
         for m in batchnorms(self.model):
-            m.train(self.bn == "batch")
+            m.train(self.bn != "frozen")
         self.loss_sum, self.seen = 0.0, 0
 
     def forward(self, batch):
         x, xk, self.y = (t.to(self.device) for t in batch)
-        # Frozen BN couples no samples, so the knockoff stream runs apart without autograd.
-        if self.bn == "frozen":
-            return F.cross_entropy(split_forward(self.ddp, x, xk), self.y), torch.cat([x, xk])
-        paired = torch.cat([x, xk])
-        return F.cross_entropy(self.ddp(paired)[: x.shape[0]], self.y), paired
+        return _paired_loss(self.ddp, x, xk, self.y, self.bn), torch.cat([x, xk])
 
     def update(self, loss, epoch, step):
         self.optimizer.zero_grad(set_to_none=True)
@@ -312,7 +336,8 @@ class ScaleLearner:
     Converts ``model`` (:func:`scop_ext.convert`), freezes every parameter but the scales beta
     and puts the model in eval mode, its BatchNorms normalising over each [real; knockoff]
     batch when ``bn="batch"`` (the authors' choice; the running statistics are put back by
-    :meth:`finish`) or using the stored statistics when ``bn="frozen"``. :func:`learn_scales`
+    :meth:`finish`) or ``"batch_detached"`` (the same, statistics constant in the backward: see
+    :func:`learn_scales`), or using the stored statistics when ``bn="frozen"``. :func:`learn_scales`
     is the same stage as one call, with resumable progress, Lemma 2 biases and torchrun.
 
     Example::
@@ -328,12 +353,11 @@ class ScaleLearner:
     Args:
         model: the pretrained network, changed in place.
         skip: convs to leave unwrapped (names, ``fnmatch`` patterns or a predicate, as for convert).
-        bn: ``"batch"`` or ``"frozen"``.
+        bn: ``"batch"``, ``"batch_detached"`` or ``"frozen"``.
     """
 
     def __init__(self, model: nn.Module, skip=None, bn: str = "batch") -> None:
-        if bn not in ("batch", "frozen"):
-            raise ValueError(f"bn must be 'batch' or 'frozen', got {bn!r}")
+        _check_bn(bn)
         self.model, self.bn = convert(model, skip), bn
         self.layers = scop_layers(self.model)
         if not self.layers:
@@ -353,8 +377,8 @@ class ScaleLearner:
             raise ValueError(f"x_knockoff must have x's shape {tuple(x.shape)}, got {tuple(x_knockoff.shape)}")
         self.model.eval()
         for m in batchnorms(self.model):
-            m.train(self.bn == "batch")
-        return loss_fn(self.model(torch.cat([x, x_knockoff]))[: x.shape[0]], y)
+            m.train(self.bn != "frozen")
+        return _paired_loss(self.model, x, x_knockoff, y, self.bn, loss_fn)
 
     @torch.no_grad()
     def clamp_(self) -> None:

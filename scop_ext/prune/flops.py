@@ -34,7 +34,7 @@ __all__ = ["count_flops", "count_macs", "count_params", "flops_by_module", "mode
 
 @register_flop_formula(torch.ops.scop.dual_scaled_conv2d)
 def _dual_scaled_conv2d_flops(
-    x_shape, w_shape, _bias, _beta, _noise, _stride, _padding, _dilation, _groups, _save_diff, out_shape=None
+    x_shape, w_shape, _bias, _beta, _knockoff_bias, _stride, _padding, _dilation, _groups, _save_diff, out_shape=None
 ) -> int:
     # out_shape holds the shapes of (out, diff); the convolution produced `out` over all 2N images.
     return conv_flop_count(x_shape, w_shape, out_shape[0])
