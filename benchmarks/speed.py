@@ -48,6 +48,8 @@ def main(argv=None) -> None:
                         help="N real images per stage-2 step (default: per model, see speed_step.STEP_CASES; 4x that on CUDA)")
     parser.add_argument("--step-models", default=",".join(dict.fromkeys(c[0] for c in speed_step.STEP_CASES)),
                         help="models of the step table (default: all of speed_step.STEP_CASES)")
+    parser.add_argument("--step-layouts", default="NCHW,channels_last",
+                        help="layouts of the step table's rows (default: both); a subset of rows writes its own section")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds per step variant (default 3)")
     parser.add_argument("--compile-models", default=None,
                         help="models of the step table timed under torch.compile too (default: all; '' for none)")
@@ -84,7 +86,8 @@ def main(argv=None) -> None:
                         f"{threads}; {load}, 1-min load {_baseline.load_now()} at the end; {seconds:.0f} s. Backends built: cpu={scop_ext.build_info()['cpu']}, "
                         f"cuda={scop_ext.build_info()['cuda']}; measured here: {', '.join(devices)}.\n\n"
                         f"{notes}\n\n{text}")
-                _report.write_section(args.write, f"speed-{part}-{device}", body)
+                suffix = speed_step.section_suffix(args) if part == "step" else ""
+                _report.write_section(args.write, f"speed-{part}-{device}{suffix}", body)
     log("measured: " + ", ".join(f"{p} on {d}" for p, d in measured))
 
 

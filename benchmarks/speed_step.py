@@ -226,13 +226,30 @@ def step_table(rows) -> str:
     return _report.markdown_table(header, body)
 
 
+def selected_cases(args) -> list[tuple]:
+    """The STEP_CASES that speed.py's ``--step-models`` and ``--step-layouts`` pick."""
+    return [c for c in STEP_CASES if c[0] in args.step_models.split(",") and c[3] in args.step_layouts.split(",")]
+
+
+def section_suffix(args) -> str:
+    """"" for the whole table; else the picked rows, so runs split to fit a time budget each
+    write their own README section (``speed-step-cpu-resnet56-NCHW``)."""
+    cases = selected_cases(args)
+    if cases == STEP_CASES:
+        return ""
+    return "".join(f"-{name.replace('torchvision:', 'tv-')}-{layout}" for name, _, _, layout in cases)
+
+
 def section(device: str, args, min_run: float, log) -> tuple[str, str, str]:
     """(title, table, notes) of the stage-2 step table on ``device``; ``args``: speed.py's options."""
-    cases = [c for c in STEP_CASES if c[0] in args.step_models.split(",")]
+    cases = selected_cases(args)
     compiled = args.step_models if args.compile_models is None else args.compile_models
     rows = measure_step(device, min_run, args.step_batch, cases, compiled.split(","), args.repeats, log)
     notes = (
-        "One stage-2 step (random data and weights; timing does not depend on them): forward of "
+        "One stage-2 step (random data and weights, BatchNorm statistics calibrated on random "
+        "images as a trained network's are on its data, so frozen BN keeps activations and gradients "
+        "in range: with the initial statistics a few per cent of the gradients were subnormal floats, "
+        "which the CPU computes many times slower): forward of "
         "N real + N knockoff images, cross entropy of the real half, backward to beta only (weights "
         "frozen), Adam, clamp, with BatchNorm over the paired batch (*batch*, the authors' choice) or "
         "frozen (*frozen*); every row is compared with the plain step in the same BN mode. *scop*: "
@@ -252,4 +269,6 @@ def section(device: str, args, min_run: float, log) -> tuple[str, str, str]:
         "with BN frozen ≤ 0.70 × plain eager in time and ≤ 0.60 × in peak memory; scop compiled ≤ "
         "1.00 × plain compiled. *peak*: memory above the level before the step."
     )
-    return f"### Stage-2 training step, whole network ({device})", step_table(rows), notes
+    picked = ", ".join(dict.fromkeys(f"{name} {layout}" for name, _, _, layout in cases))
+    title = f"### Stage-2 training step, whole network ({device})" + (f": {picked}" if section_suffix(args) else "")
+    return title, step_table(rows), notes

@@ -19,7 +19,7 @@ per forward (a shared or reused module) mixes each call with its own record.
 The real stream keeps what its backward reads and nothing else. With the weights frozen (stage
 2 trains beta only) each ScopConv2d saves the (N, C, H, W) branch difference and beta, not its
 input (the input gradient is a transposed convolution of the weight), and each frozen BatchNorm
-saves its per-channel scale, not its input (``grad * weight / sqrt(var + eps)``). Per layer that
+runs as the per-channel affine map it is and saves its scale, not its input. Per layer that
 leaves the difference and whatever the model's own ReLU keeps: about an ordinary step's worth.
 """
 
@@ -32,7 +32,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from ._ops import conv_input_grad
 from .layers import ScopConv2d, scop_layers
@@ -88,35 +87,39 @@ class _MixedConv(torch.autograd.Function):
         return grad_input, grad_beta, None, None, None, None, None, None, None, None
 
 
-class _FrozenStatistics(torch.autograd.Function):
-    """Eval-mode batch norm with constant weight and bias: the same forward kernel; the backward
-    is ``grad * weight / sqrt(running_var + eps)`` from the saved per-channel scale alone."""
+def _affine(scale: Tensor, shift: Tensor):
+    """A frozen BatchNorm's forward as ``input * scale + shift`` per channel: one pass, like the
+    eval-mode kernel, but autograd keeps only the (C,) scale, not the input."""
 
-    @staticmethod
-    def forward(ctx, input, running_mean, running_var, weight, bias, eps):
-        scale = torch.rsqrt(running_var + eps)
-        ctx.save_for_backward(scale if weight is None else scale * weight)
-        return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+    def forward(input: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        return torch.addcmul(shift.view(shape), input, scale.view(shape)).to(input.dtype)
 
-    @staticmethod
-    def backward(ctx, grad):
-        (scale,) = ctx.saved_tensors
-        return (grad * _channel_view(scale, grad.dim())).to(grad.dtype), None, None, None, None, None
+    return forward
 
 
-class _FrozenBatchNorms(TorchFunctionMode):
-    """Routes every eval-mode ``F.batch_norm`` with constant parameters through :class:`_FrozenStatistics`."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.batch_norm:
-            bound = dict(zip(("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-                             args), **kwargs)
-            if not bound.get("training", False) and bound["running_mean"] is not None and \
-                    not _requires_grad(bound.get("weight"), bound.get("bias")):
-                return _FrozenStatistics.apply(bound["input"], bound["running_mean"], bound["running_var"],
-                                               bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5))
-        return func(*args, **kwargs)
+@contextmanager
+def _affine_batchnorms(model: nn.Module):
+    """Every eval-mode BatchNorm of ``model`` with constant weight and bias runs as :func:`_affine`
+    for the duration (its instance ``forward``; the class and the model's code are untouched)."""
+    swapped = []
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and "forward" not in m.__dict__ and \
+                    not _requires_grad(m.weight, m.bias):
+                scale = torch.rsqrt(m.running_var + m.eps)
+                if m.weight is not None:
+                    scale = scale * m.weight
+                shift = -m.running_mean * scale
+                if m.bias is not None:
+                    shift = shift + m.bias
+                m.forward = _affine(scale, shift)
+                swapped.append(m)
+    try:
+        yield
+    finally:
+        for m in swapped:
+            del m.forward
 
 
 class _Streams:
@@ -224,7 +227,7 @@ def split_forward(model: nn.Module, x: Tensor, x_knockoff: Tensor) -> Tensor:
     layers = [layer for layer in scop_layers(model).values() if layer.scop_enabled]
     streams = _knockoff_pass(model, layers, x_knockoff)
     streams.recording = False
-    with _installed(layers, streams), _FrozenBatchNorms():
+    with _installed(layers, streams), _affine_batchnorms(model):
         out = model(x)
     if any(streams.records.values()):
         raise RuntimeError("split_forward: a ScopConv2d ran more often on the knockoffs than on the real images; "
