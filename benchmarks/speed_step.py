@@ -144,6 +144,15 @@ def _statistics_detached(model: nn.Module):
     return forward
 
 
+def _compiled(scop: nn.Module, bn: str, n: int):
+    """``scop``'s stage-2 forward under ``torch.compile(fullgraph=True)``; with BN frozen the split
+    streams trace into one graph, so inductor gets no knockoff-half backward."""
+    if bn != "frozen":
+        return torch.compile(scop, fullgraph=True, dynamic=False)
+    split = torch.compile(split_forward, fullgraph=True, dynamic=False)
+    return lambda x2: split(scop, x2[:n], x2[n:])
+
+
 def _step_variants(name, device, bn, fmt, x2, y, compiled: bool) -> dict:
     """label -> (step, forward-only) for one model and BN mode; "scop" runs as learn_scales does."""
     dense, scop, plain = _stage2_models(name, x2.shape[-1], device, bn, fmt)
@@ -157,7 +166,7 @@ def _step_variants(name, device, bn, fmt, x2, y, compiled: bool) -> dict:
         variants["scop batch_detached"] = _beta_step(scop, _statistics_detached(scop), x2, y)
     if compiled:
         variants["plain compiled"] = _beta_step(plain, torch.compile(plain, dynamic=False), x2, y)
-        variants["scop compiled"] = _beta_step(scop, torch.compile(scop, dynamic=False), x2, y)
+        variants["scop compiled"] = _beta_step(scop, _compiled(scop, bn, n), x2, y)
     dense.train()
     opt = torch.optim.SGD(dense.parameters(), lr=0.1, momentum=0.9)
 
@@ -259,8 +268,10 @@ def section(device: str, args, min_run: float, log) -> tuple[str, str, str]:
         "`bn: batch_detached` runs it (the same forward, the statistics constant in the backward, which "
         "skips the knockoff half; an approximation, compared with the exact plain step). *plain eager*: the same network "
         "with each conv replaced by a plain-PyTorch two-branch module (`reference.dual_scaled_conv2d`, "
-        "biases from `torch.randn`) over the paired batch; *plain compiled* / *scop compiled*: "
-        "`torch.compile` of those models over the paired batch (compile time excluded); *ordinary "
+        "biases from `torch.randn`) over the paired batch; *plain compiled*: "
+        "`torch.compile` of that model over the paired batch; *scop compiled*: `torch.compile(fullgraph=True)` "
+        "of the converted model over the paired batch with BN *batch*, of `split_forward` with BN *frozen* "
+        "(compile time excluded); *ordinary "
         "step (N)*: the unconverted network trained normally (all weights, SGD) on the N real images; "
         "*forward (2N)*: its forward over the 2N images without grad. *channels_last*: model and "
         f"images in channels_last. Times: median over {args.repeats} interleaved rounds of "

@@ -16,6 +16,10 @@ input-gradient, BatchNorm or ReLU backward for the knockoff half and autograd ke
 activations. Records are keyed by layer and call order, so a convolution called several times
 per forward (a shared or reused module) mixes each call with its own record.
 
+Under ``torch.compile(split_forward, fullgraph=True)`` both streams trace into one graph, so
+inductor sees no knockoff-half backward at all; the real stream's mixing is then plain ops (and
+BatchNorm the model's own), which inductor fuses and differentiates itself.
+
 The real stream keeps what its backward reads and nothing else. With the weights frozen (stage
 2 trains beta only) each ScopConv2d saves the (N, C, H, W) branch difference and beta, not its
 input (the input gradient is a transposed convolution of the weight), and each frozen BatchNorm
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -147,9 +151,10 @@ class _Streams:
         b = None if knockoff_bias is None else knockoff_bias[:, 0]
         padding = (padding, padding) if isinstance(padding, int) else padding
         conv_args = (layer.stride, padding, layer.dilation, layer.groups)
-        if not _requires_grad(layer.weight, layer.bias, knockoff_bias):
+        if not (torch.compiler.is_compiling() or _requires_grad(layer.weight, layer.bias, knockoff_bias)):
             return _MixedConv.apply(x, layer.beta, layer.weight, layer.bias, record, b, *conv_args)
-        # something besides beta trains: plain autograd ops, which differentiate everything
+        # something besides beta trains, or torch.compile traces (inductor derives the backward and
+        # fuses the mixing): plain autograd ops
         y = F.conv2d(x, layer.weight, layer.bias, *conv_args)
         if b is not None:
             y = y + b[:, :, None, None]
@@ -165,14 +170,19 @@ class _Streams:
         self.draws.setdefault(layer, deque()).append(knockoff_bias)
         if knockoff_bias is not None:
             y.add_(knockoff_bias[:, 1, :, None, None])
-        record = y.clone() if layer in _OVERWRITTEN else y
-        self.records.setdefault(layer, deque()).append((record, knockoff_bias, record._version))
+        if torch.compiler.is_compiling():
+            # a traced graph is functional, so the copy costs nothing; version counters are not traced
+            record, version = y.clone(), None
+        else:
+            record = y.clone() if layer in _OVERWRITTEN else y
+            version = record._version
+        self.records.setdefault(layer, deque()).append((record, knockoff_bias, version))
         return y
 
     def overwritten(self) -> set[ScopConv2d]:
         """Layers whose record the model changed in place after it was taken."""
         return {layer for layer, calls in self.records.items() for record, _, version in calls
-                if record._version != version}
+                if version is not None and record._version != version}
 
 
 @contextmanager
@@ -227,7 +237,9 @@ def split_forward(model: nn.Module, x: Tensor, x_knockoff: Tensor) -> Tensor:
     layers = [layer for layer in scop_layers(model).values() if layer.scop_enabled]
     streams = _knockoff_pass(model, layers, x_knockoff)
     streams.recording = False
-    with _installed(layers, streams), _affine_batchnorms(model):
+    # inductor fuses a frozen BatchNorm and saves what its backward reads without the swap
+    affine = nullcontext() if torch.compiler.is_compiling() else _affine_batchnorms(model)
+    with _installed(layers, streams), affine:
         out = model(x)
     if any(streams.records.values()):
         raise RuntimeError("split_forward: a ScopConv2d ran more often on the knockoffs than on the real images; "
