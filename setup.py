@@ -7,6 +7,7 @@ one). TORCH_CUDA_ARCH_LIST picks the architectures, as for any torch extension.
 
 import glob
 import os
+import sys
 
 import torch
 from setuptools import find_packages, setup
@@ -49,6 +50,13 @@ def _wheel_include_flags() -> list[str]:
 def _extension():
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fvisibility=hidden"]
+    # at::parallel_for is a header template: without -fopenmp its `#pragma omp parallel` is
+    # ignored and our CPU kernels run on one thread whatever torch.get_num_threads() says.
+    # The extension then links libgomp.so.1, the soname torch itself has loaded.
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if _build_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         wheel = _wheel_include_flags()
@@ -56,8 +64,9 @@ def _extension():
             "scop_ext._C",
             sources,
             extra_compile_args={"cxx": cxx + wheel, "nvcc": ["-O3", "-lineinfo"] + wheel},
+            extra_link_args=link,
         )
-    return CppExtension("scop_ext._C", sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("scop_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(

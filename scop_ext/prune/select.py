@@ -193,9 +193,6 @@ def flops_target(
         plan = plan_from_keep(space, group_scores, keep, min_channels, round_to)
         return plan, space.reduction(plan)
 
-    def on_target(achieved: float) -> bool:
-        return abs(achieved - reduction) <= tolerance
-
     lo, hi = 0.0, 1.0
     plan, most = evaluate(keep_at(hi))
     if most < reduction - tolerance:
@@ -203,12 +200,12 @@ def flops_target(
             f"a FLOPs reduction of {reduction:.4f} is out of reach: pruning every group to its floor removes "
             f"{most:.4f} (lower min_channels or remove entries from ignored_layers)"
         )
-    if on_target(most):
+    if abs(most - reduction) <= tolerance:
         return plan
     while hi - lo > 1e-9:  # bisection: reduction(lo) < target - tolerance < target + tolerance < reduction(hi)
         mid = (lo + hi) / 2
         plan, achieved = evaluate(keep_at(mid))
-        if on_target(achieved):
+        if abs(achieved - reduction) <= tolerance:
             return plan
         lo, hi = (mid, hi) if achieved < reduction else (lo, mid)
     # One step of the ratio jumps over the target: finish group by group from the lower side.
