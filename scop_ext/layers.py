@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import lemma2, reference
-from ._ops import dual_scaled_conv2d, lemma2_sample
+from ._ops import draw_seed, dual_scaled_conv2d, lemma2_sample
 
 __all__ = ["ScopConv2d", "ChannelScatter", "convert", "restore", "scop_layers"]
 
@@ -196,7 +196,12 @@ class ScopConv2d(nn.Conv2d):
         if not (self.use_knockoff_bias and self.knockoff_R is not None):
             return None
         rank, world = self.bias_shard
-        knockoff_bias = lemma2_sample(self.knockoff_R, self._gamma, n * world, generator=self.generator)
+        if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+            # the same Philox draw in plain ops, which inductor fuses into one vectorised loop
+            seed = draw_seed(self.generator)
+            knockoff_bias = reference.lemma2_sample(self.knockoff_R, self._gamma, n * world, seed)
+        else:
+            knockoff_bias = lemma2_sample(self.knockoff_R, self._gamma, n * world, generator=self.generator)
         return knockoff_bias[rank * n : (rank + 1) * n] if world > 1 else knockoff_bias
 
     def extra_repr(self) -> str:

@@ -63,12 +63,14 @@ def philox4x32_10(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[int
     return c0, c1, c2, c3
 
 
-def philox_normal(numel: int, seed: int, device=None) -> Tensor:
-    """``numel`` standard normals (float64) of the stream keyed on ``seed``, as the kernels draw them."""
-    key = seed & 0xFFFFFFFFFFFFFFFF
+def philox_normal(numel: int, seed: int | Tensor, device=None) -> Tensor:
+    """``numel`` standard normals (float64) of the stream keyed on ``seed`` (an int, or a one-element
+    int64 tensor, which torch.compile traces without specialising on it), as the kernels draw them."""
     blocks = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    if isinstance(seed, Tensor):
+        seed = seed.to(blocks.device)
     zero = torch.zeros_like(blocks)
-    x, y, z, w = philox4x32_10((blocks & _MASK32, blocks >> 32, zero, zero), (key & _MASK32, key >> 32))
+    x, y, z, w = philox4x32_10((blocks & _MASK32, blocks >> 32, zero, zero), (seed & _MASK32, (seed >> 32) & _MASK32))
     u = [(v.double() + 0.5) / 4294967296.0 for v in (x, y, z, w)]
     r0 = torch.sqrt(-2.0 * torch.log(u[0]))
     r1 = torch.sqrt(-2.0 * torch.log(u[2]))
@@ -77,10 +79,10 @@ def philox_normal(numel: int, seed: int, device=None) -> Tensor:
     return out.reshape(-1)[:numel]
 
 
-def lemma2_sample(R: Tensor, gamma: float, n: int, seed: int) -> Tensor:
+def lemma2_sample(R: Tensor, gamma: float, n: int, seed: int | Tensor) -> Tensor:
     """[b, b~] of shape (n, 2, C): ``b = sqrt(gamma) z1 + R z2``, ``b~ = sqrt(gamma) z1 - R z2``."""
     c = R.shape[0]
-    z = philox_normal(n * 2 * c, int(seed), device=R.device).to(R.dtype).view(n, 2, c)
+    z = philox_normal(n * 2 * c, seed, device=R.device).to(R.dtype).view(n, 2, c)
     shared = z[:, 0] * gamma**0.5
     rotated = z[:, 1] @ R.T
     return torch.stack([shared + rotated, shared - rotated], 1)
