@@ -49,6 +49,7 @@ __all__ = ["ConvShape", "LatencyModel", "conv_timer", "cache_file"]
 STEP_TOLERANCE = 0.05  # relative: a time this much above another is a step, below it is noise
 MAX_CANDIDATES = 10  # widths offered per group: bounds the measuring of (C_in', C_out') pairs
 REST_FRACTIONS = (1.0, 0.75, 0.5, 0.3)  # widths (of the dense ones) the time outside the convs is fitted at
+REST_TOLERANCE = 0.10  # relative miss of the fitted model at one of its own networks that means a disturbed timing
 
 
 # --------------------------------------------------------------------------- the table
@@ -130,12 +131,14 @@ class _Table:
             self.bar.update()
         return self.points[key]
 
-    def recheck(self) -> None:
-        """Time every point measured since the last recheck once more and keep the faster time:
-        another process busy on the machine (or on a sibling hyperthread) only adds time, and a
-        second look seconds later rarely falls into the same busy spell."""
-        for key, (shape, c_in, c_out) in self.fresh.items():
-            self.points[key] = min(self.points[key], float(self.timer(shape, c_in, c_out)))
+    def recheck(self, points: Iterable[tuple[ConvShape, int, int]] | None = None) -> None:
+        """Time ``points`` (default: every point measured since the last recheck) once more and
+        keep the faster time: another process busy on the machine (or on a sibling hyperthread)
+        only adds time, and a second look seconds later rarely falls into the same busy spell."""
+        todo = self.fresh.values() if points is None else points
+        for shape, c_in, c_out in list(todo):
+            key = shape.key(c_in, c_out)
+            self.points[key] = min(self.ms(shape, c_in, c_out), float(self.timer(shape, c_in, c_out)))
         self.fresh = {}
 
     def save(self) -> None:
@@ -194,6 +197,7 @@ class LatencyModel:
         wanted = settings(device, dtype, memory_format, batch)
         timer = timer or conv_timer(device, dtype, memory_format, batch)
         self._table = _Table(os.fspath(cache) if cache else None, wanted, timer, progress, log)
+        self._log = log
         self._convs = self._trace(model, example_input)
         self._rest = (0.0, 0.0)  # (fixed ms, ms per output element of the convs)
         self.measured_dense_ms = None
@@ -271,7 +275,30 @@ class LatencyModel:
         :data:`REST_FRACTIONS` of its width, the line through the dense network (per-op overheads
         do not shrink with the widths, memory-bound BatchNorm/ReLU/add work does). Each network
         is timed in three rounds and the table's points of these widths are rechecked (the
-        fastest time counts)."""
+        fastest time counts). When the fitted model then misses one of its own networks by more
+        than :data:`REST_TOLERANCE`, a timing was disturbed (a busy spell, which once put the
+        model's prediction at 0.03 for a network that measured 0.85): the networks get three more
+        rounds and their points a recheck, twice at most, and a model still missing is reported."""
+        nets = self._rest_networks()
+        points = [(c.shape, *self._widths_of(c, widths)) for widths, _ in nets for c in self._convs]
+        times = []
+        for attempt in range(3):
+            times += [[self._measure(net) for _, net in nets] for _ in range(3)]
+            fastest = [min(t[k] for t in times) for k in range(len(nets))]
+            for point in points:
+                self._table.ms(*point)
+            self._table.recheck(points if attempt else None)
+            misses = self._fit_line([widths for widths, _ in nets], fastest)
+            if max(misses) <= REST_TOLERANCE:
+                break
+        else:
+            self._log(f"latency model: after three rounds of timing, the fitted model still misses one of the "
+                      f"networks it was fitted to by {max(misses):.0%} (was the machine busy?); its predictions "
+                      f"may be off by as much")
+        self.measured_dense_ms = fastest[0]
+
+    def _rest_networks(self) -> list[tuple[list[int], nn.Module]]:
+        """(widths, network) at every :data:`REST_FRACTIONS` the groups allow, the dense one first."""
         model, x, _, _ = self._network
         nets = []
         for fraction in REST_FRACTIONS:
@@ -282,21 +309,18 @@ class LatencyModel:
                 nets.append((widths, apply_plan(copy.deepcopy(model), x, plan) if plan else model))
             except ValueError:  # a group that cannot lose these channels (grouped units): fewer points
                 continue
-        times = [[self._measure(net) for _, net in nets] for _ in range(3)]
-        self.measured_dense_ms = min(t[0] for t in times)
-        for widths, _ in nets:
-            for c in self._convs:
-                self._table.ms(c.shape, *self._widths_of(c, widths))
-        self._table.recheck()
+        return nets
+
+    def _fit_line(self, widths: Sequence[Sequence[int]], measured: Sequence[float]) -> list[float]:
+        """Fit the rest term to networks of ``widths`` that measured ``measured`` ms (the first
+        dense); the model's relative miss at each of them."""
         volume, rest = [], []
-        for k, (widths, _) in enumerate(nets):
-            volume.append(sum((c.c_out if c.out_group is None else widths[c.out_group]) * c.out_elems
-                              for c in self._convs))
-            rest.append(min(t[k] for t in times) - sum(self._table.ms(c.shape, *self._widths_of(c, widths))
-                                                        for c in self._convs))
-        per = float(np.polyfit(volume, rest, 1)[0]) if len(set(volume)) > 1 else 0.0
-        per = max(per, 0.0)
+        for w, ms in zip(widths, measured):
+            volume.append(sum((c.c_out if c.out_group is None else w[c.out_group]) * c.out_elems for c in self._convs))
+            rest.append(ms - sum(self._table.ms(c.shape, *self._widths_of(c, w)) for c in self._convs))
+        per = max(float(np.polyfit(volume, rest, 1)[0]) if len(set(volume)) > 1 else 0.0, 0.0)
         self._rest = (rest[0] - per * volume[0], per)  # exact at the dense network (fixed < 0: convs run faster in it)
+        return [abs(self.predict(w) / ms - 1) for w, ms in zip(widths, measured)]
 
     def _measure(self, model: nn.Module) -> float:
         _, x, device, how = self._network

@@ -19,6 +19,8 @@ from .space import PruningSpace
 
 __all__ = ["latency_target"]
 
+CALIBRATION_TOLERANCE = 0.02  # measured within 2% of the latency asked for ends the calibration
+
 
 def latency_target(
     space: PruningSpace,
@@ -28,7 +30,7 @@ def latency_target(
     latency_reduction: float | None = None,
     latency_ms: float | None = None,
     normalize: str | None = None,
-    calibrate: int = 2,
+    calibrate: int = 3,
     min_channels: int = 1,
     round_to: int = 1,
 ) -> Plan:
@@ -46,9 +48,9 @@ def latency_target(
         normalize: as in :func:`~scop_ext.prune.select.global_ranking` (``"max"`` for criteria whose scale differs per
             layer); scores are then shifted so the lowest is 0, so every kept channel adds value.
         calibrate: rounds of measuring the chosen network (for ``latency_reduction``: its ratio
-            to the dense network, timed in turns) and solving again with the budget divided by
-            measured / target, until within 2% (only for a latency model that times the
-            network; 0: trust the prediction).
+            to the dense network, timed in turns) and solving again at a corrected budget, until
+            within 2%; the plan measured closest to the target is kept (only for a latency model
+            that times the network; 0: trust the prediction).
         min_channels, round_to: see :mod:`scop_ext.prune.select`.
 
     Raises:
@@ -78,23 +80,53 @@ def latency_target(
         allowed = sorted({n_keep(g.size, w, min_channels, round_to) for w in range(1, g.size + 1)})
         values.append({w: gains[w] for w in latency_model.candidates(i, allowed)})
     budget = latency_ms if latency_ms is not None else (1 - latency_reduction) * latency_model.dense_ms
-    aim, plan = budget, None
-    for _ in range(1 + (calibrate if latency_model.measure_network else 0)):
-        widths = choose_widths(latency_model, values, aim)
-        latency_model.save()
-        if widths is None:
-            if plan is not None:
-                break  # the last plan is as close as the groups allow
-            floor = latency_model.predict([min(v) for v in values])
-            raise ValueError(f"a latency of {aim:.3f} ms is out of reach: the narrowest allowed widths predict "
-                             f"{floor:.3f} ms (lower min_channels/round_to or remove entries from ignored_layers)")
+    widths = choose_widths(latency_model, values, budget)
+    latency_model.save()
+    if widths is None:
+        floor = latency_model.predict([min(v) for v in values])
+        raise ValueError(f"a latency of {budget:.3f} ms is out of reach: the narrowest allowed widths predict "
+                         f"{floor:.3f} ms (lower min_channels/round_to or remove entries from ignored_layers)")
+
+    def plan_of(widths):
         keep = {i: w for i, w in enumerate(widths) if group_scores[i] is not None}
-        plan = plan_from_keep(space, group_scores, keep, min_channels, round_to)
-        if not calibrate or not latency_model.measure_network:
-            break
+        return plan_from_keep(space, group_scores, keep, min_channels, round_to)
+
+    if not calibrate or not latency_model.measure_network:
+        return plan_of(widths)
+
+    def error(plan):  # measured ÷ asked
         measured, ratio = latency_model.measure_plan(plan)
-        error = ratio / (1 - latency_reduction) if latency_ms is None else measured / latency_ms
-        if abs(error - 1) <= 0.02:
+        return ratio / (1 - latency_reduction) if latency_ms is None else measured / latency_ms
+
+    return _calibrated(lambda aim: choose_widths(latency_model, values, aim), plan_of, error, budget, widths,
+                       calibrate, latency_model.save)
+
+
+def _calibrated(solve, plan_of, error, budget: float, widths, rounds: int, save) -> Plan:
+    """Measure the plan for ``widths`` (solved at ``budget``) and solve again at a corrected budget
+    until the measured latency is within :data:`CALIBRATION_TOLERANCE` of the one asked for,
+    ``rounds`` times at most; the plan measured closest to it is returned.
+
+    The next budget divides the last by its error (measured ÷ asked) until two budgets bracket
+    the goal, then interpolates between the closest two on either side: measured latency grows
+    with the budget, but in steps, so a plain ratio correction can swing from one side to the
+    other. Widths met before are not measured again."""
+    tried = {}  # widths -> (budget, error, plan)
+    aim = budget
+    for _ in range(rounds + 1):
+        plan = plan_of(widths)
+        tried[tuple(widths)] = (aim, error(plan), plan)
+        if abs(tried[tuple(widths)][1] - 1) <= CALIBRATION_TOLERANCE:
             break
-        aim /= error  # the model's error at this plan, taken out of the next budget
-    return plan
+        below = [(a, e) for a, e, _ in tried.values() if e < 1]
+        above = [(a, e) for a, e, _ in tried.values() if e > 1]
+        if below and above:
+            (a0, e0), (a1, e1) = max(below, key=lambda t: t[1]), min(above, key=lambda t: t[1])
+            aim = a0 + (1 - e0) * (a1 - a0) / (e1 - e0)
+        else:
+            aim /= tried[tuple(widths)][1]
+        widths = solve(aim)
+        save()
+        if widths is None or tuple(widths) in tried:
+            break  # as close as the groups allow, or nothing new to measure
+    return min(tried.values(), key=lambda t: abs(t[1] - 1))[2]
