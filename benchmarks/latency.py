@@ -7,7 +7,7 @@
    pruned by ``latency_target`` to 30 / 50 / 70% less latency, at batch 64 and batch 1, run as
    built (eager, NCHW) and with BatchNorm folded into the convs in channels_last. Per row: how
    long the latency model took to measure (cold cache) and to solve, the predicted and the
-   measured latency ratio (pruned ÷ dense, timed in turns, median and range of the pairs) and
+   measured latency ratio (pruned ÷ dense, timed in turns, median and range of the repeats) and
    the model's error at the plan (predicted ÷ measured latency, both relative to dense).
 2. **Accuracy at equal measured latency** (``accuracy``): ``resnet_digits`` on the bundled digits,
    SCOP scores (Gaussian knockoffs, Lemma 2 bias) pruned by ``latency_target``; then, at the
@@ -16,7 +16,8 @@
    ratio bisected the same way). Top-1 raw, after BN recalibration and after fine-tuning, over seeds.
 
 Times are single-thread (``--threads``), the fastest of 5 blocks per timing (other processes only
-add time); the load average is printed beside the figures. ``--models`` / ``--batches`` /
+add time), the blocks of the networks compared taken in turns (a busy spell of seconds falls on
+both); the load average is printed beside the figures. ``--models`` / ``--batches`` /
 ``--modes`` pick part of the grid, so a long table is measured in several shorter runs: each run's
 rows are kept in ``<cache>/latency-<part>-rows.json`` (a rerun replaces its own rows) and the
 section shows every row with the run it came from.
@@ -51,7 +52,7 @@ from scop_ext.pipeline import ScopPruner  # noqa: E402
 from scop_ext.prune import (  # noqa: E402
     LatencyModel, PruningSpace, RandomImportance, apply_plan, count_flops, select,
 )
-from scop_ext.timing import measure_latency  # noqa: E402
+from scop_ext.timing import measure_latencies  # noqa: E402
 
 MODES = {"eager": ("eager, NCHW", dict(memory_format="contiguous", fold_bn=False)),
          "deploy": ("BN folded + channels_last", dict(memory_format="channels_last", fold_bn=True))}
@@ -65,9 +66,8 @@ def log(*a) -> None:
 
 
 def timed_ratio(dense, pruned, x, batch: int, repeats: int, **how) -> list[float]:
-    """Pruned ÷ dense latency, timed in turns ``repeats`` times (one ratio per pair)."""
-    return [measure_latency(pruned, x, batch, "cpu", min_run_time=0.25, **how)
-            / measure_latency(dense, x, batch, "cpu", min_run_time=0.25, **how) for _ in range(repeats)]
+    """Pruned ÷ dense latency, ``repeats`` times (5 blocks each, the two networks' blocks in turns)."""
+    return [p / d for d, p in (measure_latencies([dense, pruned], x, batch, "cpu", **how) for _ in range(repeats))]
 
 
 # --------------------------------------------------------------------------- 1. measured against target
@@ -266,7 +266,7 @@ def main(argv=None) -> None:
     parser.add_argument("--train-epochs", type=int, default=15)
     parser.add_argument("--scales-epochs", type=int, default=10)
     parser.add_argument("--finetune-epochs", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5, help="dense/pruned timing pairs per ratio")
+    parser.add_argument("--repeats", type=int, default=5, help="dense/pruned timings (5 blocks each, in turns) per ratio")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", help="folder for baselines, latency tables and rows (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="two cases, one target, one seed, short runs")
@@ -358,12 +358,12 @@ def _emit(readme: str | None, section: str, lines: list[str]) -> None:
 
 ERROR_READING = ("Each plan keeps every group at its own fraction (within 0.15) of a random overall fraction in "
                  "[0.3, 1]; *model error*: the latency model's predicted ratio (pruned ÷ dense) ÷ the measured one, "
-                 "timed in turns as in the targets table (median of the pairs). *build*: seconds to measure the "
+                 "timed as in the targets table (median of the repeats). *build*: seconds to measure the "
                  "latency model (cold cache unless an earlier part filled it); *points*: table entries measured.")
 
 
-READING = ("*ratio*: latency of the pruned network ÷ the dense one, both timed the same way in turns "
-           "(the range is over the pairs); the target ratio is 1 − the reduction asked for. *predicted*: the "
+READING = ("*ratio*: latency of the pruned network ÷ the dense one: each network's fastest of 5 blocks, "
+           "the blocks of the two in turns, repeated (median and range of the repeats); the target ratio is 1 − the reduction asked for. *predicted*: the "
            "latency model's ratio for the plan; *model error*: predicted ÷ measured ratio. *measure + solve*: "
            "seconds to build the latency model (dense network and table; cold cache) and to solve and calibrate "
            "one target; *points*: distinct (conv shape, C_in, C_out) timings in the table so far. Random scores: "

@@ -16,7 +16,7 @@ import copy
 import ctypes
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .layers import restore
 
-__all__ = ["time_ms", "measure_latency", "settings", "malloc_for_timing", "MEMORY_FORMATS", "DTYPES"]
+__all__ = ["time_ms", "fastest_ms", "measure_latency", "measure_latencies", "settings", "malloc_for_timing", "MEMORY_FORMATS", "DTYPES"]
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,27 +52,48 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, min_time: floa
 
     ``warmup`` calls come first: they create the kernels' primitives (and compile, for a
     ``torch.compile``d ``fn``). On CUDA every block ends with a synchronize. ``fastest``: the
-    fastest block instead of the median (other processes only ever add time, so on a shared
-    machine the fastest block is the least disturbed one).
+    fastest block instead of the median (see :func:`fastest_ms`).
     """
+    if fastest:
+        return fastest_ms([fn], device, min_time, warmup=warmup)[0]
+    return float(np.median(_blocks([fn], device, min_time, 5, warmup)[0])) * 1e3
+
+
+def fastest_ms(fns: Sequence[Callable[[], object]], device: torch.device | str, min_time: float, blocks: int = 5,
+               warmup: int = 2) -> list[float]:
+    """Milliseconds of each of ``fns``: its fastest of ``blocks`` blocks (each about ``min_time``
+    / ``blocks`` seconds), the blocks of all ``fns`` taken in turns (A B A B ...).
+
+    Other processes only ever add time, so on a shared machine the fastest block is the least
+    disturbed one; and a busy spell (this machine has run 50% slower for seconds at a time) then
+    falls on blocks of every candidate alike, instead of on whichever was being timed.
+    """
+    return [min(b) * 1e3 for b in _blocks(fns, device, min_time, blocks, warmup)]
+
+
+def _blocks(fns, device, min_time: float, blocks: int, warmup: int) -> list[list[float]]:
+    """Seconds per call of each fn in each block (warm-up calls first, then one call that sizes
+    the blocks); the blocks of the fns interleaved."""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    t = time.perf_counter()
-    fn()
-    sync()
-    once = max(time.perf_counter() - t, 1e-7)
-    repeats = max(1, int(min_time / 5 / once))
-    blocks = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(repeats):
+    repeats = []
+    for fn in fns:
+        for _ in range(warmup):
             fn()
         sync()
-        blocks.append((time.perf_counter() - t) / repeats)
-    return (min(blocks) if fastest else float(np.median(blocks))) * 1e3
+        t = time.perf_counter()
+        fn()
+        sync()
+        repeats.append(max(1, int(min_time / blocks / max(time.perf_counter() - t, 1e-7))))
+    times = [[] for _ in fns]
+    for _ in range(blocks):
+        for fn, n, out in zip(fns, repeats, times):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            out.append((time.perf_counter() - t) / n)
+    return times
 
 
 def _device_name(device: torch.device) -> str:
@@ -113,12 +134,23 @@ def measure_latency(model: nn.Module, example: Tensor, batch: int, device: str |
 
     The model is run as a plain-conv copy in eval mode, in ``dtype`` and ``memory_format``
     (weights and input), with every BatchNorm folded into its conv first when ``fold_bn``, and
-    malloc set by :func:`malloc_for_timing`.
+    malloc set by :func:`malloc_for_timing`; the fastest of 5 blocks counts.
     """
+    return measure_latencies([model], example, batch, device, dtype=dtype, memory_format=memory_format,
+                             fold_bn=fold_bn, min_run_time=min_run_time)[0]
+
+
+@torch.no_grad()
+def measure_latencies(models: Sequence[nn.Module], example: Tensor, batch: int, device: str | torch.device, *,
+                      dtype: str = "float32", memory_format: str = "contiguous", fold_bn: bool = False,
+                      min_run_time: float = 0.5, blocks: int = 5) -> list[float]:
+    """:func:`measure_latency` of several networks, their blocks timed in turns
+    (:func:`fastest_ms`), so their ratios hold when the machine's load changes: what latency
+    targets are measured against."""
     malloc_for_timing()
     device = torch.device(device)
     fmt = MEMORY_FORMATS[memory_format]
-    run = _runnable(model, fmt, DTYPES[dtype], fold_bn, device)
+    runs = [_runnable(m, fmt, DTYPES[dtype], fold_bn, device) for m in models]
     x = example[:1].expand(batch, *example.shape[1:]).to(device=device, dtype=DTYPES[dtype])
     x = x.contiguous(memory_format=fmt)
-    return time_ms(lambda: run(x), device, min_run_time, fastest=True)
+    return fastest_ms([lambda run=run: run(x) for run in runs], device, min_run_time, blocks)

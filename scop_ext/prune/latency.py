@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checkpoint
-from ..timing import DTYPES, MEMORY_FORMATS, malloc_for_timing, measure_latency, settings, time_ms
+from ..timing import DTYPES, MEMORY_FORMATS, malloc_for_timing, measure_latencies, settings, time_ms
 from .groups import ChannelGroup, is_depthwise, plain_forward
 from .surgery import apply_plan
 
@@ -274,16 +274,16 @@ class LatencyModel:
         fitted by least squares to the dense network and to copies with every group at
         :data:`REST_FRACTIONS` of its width, the line through the dense network (per-op overheads
         do not shrink with the widths, memory-bound BatchNorm/ReLU/add work does). Each network
-        is timed in three rounds and the table's points of these widths are rechecked (the
-        fastest time counts). When the fitted model then misses one of its own networks by more
+        is timed in 15 blocks, all in turns (the fastest counts), and the table's points of these
+        widths are rechecked. When the fitted model then misses one of its own networks by more
         than :data:`REST_TOLERANCE`, a timing was disturbed (a busy spell, which once put the
-        model's prediction at 0.03 for a network that measured 0.85): the networks get three more
-        rounds and their points a recheck, twice at most, and a model still missing is reported."""
+        model's prediction at 0.03 for a network that measured 0.85): the networks are timed
+        again and their points rechecked, twice at most, and a model still missing is reported."""
         nets = self._rest_networks()
         points = [(c.shape, *self._widths_of(c, widths)) for widths, _ in nets for c in self._convs]
         times = []
         for attempt in range(3):
-            times += [[self._measure(net) for _, net in nets] for _ in range(3)]
+            times.append(self._measure([net for _, net in nets]))
             fastest = [min(t[k] for t in times) for k in range(len(nets))]
             for point in points:
                 self._table.ms(*point)
@@ -292,7 +292,7 @@ class LatencyModel:
             if max(misses) <= REST_TOLERANCE:
                 break
         else:
-            self._log(f"latency model: after three rounds of timing, the fitted model still misses one of the "
+            self._log(f"latency model: after three timings, the fitted model still misses one of the "
                       f"networks it was fitted to by {max(misses):.0%} (was the machine busy?); its predictions "
                       f"may be off by as much")
         self.measured_dense_ms = fastest[0]
@@ -322,20 +322,20 @@ class LatencyModel:
         self._rest = (rest[0] - per * volume[0], per)  # exact at the dense network (fixed < 0: convs run faster in it)
         return [abs(self.predict(w) / ms - 1) for w, ms in zip(widths, measured)]
 
-    def _measure(self, model: nn.Module) -> float:
+    def _measure(self, models: Sequence[nn.Module], blocks: int = 15) -> list[float]:
+        """Measured ms of each of ``models`` as configured, their blocks timed in turns."""
         _, x, device, how = self._network
-        return measure_latency(model, x, self.batch, device, **how)
+        return measure_latencies(models, x, self.batch, device, min_run_time=blocks / 10, blocks=blocks, **how)
 
-    def measure_plan(self, plan: Mapping[str, Iterable[int]], repeats: int = 3) -> tuple[float, float]:
+    def measure_plan(self, plan: Mapping[str, Iterable[int]], blocks: int = 15) -> tuple[float, float]:
         """Measured latency (ms) of the network pruned by ``plan`` (on a copy, timed as configured),
-        and its ratio to the dense network's: timed in turns (dense, pruned, ...) ``repeats``
-        times, medians, so a change of load between the two does not enter the ratio."""
+        and its ratio to the dense network's: the two timed in turns, ``blocks`` blocks each,
+        the fastest of each counts (:func:`~scop_ext.timing.fastest_ms`)."""
         if not self.measure_network:
             raise RuntimeError("measure_plan needs a LatencyModel built with measure_network=True")
         model, x, _, _ = self._network
-        pruned = apply_plan(copy.deepcopy(model), x, plan)
-        pairs = [(self._measure(model), self._measure(pruned)) for _ in range(repeats)]
-        return float(np.median([p for _, p in pairs])), float(np.median([p / d for d, p in pairs]))
+        dense, pruned = self._measure([model, apply_plan(copy.deepcopy(model), x, plan)], blocks)
+        return pruned, pruned / dense
 
     def group_ms(self, group: int, width: int, widths: Sequence[int]) -> float:
         """Time of the convs ``group`` touches, with it at ``width`` and the others at ``widths``."""
