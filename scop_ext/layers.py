@@ -58,6 +58,10 @@ class ScopConv2d(nn.Conv2d):
         self.scop_enabled = False
         self.use_knockoff_bias = True
         self.generator: torch.Generator | None = None
+        # torch.compile cannot trace a draw from a torch.Generator, so a compiled stage 2 draws
+        # each step's key from ``generator`` eagerly into this one-element int64 tensor (in place:
+        # the graph keeps one input) and the compiled forward keys its Lemma 2 draw on it.
+        self.seed_ahead: Tensor | None = None
         # gamma mirrored as a Python float: reading the buffer in forward would be a
         # data-dependent scalar that torch.compile cannot trace without a graph break.
         self._gamma = 0.0
@@ -198,7 +202,7 @@ class ScopConv2d(nn.Conv2d):
         rank, world = self.bias_shard
         if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
             # the same Philox draw in plain ops, which inductor fuses into one vectorised loop
-            seed = draw_seed(self.generator)
+            seed = draw_seed(self.generator) if self.seed_ahead is None else self.seed_ahead
             knockoff_bias = reference.lemma2_sample(self.knockoff_R, self._gamma, n * world, seed)
         else:
             knockoff_bias = lemma2_sample(self.knockoff_R, self._gamma, n * world, generator=self.generator)

@@ -1,5 +1,6 @@
 """The operators under torch.compile(fullgraph=True) and torch.export."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -103,3 +104,54 @@ def test_compiled_lemma2_draw_matches_the_kernel():
     seed = torch.tensor([-(2**40) + 12345], dtype=torch.int64)
     draw = torch.compile(reference.lemma2_sample, fullgraph=True)
     torch.testing.assert_close(draw(R, 0.3, 5, seed), lemma2_sample(R, 0.3, 5, seed=seed), rtol=0, atol=1e-12)
+
+
+def _classifier(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    ).double()
+    for m in net.modules():  # stored statistics of a trained network, so frozen BN is not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    convert(net)
+    for layer in scop_layers(net).values():
+        layer.fit_knockoff_bias(torch.rand(layer.in_channels, dtype=torch.float64) + 0.1)
+    return net
+
+
+@pytest.mark.parametrize("bn", ["batch", "frozen"])
+def test_compiled_learn_scales_matches_eager(bn):
+    """learn_scales(compile=True) learns eager's beta (float64, to 1e-9 after 24 steps): the same
+    Lemma 2 draws, keyed from each layer's generator ahead of the step, and one graph (no
+    recompiles: the keys are copied into the same tensor each step)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from scop_ext.prune.excavate import learn_scales
+
+    g = torch.Generator().manual_seed(1)
+    x, xk = torch.randn(2, 48, 3, 8, 8, generator=g, dtype=torch.float64)
+    pairs = DataLoader(TensorDataset(x, xk, torch.randint(0, 3, (48,), generator=g)), batch_size=8)
+    eager, compiled = _classifier(), _classifier()
+    learn_scales(eager, pairs, "cpu", epochs=4, lr=0.05, bn=bn, seed=3, progress=False)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        learn_scales(compiled, pairs, "cpu", epochs=4, lr=0.05, bn=bn, seed=3, progress=False, compile=True)
+    for (name, a), b in zip(scop_layers(eager).items(), scop_layers(compiled).values()):
+        assert not torch.equal(a.beta, torch.ones_like(a.beta)), "beta did not train"
+        torch.testing.assert_close(b.beta, a.beta, rtol=0, atol=1e-9, msg=name)
+        assert torch.equal(a.generator.get_state(), b.generator.get_state())
+        assert b.seed_ahead is None
+
+
+def test_compiled_learn_scales_refuses_batch_detached():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from scop_ext.prune.excavate import learn_scales
+
+    pairs = DataLoader(TensorDataset(torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)))
+    with pytest.raises(ValueError, match="compile=True runs with bn 'batch' or 'frozen'"):
+        learn_scales(_classifier(), pairs, "cpu", epochs=1, bn="batch_detached", progress=False, compile=True)

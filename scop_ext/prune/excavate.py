@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .. import distributed, lemma2
+from .._ops import draw_seed
 from ..batch_detached import batch_detached
 from ..knockoff_stream import split_forward
 from ..layers import convert, scop_layers
@@ -198,6 +199,7 @@ def learn_scales(
     checkpoint_path: str | None = None,
     settings: dict | None = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> ScaleHistory:
     """Train only the ScopConv2d scales beta on [real; knockoff] batches (DESIGN.md §1, stage 2).
 
@@ -224,6 +226,11 @@ def learn_scales(
         checkpoint_path: after each epoch the betas, optimizer and history are written there
             atomically; a later call with the same path and settings resumes after the last
             complete epoch (``epochs`` may grow: no schedule depends on it).
+        compile: run each step's forward (and so its backward) through
+            ``torch.compile(fullgraph=True)``, which sees the mixing as plain ops and fuses it
+            with BatchNorm and ReLU (with ``bn="batch"`` or ``"frozen"``; one process). The same
+            Lemma 2 draws as eager (each layer's key drawn from its generator before the step),
+            so beta matches eager's to rounding; the first steps pay the compile.
         settings: anything else the result depends on (such as the caller's config), recorded in
             the progress file beside the arguments above, the layers and the number of batches
             and samples; a file written under other settings is refused, never resumed or
@@ -237,6 +244,9 @@ def learn_scales(
             epochs than ``epochs``.
     """
     _check_bn(bn)
+    if compile and (bn == "batch_detached" or distributed.world_size() > 1):
+        raise ValueError(f"compile=True runs with bn 'batch' or 'frozen' on one process, got bn={bn!r} on "
+                         f"{distributed.world_size()} (batch_detached is the eager way to skip the knockoff backward)")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     device = torch.device(device)
@@ -255,13 +265,13 @@ def learn_scales(
                     "bn": bn, "seed": seed, "layers": model_signature({name: (layer.out_channels,) for name, layer in layers.items()}),
                     "batches": len(pairs), "samples": len(pairs.dataset)}
     loop = _ScaleLoop(model, pairs, epochs, device, layers=layers, lr=lr, adam_betas=adam_betas, bn=bn,
-                      checkpoint_path=checkpoint_path, settings=run_settings, progress=progress)
+                      checkpoint_path=checkpoint_path, settings=run_settings, progress=progress, compile=compile)
     try:
         loop.run()
     finally:
         restore()
         for layer in layers.values():
-            layer.bias_shard = (0, 1)
+            layer.bias_shard, layer.seed_ahead = (0, 1), None
     return loop.history
 
 
@@ -271,9 +281,14 @@ class _ScaleLoop(EpochLoop):
     # Progress files written before Adam's coefficients were named apart from the learned betas.
     renamed_settings = {"betas": "adam_betas"}
 
-    def __init__(self, model, pairs, epochs, device, *, layers, lr, adam_betas, bn, **kw):
+    def __init__(self, model, pairs, epochs, device, *, layers, lr, adam_betas, bn, compile=False, **kw):
         super().__init__("scales", model, pairs, epochs, device, error_name="learn_scales", **kw)
         self.layers, self.bn = layers, bn
+        self.loss = torch.compile(_paired_loss, fullgraph=True, dynamic=False) if compile else _paired_loss
+        self.drawing = [layer for layer in layers.values() if compile and layer.use_knockoff_bias
+                        and layer.knockoff_R is not None]  # layers whose key is drawn ahead of each step
+        for layer in self.drawing:
+            layer.seed_ahead = torch.zeros(1, dtype=torch.int64)
         self.named_betas = {name: layer.beta for name, layer in layers.items()}
         self.optimizer = torch.optim.Adam(self.named_betas.values(), lr=lr, betas=adam_betas)
         self.history = ScaleHistory(beta_mean={name: [] for name in layers})
@@ -286,7 +301,9 @@ class _ScaleLoop(EpochLoop):
 
     def forward(self, batch):
         x, xk, self.y = (t.to(self.device) for t in batch)
-        return _paired_loss(self.ddp, x, xk, self.y, self.bn), torch.cat([x, xk])
+        for layer in self.drawing:  # what the eager draw takes from the generator, taken before the graph
+            layer.seed_ahead.copy_(draw_seed(layer.generator))
+        return self.loss(self.ddp, x, xk, self.y, self.bn), torch.cat([x, xk])
 
     def update(self, loss, epoch, step):
         self.optimizer.zero_grad(set_to_none=True)
