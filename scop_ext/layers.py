@@ -62,6 +62,7 @@ class ScopConv2d(nn.Conv2d):
         # each step's key from ``generator`` eagerly into this one-element int64 tensor (in place:
         # the graph keeps one input) and the compiled forward keys its Lemma 2 draw on it.
         self.seed_ahead: Tensor | None = None
+        self.seed_taken = False  # set by the draw that used seed_ahead; reset before each step
         # gamma mirrored as a Python float: reading the buffer in forward would be a
         # data-dependent scalar that torch.compile cannot trace without a graph break.
         self._gamma = 0.0
@@ -202,11 +203,18 @@ class ScopConv2d(nn.Conv2d):
         rank, world = self.bias_shard
         if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
             # the same Philox draw in plain ops, which inductor fuses into one vectorised loop
-            seed = draw_seed(self.generator) if self.seed_ahead is None else self.seed_ahead
+            seed = draw_seed(self.generator) if self.seed_ahead is None else self._take_seed()
             knockoff_bias = reference.lemma2_sample(self.knockoff_R, self._gamma, n * world, seed)
         else:
             knockoff_bias = lemma2_sample(self.knockoff_R, self._gamma, n * world, generator=self.generator)
         return knockoff_bias[rank * n : (rank + 1) * n] if world > 1 else knockoff_bias
+
+    def _take_seed(self) -> Tensor:
+        if self.seed_taken:  # eager would draw a second key; reusing the first would be silently wrong
+            raise RuntimeError("a ScopConv2d ran twice in one compiled stage-2 forward (a shared layer): "
+                               "learn_scales(compile=True) draws one key per layer and step; use compile=False")
+        self.seed_taken = True
+        return self.seed_ahead
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", scop={'on' if self.scop_enabled else 'off'}"

@@ -155,3 +155,30 @@ def test_compiled_learn_scales_refuses_batch_detached():
     pairs = DataLoader(TensorDataset(torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)))
     with pytest.raises(ValueError, match="compile=True runs with bn 'batch' or 'frozen'"):
         learn_scales(_classifier(), pairs, "cpu", epochs=1, bn="batch_detached", progress=False, compile=True)
+
+
+class _SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(self.conv(torch.relu(self.conv(x))).mean((2, 3)))
+
+
+def test_compiled_learn_scales_refuses_a_layer_run_twice():
+    """A shared ScopConv2d draws twice per step in eager; compiled, with one key per layer and
+    step, it would reuse the first draw, so it is an error instead of different numbers."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from scop_ext.prune.excavate import learn_scales
+
+    torch.manual_seed(0)
+    net = convert(_SharedConv().double())
+    for layer in scop_layers(net).values():
+        layer.fit_knockoff_bias(torch.rand(layer.in_channels, dtype=torch.float64) + 0.1)
+    x = torch.randn(2, 8, 3, 8, 8, dtype=torch.float64)
+    pairs = DataLoader(TensorDataset(x[0], x[1], torch.zeros(8, dtype=torch.long)), batch_size=4)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="ran twice in one compiled stage-2 forward"):
+        learn_scales(net, pairs, "cpu", epochs=1, bn="batch", progress=False, compile=True)

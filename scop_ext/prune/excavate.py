@@ -303,6 +303,7 @@ class _ScaleLoop(EpochLoop):
         x, xk, self.y = (t.to(self.device) for t in batch)
         for layer in self.drawing:  # what the eager draw takes from the generator, taken before the graph
             layer.seed_ahead.copy_(draw_seed(layer.generator))
+            layer.seed_taken = False
         return self.loss(self.ddp, x, xk, self.y, self.bn), torch.cat([x, xk])
 
     def update(self, loss, epoch, step):
