@@ -7,7 +7,7 @@ Importing the package loads the compiled operators (``torch.ops.scop.*``);
 | stage (DESIGN.md §1) | `STAGES` name | `ScopPruner` step | module |
 |---|---|---|---|
 | 1. knockoff data | `knockoffs` | `fit_knockoffs` | `knockoffs/` |
-| 2. excavating: learn β, weights frozen | `scales` | `convert`, `learn_scales` | `prune/excavate.py` (on `layers.py`, `lemma2.py`, `knockoff_stream.py`, `batch_detached.py`) |
+| 2. excavating: learn β, weights frozen | `scales` | `convert`, `learn_scales` | `prune/excavate.py` (on `prune/pairs.py`, `layers.py`, `lemma2.py`, `knockoff_stream.py`, `batch_detached.py`) |
 | 3. selecting filters | `select` | `select` | `prune/importance.py`, `prune/groups.py`, `prune/space.py`, `prune/select.py` (`prune/keep.py`: what every policy shares; `prune/latency_policy.py`: `latency_target`) |
 | 4. physical pruning and fine-tuning | `prune`, `finetune` | `prune`, `recalibrate_bn`, `finetune` | `prune/surgery.py`, `train.py` |
 | the report | `report` | `evaluate`, `report` | `report.py` |

@@ -33,7 +33,8 @@ from .export import load_model, save_model
 from .layers import convert as convert_layers
 from .layers import scop_layers
 from .presets import PRESETS
-from .prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
+from .prune.excavate import fit_knockoff_biases, learn_scales
+from .prune.pairs import PairedDataset, pair_dataset
 from .prune.flops import count_flops, count_params
 from .prune.importance import make_importance
 from .prune.select import Plan, cuts, make_policy

@@ -160,25 +160,21 @@ def test_a_disturbed_network_timing_is_timed_again(resnet20_space, monkeypatch):
     timer = block_timer()
     network = lambda net: make(net, x, PruningSpace(net, x), timer).dense_ms + 0.7  # noqa: E731
 
-    def disturbed(timings):
-        calls = []
-
+    def disturbed(timings, calls):
         def measure(self, nets, blocks=15):
             calls.append(nets)
-            busy = len(calls) <= timings
-            return [network(net) * (3 if busy and k == 2 else 1) for k, net in enumerate(nets)]
-        return measure, calls
+            return [network(net) * (3 if len(calls) <= timings and k == 2 else 1) for k, net in enumerate(nets)]
+        monkeypatch.setattr(LatencyModel, "_measure", measure)
 
-    measure, calls = disturbed(1)
-    monkeypatch.setattr(LatencyModel, "_measure", measure)
-    messages = []
+    calls, messages = [], []
+    disturbed(1, calls)
     lat = LatencyModel(model, x, space.groups, batch=4, timer=timer, progress=False, log=messages.append)
     assert len(calls) == 2 and len(calls[0]) == len(REST_FRACTIONS) and messages == []
     plan = select(space, RandomImportance(seed=3)(model), "global_ranking", ratio=0.45)
     assert lat.predict_plan(plan) == pytest.approx(network(apply_plan(copy.deepcopy(model), x, plan)), rel=1e-9)
 
-    measure, calls = disturbed(3)
-    monkeypatch.setattr(LatencyModel, "_measure", measure)
+    calls.clear()
+    disturbed(3, calls)
     LatencyModel(model, x, space.groups, batch=4, timer=timer, progress=False, log=messages.append)
     assert len(calls) == 3
     assert len(messages) == 1 and "misses" in messages[0]
@@ -295,14 +291,13 @@ def test_latency_target_errors(resnet20_space):
         select(space, scores, "latency_target", latency_model=other, latency_reduction=0.5)
 
 
-def calibrating(lat, space, truth):
+def calibrating(lat, truth):
     """``lat`` as a latency model that times networks, their measured ratio to dense ``truth(widths)``."""
     measured = []
 
     def measure_plan(plan):
-        ratio = truth(lat.widths(plan))
-        measured.append(ratio)
-        return ratio * lat.dense_ms, ratio
+        measured.append(truth(lat.widths(plan)))
+        return measured[-1] * lat.dense_ms, measured[-1]
     lat.measure_network, lat.measure_plan = True, measure_plan
     return measured
 
@@ -318,7 +313,7 @@ def test_calibration_reaches_the_measured_target(resnet20_space, reduction):
     scores = RandomImportance(seed=0)(model)
     trusted = select(space, scores, "latency_target", latency_model=lat, latency_reduction=reduction, calibrate=0)
     assert truth(lat.widths(trusted)) / (1 - reduction) > 1.05
-    measured = calibrating(lat, space, truth)
+    measured = calibrating(lat, truth)
     plan = select(space, scores, "latency_target", latency_model=lat, latency_reduction=reduction)
     error = truth(lat.widths(plan)) / (1 - reduction)
     assert 1 <= len(measured) <= 4
@@ -333,15 +328,13 @@ def test_calibration_keeps_the_closest_plan(resnet20_space):
     model, x, space = resnet20_space
     lat = make(model, x, space, block_timer(2))
     swings = iter([1.2, 0.97, 0.9, 1.1])
-    measured = calibrating(lat, space, lambda widths: 0.5 * next(swings))
-    plan = select(space, RandomImportance(seed=0)(model), "latency_target", latency_model=lat,
-                  latency_reduction=0.5, calibrate=3)
+    measured = calibrating(lat, lambda widths: 0.5 * next(swings))
+    scores = RandomImportance(seed=0)(model)
+    plan = select(space, scores, "latency_target", latency_model=lat, latency_reduction=0.5, calibrate=3)
     assert measured == [0.6, 0.485, 0.45]
     swings = iter([1.2, 0.97])  # the second round's plan, solved again from the same budgets
-    calibrating(lat, space, lambda widths: 0.5 * next(swings))
-    second = select(space, RandomImportance(seed=0)(model), "latency_target", latency_model=lat,
-                    latency_reduction=0.5, calibrate=1)
-    assert plan == second
+    calibrating(lat, lambda widths: 0.5 * next(swings))
+    assert plan == select(space, scores, "latency_target", latency_model=lat, latency_reduction=0.5, calibrate=1)
 
 
 def models_and_space(name):

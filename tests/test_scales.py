@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from scop_ext import checkpoint, convert, lemma2, scop_layers
-from scop_ext.prune.excavate import PairedDataset, fit_knockoff_biases, learn_scales, pair_dataset
+from scop_ext.prune.excavate import fit_knockoff_biases, learn_scales
+from scop_ext.prune.pairs import PairedDataset, pair_dataset
 from scop_ext.epochs import NonFiniteError
 from scop_ext.train import evaluate, fit, make_loader, recalibrate_bn
 from scop_ext import train as train_module

@@ -1,7 +1,8 @@
 """Stages 2-4 of SCOP (DESIGN.md §1): learn the scales, score and select channels, remove them.
 
 - :mod:`.excavate` (stage 2): the Lemma 2 bias fit and ``learn_scales`` (beta with the weights
-  frozen, on [real; knockoff] batches); ``ScaleLearner``, the same stage inside your own loop.
+  frozen, on [real; knockoff] batches); ``ScaleLearner``, the same stage inside your own loop;
+  :mod:`.pairs`: those batches' data, each image paired with one knockoff.
 - :mod:`.importance` (stage 3): criteria, ``criterion(model) -> {conv name: (C_out,) scores}``,
   and ``TorchPruningImportance``, any of their scores for Torch-Pruning's own pruners.
 - :mod:`.space` (stage 3): :class:`PruningSpace` (coupled channel groups + FLOPs prediction).

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader
 
 from .. import distributed, lemma2
 from .._ops import draw_seed
@@ -23,10 +23,7 @@ from ..epochs import EpochLoop, NonFiniteError
 from ..train import batchnorms, model_signature
 from .importance import ScopImportance
 
-__all__ = ["BN_MODES", "pair_dataset", "PairedDataset", "fit_knockoff_biases", "layer_seed", "learn_scales", "ScaleHistory",
-           "ScaleLearner"]
-
-Sampler = Callable[..., Tensor]  # (x, generator=...) -> x~ with x's shape
+__all__ = ["BN_MODES", "fit_knockoff_biases", "layer_seed", "learn_scales", "ScaleHistory", "ScaleLearner"]
 
 # Stage 2's BatchNorm modes (learn_scales's ``bn``): over the paired batch with the exact gradient,
 # over the paired batch with its statistics constant in the backward, or the stored statistics.
@@ -45,43 +42,6 @@ def _paired_loss(model: nn.Module, x: Tensor, xk: Tensor, y, bn: str, loss_fn=F.
         return loss_fn(split_forward(model, x, xk), y)
     with batch_detached() if bn == "batch_detached" else contextlib.nullcontext():
         return loss_fn(model(torch.cat([x, xk]))[: x.shape[0]], y)
-
-
-@torch.no_grad()
-def pair_dataset(dataset: Dataset, sample: Sampler, *, seed: int = 0, batch_size: int = 256) -> TensorDataset:
-    """Draw one knockoff per image, once: a ``TensorDataset`` of (x, x~, y).
-
-    Model-X knockoffs are one draw per sample, paired with it; drawing them once also makes
-    stage 2 independent of batch order and of how many processes share the work.
-    """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    gen = torch.Generator().manual_seed(seed)
-    xs, ks, ys = [], [], []
-    for x, y in loader:
-        xs.append(x)
-        ks.append(sample(x, generator=gen).to(x.dtype))
-        ys.append(y)
-    return TensorDataset(torch.cat(xs), torch.cat(ks), torch.cat(ys))
-
-
-class PairedDataset(Dataset):
-    """(x, x~, y) drawn on the fly, for datasets too large to pair up front.
-
-    The knockoff of item i comes from a generator keyed on (seed, i), so it is the same every
-    epoch and in every worker or process.
-    """
-
-    def __init__(self, dataset: Dataset, sample: Sampler, seed: int = 0):
-        self.dataset, self.sample, self.seed = dataset, sample, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    @torch.no_grad()
-    def __getitem__(self, i: int):
-        x, y = self.dataset[i]
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        return x, self.sample(x[None], generator=gen)[0].to(x.dtype), y
 
 
 @torch.no_grad()
@@ -185,6 +145,20 @@ def _train_betas_only(model: nn.Module, layers: dict[str, nn.Module]) -> Callabl
     return restore
 
 
+def _check_scales_args(model: nn.Module, bn: str, epochs: int, compile: bool) -> dict:
+    """``model``'s ScopConv2d layers, once :func:`learn_scales`'s arguments are known to be usable."""
+    _check_bn(bn)
+    if compile and (bn == "batch_detached" or distributed.world_size() > 1):
+        raise ValueError(f"compile=True runs with bn 'batch' or 'frozen' on one process, got bn={bn!r} on "
+                         f"{distributed.world_size()} (batch_detached is the eager way to skip the knockoff backward)")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    layers = scop_layers(model)
+    if not layers:
+        raise ValueError("model has no ScopConv2d layers: call scop_ext.convert(model) first")
+    return layers
+
+
 def learn_scales(
     model: nn.Module,
     pairs: DataLoader,
@@ -207,7 +181,7 @@ def learn_scales(
     entropy on the real half, Adam step, beta clamped to [0, 1].
 
     Args:
-        pairs: yields (x, x~, y) with x, x~ of shape (N, C, H, W) (see :func:`pair_dataset`).
+        pairs: yields (x, x~, y) with x, x~ of shape (N, C, H, W) (see :func:`~scop_ext.prune.pairs.pair_dataset`).
         use_knockoff_bias: add the Lemma 2 biases fitted by :func:`fit_knockoff_biases`.
         bn: ``"batch"`` normalises over the 2N batch as the authors do (running statistics are
             restored afterwards, so the pretrained model is unchanged), with the exact gradient;
@@ -226,11 +200,10 @@ def learn_scales(
         checkpoint_path: after each epoch the betas, optimizer and history are written there
             atomically; a later call with the same path and settings resumes after the last
             complete epoch (``epochs`` may grow: no schedule depends on it).
-        compile: run each step's forward (and so its backward) through
-            ``torch.compile(fullgraph=True)``, which sees the mixing as plain ops and fuses it
-            with BatchNorm and ReLU (with ``bn="batch"`` or ``"frozen"``; one process). The same
-            Lemma 2 draws as eager (each layer's key drawn from its generator before the step),
-            so beta matches eager's to rounding; the first steps pay the compile.
+        compile: each step's forward (so its backward too) under ``torch.compile(fullgraph=True)``,
+            which fuses the mixing with BatchNorm and ReLU (``bn`` batch or frozen; one process);
+            the Lemma 2 keys are drawn from the layers' generators before each step, so beta is
+            eager's to rounding. The first steps pay the compile.
         settings: anything else the result depends on (such as the caller's config), recorded in
             the progress file beside the arguments above, the layers and the number of batches
             and samples; a file written under other settings is refused, never resumed or
@@ -243,16 +216,8 @@ def learn_scales(
         CheckpointError: ``checkpoint_path`` holds the progress of other settings, or of more
             epochs than ``epochs``.
     """
-    _check_bn(bn)
-    if compile and (bn == "batch_detached" or distributed.world_size() > 1):
-        raise ValueError(f"compile=True runs with bn 'batch' or 'frozen' on one process, got bn={bn!r} on "
-                         f"{distributed.world_size()} (batch_detached is the eager way to skip the knockoff backward)")
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    layers = _check_scales_args(model, bn, epochs, compile)
     device = torch.device(device)
-    layers = scop_layers(model)
-    if not layers:
-        raise ValueError("model has no ScopConv2d layers: call scop_ext.convert(model) first")
     model.to(device)
     rank, world = distributed.rank(), distributed.world_size()
     restore = _train_betas_only(model, layers)
@@ -362,7 +327,7 @@ class ScaleLearner:
 
         >>> learner = ScaleLearner(model)
         >>> opt = torch.optim.Adam(learner.parameters(), lr=0.004, betas=(0.5, 0.9))
-        >>> for x, x_knockoff, y in loader:          # e.g. from pair_dataset(...)
+        >>> for x, x_knockoff, y in loader:          # e.g. from pairs.pair_dataset(...)
         ...     loss = learner.loss(x, x_knockoff, y)
         ...     opt.zero_grad(); loss.backward(); opt.step()
         ...     learner.clamp_()
