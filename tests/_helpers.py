@@ -101,3 +101,19 @@ def ar1(d: int, rho: float, scales: torch.Tensor | None = None) -> torch.Tensor:
     if scales is None:
         return corr
     return corr * scales[:, None] * scales[None, :]
+
+
+def scop_ready(net: nn.Module, mean: float = 0.5) -> nn.Module:
+    """``net`` (float64) converted, with BatchNorm statistics as a trained network's (so frozen BN
+    is not the identity: means in [-mean, mean], variances in [0.5, 2]) and every layer's Lemma 2
+    bias fitted to a random knockoff diagonal."""
+    from scop_ext import convert, scop_layers
+
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-mean, mean)
+            m.running_var.uniform_(0.5, 2.0)
+    convert(net)
+    for layer in scop_layers(net).values():
+        layer.fit_knockoff_bias(torch.rand(layer.in_channels, dtype=torch.float64) + 0.1)
+    return net

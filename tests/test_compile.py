@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from scop_ext import ScopConv2d, convert, scop_layers
+from tests._helpers import scop_ready
 
 
 def _model(seed=0):
@@ -113,14 +114,7 @@ def _classifier(seed=0):
         nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
     ).double()
-    for m in net.modules():  # stored statistics of a trained network, so frozen BN is not the identity
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    convert(net)
-    for layer in scop_layers(net).values():
-        layer.fit_knockoff_bias(torch.rand(layer.in_channels, dtype=torch.float64) + 0.1)
-    return net
+    return scop_ready(net, mean=0.2)
 
 
 @pytest.mark.parametrize("bn", ["batch", "frozen"])
@@ -174,9 +168,7 @@ def test_compiled_learn_scales_refuses_a_layer_run_twice():
     from scop_ext.prune.excavate import learn_scales
 
     torch.manual_seed(0)
-    net = convert(_SharedConv().double())
-    for layer in scop_layers(net).values():
-        layer.fit_knockoff_bias(torch.rand(layer.in_channels, dtype=torch.float64) + 0.1)
+    net = scop_ready(_SharedConv().double())
     x = torch.randn(2, 8, 3, 8, 8, dtype=torch.float64)
     pairs = DataLoader(TensorDataset(x[0], x[1], torch.zeros(8, dtype=torch.long)), batch_size=4)
     torch._dynamo.reset()

@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from scop_ext import convert, scop_layers
 from scop_ext.knockoff_stream import split_forward
 from scop_ext.prune import excavate
+from tests._helpers import scop_ready
 
 
 class _SharedConvNet(nn.Module):
@@ -31,15 +32,7 @@ class _SharedConvNet(nn.Module):
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    net = _SharedConvNet().double()
-    for m in net.modules():  # non-trivial frozen statistics
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    convert(net)
-    for layer in scop_layers(net).values():
-        layer.fit_knockoff_bias(torch.rand(layer.in_channels, dtype=torch.float64) + 0.1)
-    return net.eval()
+    return scop_ready(_SharedConvNet().double()).eval()
 
 
 def _pairs(n=48, batch=8):
