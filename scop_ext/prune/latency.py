@@ -281,12 +281,12 @@ class LatencyModel:
         again and their points rechecked, twice at most, and a model still missing is reported."""
         nets = self._rest_networks()
         points = [(c.shape, *self._widths_of(c, widths)) for widths, _ in nets for c in self._convs]
+        for point in points:  # measured once; each timing below rechecks them
+            self._table.ms(*point)
         times = []
         for attempt in range(3):
             times.append(self._measure([net for _, net in nets]))
             fastest = [min(t[k] for t in times) for k in range(len(nets))]
-            for point in points:
-                self._table.ms(*point)
             self._table.recheck(points if attempt else None)
             misses = self._fit_line([widths for widths, _ in nets], fastest)
             if max(misses) <= REST_TOLERANCE:

@@ -115,8 +115,9 @@ def _calibrated(solve, plan_of, error, budget: float, widths, rounds: int, save)
     aim = budget
     for _ in range(rounds + 1):
         plan = plan_of(widths)
-        tried[tuple(widths)] = (aim, error(plan), plan)
-        if abs(tried[tuple(widths)][1] - 1) <= CALIBRATION_TOLERANCE:
+        miss = error(plan)
+        tried[tuple(widths)] = (aim, miss, plan)
+        if abs(miss - 1) <= CALIBRATION_TOLERANCE:
             break
         below = [(a, e) for a, e, _ in tried.values() if e < 1]
         above = [(a, e) for a, e, _ in tried.values() if e > 1]
@@ -124,7 +125,7 @@ def _calibrated(solve, plan_of, error, budget: float, widths, rounds: int, save)
             (a0, e0), (a1, e1) = max(below, key=lambda t: t[1]), min(above, key=lambda t: t[1])
             aim = a0 + (1 - e0) * (a1 - a0) / (e1 - e0)
         else:
-            aim /= tried[tuple(widths)][1]
+            aim /= miss
         widths = solve(aim)
         save()
         if widths is None or tuple(widths) in tried:
