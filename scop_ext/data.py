@@ -1,9 +1,11 @@
-"""Datasets: scikit-learn's bundled digits (the default, nothing to download), CIFAR-10 in its
-python format and ImageFolder trees, both from a local path the user gives. Nothing here ever
-downloads anything."""
+"""Datasets: scikit-learn's bundled digits (the default, nothing to download), Fashion-MNIST from
+its four IDX files (Debian's ``dataset-fashion-mnist`` package, or any folder holding them),
+CIFAR-10 in its python format and ImageFolder trees, from a local path the user gives. Nothing
+here ever downloads anything."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 from collections.abc import Callable
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["DatasetInfo", "MAX_IMAGE_SIZE", "digits", "cifar10", "image_folder", "load_dataset", "holdout", "Splits",
+__all__ = ["DatasetInfo", "MAX_IMAGE_SIZE", "DATASETS", "digits", "fashion_mnist", "read_idx", "cifar10", "image_folder", "load_dataset", "holdout", "Splits",
            "load_splits"]
 
 # Largest edge an image is resized to: one 3 x 4096 x 4096 float32 image is already 200 MB, and a
@@ -56,6 +58,93 @@ def digits(split: str = "train", *, test_fraction: float = 0.25, seed: int = 0) 
     )
     idx = train_idx if split == "train" else test_idx
     return TensorDataset(torch.from_numpy(images[idx]), torch.from_numpy(labels[idx]))
+
+
+FASHION_MNIST_INFO = DatasetInfo("fashion-mnist", num_classes=10, in_channels=1, image_size=28)
+# Where Debian's (and Ubuntu's) dataset-fashion-mnist package puts the four IDX files.
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60_000),
+                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000)}
+# The training split's pixel mean and std (over all 47M pixels, scaled to [0, 1]).
+_FASHION_MEAN, _FASHION_STD = (0.2860,), (0.3530,)
+_FASHION_HOWTO = ("install Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist: "
+                  f"{FASHION_MNIST_ROOT}) or pass --data-root DIR, a folder holding the four original IDX files "
+                  "(train-images-idx3-ubyte[.gz], ...); nothing is downloaded")
+# An IDX file's magic: two zero bytes, a type code (0x08: unsigned bytes) and the number of dims.
+_IDX_UBYTE = 0x08
+
+
+def read_idx(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
+    """The uint8 array of an IDX file (LeCun's MNIST format), gzipped or not.
+
+    ``shape`` is what the file must hold exactly (its header's dims); the magic number, the
+    dims and the payload's length are checked before the array is made.
+
+    Raises:
+        ValueError: naming ``path``, when the file is not an IDX file of that shape.
+    """
+    path = os.fspath(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    header_len = 4 + 4 * len(shape)
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(header_len)
+            if len(header) < header_len or header[:2] != b"\0\0" or header[2] != _IDX_UBYTE or header[3] != len(shape):
+                raise ValueError(f"{path}: not an IDX file of {len(shape)}-dim unsigned bytes "
+                                 f"(magic {header[:4].hex() or 'missing'}, expected 0000{_IDX_UBYTE:02x}{len(shape):02x})")
+            dims = tuple(int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(len(shape)))
+            if dims != tuple(shape):
+                raise ValueError(f"{path}: holds an array of shape {dims}, expected {tuple(shape)}")
+            size = int(np.prod(shape))
+            payload = f.read(size + 1)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise ValueError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if len(payload) != size:
+        raise ValueError(f"{path}: {len(payload)} bytes of data after the header, expected {size} for shape {tuple(shape)}"
+                         if len(payload) < size else f"{path}: more data than its header's shape {tuple(shape)} holds")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
+
+
+def _idx_file(root: str, stem: str) -> str:
+    for name in (stem + ".gz", stem):
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"Fashion-MNIST file {os.path.join(root, stem)}[.gz] not found: {_FASHION_HOWTO}")
+
+
+def fashion_mnist(root: str | os.PathLike | None = None, split: str = "train", *,
+                  augment: bool | None = None) -> Dataset:
+    """Fashion-MNIST (Xiao et al. 2017: 60,000 training and 10,000 test images, 28x28 grey, 10
+    classes, MIT licence) from its four original IDX files; nothing is downloaded.
+
+    ``root`` is a folder holding ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+    ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each gzipped (``.gz``) or not;
+    None is :data:`FASHION_MNIST_ROOT`, where Debian's ``dataset-fashion-mnist`` package puts
+    them. Items are ``(image, label)``: image float32 (1, 28, 28) normalised with the training
+    split's mean/std, label int64 in 0..9. ``"train"`` adds a random 28x28 crop of the 2-pixel
+    zero-padded image and a horizontal flip unless ``augment=False`` (``augment`` defaults to
+    ``split == "train"``).
+
+    Raises:
+        FileNotFoundError: a file is missing (the message says how to install the package).
+        ValueError: a file that is not an IDX file of the expected shape, or labels outside 0..9.
+    """
+    import torchvision.transforms.v2 as T
+
+    _check_split(split, ("train", "test"))
+    root = FASHION_MNIST_ROOT if root is None else os.fspath(root)
+    image_stem, label_stem, count = _FASHION_FILES[split]
+    image_path, label_path = _idx_file(root, image_stem), _idx_file(root, label_stem)
+    images = read_idx(image_path, (count, 28, 28))
+    labels = read_idx(label_path, (count,))
+    if labels.max() > 9:
+        raise ValueError(f"{label_path}: labels up to {labels.max()}, expected 0..9")
+    augment = split == "train" if augment is None else augment
+    steps = [T.RandomCrop(28, padding=2), T.RandomHorizontalFlip()] if augment else []
+    transform = T.Compose(steps + [T.ToDtype(torch.float32, scale=True), T.Normalize(_FASHION_MEAN, _FASHION_STD)])
+    return _ImageTensors(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
+                         transform)
 
 
 CIFAR10_INFO = DatasetInfo("cifar10", num_classes=10, in_channels=3, image_size=32)
@@ -219,6 +308,10 @@ def _read_image(path: str):
         raise ValueError(f"{path}: not a readable image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
+# Every name load_dataset takes; "digits" needs no files at all.
+DATASETS = ("digits", "fashion-mnist", "cifar10", "imagefolder")
+
+
 def load_dataset(
     name: str, root: str | os.PathLike | None = None, split: str = "train", *, image_size: int = 224,
     augment: bool | None = None,
@@ -226,8 +319,10 @@ def load_dataset(
     """One entry point for every dataset: ``(dataset, info)``.
 
     Args:
-        name: ``"digits"`` (bundled with scikit-learn; ``root`` must be None), ``"cifar10"``
-            (``root``: see :func:`cifar10`) or ``"imagefolder"`` (``root``: see :func:`image_folder`).
+        name: one of :data:`DATASETS`: ``"digits"`` (bundled with scikit-learn; ``root`` must be
+            None), ``"fashion-mnist"`` (``root``: see :func:`fashion_mnist`, None for the Debian
+            package's folder), ``"cifar10"`` (``root``: see :func:`cifar10`) or ``"imagefolder"``
+            (``root``: see :func:`image_folder`).
         root: local path of the data; nothing is ever downloaded.
         split: ``"train"`` or ``"test"`` (for ``"imagefolder"`` the test split is ``root/val``).
         image_size: crop size for ``"imagefolder"`` (ignored by the others, whose size is fixed).
@@ -238,18 +333,20 @@ def load_dataset(
         The dataset of ``(image, label)`` pairs and its :class:`DatasetInfo`.
     """
     _check_split(split, ("train", "test"))
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if name == "digits":
         if root is not None:
             raise ValueError(f"root must be None for 'digits' (bundled with scikit-learn), got {root!r}")
         return digits(split), DIGITS_INFO
-    if name in ("cifar10", "imagefolder") and root is None:
+    if name == "fashion-mnist":
+        return fashion_mnist(root, split, augment=augment), FASHION_MNIST_INFO
+    if root is None:
         raise ValueError(f"root is required for {name!r}: the local folder holding the data")
     if name == "cifar10":
         return cifar10(root, split, augment=augment), CIFAR10_INFO
-    if name == "imagefolder":
-        dataset = image_folder(root, "val" if split == "test" else "train", image_size, augment=augment)
-        return dataset, DatasetInfo("imagefolder", len(dataset.classes), 3, image_size)
-    raise ValueError(f"unknown dataset {name!r}; expected 'digits', 'cifar10' or 'imagefolder'")
+    dataset = image_folder(root, "val" if split == "test" else "train", image_size, augment=augment)
+    return dataset, DatasetInfo("imagefolder", len(dataset.classes), 3, image_size)
 
 
 def holdout(length: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
