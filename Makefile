@@ -13,7 +13,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup
 DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := build/.ext-stamp
 
-.PHONY: venv build test test-all bench demo clean
+.PHONY: venv build test test-unit test-all bench demo clean
 
 venv: $(DEPS_STAMP)
 $(DEPS_STAMP): constraints.txt requirements-dev.txt
@@ -40,6 +40,13 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 # `slow` tests (AddressSanitizer, kill loops, the rest of the model zoo) run only in test-all.
 test: build
 	$(PY) -m pytest -q -ra -m "not slow"
+
+# The edit-test loop, under 2 minutes: the operators against their reference, ScopConv2d and
+# Lemma 2, selection and surgery on small nets, and the package's layering.
+UNIT_TESTS := tests/ops/test_ops.py tests/nn tests/prune/test_select.py tests/prune/test_surgery.py \
+	tests/prune/test_flops.py tests/test_layering.py
+test-unit: build
+	$(PY) -m pytest -q -ra -m "not slow" $(UNIT_TESTS)
 
 test-all: build
 	$(PY) -m pytest -q -ra

@@ -48,7 +48,7 @@ def _wheel_include_flags() -> list[str]:
 
 
 def _extension():
-    sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fvisibility=hidden"]
     # at::parallel_for is a header template: without -fopenmp its `#pragma omp parallel` is
     # ignored and our CPU kernels run on one thread whatever torch.get_num_threads() says.

@@ -18,8 +18,8 @@ import re
 
 import torch
 
-from scop_ext.resources import saved_for_backward
-from scop_ext.timing import LIBC as _LIBC, malloc_for_timing, time_ms  # noqa: F401 (malloc_for_timing: speed.py's)
+from scop_ext.train.resources import saved_for_backward
+from scop_ext.train.timing import LIBC as _LIBC, malloc_for_timing, time_ms  # noqa: F401 (malloc_for_timing: speed.py's)
 
 
 def malloc_for_memory() -> None:

@@ -54,8 +54,8 @@ import _baseline  # noqa: E402
 import _report  # noqa: E402
 
 from scop_ext.prune import count_flops, make_importance, make_policy  # noqa: E402
-from scop_ext.config import PruneConfig  # noqa: E402
-from scop_ext.pipeline import ScopPruner  # noqa: E402
+from scop_ext.run.config import PruneConfig  # noqa: E402
+from scop_ext.run import ScopPruner  # noqa: E402
 
 # name: PruneConfig values (our methods) or ("tp", importance) for Torch-Pruning's pruner
 METHODS = {
@@ -163,7 +163,7 @@ def _scored(task: dict, method: str, seed: int, base, data, tmp: str):
     if not isinstance(spec, dict) or spec.get("importance", "scop") != "scop":
         return base
     from safetensors.torch import load_file, save_file
-    from scop_ext.layers import convert
+    from scop_ext.nn import convert
 
     cfg = _config(task, method, seed, 0.5)
     path = os.path.join(task["cache"], "accuracy", f"{task['dataset']}-{task['model']}",

@@ -25,8 +25,8 @@ import _baseline  # noqa: E402
 import _report  # noqa: E402
 
 from scop_ext import models  # noqa: E402
-from scop_ext.config import PruneConfig  # noqa: E402
-from scop_ext.planner import pruned_copy, stand_in_scores  # noqa: E402
+from scop_ext.run.config import PruneConfig  # noqa: E402
+from scop_ext.run.dry_run import pruned_copy, stand_in_scores  # noqa: E402
 from scop_ext.prune import count_flops, count_params  # noqa: E402
 from scop_ext.prune.latency import measure_latency  # noqa: E402
 

@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _baseline  # noqa: E402
 import _report  # noqa: E402
 
-from scop_ext.config import PruneConfig  # noqa: E402
-from scop_ext.pipeline import ScopPruner  # noqa: E402
-from scop_ext.prune.excavate import BN_MODES  # noqa: E402
+from scop_ext.run.config import PruneConfig  # noqa: E402
+from scop_ext.run import ScopPruner  # noqa: E402
+from scop_ext.scales import BN_MODES  # noqa: E402
 
 
 def learned_betas(base, seed: int, bn: str, epochs: int, bias: bool) -> tuple[dict[str, torch.Tensor], float]:

@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _baseline  # noqa: E402
 
 from scop_ext.knockoffs import check, make_generator  # noqa: E402
-from scop_ext.config import PruneConfig  # noqa: E402
-from scop_ext.pipeline import ScopPruner  # noqa: E402
+from scop_ext.run.config import PruneConfig  # noqa: E402
+from scop_ext.run import ScopPruner  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = ["layers.0.0", "layers.1.0"]

@@ -30,7 +30,7 @@ from scop_ext.knockoffs import ExternalKnockoffs, GaussianKnockoffs, KnockoffGAN
 from scop_ext.knockoffs.base import resize  # noqa: E402
 from scop_ext.knockoffs.exchangeability import exchangeability, measurement_shape, power  # noqa: E402
 from scop_ext.knockoffs.leakage import label_leakage  # noqa: E402
-from scop_ext.knockoffs.report import sample_batched  # noqa: E402
+from scop_ext.knockoffs.quality import sample_batched  # noqa: E402
 from scop_ext.knockoffs.swap import swap_advantage  # noqa: E402
 
 

@@ -48,11 +48,9 @@ import _report  # noqa: E402
 from accuracy import _config, _finish, _generator, tp_pruned  # noqa: E402
 
 from scop_ext.models import build_model, example_input  # noqa: E402
-from scop_ext.pipeline import ScopPruner  # noqa: E402
-from scop_ext.prune import (  # noqa: E402
-    LatencyModel, PruningSpace, RandomImportance, apply_plan, count_flops, select,
-)
-from scop_ext.timing import measure_latencies  # noqa: E402
+from scop_ext.run import ScopPruner  # noqa: E402
+from scop_ext.prune import LatencyModel, PruningSpace, RandomImportance, apply_plan, count_flops, select
+from scop_ext.train.timing import measure_latencies  # noqa: E402
 
 MODES = {"eager": ("eager, NCHW", dict(memory_format="contiguous", fold_bn=False)),
          "deploy": ("BN folded + channels_last", dict(memory_format="channels_last", fold_bn=True))}

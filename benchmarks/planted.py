@@ -57,8 +57,8 @@ import _report  # noqa: E402
 from scop_ext import convert  # noqa: E402
 from scop_ext.knockoffs import make_generator  # noqa: E402
 from scop_ext.prune import PruningSpace, apply_plan, make_importance, select  # noqa: E402
-from scop_ext.prune.excavate import fit_knockoff_biases, learn_scales  # noqa: E402
-from scop_ext.prune.pairs import pair_dataset  # noqa: E402
+from scop_ext.scales import fit_knockoff_biases, learn_scales  # noqa: E402
+from scop_ext.scales.pairs import pair_dataset  # noqa: E402
 from scop_ext.train import make_loader  # noqa: E402
 
 KINDS = ("duplicate", "ignored", "noise")

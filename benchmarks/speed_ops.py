@@ -21,7 +21,7 @@ import _report  # noqa: E402
 from _timing import PeakMemory, mib, ratio, saved_bytes, timed  # noqa: E402
 
 import scop_ext  # noqa: E402
-from scop_ext import reference  # noqa: E402
+from scop_ext.ops import reference  # noqa: E402
 
 
 CIFAR_SHAPES = [(16, 32), (32, 16), (64, 8)]

@@ -23,11 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _report  # noqa: E402
 from _timing import PeakMemory, mib, ratio, saved_bytes  # noqa: E402
 
-from scop_ext import ScopConv2d, convert, reference, scop_layers  # noqa: E402
-from scop_ext.batch_detached import batch_detached  # noqa: E402
-from scop_ext.knockoff_stream import split_forward  # noqa: E402
+from scop_ext import ScopConv2d, convert, scop_layers
+from scop_ext.ops import reference  # noqa: E402
+from scop_ext.scales.batch_bn import batch_detached  # noqa: E402
+from scop_ext.scales.split import split_forward  # noqa: E402
 from scop_ext.models import build_model  # noqa: E402
-from scop_ext.timing import time_ms  # noqa: E402
+from scop_ext.train.timing import time_ms  # noqa: E402
 
 
 class PlainDualConv2d(nn.Module):

@@ -1,4 +1,5 @@
-// Declarations shared by the operator schemas (ops.cpp) and the per-backend kernels.
+// Declarations shared by each operator's device-agnostic part (csrc/<op>.cpp) and its per-backend
+// kernels (cpu/<op>.cpp, cuda/<op>.cu). The schemas are in schemas.cpp.
 #pragma once
 
 #include <ATen/ATen.h>

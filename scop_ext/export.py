@@ -19,9 +19,9 @@ import warnings
 import torch
 from torch import nn
 
-from . import checkpoint
 from .models import build_model, check_sizes
 from .prune.surgery import channel_widths, rebuild, scattered_convs
+from .train import checkpoint
 
 __all__ = ["ARCH_VERSION", "save_model", "load_model", "read_arch", "export_torchscript", "export_onnx", "onnx_missing"]
 

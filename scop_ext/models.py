@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_counts
+from .nn.channels import ChannelShuffle as _ChannelShuffle
+from .ops.checks import check_counts
 
 __all__ = [
     "BasicBlock",
@@ -29,7 +30,6 @@ __all__ = [
     "resnet56",
     "resnet110",
     "resnet_digits",
-    "ChannelShuffle",
     "build_model",
     "model_names",
     "example_input",
@@ -141,31 +141,6 @@ def check_sizes(num_classes, in_channels) -> None:
             raise ValueError(f"{name} must be at most {bound}, got {value}")
 
 
-class ChannelShuffle(nn.Module):
-    """ShuffleNet's channel shuffle (Zhang et al. 2018) as one ``index_select``: output channel
-    ``p * groups + g`` is input channel ``g * (C / groups) + p``.
-
-    Bitwise what torchvision's ``channel_shuffle`` (view, transpose, view) computes, but a module
-    of one op, so a dependency graph can map channels through it (:mod:`scop_ext.prune.shuffle`).
-
-    Shape:
-        - Input: (N, C, H, W) with C divisible by ``groups``
-        - Output: (N, C, H, W)
-    """
-
-    def __init__(self, groups: int) -> None:
-        super().__init__()
-        self.groups = groups
-
-    def forward(self, x: Tensor) -> Tensor:
-        c = x.size(1)
-        order = torch.arange(c, device=x.device).view(self.groups, c // self.groups).t().reshape(-1)
-        return x.index_select(1, order)
-
-    def extra_repr(self) -> str:
-        return f"groups={self.groups}"
-
-
 def _shuffle_block_forward(self, x: Tensor) -> Tensor:
     # torchvision's InvertedResidual.forward with the shuffle as a submodule.
     if self.stride == 1:
@@ -181,7 +156,7 @@ def _with_shuffle_modules(model: nn.Module) -> nn.Module:
 
     for block in model.modules():
         if isinstance(block, InvertedResidual):
-            block.shuffle = ChannelShuffle(2)
+            block.shuffle = _ChannelShuffle(2)
             block.forward = types.MethodType(_shuffle_block_forward, block)
     return model
 
@@ -393,7 +368,7 @@ def _load_weights(model: nn.Module, name: str, path: str | os.PathLike) -> None:
         raise ValueError(f"weights file {path!r} could not be read as a state_dict: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise ValueError(f"weights file {path!r} does not hold a state_dict (a dict of str -> Tensor)")
-    from .checkpoint import first_nonfinite
+    from .train.checkpoint import first_nonfinite
 
     bad = first_nonfinite(state)
     if bad is not None:
@@ -402,3 +377,12 @@ def _load_weights(model: nn.Module, name: str, path: str | os.PathLike) -> None:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"weights file {path!r} does not match the architecture {name!r}: {exc}") from exc
+
+
+def __getattr__(name: str):
+    if name == "ChannelShuffle":  # its home until 0.2
+        import warnings
+
+        warnings.warn("scop_ext.models.ChannelShuffle moved to scop_ext.nn.ChannelShuffle", DeprecationWarning, stacklevel=2)
+        return _ChannelShuffle
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .checkpoint import atomic_write_bytes
+from .train.checkpoint import atomic_write_bytes
 
 __all__ = ["embedding_figure", "knockoff_grid", "pca_2d", "plot_betas", "plot_importance", "plot_channels"]
 

@@ -31,7 +31,7 @@ def masked_dense(model, example, plan):
 
     from torch import nn
 
-    from scop_ext.layers import restore
+    from scop_ext.nn import restore
     from scop_ext.prune import groups as grouping
     from scop_ext.prune import surgery
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from scop_ext.checkpoint import CheckpointError
+from scop_ext.train.checkpoint import CheckpointError
 from scop_ext.export import load_model, save_model
 from scop_ext.models import build_model
 
-from ._helpers import _cuts, assert_one_line, cli
+from tests._helpers import _cuts, assert_one_line, cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

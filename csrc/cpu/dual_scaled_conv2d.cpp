@@ -243,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_mix_backward_cpu(
 
 TORCH_LIBRARY_IMPL(scop, CPU, m) {
   m.impl("dual_scaled_conv2d", &dual_scaled_conv2d_cpu);
-  m.impl("dual_mix_backward", &dual_mix_backward_cpu);
+  m.impl("_dual_mix_backward", &dual_mix_backward_cpu);
 }
 
 }  // namespace scop

@@ -214,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_mix_backward_cuda(
 
 TORCH_LIBRARY_IMPL(scop, CUDA, m) {
   m.impl("dual_scaled_conv2d", &dual_scaled_conv2d_cuda);
-  m.impl("dual_mix_backward", &dual_mix_backward_cuda);
+  m.impl("_dual_mix_backward", &dual_mix_backward_cuda);
 }
 
 }  // namespace scop

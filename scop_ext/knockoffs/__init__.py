@@ -24,7 +24,7 @@ from .base import KnockoffGenerator, generator_kinds, load, make_generator
 from .baselines import ExternalKnockoffs, PermutationKnockoffs
 from .gan import KnockoffGAN
 from .gaussian import GaussianKnockoffs
-from .report import check
+from .quality import check
 
 __all__ = [
     "KnockoffGenerator",

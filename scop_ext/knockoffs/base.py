@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .. import checkpoint
+from ..train import checkpoint
 
 __all__ = [
     "FILE_KIND",

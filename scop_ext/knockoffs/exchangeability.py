@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_counts
+from ..ops.checks import check_counts
 from .base import pixel_groups, resize
 from .baselines import PermutationKnockoffs
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_counts
+from ..ops.checks import check_counts
 from .base import KnockoffGenerator, draw_normal, images_of, resize, working_layout
 from .gan_trainer import GANTrainer, training_batches
 from .swap import ResBlock, SwapDiscriminator

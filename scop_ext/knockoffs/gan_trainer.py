@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import checkpoint
+from ..train import checkpoint
 from .swap import hidden_bce, swap_blocks
 
 if TYPE_CHECKING:

@@ -28,8 +28,15 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .._checks import check_counts
-from .base import KnockoffGenerator, draw_normal, images_of, pixel_groups, resize, working_layout
+from ..ops.checks import check_counts
+from .base import (
+    KnockoffGenerator,
+    draw_normal,
+    images_of,
+    pixel_groups,
+    resize,
+    working_layout,
+)
 from .sdp import SDP_MAX_DIM, check_knockoff_s, group_whiten, knockoff_s, sdp_gammas
 
 __all__ = ["GaussianKnockoffs", "ledoit_wolf", "equicorrelated_gamma"]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_counts
+from ..ops.checks import check_counts
 
 __all__ = ["ResBlock", "SwapDiscriminator", "swap_blocks", "hidden_bce", "swap_advantage"]
 

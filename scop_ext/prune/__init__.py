@@ -22,6 +22,7 @@ drives stage 1 (:mod:`scop_ext.knockoffs`).
 """
 
 from .flops import count_flops, count_macs, count_params, flops_by_module
+from .groups import BLOCK_WIDTHS, ChannelGroup, Plan, channel_groups
 from .importance import (
     BNScaleImportance,
     L1Importance,
@@ -33,7 +34,7 @@ from .importance import (
     following_batchnorm,
     make_importance,
 )
-from .space import PruningSpace
+from .latency import LatencyModel
 from .select import (
     cuts,
     fdr,
@@ -46,8 +47,7 @@ from .select import (
     select,
     uniform,
 )
-from .latency import LatencyModel
-from .groups import BLOCK_WIDTHS, ChannelGroup, Plan, channel_groups
+from .space import PruningSpace
 from .surgery import apply_plan, channel_widths, rebuild, scattered_convs
 
 __all__ = [

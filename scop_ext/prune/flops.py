@@ -25,9 +25,13 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, register_flop_formula
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    conv_flop_count,
+    register_flop_formula,
+)
 
-from .. import _ops  # noqa: F401  (defines torch.ops.scop.*)
+from .. import ops as _ops  # noqa: F401  (defines torch.ops.scop.*)
 
 __all__ = ["count_flops", "count_macs", "count_params", "flops_by_module", "modes_kept"]
 

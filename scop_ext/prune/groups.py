@@ -45,8 +45,8 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .. import models
-from ..layers import ScopConv2d
+from ..nn.channels import ChannelShuffle
+from ..nn.scop_conv import ScopConv2d
 from . import shuffle
 from .flops import modes_kept
 from .importance import following_batchnorm
@@ -132,7 +132,7 @@ def dependency_graph(model: nn.Module, example_input: Tensor) -> tp.DependencyGr
     with plain_forward(model):
         try:
             graph.build_dependency(model, example_input, verbose=False,
-                                   customized_pruners={models.ChannelShuffle: shuffles})
+                                   customized_pruners={ChannelShuffle: shuffles})
             shuffle.map_through_shuffles(graph, shuffles.channels)
             graph.shuffle_channels = shuffles.channels
             return graph
@@ -141,7 +141,7 @@ def dependency_graph(model: nn.Module, example_input: Tensor) -> tp.DependencyGr
             # shuffle (view into groups, transpose, view back) breaks that mapping.
             raise ValueError(f"cannot trace the channels of {type(model).__name__} through {_reshapes(graph)}: "
                              "channel shuffle (a view into groups, transpose, view back) is not supported; "
-                             "build it with scop_ext.models.ChannelShuffle") from None
+                             "build it with scop_ext.nn.ChannelShuffle") from None
         finally:
             for hook in hooks:
                 hook.remove()
@@ -202,7 +202,7 @@ def graph_groups(
             residual |= _couples_blocks(node)
             if node.type == tp.ops.OPTYPE.OUTPUT:
                 why = "its channels are the model's output"
-            if isinstance(module, models.ChannelShuffle):  # a smaller shuffle: same positions from every slice
+            if isinstance(module, ChannelShuffle):  # a smaller shuffle: same positions from every slice
                 per = graph.shuffle_channels[module] // module.groups
                 slices.append((dict(zip(item.root_idxs, item.idxs)), per, module.groups))
                 sliced.add(names[module])

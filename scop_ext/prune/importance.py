@@ -11,7 +11,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, fx, nn
 
-from ..layers import ScopConv2d
+from ..nn.scop_conv import ScopConv2d
 
 __all__ = [
     "ScopImportance",

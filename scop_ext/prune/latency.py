@@ -39,8 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import checkpoint
-from ..timing import DTYPES, MEMORY_FORMATS, malloc_for_timing, measure_latencies, settings, time_ms
+from ..train import checkpoint
+from ..train.timing import (
+    DTYPES,
+    MEMORY_FORMATS,
+    malloc_for_timing,
+    measure_latencies,
+    settings,
+    time_ms,
+)
 from .groups import ChannelGroup, is_depthwise, plain_forward
 from .surgery import apply_plan
 

@@ -13,9 +13,8 @@ import torch
 from torch import Tensor
 
 from .groups import Plan
-from .keep import check_common, n_keep, plan_from_keep, scored
 from .knapsack import choose_widths
-from .space import PruningSpace
+from .space import PruningSpace, check_common, n_keep, plan_from_keep, scored
 
 __all__ = ["latency_target"]
 

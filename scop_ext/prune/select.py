@@ -35,10 +35,9 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from .groups import ChannelGroup, Plan
-from .keep import check_common, lowest, plan_from_keep, scored
+from .groups import Plan
 from .latency_policy import latency_target
-from .space import PruningSpace
+from .space import PruningSpace, check_common, lowest, plan_from_keep, scored
 
 __all__ = [
     "PruningSpace",

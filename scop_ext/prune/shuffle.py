@@ -1,5 +1,5 @@
 """Channel shuffle in the dependency graph (torch-pruning cannot map channels through
-view/transpose/view; see :class:`scop_ext.models.ChannelShuffle`, the one-op form we build).
+view/transpose/view; see :class:`scop_ext.nn.ChannelShuffle`, the one-op form we build).
 
 The shuffle is registered as a layer whose input and output channels are pruned together; the
 group carries its **input** channel indices, and the edges to the layers reading its output
@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch_pruning as tp
 from torch import nn
 
-from ..models import ChannelShuffle
+from ..nn.channels import ChannelShuffle
 
 __all__ = ["ShufflePruner", "map_through_shuffles"]
 
 
 class ShufflePruner(tp.pruner.function.BasePruningFunc):
-    """The pruner of :class:`~scop_ext.models.ChannelShuffle` for one trace: nothing to cut (the
+    """The pruner of :class:`~scop_ext.nn.ChannelShuffle` for one trace: nothing to cut (the
     shuffle reads its width from its input); it reports the widths its forward hooks saw.
 
     Attributes:

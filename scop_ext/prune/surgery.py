@@ -16,9 +16,16 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from .. import models
-from ..layers import ChannelScatter, restore
+from ..nn.channels import ChannelScatter
+from ..nn.scop_conv import restore
 from .flops import modes_kept
-from .groups import ChannelGroup, arrange_groups, channel_groups, dependency_graph, graph_groups
+from .groups import (
+    ChannelGroup,
+    arrange_groups,
+    channel_groups,
+    dependency_graph,
+    graph_groups,
+)
 from .importance import following_batchnorm
 
 __all__ = ["apply_plan", "channel_widths", "scattered_convs", "rebuild"]
