@@ -371,7 +371,7 @@ CONV = [
     ("bias dtype", change(bias=lambda a: a["bias"].to(torch.float64 if a["bias"].dtype != torch.float64 else torch.float32)),
      "scop: bias must match"),
     ("knockoff_bias integer", change(knockoff_bias=lambda a: a["knockoff_bias"].long()), "scop: knockoff bias must match"),
-    ("all integer", lambda a: a.update({k: a[k].long() for k in ("input", "weight", "bias", "beta", "knockoff_bias")}), "not implemented for 'Long'"),
+    ("all integer", lambda a: a.update({k: a[k].long() for k in ("input", "weight", "bias", "beta", "knockoff_bias")}), "must be floating point, got Long"),
     ("all float16 on CPU", lambda a: a.update({k: a[k].half() for k in ("input", "weight", "bias", "beta", "knockoff_bias")}), "not implemented for 'Half'"),
     ("beta on meta", change(beta=lambda a: a["beta"].to("meta")), "must be on one device|no fake impl or Meta kernel"),
     ("stride 0", change(stride=[0, 1]), "non-positive stride"),
@@ -389,7 +389,7 @@ MIX = [
     ("diff shape", lambda g, b, d: (g, b, d[:, :, 1:], True, False), "scop: diff must have shape"),
     ("diff batch", lambda g, b, d: (g, b, torch.cat([d, d.new_zeros(1, *d.shape[1:])]), True, True), "scop: diff must have shape"),
     ("diff dtype", lambda g, b, d: (g, b, d.to(torch.float64 if d.dtype != torch.float64 else torch.float32), True, True), "scop: diff must match"),
-    ("integer", lambda g, b, d: (g.long(), b, d.long(), True, True), "not implemented for 'Long'"),
+    ("integer", lambda g, b, d: (g.long(), b, d.long(), True, True), "must be floating point, got Long"),
     ("beta on meta", lambda g, b, d: (g, b.to("meta"), d, True, True), "must be on one device|no fake impl or Meta kernel"),
 ]
 SAMPLE = [
