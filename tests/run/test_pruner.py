@@ -294,7 +294,7 @@ def test_prune_prints_the_table_on_process_0_only(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(distributed, "rank", lambda: process["rank"])
     monkeypatch.setattr(ScopPruner, "from_config", classmethod(lambda cls, *a, **k: object.__new__(cls)))
     monkeypatch.setattr(ScopPruner, "run", lambda self, resume=False: {"before": {}, "after": {}})
-    assert main(["prune", "--out", str(tmp_path)]) == 0
+    assert main(["prune", "--weights", "w", "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out == ""
 
 
