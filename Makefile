@@ -13,7 +13,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup
 DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := build/.ext-stamp
 
-.PHONY: venv build test test-unit test-all bench demo clean
+.PHONY: venv build data test test-unit test-all bench demo clean
 
 venv: $(DEPS_STAMP)
 $(DEPS_STAMP): constraints.txt requirements-dev.txt
@@ -36,6 +36,14 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	fi
 	$(PY) -c "import scop_ext; print('scop_ext build:', scop_ext.build_info())"
 	mkdir -p build && touch $@
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package (needs root; CI's fresh machine runs
+# this). Elsewhere put the four IDX files in a folder and pass --data-root (README, "Data").
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+data:
+	@if [ -f $(FASHION_MNIST) ]; then echo "Fashion-MNIST: installed"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi
 
 # `slow` tests (AddressSanitizer, kill loops, the rest of the model zoo) run only in test-all.
 test: build

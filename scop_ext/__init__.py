@@ -15,8 +15,12 @@ from .nn.scop_conv import ScopConv2d, convert, restore, scop_layers
 from .ops.dual_scaled_conv2d import dual_scaled_conv2d
 from .ops.lemma2_sample import draw_seed, lemma2_sample
 from .ops.loader import build_info
+from .train.metrics import install_default_handler
 
 _moved.install()
+# Progress (one line per epoch of every stage) goes to stderr through the "scop_ext" logger;
+# set its level to WARNING to silence it, or give it your own handlers.
+install_default_handler()
 
 __version__ = "0.2.0"
 

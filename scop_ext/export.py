@@ -1,7 +1,8 @@
 """Saving and loading pruned models without pickle, and exports for deployment.
 
 A model is stored as ``<stem>.safetensors`` (its state_dict) beside ``<stem>.json`` (model name,
-classes, input channels, every conv's output width and, under ``block_width="scatter"``, the
+classes, input channels, the image size it was trained at, every conv's output width and, under
+``block_width="scatter"``, the
 convs whose outputs are scattered back to full width), so a pruned architecture is re-created by
 :func:`~scop_ext.prune.surgery.rebuild` and nothing executable is ever loaded. A scatter's kept
 channel indices are a buffer of the state_dict.
@@ -76,7 +77,8 @@ def read_arch(stem: str | os.PathLike) -> dict:
                              ("module_versions", isinstance(arch.get("module_versions", {}), dict)
                               and all(positive(v) for v in arch.get("module_versions", {}).values())),
                              ("scatter", isinstance(arch.get("scatter", []), list)
-                              and all(isinstance(c, str) for c in arch.get("scatter", []))))
+                              and all(isinstance(c, str) for c in arch.get("scatter", []))),
+                             ("image_size", arch.get("image_size") is None or positive(arch["image_size"])))
              if not ok]
     if wrong:
         raise checkpoint.CheckpointError(f"{path}: malformed model description: {', '.join(wrong)} "
@@ -171,7 +173,11 @@ def onnx_missing() -> str | None:
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> None:
-    """An ONNX file with a dynamic batch dimension (needs the ``onnx`` and ``onnxscript`` packages).
+    """An ONNX file whose batch, height and width are dynamic where the model allows (a model whose
+    ops fix a size keeps it fixed); needs the ``onnx`` and ``onnxscript`` packages.
+
+    ``example`` (N, C, H, W) is traced with at least 2 images: export specialises a size-1
+    dimension to the constant 1, which a dynamic batch axis then contradicts.
 
     Raises:
         ImportError: naming the package that is missing.
@@ -180,7 +186,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     if missing:
         raise ImportError(f"ONNX export needs the {missing} package: pip install onnx onnxscript")
     model = model.eval()
-    batch = torch.export.Dim("batch", min=1)
+    if example.shape[0] < 2:
+        example = example.expand(2, *example.shape[1:]).contiguous()
+    auto = torch.export.Dim.AUTO
     program = torch.onnx.export(model, (example,), input_names=["input"], output_names=["logits"],
-                                dynamic_shapes=({0: batch},), dynamo=True)
+                                dynamic_shapes=({0: auto, 2: auto, 3: auto},), dynamo=True)
     checkpoint.atomic_write_bytes(path, program.model_proto.SerializeToString())

@@ -11,6 +11,7 @@ couples exactly, so the channels of a stage can be pruned together and the FLOPs
 
 from __future__ import annotations
 
+import logging
 import os
 import types
 from collections.abc import Sequence
@@ -36,7 +37,11 @@ __all__ = [
     "check_sizes",
     "MAX_CLASSES",
     "MAX_IN_CHANNELS",
+    "data_config",
+    "read_state_dict",
 ]
+
+logger = logging.getLogger(__name__)
 
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
@@ -217,10 +222,22 @@ _BUILDERS = {
 _IMAGE_SIZES = {"resnet_digits": 8, "torchvision:inception_v3": 299}
 
 
+# torchvision's transformers: their channels meet in attention, which the pruner cannot follow.
+_TRANSFORMERS = ("vit_", "swin_", "maxvit_")
+
+
 def _torchvision_names() -> list[str]:
+    """torchvision's classification models scop can prune: its CNNs (transformers left out)."""
     import torchvision
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return sorted(n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith(_TRANSFORMERS))
+
+
+def _refuse_transformer(name: str, model: nn.Module) -> None:
+    if any(isinstance(m, nn.MultiheadAttention) or type(m).__name__ in ("Attention", "WindowAttention")
+           for m in model.modules()):
+        raise ValueError(f"model {name!r} is a transformer (attention blocks): scop prunes the filters of "
+                         "convolutional networks; transformers are out of scope")
 
 
 def model_names() -> list[str]:
@@ -267,6 +284,37 @@ def example_input(name: str, in_channels: int = 3, batch_size: int = 1) -> Tenso
     return torch.randn(batch_size, in_channels, size, size)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def data_config(name: str) -> dict:
+    """How images are prepared for ``name`` when they come from an image folder: ``mean``,
+    ``std``, ``crop_pct`` (the centre crop's share of the resized image) and ``interpolation``.
+
+    timm models: their default pretrained configuration (what ``timm.data.resolve_data_config``
+    reads); torchvision models: the transforms of their default weights; ours and any model
+    without such a record: ImageNet's mean/std, crop 0.875, bilinear. Nothing is downloaded.
+    """
+    cfg = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 0.875, "interpolation": "bilinear"}
+    if name.startswith(TIMM_PREFIX) and _timm() is not None:
+        pre = _timm().get_pretrained_cfg(name[len(TIMM_PREFIX):])
+        if pre is not None:
+            cfg.update({k: getattr(pre, k) for k in ("mean", "std", "crop_pct", "interpolation")
+                        if getattr(pre, k, None) is not None})
+    elif name.startswith(TORCHVISION_PREFIX):
+        import torchvision
+
+        try:
+            weights = torchvision.models.get_model_weights(name[len(TORCHVISION_PREFIX):]).DEFAULT
+        except (ValueError, AttributeError):
+            return cfg
+        t = weights.transforms()
+        cfg.update(mean=tuple(t.mean), std=tuple(t.std), crop_pct=t.crop_size[0] / t.resize_size[0],
+                   interpolation=t.interpolation.value)
+    return {**cfg, "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+
+
 def build_model(name: str, num_classes: int, in_channels: int, weights: str | os.PathLike | None = None) -> nn.Module:
     """Build a model by name, randomly initialised or with weights from a local file.
 
@@ -298,6 +346,7 @@ def build_model(name: str, num_classes: int, in_channels: int, weights: str | os
         timm_name = name[len(TIMM_PREFIX) :]
         _check_timm(timm_name)
         model = _timm().create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+        _refuse_transformer(name, model)
     else:
         raise ValueError(
             f"unknown model name {name!r}; expected one of {list(_BUILDERS)}, 'torchvision:<name>' or 'timm:<name>'"
@@ -310,6 +359,9 @@ def build_model(name: str, num_classes: int, in_channels: int, weights: str | os
 def _build_torchvision(tv_name: str, num_classes: int, in_channels: int) -> nn.Module:
     import torchvision
 
+    if tv_name.startswith(_TRANSFORMERS):
+        raise ValueError(f"model 'torchvision:{tv_name}' is a transformer: scop prunes the filters of convolutional "
+                         "networks; transformers are out of scope (see `scop info` for the models it prunes)")
     if tv_name not in _torchvision_names():
         raise ValueError(
             f"unknown torchvision model {tv_name!r}; expected one of torchvision.models.list_models()"
@@ -351,12 +403,23 @@ def _check_timm(timm_name: str) -> None:
         raise ValueError(f"unknown timm model {timm_name!r}; expected one of timm.list_models()")
 
 
-def _load_weights(model: nn.Module, name: str, path: str | os.PathLike) -> None:
+# Keys a training checkpoint nests its state_dict under (timm's train.py, Lightning, ...), tried in order.
+_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The state_dict in a weights file: ``.safetensors``, or a ``torch.save`` file read with
+    ``weights_only=True`` holding a state_dict or a training checkpoint that nests one (under
+    ``state_dict``, ``model``, or their ``_ema`` forms, as timm's checkpoints do), with
+    DataParallel's ``module.`` prefix removed. Nothing is unpickled beyond tensors and containers.
+
+    Raises:
+        ValueError: naming the file, when it is missing, unreadable, or holds no state_dict.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(
-            f"weights file {path!r} does not exist (expected a state_dict saved with torch.save or safetensors)"
-        )
+        raise ValueError(f"weights file {path!r} does not exist (expected a state_dict saved with torch.save "
+                         "or safetensors)")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -365,18 +428,84 @@ def _load_weights(model: nn.Module, name: str, path: str | os.PathLike) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the readers raise many types for a corrupt file
-        raise ValueError(f"weights file {path!r} could not be read as a state_dict: {exc}") from exc
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"weights file {path!r} could not be read as a state_dict: {first}") from None
+    if isinstance(state, dict):
+        nested = next((state[k] for k in _WRAPPERS if isinstance(state.get(k), dict) and state[k]), None)
+        state = nested if nested is not None else state
+    if not (isinstance(state, dict) and state and
+            all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())):
         raise ValueError(f"weights file {path!r} does not hold a state_dict (a dict of str -> Tensor)")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _load_weights(model: nn.Module, name: str, path: str | os.PathLike) -> None:
+    path = os.fspath(path)
+    state = read_state_dict(path)
     from .train.checkpoint import first_nonfinite
 
     bad = first_nonfinite(state)
     if bad is not None:
         raise ValueError(f"weights file {path!r}: tensor {bad!r} holds NaN or Inf; the model is unusable")
+    state, notes, dropped = _fitted_to(model, state)
     try:
-        model.load_state_dict(state)
+        result = model.load_state_dict(state, strict=False)
+        missing = sorted(set(result.missing_keys) - dropped)
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {sorted(result.unexpected_keys)[:5]}")
     except RuntimeError as exc:
-        raise ValueError(f"weights file {path!r} does not match the architecture {name!r}: {exc}") from exc
+        text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise ValueError(f"weights file {path!r} does not match the architecture {name!r}: {text}") from None
+    for note in notes:
+        logger.info("weights %s: %s", path, note)
+
+
+def _fitted_to(model: nn.Module, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str], set[str]]:
+    """``state`` made to fit ``model`` where a pretrained checkpoint meets other data: a classifier
+    for another number of classes is left out (the model keeps its own, new head), and a 3-channel
+    stem meeting 1-channel images is summed over its input channels (timm's convention). Any
+    other difference is left for load_state_dict to report. Returns the state, what changed, and
+    the model's keys left to their own initialisation."""
+    own = model.state_dict()
+    differ = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if not differ:
+        return state, [], set()
+    state, notes, dropped = dict(state), [], set()
+    head = [k for k in differ if own[k].dim() >= 1 and own[k].shape[1:] == state[k].shape[1:]
+            and own[k].shape[0] != state[k].shape[0]]
+    counts = {state[k].shape[0] for k in head}
+    if head and len(counts) == 1 and {own[k].shape[0] for k in head} == {_outputs(model)}:
+        module = head[0].rsplit(".", 1)[0]
+        if all(k.rsplit(".", 1)[0] == module for k in head):
+            missing = [k for k in own if k.startswith(module + ".") and k not in head]
+            for k in head + missing:
+                state.pop(k, None)
+            dropped = set(head + missing)
+            notes.append(f"classifier {module!r} has {counts.pop()} outputs there; it is replaced by a new, randomly "
+                         f"initialised one with {_outputs(model)} (train or fine-tune to fit it)")
+            differ = [k for k in differ if k not in head]
+    stem = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    key = f"{stem}.weight"
+    if key in differ and state[key].shape[1] == 3 and own[key].shape[1] == 1 and \
+            state[key].shape[0] == own[key].shape[0] and state[key].shape[2:] == own[key].shape[2:]:
+        state[key] = state[key].sum(1, keepdim=True)
+        notes.append(f"stem {stem!r} reads 3 channels there; its weights are summed over them for 1-channel images")
+        differ.remove(key)
+    return (state, notes, dropped) if not differ else (state, [], set())
+
+
+def _outputs(model: nn.Module) -> int | None:
+    """The class count the model was built for: the out_features of its last Linear (or the out
+    channels of a conv classifier such as squeezenet's), None when neither exists."""
+    last = None
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            last = m
+    if last is None:
+        return None
+    return last.out_features if isinstance(last, nn.Linear) else last.out_channels
 
 
 def __getattr__(name: str):

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .train.checkpoint import atomic_write_bytes
 
-__all__ = ["embedding_figure", "knockoff_grid", "pca_2d", "plot_betas", "plot_importance", "plot_channels"]
+__all__ = ["embedding_figure", "knockoff_grid", "pca_2d", "plot_betas", "plot_importance", "plot_channels", "plot_curves"]
 
 
 def _figure(figsize: tuple[float, float]):
@@ -150,37 +150,56 @@ def plot_betas(betas: dict[str, list[float]], path: str) -> None:
     _save(fig, path, dpi=120)
 
 
-def plot_importance(importance: dict[str, list[float]], removed: dict[str, list[int]], path: str,
-                    cut_points: list[tuple[float, float]] = ()) -> None:
-    """Histogram of all filters' importance, kept and removed stacked, with the cut the policy made.
-
-    ``cut_points``: ``(highest removed, lowest kept)`` per pruned group
-    (:func:`~scop_ext.prune.select.cuts`). Where one threshold separates removed from kept in
-    every group it is drawn as one line midway; otherwise each group's cut is drawn faintly.
-    """
-    kept, cut = [], []
-    for name, values in importance.items():
-        gone = set(removed.get(name, []))
-        for j, v in enumerate(values):
-            (cut if j in gone else kept).append(v)
-    fig, ax = _figure((6, 4))
-    ax.hist([kept, cut], bins=40, stacked=True, label=[f"kept ({len(kept)})", f"removed ({len(cut)})"],
-            color=["tab:blue", "tab:red"])
-    if cut_points:
-        below, above = max(r for r, _ in cut_points), min(k for _, k in cut_points)
-        if below < above:
-            threshold = (below + above) / 2
-            ax.axvline(threshold, color="black", lw=1.0, ls="--", label=f"cut at {threshold:.3g}")
-        else:
-            for i, (r, k) in enumerate(cut_points):
-                ax.axvline((r + k) / 2, color="black", lw=0.6, ls="--", alpha=0.35,
-                           label=f"cut per group ({len(cut_points)})" if i == 0 else None)
-    ax.set_xlabel("importance")
-    ax.set_ylabel("filters")
-    ax.set_title("Filter importance and the cut")
+def plot_importance(importance: dict[str, list[float]], removed: dict[str, list[int]], path: str) -> None:
+    """Every filter's importance, one column per layer (x: layers in network order), kept filters
+    blue and removed ones red, and each layer's cut as a short black bar midway between its
+    highest removed and lowest kept filter."""
+    names = list(importance)
+    fig, ax = _figure((max(6, 0.32 * len(names) + 2), 4.5))
+    counts = [0, 0]
+    for i, name in enumerate(names):
+        values, gone = importance[name], set(removed.get(name, []))
+        kept = [v for j, v in enumerate(values) if j not in gone]
+        cut = [v for j, v in enumerate(values) if j in gone]
+        counts[0], counts[1] = counts[0] + len(kept), counts[1] + len(cut)
+        spread = torch.linspace(-0.25, 0.25, max(len(values), 2)).tolist()
+        ax.scatter([i + spread[j % len(spread)] for j in range(len(kept))], kept, s=6, color="tab:blue", lw=0)
+        ax.scatter([i + spread[j % len(spread)] for j in range(len(cut))], cut, s=6, color="tab:red", lw=0)
+        if kept and cut:
+            ax.hlines((max(cut) + min(kept)) / 2, i - 0.4, i + 0.4, color="black", lw=1.2)
+    ax.scatter([], [], s=12, color="tab:blue", label=f"kept ({counts[0]})")
+    ax.scatter([], [], s=12, color="tab:red", label=f"removed ({counts[1]})")
+    ax.hlines([], 0, 0, color="black", label="the layer's cut")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_ylabel("importance")
+    ax.set_title("Filter importance per layer and the cut")
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path, dpi=120)
+
+
+def plot_curves(scales: dict | None, finetune: list[dict] | None, path: str) -> None:
+    """Stage 2's loss and each layer's mean beta per epoch, beside fine-tuning's training loss and
+    validation top-1 per epoch (whichever the run has)."""
+    fig = Figure(figsize=(11, 3.8))
+    FigureCanvasAgg(fig)
+    left, middle, right = fig.subplots(1, 3)
+    if scales and scales.get("loss"):
+        left.plot(range(1, len(scales["loss"]) + 1), scales["loss"], marker="o", ms=3)
+        for name, means in (scales.get("beta_mean") or {}).items():
+            middle.plot(range(1, len(means) + 1), means, lw=0.8, alpha=0.7)
+    left.set(title="Stage 2: loss", xlabel="epoch", ylabel="cross-entropy (real half)")
+    middle.set(title="Stage 2: mean beta per layer", xlabel="epoch", ylabel="mean beta")
+    if finetune:
+        epochs = [r["epoch"] + 1 for r in finetune]
+        right.plot(epochs, [r["train_loss"] for r in finetune], marker="o", ms=3, label="train loss")
+        if "val_top1" in finetune[0]:
+            twin = right.twinx()
+            twin.plot(epochs, [100 * r["val_top1"] for r in finetune], color="tab:green", marker="s", ms=3)
+            twin.set_ylabel("validation top-1 %", color="tab:green")
+    right.set(title="Fine-tuning", xlabel="epoch", ylabel="training loss")
+    fig.tight_layout()
+    _save(fig, path, dpi=110)
 
 
 def plot_channels(widths_before: dict[str, int], widths_after: dict[str, int], path: str) -> None:

@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from scop_ext import data, models
@@ -127,10 +128,8 @@ def test_weights_errors_name_the_file(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(models.resnet20(num_classes=10).state_dict(), path)
     with pytest.raises(ValueError, match="does not match") as err:
-        models.build_model("resnet20", 5, 3, weights=path)  # classifier shape differs
-    assert str(path) in str(err.value)
-    with pytest.raises(ValueError, match="does not match"):
         models.build_model("resnet32", 10, 3, weights=path)  # missing blocks
+    assert str(path) in str(err.value)
     with pytest.raises(ValueError, match="does not exist"):
         models.build_model("resnet20", 10, 3, weights=tmp_path / "missing.pt")
     junk = tmp_path / "junk.pt"
@@ -142,6 +141,36 @@ def test_weights_errors_name_the_file(tmp_path):
     torch.save([torch.zeros(1)], not_state)
     with pytest.raises(ValueError, match="does not hold a state_dict"):
         models.build_model("resnet20", 10, 3, weights=not_state)
+
+
+def test_pretrained_checkpoint_gets_a_new_head_for_the_data(tmp_path, caplog):
+    """A 1000-class ImageNet-style checkpoint (here random weights, nested as a training checkpoint
+    with DataParallel's prefix) starts a 10-class model: every tensor but the classifier loads,
+    the classifier is new, and one log line says so. A 3-channel stem meeting 1-channel images is
+    summed over its input channels. A difference anywhere else is still an error naming the file."""
+    import logging
+
+    torch.manual_seed(0)
+    imagenet = torchvision.models.resnet18(num_classes=1000)
+    path = tmp_path / "resnet18.pth"
+    torch.save({"epoch": 90, "state_dict": {f"module.{k}": v for k, v in imagenet.state_dict().items()}}, path)
+    with caplog.at_level(logging.INFO, logger="scop_ext"):
+        model = models.build_model("torchvision:resnet18", 10, 3, weights=path)
+    assert model.fc.out_features == 10 and not torch.equal(model.fc.weight[:10], imagenet.fc.weight[:10])
+    for k, v in imagenet.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(model.state_dict()[k], v), k
+    assert "classifier 'fc' has 1000 outputs there; it is replaced" in caplog.text
+    grey = models.build_model("torchvision:resnet18", 10, 1, weights=path)
+    torch.testing.assert_close(grey.conv1.weight, imagenet.conv1.weight.sum(1, keepdim=True))
+    with pytest.raises(ValueError, match=f"{path}.*does not match the architecture 'torchvision:resnet34'"):
+        models.build_model("torchvision:resnet34", 10, 3, weights=path)
+
+
+def test_transformers_are_refused_in_one_line():
+    assert not [n for n in models.model_names() if n.startswith(("torchvision:vit", "torchvision:swin", "torchvision:maxvit"))]
+    with pytest.raises(ValueError, match="vit_b_16' is a transformer.*out of scope"):
+        models.build_model("torchvision:vit_b_16", 10, 3)
 
 
 # ------------------------------------------------------------------------------------- data

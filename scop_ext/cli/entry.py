@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import warnings
 
 from . import commands
 from .parser import build_parser
@@ -19,9 +20,15 @@ from .parser import build_parser
 __all__ = ["main"]
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # A warning is one line of the command's output, not a source excerpt.
+    print(f"scop: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _one_line_warning
     from ..train.checkpoint import CheckpointError
     from ..train.epochs import NonFiniteError
     from ..train.resources import ResourceError

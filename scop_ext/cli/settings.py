@@ -12,7 +12,7 @@ __all__ = ["PRUNE_FLAGS", "add_config_flags", "config_values", "parse_key_values
 def resolve_device(name: str | None) -> str:
     import torch
 
-    if name is None:
+    if name is None or name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
@@ -47,10 +47,12 @@ PRUNE_FLAGS = {
     "preset": (str, "authors: the authors' whole recipe (README); other settings override it"),
     "model": (str, "model name (see `scop info`)"),
     "weights": (str, "trained weights: a .safetensors/state_dict file or a `scop train` model stem"),
-    "dataset": (str, "digits (bundled), cifar10 or imagefolder"),
-    "data_root": (str, "local folder of cifar10 / imagefolder data"),
+    "dataset": (str, "digits (bundled), fashion-mnist, cifar10 or imagefolder"),
+    "data_root": (str, "local data folder (fashion-mnist: default Debian's /usr/share/datasets/fashion-mnist)"),
+    "image_size": (int, "side images are cropped to (imagefolder; scop plan: the input FLOPs are counted on)"),
     "batch_size": (int, "images per batch (real images; stage 2 adds as many knockoffs)"),
-    "knockoffs": (str, "knockoff generator (see `scop info`)"),
+    "knockoffs": (str, "knockoff generator (see `scop info`), or the knockoffs.pt of `scop knockoffs fit` to use "
+                       "instead of fitting one"),
     "scales_epochs": (int, "stage 2 epochs"),
     "bn": (str, "stage-2 BatchNorm: batch (authors, exact gradient), batch_detached (same forward, statistics constant in the backward) or frozen"),
     "importance": (str, "importance criterion (see `scop info`)"),
@@ -73,12 +75,18 @@ PRUNE_FLAGS = {
 def config_values(args) -> dict:
     """The PruneConfig keys --config, the flags and --set give, later ones winning."""
     from ..export import read_arch
+    from ..knockoffs import generator_kinds
     from ..run.config import PruneConfig
 
     values = PruneConfig.file_values(args.config) if args.config else {}
     for key in PRUNE_FLAGS:
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
+    kind = values.get("knockoffs")
+    if isinstance(kind, str) and kind not in generator_kinds() and (os.path.exists(kind) or kind.endswith(".pt")):
+        values["knockoffs_file"] = values.pop("knockoffs")  # a fitted generator, not a kind
+    if getattr(args, "no_latency", False):
+        values["latency"] = False
     stem = values.get("weights")
     if "model" not in values and isinstance(stem, str) and os.path.isfile(stem + ".json"):
         values["model"] = read_arch(stem)["model"]  # a `scop train` stem names its model: no --model needed
@@ -90,9 +98,17 @@ def config_values(args) -> dict:
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from ..run.config import PruneConfig
+
+    # The flags default to None so that a config file's value stands unless a flag is given;
+    # their help shows PruneConfig's own default instead.
+    defaults = {f.name: f.default for f in dataclasses.fields(PruneConfig) if f.default is not dataclasses.MISSING}
     p.add_argument("--config", help="YAML or JSON file of PruneConfig keys")
     for key, (kind, text) in PRUNE_FLAGS.items():
-        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=text)
+        shown = f" (default: {defaults[key]})" if defaults.get(key) is not None else ""
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=text + shown)
     p.add_argument("--no-knockoff-bias", action="store_true", help="turn the Lemma 2 biases off")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any PruneConfig key (repeatable)")
 

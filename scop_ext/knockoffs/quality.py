@@ -10,7 +10,9 @@ matplotlib.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,7 +36,9 @@ from .exchangeability import (
 from .leakage import label_leakage
 from .swap import swap_advantage
 
-__all__ = ["collect", "sample_batched", "check"]
+__all__ = ["collect", "sample_batched", "check", "verdict"]
+
+logger = logging.getLogger(__name__)
 
 
 def collect(data: Any, n: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor | None]:
@@ -129,33 +133,54 @@ def check(
     grid = tuple(gen.swap_grid(shape) if grid is None else grid)
     measured, block = measurement_shape(shape, grid, max_dim)  # before any sampling: fail fast
     os.makedirs(out_dir, exist_ok=True)
-    xk = sample_batched(gen, x, seed, batch_size)
+    step = _Steps(x.shape[0])
+    with step("sampling knockoffs"):
+        xk = sample_batched(gen, x, seed, batch_size)
     null = permutation_null(x, seed)
     xm, xkm, nullm = (resize(t, measured[1:]) if len(shape) == 3 else t for t in (x, xk, null))
-    report: dict[str, Any] = {
-        "generator": {"kind": gen.kind, "config": gen.config()},
-        "n": x.shape[0],
-        "shape": list(shape),
-        "seed": seed,
-        "grid": list(grid),
-        "resolution": list(measured),
-        "block": block,
-        "exchangeability": exchangeability(xm, xkm, block, n_subsets, seed, null=nullm, max_dim=max_dim),
-        "layers": {},
-        "power": {"mean_corr": power(xm, xkm), "null_mean_corr": power(xm, nullm)},
-        "leakage": label_leakage(x, xk, y, seed) if y is not None and not y.is_floating_point() else None,
-        "swap_test": swap_advantage(xm, xkm, block, steps=swap_test_steps, seed=seed) if swap_test_steps and x.dim() == 4 else None,
-        "s0": lemma2.estimate_s(x, xk).tolist(),
-        "figures": {"embedding": "embedding.png", "grid": "grid.png"},
-    }
+    report: dict[str, Any] = {"generator": {"kind": gen.kind, "config": gen.config()}, "n": x.shape[0],
+                              "shape": list(shape), "seed": seed, "grid": list(grid), "resolution": list(measured),
+                              "block": block, "layers": {}}
+    with step(f"exchangeability over {n_subsets} block subsets"):
+        report["exchangeability"] = exchangeability(xm, xkm, block, n_subsets, seed, null=nullm, max_dim=max_dim)
+        report["power"] = {"mean_corr": power(xm, xkm), "null_mean_corr": power(xm, nullm)}
+    with step("label leakage (three logistic regressions)"):
+        report["leakage"] = label_leakage(x, xk, y, seed) if y is not None and not y.is_floating_point() else None
+    with step(f"swap test ({swap_test_steps} discriminator steps)"):
+        report["swap_test"] = (swap_advantage(xm, xkm, block, steps=swap_test_steps, seed=seed)
+                               if swap_test_steps and x.dim() == 4 else None)
+    report["s0"] = lemma2.estimate_s(x, xk).tolist()
+    report["figures"] = {"embedding": "embedding.png", "grid": "grid.png"}
     features: dict[str, tuple[Tensor, Tensor]] = {}
     if model is not None:
         report["layers"] = feature_exchangeability(model, layers, x, xk, pool, n_subsets, seed, null, max_dim,
                                                    batch_size, features=features)
     input_panel = ("input", xm.flatten(1), xkm.flatten(1), pixel_groups(measured, block))
-    _draw(out_dir, x, xk, input_panel, features, list(layers or []), pool, seed)
+    with step("figures"):
+        _draw(out_dir, x, xk, input_panel, features, list(layers or []), pool, seed)
+    report["verdict"] = verdict(report)
     write_json(os.path.join(out_dir, "report.json"), report)
     return report
+
+
+class _Steps:
+    """One log line as each part of the check starts and how long it took: the whole check can
+    run for minutes."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, what: str):
+        self.what = what
+        return self
+
+    def __enter__(self):
+        self.t = time.time()
+        logger.info("[check] %s (%d images) ...", self.what, self.n)
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            logger.info("[check] %s: %.1f s", self.what, time.time() - self.t)
 
 
 def _draw(out_dir: str, x: Tensor, xk: Tensor, input_panel: tuple, features: dict[str, tuple[Tensor, Tensor]],
@@ -175,3 +200,52 @@ def _draw(out_dir: str, x: Tensor, xk: Tensor, input_panel: tuple, features: dic
     maps = [(name, *features[name]) for name in shown if features[name][0].dim() == 4]
     embedding_figure(panels, os.path.join(out_dir, "embedding.png"), seed)
     knockoff_grid(x, xk, os.path.join(out_dir, "grid.png"), maps)
+
+
+def verdict(report: dict) -> list[str]:
+    """What each measure of a :func:`check` report means for pruning, one line each, led by
+    ``ok``, ``weak`` or ``bad``.
+
+    - exchangeability: the swap gap against its sampling-noise floor (the gap of an exactly
+      exchangeable pair at this N) and against a permutation (no knockoff at all). Near the floor
+      is as exchangeable as N can tell; half-way to the permutation the control is biased.
+    - power: the mean correlation of a pixel with its knockoff. Near 1 the knockoffs are copies,
+      real and knockoff branches look alike and every filter scores near 0.
+    - leakage: does ``[x, x~]`` predict the label better than ``x`` alone (``excess``)? A
+      knockoff must add nothing; 2 points is about the sampling error of the held-out half.
+    - swap test: a trained discriminator's edge at telling swapped blocks (0 = cannot).
+    """
+    lines = []
+    ex = report.get("exchangeability") or {}
+    floor, null, gap = ex.get("noise_floor"), ex.get("null_gap"), ex.get("gap")
+    if gap is not None and floor and null:
+        if gap <= 1.5 * floor:
+            lines.append(f"ok    exchangeability: swap gap {gap:.3f}, at its sampling-noise floor {floor:.3f} "
+                         f"(a permutation gives {null:.3f})")
+        elif gap <= floor + 0.5 * (null - floor):
+            lines.append(f"weak  exchangeability: swap gap {gap:.3f} is above its noise floor {floor:.3f} (a "
+                         f"permutation gives {null:.3f}): the control group differs from the data; fit longer or "
+                         "choose a larger block")
+        else:
+            lines.append(f"bad   exchangeability: swap gap {gap:.3f} is closer to a permutation's {null:.3f} than to "
+                         f"the noise floor {floor:.3f}: these are not knockoffs of the data")
+    corr = (report.get("power") or {}).get("mean_corr")
+    if corr is not None:
+        level = "ok   " if corr < 0.8 else "weak " if corr < 0.95 else "bad  "
+        what = ("knockoffs differ enough from their images to serve as a control" if corr < 0.8 else
+                "knockoffs are close to their images: filters will score near 0 and separate slowly")
+        lines.append(f"{level} power: mean corr(x, x~) {corr:.2f}: {what}")
+    leak = report.get("leakage")
+    if leak:
+        bad = leak["excess"] > 0.02
+        lines.append(f"{'bad  ' if bad else 'ok   '} leakage: [x, x~] predicts the label {100 * leak['joint_acc']:.1f}% "
+                     f"vs {100 * leak['real_acc']:.1f}% from x alone (excess {100 * leak['excess']:+.1f} points; "
+                     f"x~ alone {100 * leak['knockoff_acc']:.1f}%, chance {100 * leak['chance']:.1f}%): "
+                     + ("the knockoffs carry label information of their own" if bad else
+                        "x~ adds nothing to x, as a knockoff must; x~ alone predicts y only through x"))
+    swap = report.get("swap_test")
+    if swap:
+        adv = swap["advantage"]
+        lines.append(f"{'ok   ' if adv < 0.05 else 'weak ' if adv < 0.15 else 'bad  '} swap test: a trained "
+                     f"discriminator tells swapped blocks with a {100 * adv:+.1f}-point edge over chance")
+    return lines

@@ -42,6 +42,7 @@ class PruneConfig:
     # stage 1
     knockoffs: str = "gaussian"
     knockoff_options: dict = field(default_factory=dict)
+    knockoffs_file: str | None = None  # a generator `scop knockoffs fit` wrote: used instead of fitting one
     pair_cache: bool = True  # draw one knockoff per image up front (False: on the fly, for big data)
     # stage 2
     skip: list = field(default_factory=list)  # conv names/patterns left unwrapped
@@ -78,7 +79,7 @@ class PruneConfig:
     weight_decay: float = 1e-4
     amp: bool | None = None
     # run
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda when available, else cpu (as the CLI chooses)
     seed: int = 0
     latency: bool = True
 
@@ -192,7 +193,8 @@ class PruneConfig:
             (self.knockoffs in generator_kinds(), f"knockoffs must be one of {', '.join(generator_kinds())}"),
             (all(isinstance(v, str) for v in [*self.skip, *self.ignored_layers, *self.knockoff_options]),
              "skip, ignored_layers and the keys of knockoff_options must be strings"),
-            (_is_device(self.device), f"device must be a device name such as cpu or cuda:0, got {self.device!r}"),
+            (self.device == "auto" or _is_device(self.device),
+             f"device must be auto or a device name such as cpu or cuda:0, got {self.device!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -201,6 +203,12 @@ class PruneConfig:
             make_generator(self.knockoffs, **self.knockoff_options)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"knockoff_options: {exc}") from None
+
+    def resolved_device(self) -> torch.device:
+        """``device`` with ``auto`` resolved: CUDA when it is available, else the CPU."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     def ranking_normalize(self) -> str | None:
         """The ``normalize`` of :func:`~scop_ext.prune.select.global_ranking`.

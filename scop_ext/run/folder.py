@@ -9,7 +9,50 @@ from typing import Any
 
 from ..train import checkpoint
 
-__all__ = ["RunFolder"]
+__all__ = ["OWNER_FILE", "RunFolder", "claim"]
+
+OWNER_FILE = "scop-owner.json"
+# What each command leaves in its folder: how a folder written before owner files existed is told.
+_SIGNS = {"prune": ("config.json", "state.json", "scales.pt", "plan.json"),
+          "train": ("train-progress.pt", "metrics.json"),
+          "knockoffs fit": ("knockoffs-progress.pt",),
+          "export": ("model.onnx", "model.ts")}
+
+
+def claim(folder: str | os.PathLike, command: str, settings: dict[str, Any] | None = None) -> None:
+    """Record that ``command`` (``"prune"``, ``"train"``, ``"knockoffs fit"``, ``"export"``) owns
+    ``folder``, in its ``scop-owner.json``; refuse a folder another command owns, and, with
+    ``settings``, one this command filled under other settings. Nothing is written then, so no
+    command overwrites another's files.
+
+    Raises:
+        ValueError: naming the folder, its owner and what differs.
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, OWNER_FILE)
+    if os.path.lexists(path):
+        owner = RunFolder(folder).read_json(OWNER_FILE)
+        theirs = owner.get("command")
+        if theirs != command:
+            raise ValueError(f"{folder}: holds the files of a `scop {theirs}` run ({OWNER_FILE}); `scop {command}` "
+                             "never writes into another command's folder: give another --out")
+        saved = owner.get("settings")
+        differ = checkpoint.differing_keys(saved, settings) if isinstance(saved, dict) and settings is not None else []
+        if differ:
+            raise ValueError(f"{folder}: holds a `scop {command}` run of other settings ({', '.join(differ)}), which is "
+                             "never overwritten: give another --out")
+        return
+    names = set(os.listdir(folder))
+    theirs = next((c for c, signs in _SIGNS.items() if c != command and names & set(signs)), None)
+    if command != "prune" and "knockoffs.pt" in names and "config.json" in names:
+        theirs = "prune"
+    elif command != "knockoffs fit" and "knockoffs.pt" in names and "config.json" not in names:
+        theirs = "knockoffs fit"
+    if theirs is not None:
+        raise ValueError(f"{folder}: holds the files of a `scop {theirs}` run; `scop {command}` never writes into "
+                         "another command's folder: give another --out")
+    checkpoint.write_json(path, {"command": command, "settings": settings})
 
 
 class RunFolder:
@@ -87,6 +130,18 @@ class RunFolder:
 
     def write_state(self, completed: list[str], results: dict[str, Any]) -> None:
         checkpoint.write_json(self.path("state.json"), {"completed": completed, "results": results})
+
+    def claim(self, config: dict[str, Any]) -> None:
+        """Own the folder for a pruning run (:func:`claim`) and record ``config.json``, unless the
+        folder already holds a run of another config, which is refused, never overwritten."""
+        claim(self.root, "prune")
+        if os.path.exists(self.path("config.json")):
+            differ = checkpoint.differing_keys(self.read_json("config.json"), config)
+            if differ:
+                raise ValueError(f"{self.root}: holds a run of other settings ({', '.join(differ)}), which is never "
+                                 "overwritten; give another --out")
+        else:
+            self.write_config(config)
 
     def write_config(self, config: dict[str, Any]) -> None:
         checkpoint.write_json(self.path("config.json"), config)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 
 __all__ = ["LOCK_NAME", "RunLockedError", "RunLock"]
 
@@ -43,7 +44,7 @@ class RunLock:
         if self._fd is not None:
             return self
         os.makedirs(self.folder, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # less the umask
+        fd = self._open(create=True)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -58,6 +59,36 @@ class RunLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
+
+    def _open(self, create: bool) -> int:
+        """The lock file, opened without following a link and checked to be a lock file this
+        package could have written: a link, FIFO or device placed there, a hard link to another
+        file, or a file with more than a pid in it is refused, never truncated."""
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_CREAT if create else 0)
+        try:
+            fd = os.open(self.path, flags, 0o666)  # less the umask
+        except OSError as exc:
+            raise RunLockedError(f"{self.path}: cannot be used as the run lock ({exc.strerror}: a link or "
+                                 "something else that is not a plain file is in its place); remove it") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_size > 64:
+            os.close(fd)
+            raise RunLockedError(f"{self.path}: is not a scop run lock (a plain file holding a pid, with no other "
+                                 "name); it is left untouched: remove it or give another --out")
+        return fd
+
+    def holder(self) -> str | None:
+        """The pid of the live run holding the folder, or None when no run holds it."""
+        if not os.path.lexists(self.path):
+            return None
+        fd = self._open(create=False)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)  # closing drops a shared lock taken above
+        return None
 
     def release(self) -> None:
         if self._fd is not None:

@@ -8,6 +8,8 @@ that an interrupted run resumes from its last complete stage.
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,17 +20,17 @@ from torch.utils.data import DataLoader
 
 from ..data import Splits, load_splits
 from ..export import save_model
+from ..models import data_config
 from ..nn.scop_conv import convert as convert_layers
-from ..nn.scop_conv import scop_layers
+from ..nn.scop_conv import restore, scop_layers
 from ..prune.flops import count_flops, count_params
 from ..prune.importance import make_importance
 from ..prune.select import Plan, cuts, make_policy
 from ..prune.space import PruningSpace
 from ..prune.surgery import apply_plan, channel_widths
-from ..scales.learn import fit_knockoff_biases, learn_scales
+from ..scales.learn import MIN_SPREAD, fit_knockoff_biases, learn_scales
 from ..scales.pairs import PairedDataset, pair_dataset
 from ..train import checkpoint, distributed, resources
-from ..train.timing import measure_latency
 from ..train.training import (
     amp_dtype,
     default_amp,
@@ -40,11 +42,19 @@ from ..train.training import (
 from .config import PruneConfig
 from .folder import RunFolder
 from .presets import PRESETS
-from .report import latency_models, latency_section, measure_after, write_report
+from .report import (
+    latency_models,
+    latency_section,
+    measure_after,
+    time_before_after,
+    write_report,
+)
 from .runner import STAGES, StageRunner
 from .trained_model import check_conv_names, load_trained, model_sizes
 
 __all__ = ["ScopPruner", "STAGES"]
+
+logger = logging.getLogger(__name__)
 
 
 
@@ -81,12 +91,12 @@ class ScopPruner:
     """
 
     def __init__(self, model: nn.Module, example_input: Tensor, importance: Importance, policy: Policy, *,
-                 data: Splits, config: PruneConfig, out_dir: str | os.PathLike, progress: bool = True, log=print):
+                 data: Splits, config: PruneConfig, out_dir: str | os.PathLike, progress: bool = True, log=None):
         config.validate()
         self.config, self.out_dir, self.progress = config, os.fspath(out_dir), progress
         self.folder = RunFolder(self.out_dir)
-        self.log = log if distributed.is_main() else (lambda *a, **k: None)
-        self.device = torch.device(config.device)
+        self.log = (log or logger.info) if distributed.is_main() else (lambda *a, **k: None)
+        self.device = config.resolved_device()
         self.importance, self.policy, self.info = importance, policy, data.info
         self.train_set, self.train_aug, self.val_set, self.test_set = data.train, data.train_aug, data.val, data.test
         self.model = model.to(self.device)
@@ -99,18 +109,26 @@ class ScopPruner:
         check_conv_names(self.model, "skip", [p for p in config.skip if p not in generic])
         check_conv_names(self.model, "ignored_layers", config.ignored_layers)
         self.knockoffs = None
+        self._dense: nn.Module | None = None  # the unpruned network, timed beside the pruned one
         self.plan: dict[str, list[int]] | None = None
         self.results: dict[str, Any] = {"config": config.to_dict(), "notes": []}
+        self.completed: list[str] = []  # the stages whose results are in out_dir (STAGES names)
+        self._claimed = False
 
     @classmethod
     def from_config(cls, config: PruneConfig, out_dir: str | os.PathLike, model: nn.Module | None = None,
-                    progress: bool = True, log=print) -> ScopPruner:
+                    progress: bool = True, log=None) -> ScopPruner:
         """The run ``config`` describes: its data, its criterion and policy, and ``model`` (built
-        from ``config.model`` / ``config.weights`` if None)."""
+        from ``config.model`` / ``config.weights`` if None). Image folders are prepared the way
+        the model's pretrained weights expect (:func:`scop_ext.models.data_config`)."""
         config.validate()
+        normalization = data_config(config.model) if config.dataset == "imagefolder" else None
         data = load_splits(config.dataset, config.data_root, image_size=config.image_size,
-                           val_fraction=config.val_fraction)
+                           val_fraction=config.val_fraction, normalization=normalization)
         if model is None:
+            if not config.weights:
+                logger.warning("no weights given: %s is pruned from its random initialisation; SCOP prunes a "
+                               "trained network (set weights)", config.model)
             model = load_trained(config.model, data.info, config.weights)
         return cls(model, data.train[0][0][None], make_importance(config.importance, **config.importance_params()),
                    make_policy(config.policy, **config.policy_params()), data=data, config=config, out_dir=out_dir,
@@ -119,6 +137,11 @@ class ScopPruner:
     # ------------------------------------------------------------------ bookkeeping
 
     def _path(self, name: str) -> str:
+        """Where the run's file ``name`` goes; the first call claims out_dir for this run (a folder of
+        another command or of another config is refused before anything is written)."""
+        if not self._claimed and distributed.is_main():
+            self.folder.claim(self.config.to_dict())
+            self._claimed = True
         return self.folder.path(name)
 
     def _loader(self, dataset, *, shuffle: bool, evaluation: bool = False, batch_size: int | None = None,
@@ -129,12 +152,24 @@ class ScopPruner:
     def _metrics(self, model: nn.Module) -> dict[str, Any]:
         model.eval()
         m = evaluate(model, self._loader(self.test_set, shuffle=False, evaluation=True, batch_size=256), self.device)
-        example = self.example.to(self.device)
-        metrics = {"params": count_params(model), "flops": count_flops(model, example), **m}
-        if self.config.latency and distributed.is_main():
-            metrics["latency_ms_b1"] = measure_latency(model, example, 1, self.device)
-            metrics["latency_ms_b64"] = measure_latency(model, example, 64, self.device)
-        return metrics
+        return {"params": count_params(model), "flops": count_flops(model, self.example.to(self.device)), **m}
+
+    def _complete(self, stage: str) -> None:
+        """Record in out_dir that ``stage`` is done, with the results so far: called by the step
+        that finishes it, so a run made of single steps is a run that ``scop report`` reads and
+        ``run(resume=True)`` continues, as one made by :meth:`run`."""
+        if stage not in self.completed:
+            self.completed.append(stage)
+        if distributed.is_main():
+            self._path("state.json")
+            self.folder.write_state([s for s in STAGES if s in self.completed], self.results)
+        distributed.barrier()
+
+    def _keep_dense(self) -> None:
+        """Keep a plain copy of the unpruned network, for the report's latency, timed beside the
+        pruned one. Call it while ``model`` is still unpruned (converted or not)."""
+        if self._dense is None:
+            self._dense = restore(copy.deepcopy(self.model)).eval()
 
     # ------------------------------------------------------------------ the steps
 
@@ -150,6 +185,8 @@ class ScopPruner:
         from ..knockoffs import KnockoffGAN, make_generator
 
         torch.manual_seed(self.config.seed)
+        if self.config.knockoffs_file:
+            return self._use_knockoffs(self.config.knockoffs_file)
         gen = make_generator(self.config.knockoffs, **self.config.knockoff_options)
         loader = self._loader(self.train_set, shuffle=True, sharded=False)
         if isinstance(gen, KnockoffGAN):
@@ -164,10 +201,31 @@ class ScopPruner:
         self.knockoffs = gen
         if distributed.is_main():
             gen.save(self._path("knockoffs.pt"))
+        self._complete("knockoffs")
+        return gen
+
+    def _use_knockoffs(self, path: str):
+        """Stage 1 from a generator ``scop knockoffs fit`` wrote: checked against this data's
+        images, and copied into out_dir so a resumed run uses the same one."""
+        from ..knockoffs import load
+
+        gen = load(path)
+        shape = tuple(self.example.shape[1:])
+        try:
+            with torch.no_grad():
+                gen.sample(self.example.cpu())
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"knockoffs_file {path}: does not fit the dataset's {shape} images "
+                             f"({str(exc).splitlines()[0]})") from None
+        self.knockoffs = gen
+        if distributed.is_main():
+            gen.save(self._path("knockoffs.pt"))
+        self._complete("knockoffs")
         return gen
 
     def convert(self) -> dict[str, nn.Module]:
         """Stage 2, first step: wrap the convolutions (all but ``config.skip``) as ScopConv2d in SCOP mode."""
+        self._keep_dense()
         self.results.setdefault("before", self._metrics(self.model))
         self.results.setdefault("widths_before", channel_widths(self.model))
         convert_layers(self.model, skip=self.config.skip)
@@ -213,11 +271,16 @@ class ScopPruner:
             self.model, self._loader(pairs, shuffle=True), self.device, epochs=cfg.scales_epochs, lr=cfg.scales_lr,
             adam_betas=tuple(cfg.scales_betas), use_knockoff_bias=cfg.knockoff_bias, bn=cfg.bn, seed=cfg.seed,
             checkpoint_path=self._path("scales-progress.pt"), settings=cfg.to_dict(), progress=self.progress,
+            metrics_path=self._path("metrics.jsonl"),
         )
         self.results["scales_history"] = history.as_dict()
+        if history.spread < MIN_SPREAD:
+            self.results["notes"].append(f"beta barely left 0.5 in stage 2 (90% of the filters have |2 beta - 1| < "
+                                         f"{history.spread:.3f}): selection was close to random; raise scales_epochs")
         self.results["betas"] = {n: l.beta.detach().cpu().tolist() for n, l in scop_layers(self.model).items()}
         if distributed.is_main():
             checkpoint.save(self._path("scales.pt"), "scales", {"model": self.model.state_dict()})
+        self._complete("scales")
         return history
 
     def select(self) -> dict[str, list[int]]:
@@ -242,6 +305,7 @@ class ScopPruner:
         self.results["predicted_flops_reduction"] = space.reduction(self.plan)
         if distributed.is_main():
             checkpoint.write_json(self._path("plan.json"), self.plan)
+        self._complete("select")
         return self.plan
 
     def prune(self) -> nn.Module:
@@ -262,6 +326,7 @@ class ScopPruner:
         self.results["after_prune"] = self._metrics(self.model)
         if distributed.is_main():
             self._save_model("pruned")
+        self._complete("prune")
         return used
 
     def finetune(self):
@@ -276,14 +341,22 @@ class ScopPruner:
                          epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, device=self.device,
                          weight_decay=cfg.weight_decay, amp=amp, stage="finetune",
                          checkpoint_path=self._path("finetune-progress.pt"), settings=cfg.to_dict(),
-                         progress=self.progress)
+                         progress=self.progress, metrics_path=self._path("metrics.jsonl"))
             self.results["finetune_history"] = result.history
         if distributed.is_main():
             self._save_model("final")
+        self._complete("finetune")
         return self.model
 
     def evaluate(self) -> dict[str, Any]:
+        """Test metrics of the pruned network; with ``config.latency`` its latency and the dense
+        network's, timed in turns (batch 1 and 64) so a busy spell falls on both."""
         self.results["after"] = self._metrics(self.model)
+        if self.config.latency and distributed.is_main() and self._dense is not None:
+            timed = time_before_after(self._dense, self.model, self.example, self.device)
+            for which in ("before", "after"):
+                self.results.setdefault(which, {}).update(timed[which])
+            self.results["latency_conditions"] = timed["conditions"]
         if self.results.get("latency") and distributed.is_main():
             measure_after(self.results["latency"], self.model, self.example, self.device)
         return self.results["after"]
@@ -294,6 +367,7 @@ class ScopPruner:
         if before.get("flops") and after.get("flops"):
             self.results["flops_reduction"] = 1 - after["flops"] / before["flops"]
         paths = write_report(self.out_dir, self.results) if distributed.is_main() else {}
+        self._complete("report")
         return paths
 
     def _save_model(self, stem: str) -> None:

@@ -12,9 +12,10 @@ from torch import Tensor, nn
 from ..prune.groups import ChannelGroup
 from ..prune.latency import LatencyModel, cache_file
 from ..train import checkpoint
-from ..train.timing import measure_latency
+from ..train.timing import load_average, measure_latencies, measure_latency
 
-__all__ = ["format_table", "latency_models", "latency_section", "measure_after", "latency_table", "write_report"]
+__all__ = ["format_table", "latency_models", "latency_section", "measure_after", "latency_table", "time_before_after",
+           "write_report"]
 
 
 def _fmt(value, kind: str) -> str:
@@ -37,8 +38,9 @@ ROWS = [
 ]
 
 
-def format_table(before: dict, after: dict) -> str:
-    """Markdown before/after table with ratios (after ÷ before)."""
+def format_table(before: dict, after: dict, conditions: dict | None = None) -> str:
+    """Markdown before/after table with ratios (after ÷ before); ``conditions`` (load average,
+    threads) follow the latency rows they were timed under."""
     lines = ["| | before | after | after ÷ before |", "|---|---|---|---|"]
     for key, label, kind in ROWS:
         b, a = before.get(key), after.get(key)
@@ -46,7 +48,25 @@ def format_table(before: dict, after: dict) -> str:
             continue
         ratio = f"{a / b:.3f}" if (a is not None and b) else "–"
         lines.append(f"| {label} | {_fmt(b, kind)} | {_fmt(a, kind)} | {ratio} |")
+    if conditions and any(k.startswith("latency") for k in before):
+        load = conditions.get("load_average")
+        lines += ["", f"Latency: before and after timed in turns on {conditions.get('device')}, "
+                      f"{conditions.get('threads')} threads, load average {'–' if load is None else f'{load:.2f}'}."]
     return "\n".join(lines)
+
+
+def time_before_after(dense: nn.Module, pruned: nn.Module, example: Tensor, device: str | torch.device,
+                      batches: Sequence[int] = (1, 64)) -> dict:
+    """Latency (ms) of the dense and the pruned network at each batch, their timing blocks taken in
+    turns so a busy spell falls on both; the process's malloc is left alone. Returns ``before`` /
+    ``after`` metric dicts and the ``conditions`` (load, threads) they were timed under."""
+    out = {"before": {}, "after": {}}
+    load = load_average()
+    for b in batches:
+        ms = measure_latencies([dense, pruned], example, b, device, tune_malloc=False)
+        out["before"][f"latency_ms_b{b}"], out["after"][f"latency_ms_b{b}"] = ms
+    out["conditions"] = {"load_average": load, "threads": torch.get_num_threads(), "device": str(device)}
+    return out
 
 
 def latency_models(model: nn.Module, example_input: Tensor, groups: Sequence[ChannelGroup], batch: int,
@@ -98,12 +118,13 @@ def write_report(out_dir: str, results: dict) -> dict[str, str]:
     ``results`` holds ``before`` / ``after`` metric dicts (keys of :data:`ROWS`), optionally
     ``after_prune`` (metrics right after pruning, before fine-tuning), ``widths_before`` /
     ``widths_after``, ``betas`` and ``importance`` (per layer lists), ``removed`` (the plan),
-    ``cuts`` (see :func:`scop_ext.plots.plot_importance`), ``latency`` (see :func:`latency_table`), and free-form
+    ``cuts`` (each group's cut, :func:`scop_ext.prune.select.cuts`), ``latency`` (see :func:`latency_table`), and free-form
     ``config`` and ``notes``.
     """
-    from ..plots import (  # here: matplotlib only when a report is drawn
+    from ..plots import (  # matplotlib only when drawing
         plot_betas,
         plot_channels,
+        plot_curves,
         plot_importance,
     )
 
@@ -115,16 +136,19 @@ def write_report(out_dir: str, results: dict) -> dict[str, str]:
         plot_betas(results["betas"], paths["betas_png"])
     if results.get("importance"):
         paths["importance_png"] = os.path.join(out_dir, "importance.png")
-        plot_importance(results["importance"], results.get("removed", {}), paths["importance_png"], results.get("cuts", []))
+        plot_importance(results["importance"], results.get("removed", {}), paths["importance_png"])
     if results.get("widths_before"):
         paths["channels_png"] = os.path.join(out_dir, "channels.png")
         plot_channels(results["widths_before"], results.get("widths_after", {}), paths["channels_png"])
+    if results.get("scales_history") or results.get("finetune_history"):
+        paths["curves_png"] = os.path.join(out_dir, "curves.png")
+        plot_curves(results.get("scales_history"), results.get("finetune_history"), paths["curves_png"])
     md = ["# SCOP pruning report", ""]
     cfg = results.get("config", {})
     if cfg:
         md += [f"Model `{cfg.get('model')}` on `{cfg.get('dataset')}`, criterion `{cfg.get('importance')}`, "
                f"policy `{cfg.get('policy')}`.", ""]
-    md += [format_table(results.get("before", {}), results.get("after", {})), ""]
+    md += [format_table(results.get("before", {}), results.get("after", {}), results.get("latency_conditions")), ""]
     if results.get("latency"):
         md += [latency_table(results["latency"]), ""]
     if results.get("after_prune"):
@@ -133,7 +157,8 @@ def write_report(out_dir: str, results: dict) -> dict[str, str]:
         md += ["| layer | channels before | after |", "|---|---|---|"]
         md += [f"| {n} | {w} | {results.get('widths_after', {}).get(n, '–')} |" for n, w in results["widths_before"].items()]
         md.append("")
-    for key, title in (("betas_png", "Learned scales"), ("importance_png", "Importance and cut"), ("channels_png", "Channels per layer")):
+    for key, title in (("betas_png", "Learned scales"), ("importance_png", "Importance and cut"),
+                       ("channels_png", "Channels per layer"), ("curves_png", "Training curves")):
         if key in paths:
             md += [f"![{title}]({os.path.basename(paths[key])})", ""]
     for note in results.get("notes", []):

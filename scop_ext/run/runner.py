@@ -21,7 +21,7 @@ import torch
 from ..export import load_model
 from ..nn.scop_conv import convert
 from ..train import checkpoint, distributed
-from .folder import RunFolder
+from .folder import RunFolder, claim
 from .lock import RunLock
 
 __all__ = ["STAGES", "StageRunner"]
@@ -41,7 +41,6 @@ class StageRunner:
     def __init__(self, pruner) -> None:
         self.pruner = pruner
         self.folder = RunFolder(pruner.out_dir)
-        self.completed: list[str] = []
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         lock = RunLock(self.folder.root)
@@ -56,6 +55,7 @@ class StageRunner:
         """Clean the folder (process 0), read an interrupted run's state: the stages it completed."""
         p, config = self.pruner, self.pruner.config.to_dict()
         if distributed.is_main():
+            claim(self.folder.root, "prune")
             if not resume:
                 self.folder.refuse_another_run(config)
             self.folder.clear(keep_progress=resume)
@@ -77,7 +77,7 @@ class StageRunner:
             compute, load = getattr(self, f"_compute_{stage}"), getattr(self, f"_load_{stage}")
             if stage in done:
                 load()
-                self.completed.append(stage)
+                p.completed.append(stage)
                 p.log(f"[{stage}] loaded from {p.out_dir}")
                 continue
             t = time.time()
@@ -85,17 +85,10 @@ class StageRunner:
             # Every computed stage starts from the same global random state whether or not the
             # run was resumed before it (augmentation and any unseeded draw use it).
             torch.manual_seed(p.config.seed * len(STAGES) + STAGES.index(stage))
-            compute()
-            self._finish(stage)
+            compute()  # its last step records the stage in the folder (ScopPruner._complete)
             p.log(f"[{stage}] done in {time.time() - t:.1f} s")
         p.results["seconds"] = p.results.get("seconds", 0.0) + (time.time() - start)
         return p.results
-
-    def _finish(self, stage: str) -> None:
-        self.completed.append(stage)
-        if distributed.is_main():
-            self.folder.write_state(self.completed, self.pruner.results)
-        distributed.barrier()
 
     # -------------------------------------------------------------- each stage: compute, load
 
@@ -113,6 +106,7 @@ class StageRunner:
 
     def _load_scales(self):
         p = self.pruner
+        p._keep_dense()  # the model is still the unpruned one the run started from
         convert(p.model, skip=p.config.skip)
         p.model.load_state_dict(checkpoint.load(self.folder.path("scales.pt"), "scales")["model"])
         p.model.to(p.device)
@@ -144,4 +138,5 @@ class StageRunner:
         pass
 
     def _load_model(self, stem: str):
+        self.pruner._keep_dense()
         self.pruner.model, _ = load_model(self.folder.path(stem), map_location=self.pruner.device)

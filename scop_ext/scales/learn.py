@@ -105,15 +105,27 @@ def fit_knockoff_biases(model: nn.Module, pairs: DataLoader, device: torch.devic
     return report
 
 
+def beta_spread(beta: Tensor) -> float:
+    """How far stage 2 has separated the filters: the 90th percentile of ``|2 beta - 1|`` over all
+    of them. Every beta starts at 0.5 (0 here); while it stays near 0 the importance scores are
+    noise and any selection is close to random."""
+    return float((2 * beta.float() - 1).abs().quantile(0.9))
+
+
+# Below this spread the scores are too close to their start to rank filters (learn_scales warns).
+MIN_SPREAD = 0.05
+
+
 @dataclass
 class ScaleHistory:
     """Per-epoch record of stage 2: mean loss and each layer's mean beta."""
 
     loss: list[float] = field(default_factory=list)
     beta_mean: dict[str, list[float]] = field(default_factory=dict)
+    spread: float | None = None  # beta_spread of the final betas
 
     def as_dict(self) -> dict:
-        return {"loss": self.loss, "beta_mean": self.beta_mean}
+        return {"loss": self.loss, "beta_mean": self.beta_mean, "spread": self.spread}
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -175,8 +187,9 @@ def learn_scales(
     settings: dict | None = None,
     progress: bool = True,
     compile: bool = False,
+    metrics_path: str | None = None,
 ) -> ScaleHistory:
-    """Train only the ScopConv2d scales beta on [real; knockoff] batches (DESIGN.md §1, stage 2).
+    """Train only the ScopConv2d scales beta on [real; knockoff] batches (stage 2).
 
     Every other parameter is frozen for the duration. Each step: logits of the 2N batch, cross
     entropy on the real half, Adam step, beta clamped to [0, 1].
@@ -209,6 +222,9 @@ def learn_scales(
             the progress file beside the arguments above, the layers and the number of batches
             and samples; a file written under other settings is refused, never resumed or
             overwritten.
+        metrics_path: every epoch's loss and beta figures are appended to this JSON-lines file
+            (each epoch also logs one line). When the betas end with a :func:`beta_spread` below
+            :data:`MIN_SPREAD`, a warning says the scores cannot rank the filters yet.
 
     Raises:
         NonFiniteError: naming the step and the layer when the loss or a beta is not finite
@@ -231,13 +247,20 @@ def learn_scales(
                     "bn": bn, "seed": seed, "layers": model_signature({name: (layer.out_channels,) for name, layer in layers.items()}),
                     "batches": len(pairs), "samples": len(pairs.dataset)}
     loop = _ScaleLoop(model, pairs, epochs, device, layers=layers, lr=lr, adam_betas=adam_betas, bn=bn,
-                      checkpoint_path=checkpoint_path, settings=run_settings, progress=progress, compile=compile)
+                      checkpoint_path=checkpoint_path, settings=run_settings, progress=progress, compile=compile,
+                      metrics_path=metrics_path)
     try:
         loop.run()
     finally:
         restore()
         for layer in layers.values():
             layer.knockoff.shard, layer.knockoff.key_ahead = (0, 1), None
+    loop.history.spread = beta_spread(torch.cat([layer.beta.detach().flatten().cpu() for layer in layers.values()]))
+    if loop.history.spread < MIN_SPREAD:
+        warnings.warn(f"learn_scales: after {epochs} epochs 90% of the filters still have |2 beta - 1| < "
+                      f"{loop.history.spread:.3f}: beta has barely left 0.5, so the importance scores cannot rank "
+                      "the filters yet and selection would be close to random; train longer (scales_epochs) or "
+                      "with a larger scales_lr", RuntimeWarning, stacklevel=2)
     return loop.history
 
 
@@ -297,6 +320,9 @@ class _ScaleLoop(EpochLoop):
         self.history.loss.append(totals[0].item() / max(totals[1].item(), 1.0))
         for name, beta in self.named_betas.items():
             self.history.beta_mean[name].append(float(beta.detach().mean()))
+        beta = torch.cat([b.detach().flatten().float().cpu() for b in self.named_betas.values()])
+        return {"loss": self.history.loss[-1], "beta_min": float(beta.min()), "beta_mean": float(beta.mean()),
+                "beta_max": float(beta.max()), "spread": beta_spread(beta)}
 
     def state_dict(self):
         return {"betas": {name: beta.detach().cpu() for name, beta in self.named_betas.items()},

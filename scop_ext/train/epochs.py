@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import checkpoint, distributed
+from .metrics import EpochLog
 
 __all__ = ["EpochLoop", "NonFiniteError", "first_nonfinite_layer", "nonfinite_error", "raise_on_every_process",
            "set_epoch"]
@@ -117,11 +118,13 @@ class EpochLoop:
     renamed_settings: dict[str, str] = {}
 
     def __init__(self, stage: str, model: nn.Module, loader: DataLoader, epochs: int, device: torch.device, *,
-                 checkpoint_path: str | None, settings: dict, progress: bool, error_name: str | None = None):
+                 checkpoint_path: str | None, settings: dict, progress: bool, error_name: str | None = None,
+                 metrics_path: str | None = None):
         self.stage, self.model, self.loader, self.epochs, self.device = stage, model, loader, epochs, device
         self.checkpoint_path, self.settings, self.progress = checkpoint_path, settings, progress
         self.error_name = error_name or stage
         self.ddp: nn.Module = model
+        self.metrics = EpochLog(stage, epochs, metrics_path)
 
     def start_epoch(self, epoch: int) -> None:
         pass
@@ -134,8 +137,9 @@ class EpochLoop:
         """Backward and optimizer step; returns the progress bar's figures."""
         raise NotImplementedError
 
-    def end_epoch(self, epoch: int) -> None:
-        pass
+    def end_epoch(self, epoch: int) -> dict:
+        """The epoch's figures, for its log line and the metrics file."""
+        return {}
 
     def state_dict(self) -> dict:
         raise NotImplementedError
@@ -163,6 +167,7 @@ class EpochLoop:
                 start = int(state["epoch"]) + 1
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if distributed.world_size() > 1 else self.model
         quiet = not (self.progress and distributed.is_main())
+        self.metrics.start(start)
         for epoch in range(start, self.epochs):
             set_epoch(self.loader, epoch)
             self.start_epoch(epoch)
@@ -177,7 +182,7 @@ class EpochLoop:
                             self.error_name, f"loss became {loss.item()}", epoch, step, self.model, inputs)
                     raise_on_every_process(error)
                 bar.set_postfix(self.update(loss, epoch, step))
-            self.end_epoch(epoch)
+            self.metrics.epoch(epoch, self.end_epoch(epoch))
             if self.checkpoint_path and distributed.is_main():
                 checkpoint.save_progress(self.checkpoint_path, kind, self.settings, {**self.state_dict(), "epoch": epoch})
             distributed.barrier()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +25,8 @@ from torch import Tensor, nn
 
 from ..nn.scop_conv import restore
 
-__all__ = ["time_ms", "fastest_ms", "measure_latency", "measure_latencies", "settings", "malloc_for_timing", "MEMORY_FORMATS", "DTYPES"]
+__all__ = ["time_ms", "fastest_ms", "measure_latency", "measure_latencies", "settings", "malloc_for_timing", "MEMORY_FORMATS",
+           "DTYPES", "load_average"]
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -143,14 +145,25 @@ def measure_latency(model: nn.Module, example: Tensor, batch: int, device: str |
 @torch.no_grad()
 def measure_latencies(models: Sequence[nn.Module], example: Tensor, batch: int, device: str | torch.device, *,
                       dtype: str = "float32", memory_format: str = "contiguous", fold_bn: bool = False,
-                      min_run_time: float = 0.5, blocks: int = 5) -> list[float]:
+                      min_run_time: float = 0.5, blocks: int = 5, tune_malloc: bool = True) -> list[float]:
     """:func:`measure_latency` of several networks, their blocks timed in turns
     (:func:`fastest_ms`), so their ratios hold when the machine's load changes: what latency
-    targets are measured against."""
-    malloc_for_timing()
+    targets are measured against. ``tune_malloc=False`` leaves the process's malloc as it is
+    (:func:`malloc_for_timing` changes it for the whole process, for good)."""
+    if tune_malloc:
+        malloc_for_timing()
     device = torch.device(device)
     fmt = MEMORY_FORMATS[memory_format]
     runs = [_runnable(m, fmt, DTYPES[dtype], fold_bn, device) for m in models]
     x = example[:1].expand(batch, *example.shape[1:]).to(device=device, dtype=DTYPES[dtype])
     x = x.contiguous(memory_format=fmt)
     return fastest_ms([lambda run=run: run(x) for run in runs], device, min_run_time, blocks)
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none): timings are only
+    comparable at a similar load, so it is reported beside them."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None

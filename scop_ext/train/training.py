@@ -28,14 +28,17 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
     """A DataLoader whose order depends only on ``seed`` and the epoch (see :func:`scop_ext.epochs.set_epoch`).
 
     Training loaders split every global batch across processes under torchrun (``sharded=False``:
-    every process gets every batch whole, for work all processes must do identically);
-    evaluation loaders give each index to exactly one process.
+    every process gets every batch whole, for work all processes must do identically), and drop a
+    last batch of one image: BatchNorm in training mode cannot normalise a single value per
+    channel (a network whose last feature map is 1x1 fails on it). Evaluation loaders give each
+    index to exactly one process.
     """
     if evaluation:
         return DataLoader(dataset, batch_size=batch_size, sampler=distributed.ShardSampler(len(dataset)),
                           num_workers=num_workers)
-    sampler = distributed.ShardedBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                                              shard=None if sharded else (0, 1))
+    lone = len(dataset) > 1 and len(dataset) % batch_size == 1
+    sampler = distributed.ShardedBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed,
+                                              drop_last=drop_last or lone, shard=None if sharded else (0, 1))
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
 
 
@@ -204,6 +207,7 @@ class _FitLoop(EpochLoop):
         result.history.append(record)
         if self.log is not None and distributed.is_main():
             self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        return {k: v for k, v in record.items() if k not in ("epoch", "val_count")}
 
     def state_dict(self):
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -248,6 +252,7 @@ def fit(
     stage: str = "finetune",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    metrics_path: str | None = None,
 ) -> FitResult:
     """Train all parameters with SGD (Nesterov) and a cosine schedule; keep the best-on-validation weights.
 
@@ -259,6 +264,10 @@ def fit(
     batches and samples, and ``settings``: anything else the result depends on, such as the
     caller's config); a file written under other settings is refused, never resumed or
     overwritten.
+
+    Every epoch logs one line (``scop_ext`` logger: losses, top-1, time, ETA) and, with
+    ``metrics_path``, appends its figures to that JSON-lines file; ``log`` also gets a
+    ``key=value`` line per epoch.
 
     Raises:
         NonFiniteError: at the step whose loss is NaN/Inf, naming the first layer whose output
@@ -283,7 +292,7 @@ def fit(
                     "batches": len(train_loader), "samples": len(train_loader.dataset)}
     loop = _FitLoop(model, train_loader, val_loader, epochs, device, optimizer=optimizer, scheduler=scheduler,
                     scaler=scaler, amp=amp, log=log, stage=stage, checkpoint_path=checkpoint_path,
-                    settings=run_settings, progress=progress)
+                    settings=run_settings, progress=progress, metrics_path=metrics_path)
     loop.run()
     if loop.best_state is not None:
         model.load_state_dict(loop.best_state)

@@ -61,11 +61,17 @@ def test_scale_learner_in_a_hand_written_loop():
     bn_before = copy.deepcopy(model.layers[0][0].bn1.state_dict())
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     learner = ScaleLearner(model)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=0.05, betas=(0.5, 0.9))
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    xk = torch.randn_like(x)
+    with pytest.raises(RuntimeError, match="Lemma 2 knockoff biases are not fitted; call learner.fit_knockoff_biases"):
+        learner.loss(x, xk, y)
+    report = learner.fit_knockoff_biases([(x, xk, y)])
+    assert set(report) == set(scop_layers(model)) and all(r["margin"] > -1e-9 for r in report.values())
+    assert all(layer.knockoff.fitted and layer.use_knockoff_bias for layer in scop_layers(model).values())
+    optimizer = torch.optim.Adam(learner.parameters(), lr=0.05, betas=(0.5, 0.9))
     losses = []
-    for _ in range(5):
-        loss = learner.loss(x, torch.randn_like(x), y)
+    for _ in range(30):
+        loss = learner.loss(x, xk, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -74,7 +80,8 @@ def test_scale_learner_in_a_hand_written_loop():
     scores = learner.finish()
     assert set(scores) == set(scop_layers(model)) and len(learner.parameters()) == 6
     assert all(bool(((s >= -1) & (s <= 1)).all()) for s in scores.values())
-    assert any(bool((s != 0).any()) for s in scores.values()) and losses[-1] < losses[0]
+    # each step draws new bias noise, so the loss falls on average, not at every step
+    assert any(bool((s != 0).any()) for s in scores.values()) and sum(losses[-5:]) < sum(losses[:5])
     # Only beta moved: the weights and the BatchNorm statistics are as they were.
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in weights.items())

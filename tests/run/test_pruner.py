@@ -294,23 +294,29 @@ def test_prune_prints_the_table_on_process_0_only(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(distributed, "rank", lambda: process["rank"])
     monkeypatch.setattr(ScopPruner, "from_config", classmethod(lambda cls, *a, **k: object.__new__(cls)))
     monkeypatch.setattr(ScopPruner, "run", lambda self, resume=False: {"before": {}, "after": {}})
-    assert main(["prune", "--out", str(tmp_path)]) == 0
+    assert main(["prune", "--weights", "w", "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out == ""
 
 
-def test_importance_plot_draws_the_cut_the_policy_made(tmp_path, monkeypatch):
+def test_importance_plot_draws_each_layers_cut(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from scop_ext.plots import plot_importance
+    from scop_ext.plots import plot_curves, plot_importance
 
-    lines = []
-    monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda self, x, **kw: lines.append(x))
-    importance, removed = {"a": [-0.5, 0.1, 0.6], "b": [-0.2, 0.3]}, {"a": [0], "b": [0]}
-    plot_importance(importance, removed, str(tmp_path / "one.png"), [(-0.5, 0.1), (-0.2, 0.3)])
-    assert lines == [pytest.approx(-0.05)]  # one threshold separates every group: midway, not at 0
-    lines.clear()
-    plot_importance(importance, removed, str(tmp_path / "each.png"), [(-0.5, -0.3), (-0.2, 0.3)])
-    assert lines == [pytest.approx(-0.4), pytest.approx(0.05)]
+    cuts = []
+    real = matplotlib.axes.Axes.hlines
+    monkeypatch.setattr(matplotlib.axes.Axes, "hlines",
+                        lambda self, y, lo, hi, **kw: cuts.append((y, (lo + hi) / 2)) or real(self, y, lo, hi, **kw))
+    importance, removed = {"a": [-0.5, 0.1, 0.6], "b": [-0.2, 0.3], "c": [0.4, 0.9]}, {"a": [0], "b": [0]}
+    plot_importance(importance, removed, str(tmp_path / "importance.png"))
+    # midway between the highest removed and the lowest kept filter, over that layer's column;
+    # layer c lost nothing, so it has no cut (the legend's empty entry is the last call)
+    assert cuts[:2] == [(pytest.approx(-0.2), 0), (pytest.approx(0.05), 1)]
+    assert (tmp_path / "importance.png").stat().st_size > 0
+    plot_curves({"loss": [0.9, 0.7], "beta_mean": {"a": [0.5, 0.6]}},
+                [{"epoch": 0, "train_loss": 1.0, "val_top1": 0.5}, {"epoch": 1, "train_loss": 0.8, "val_top1": 0.6}],
+                str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_cli_help_on_every_command(capsys):

@@ -1,27 +1,22 @@
-"""Datasets: scikit-learn's bundled digits (the default, nothing to download), Fashion-MNIST from
-its four IDX files (Debian's ``dataset-fashion-mnist`` package, or any folder holding them),
-CIFAR-10 in its python format and ImageFolder trees, from a local path the user gives. Nothing
-here ever downloads anything."""
+"""Datasets that are arrays of images: scikit-learn's bundled 8x8 digits, Fashion-MNIST from its
+IDX files, CIFAR-10 from its python-format batches. Nothing is downloaded."""
 
 from __future__ import annotations
 
 import gzip
 import os
 import pickle
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["DatasetInfo", "MAX_IMAGE_SIZE", "DATASETS", "digits", "fashion_mnist", "read_idx", "cifar10", "image_folder", "load_dataset", "holdout", "Splits",
-           "load_splits"]
-
-# Largest edge an image is resized to: one 3 x 4096 x 4096 float32 image is already 200 MB, and a
-# larger size would fail on allocation while loading data, before any memory check could run.
-MAX_IMAGE_SIZE = 4096
+__all__ = ["DatasetInfo", "DIGITS_INFO", "FASHION_MNIST_INFO", "FASHION_MNIST_ROOT", "CIFAR10_INFO", "digits",
+           "fashion_mnist", "read_idx", "cifar10", "check_split"]
 
 
 @dataclass(frozen=True)
@@ -63,8 +58,8 @@ def digits(split: str = "train", *, test_fraction: float = 0.25, seed: int = 0) 
 FASHION_MNIST_INFO = DatasetInfo("fashion-mnist", num_classes=10, in_channels=1, image_size=28)
 # Where Debian's (and Ubuntu's) dataset-fashion-mnist package puts the four IDX files.
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-_FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60_000),
-                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000)}
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 # The training split's pixel mean and std (over all 47M pixels, scaled to [0, 1]).
 _FASHION_MEAN, _FASHION_STD = (0.2860,), (0.3530,)
 _FASHION_HOWTO = ("install Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist: "
@@ -74,11 +69,12 @@ _FASHION_HOWTO = ("install Debian's dataset-fashion-mnist package (apt-get insta
 _IDX_UBYTE = 0x08
 
 
-def read_idx(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
+def read_idx(path: str | os.PathLike, shape: tuple[int | None, ...], max_items: int = 10_000_000) -> np.ndarray:
     """The uint8 array of an IDX file (LeCun's MNIST format), gzipped or not.
 
-    ``shape`` is what the file must hold exactly (its header's dims); the magic number, the
-    dims and the payload's length are checked before the array is made.
+    ``shape`` is what the file must hold (its header's dims; None for any count, at most
+    ``max_items``); the magic number, the dims and the payload's length are checked before
+    anything the size of the payload is allocated.
 
     Raises:
         ValueError: naming ``path``, when the file is not an IDX file of that shape.
@@ -86,6 +82,7 @@ def read_idx(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
     path = os.fspath(path)
     opener = gzip.open if path.endswith(".gz") else open
     header_len = 4 + 4 * len(shape)
+    expected = "x".join("N" if d is None else str(d) for d in shape)
     try:
         with opener(path, "rb") as f:
             header = f.read(header_len)
@@ -93,16 +90,17 @@ def read_idx(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
                 raise ValueError(f"{path}: not an IDX file of {len(shape)}-dim unsigned bytes "
                                  f"(magic {header[:4].hex() or 'missing'}, expected 0000{_IDX_UBYTE:02x}{len(shape):02x})")
             dims = tuple(int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(len(shape)))
-            if dims != tuple(shape):
-                raise ValueError(f"{path}: holds an array of shape {dims}, expected {tuple(shape)}")
-            size = int(np.prod(shape))
+            if any(w is not None and d != w for d, w in zip(dims, shape)) or dims[0] > max_items:
+                raise ValueError(f"{path}: holds an array of shape {'x'.join(map(str, dims))}, expected {expected}"
+                                 + (f" with N <= {max_items}" if dims[0] > max_items else ""))
+            size = int(np.prod(dims))
             payload = f.read(size + 1)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise ValueError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
     if len(payload) != size:
-        raise ValueError(f"{path}: {len(payload)} bytes of data after the header, expected {size} for shape {tuple(shape)}"
-                         if len(payload) < size else f"{path}: more data than its header's shape {tuple(shape)} holds")
-    return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
+        raise ValueError(f"{path}: {len(payload)} bytes of data after the header, expected {size} for shape {dims}"
+                         if len(payload) < size else f"{path}: more data than its header's shape {dims} holds")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(dims)
 
 
 def _idx_file(root: str, stem: str) -> str:
@@ -132,13 +130,15 @@ def fashion_mnist(root: str | os.PathLike | None = None, split: str = "train", *
     """
     import torchvision.transforms.v2 as T
 
-    _check_split(split, ("train", "test"))
+    check_split(split, ("train", "test"))
     root = FASHION_MNIST_ROOT if root is None else os.fspath(root)
-    image_stem, label_stem, count = _FASHION_FILES[split]
+    image_stem, label_stem = _FASHION_FILES[split]
     image_path, label_path = _idx_file(root, image_stem), _idx_file(root, label_stem)
-    images = read_idx(image_path, (count, 28, 28))
-    labels = read_idx(label_path, (count,))
-    if labels.max() > 9:
+    images = read_idx(image_path, (None, 28, 28))
+    labels = read_idx(label_path, (None,))
+    if len(labels) != len(images):
+        raise ValueError(f"{label_path}: {len(labels)} labels for the {len(images)} images of {image_path}")
+    if len(labels) and labels.max() > 9:
         raise ValueError(f"{label_path}: labels up to {labels.max()}, expected 0..9")
     augment = split == "train" if augment is None else augment
     steps = [T.RandomCrop(28, padding=2), T.RandomHorizontalFlip()] if augment else []
@@ -150,8 +150,6 @@ def fashion_mnist(root: str | os.PathLike | None = None, split: str = "train", *
 CIFAR10_INFO = DatasetInfo("cifar10", num_classes=10, in_channels=3, image_size=32)
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2470, 0.2435, 0.2616)
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 _CIFAR_FOLDER = "cifar-10-batches-py"
 _CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
@@ -216,7 +214,7 @@ class _ImageTensors(Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def _check_split(split: str, allowed: tuple[str, ...]) -> None:
+def check_split(split: str, allowed: tuple[str, ...]) -> None:
     if split not in allowed:
         raise ValueError(f"split must be one of {allowed}, got {split!r}")
 
@@ -236,7 +234,7 @@ def cifar10(root: str | os.PathLike, split: str = "train", *, augment: bool | No
     """
     import torchvision.transforms.v2 as T
 
-    _check_split(split, ("train", "test"))
+    check_split(split, ("train", "test"))
     root = os.fspath(root)
     names = _CIFAR_FILES["train"] + _CIFAR_FILES["test"]
     inside = any(os.path.isfile(os.path.join(root, name)) for name in names)
@@ -257,140 +255,3 @@ def cifar10(root: str | os.PathLike, split: str = "train", *, augment: bool | No
     return _ImageTensors(images, labels, transform)
 
 
-def image_folder(root: str | os.PathLike, split: str = "train", image_size: int = 224, *,
-                 augment: bool | None = None) -> Dataset:
-    """An ImageFolder tree (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``), ImageNet style.
-
-    Items are ``(image, label)`` with image float32 (3, image_size, image_size) normalised with
-    the ImageNet mean/std. ``"train"``: random-resized crop + horizontal flip; ``"val"``: resize
-    the short side to ``image_size / 0.875``, then centre crop (also for "train" with
-    ``augment=False``; ``augment`` defaults to ``split == "train"``).
-
-    Raises:
-        FileNotFoundError: ``root/split`` is not a folder.
-        ValueError: it has no class folders with images.
-    """
-    import torchvision.transforms.v2 as T
-    from torchvision.datasets import ImageFolder
-
-    _check_split(split, ("train", "val"))
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
-        raise ValueError(f"image_size must be an int in 1..{MAX_IMAGE_SIZE}, got {image_size!r}")
-    folder = os.path.join(os.fspath(root), split)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(
-            f"image folder split not found: {folder!r} (expected {os.fspath(root)!r} to hold train/ and val/, "
-            f"each with one sub-folder of images per class)"
-        )
-    augment = split == "train" if augment is None else augment
-    if augment:
-        steps = [T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()]
-    else:
-        steps = [T.Resize(round(image_size / 0.875), antialias=True), T.CenterCrop(image_size)]
-    transform = T.Compose(
-        [T.ToImage(), *steps, T.ToDtype(torch.float32, scale=True), T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)]
-    )
-    try:
-        return ImageFolder(folder, transform=transform, loader=_read_image)
-    except FileNotFoundError as exc:  # ImageFolder's word for "no classes" / "no images"
-        raise ValueError(f"{folder!r} is not an image folder tree: {exc}") from exc
-
-
-def _read_image(path: str):
-    """An RGB PIL image; ValueError naming the file when it is not a readable image (a bare PIL
-    error would not say which of thousands of files is damaged)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL's decoders raise all of these
-        raise ValueError(f"{path}: not a readable image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-
-
-# Every name load_dataset takes; "digits" needs no files at all.
-DATASETS = ("digits", "fashion-mnist", "cifar10", "imagefolder")
-
-
-def load_dataset(
-    name: str, root: str | os.PathLike | None = None, split: str = "train", *, image_size: int = 224,
-    augment: bool | None = None,
-) -> tuple[Dataset, DatasetInfo]:
-    """One entry point for every dataset: ``(dataset, info)``.
-
-    Args:
-        name: one of :data:`DATASETS`: ``"digits"`` (bundled with scikit-learn; ``root`` must be
-            None), ``"fashion-mnist"`` (``root``: see :func:`fashion_mnist`, None for the Debian
-            package's folder), ``"cifar10"`` (``root``: see :func:`cifar10`) or ``"imagefolder"``
-            (``root``: see :func:`image_folder`).
-        root: local path of the data; nothing is ever downloaded.
-        split: ``"train"`` or ``"test"`` (for ``"imagefolder"`` the test split is ``root/val``).
-        image_size: crop size for ``"imagefolder"`` (ignored by the others, whose size is fixed).
-        augment: random training augmentation; defaults to ``split == "train"`` (digits never
-            augments). Stage 2 and BN recalibration use ``augment=False``.
-
-    Returns:
-        The dataset of ``(image, label)`` pairs and its :class:`DatasetInfo`.
-    """
-    _check_split(split, ("train", "test"))
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    if name == "digits":
-        if root is not None:
-            raise ValueError(f"root must be None for 'digits' (bundled with scikit-learn), got {root!r}")
-        return digits(split), DIGITS_INFO
-    if name == "fashion-mnist":
-        return fashion_mnist(root, split, augment=augment), FASHION_MNIST_INFO
-    if root is None:
-        raise ValueError(f"root is required for {name!r}: the local folder holding the data")
-    if name == "cifar10":
-        return cifar10(root, split, augment=augment), CIFAR10_INFO
-    dataset = image_folder(root, "val" if split == "test" else "train", image_size, augment=augment)
-    return dataset, DatasetInfo("imagefolder", len(dataset.classes), 3, image_size)
-
-
-def holdout(length: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Split ``range(length)`` into (train, validation) index lists, validation ``fraction`` of it.
-
-    The validation part chooses among training epochs, so the test split is only ever used to
-    report. ``scop train`` and ``scop prune`` both use the default ``seed``, whatever their run
-    seed: the part a pruning run validates on is then one its baseline never trained on.
-    ``fraction = 0`` gives an empty validation part.
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-    order = torch.randperm(length, generator=torch.Generator().manual_seed(seed)).tolist()
-    cut = int(round(length * fraction))
-    return sorted(order[cut:]), sorted(order[:cut])
-
-
-@dataclass(frozen=True)
-class Splits:
-    """The parts of one dataset a training run uses.
-
-    Attributes:
-        train, train_aug: the same images (the training split less ``val``), without and with
-            random augmentation.
-        val: the held-out part of the training split (no augmentation), which picks the best
-            epoch; None when ``val_fraction`` is 0.
-        test: the test split; it only ever reports.
-        info: what :func:`load_dataset` says about the data.
-    """
-
-    train: Dataset
-    train_aug: Dataset
-    val: Dataset | None
-    test: Dataset
-    info: DatasetInfo
-
-
-def load_splits(name: str, root: str | os.PathLike | None = None, *, image_size: int = 224,
-                val_fraction: float = 0.1) -> Splits:
-    """The :class:`Splits` of a dataset (arguments as :func:`load_dataset`), the validation part
-    chosen by :func:`holdout`: the same images for ``scop train`` and ``scop prune``."""
-    train, info = load_dataset(name, root, "train", image_size=image_size, augment=False)
-    train_aug, _ = load_dataset(name, root, "train", image_size=image_size)
-    test, _ = load_dataset(name, root, "test", image_size=image_size)
-    fit_idx, val_idx = holdout(len(train), val_fraction)
-    return Splits(Subset(train, fit_idx), Subset(train_aug, fit_idx), Subset(train, val_idx) if val_idx else None,
-                  test, info)
