@@ -1,7 +1,10 @@
 """The compiled operators against scop_ext.reference, their gradients, registration and errors."""
 
 import itertools
+import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -325,6 +328,24 @@ def test_kernel_dtype_list_matches_the_kernels(device):
     for name, call in calls.items():
         runs = [d for d in FLOATING_DTYPES if accepted(lambda: call(lambda *shape: torch.rand(*shape).to(device, d)))]
         assert set(runs) == set(scop_ext.ops.checks.KERNEL_DTYPES[device.type]), f"{name} on {device.type} runs in {runs}"
+
+
+def test_build_info_names_the_nvcc_targets_built():
+    """setup.py records nvcc's targets beside the library: none for a CPU-only build; for a CUDA
+    one, cubins (sm_XY) then PTX (compute_XY), the PTX last when the list asked for it (the
+    Makefile's default without a GPU, 7.5;8.0;9.0+PTX, does)."""
+    info = scop_ext.build_info()
+    arch = info["cuda_arch"]
+    if not info["cuda"]:
+        assert arch is None
+        return
+    assert arch, "a CUDA build that records no target"
+    assert all(re.fullmatch(r"(sm|compute)_\d+a?", a) for a in arch), arch
+    kinds = [a.split("_")[0] for a in arch]
+    assert kinds == sorted(kinds, key=lambda kind: kind == "compute"), f"PTX must come after the cubins: {arch}"
+    listed = json.loads((Path(info["library"]).parent / "_C_build.json").read_text())["torch_cuda_arch_list"]
+    if listed and "+PTX" in listed:
+        assert arch[-1].startswith("compute_"), arch
 
 
 def test_raw_op_rejects_bad_input_in_cpp():
