@@ -200,14 +200,21 @@ def test_cuda_batch_beyond_grid_y_limit(kind):
     grad = torch.randn_like(expected)
     out.backward(grad)
     expected.backward(grad)
-    for name, got, want in zip(("input", "weight", "bias", "beta", "knockoff_bias"), leaves, ref_leaves):
+    for name, got, want in zip(NAMES, leaves, ref_leaves):
         torch.testing.assert_close(got.grad, want.grad, atol=1e-3, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
 
 
-def test_empty_batch(device):
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_empty_batch(kind, device):
+    """N = 0 forward and backward: zero gradients for the parameters, nothing launched on no data."""
     x, w, b, beta, _, conv = _case(SHAPES[0], torch.float32, device, use_knockoff_bias=False)
-    out = scop_ext.dual_scaled_conv2d(x[:0], w, b, beta, None, **conv)
+    leaves = [t.requires_grad_() for t in (layout(x[:0], kind), w, b, beta)]
+    out = scop_ext.dual_scaled_conv2d(*leaves, None, **conv)
     assert out.shape == (0, w.shape[0], 9, 7)
+    out.sum().backward()
+    assert leaves[0].grad.shape == leaves[0].shape
+    for name, leaf in zip(NAMES[1:], leaves[1:]):
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf)), f"grad of {name}"
 
 
 def test_gradcheck(device):
