@@ -371,14 +371,14 @@ CONV = [
     ("bias dtype", change(bias=lambda a: a["bias"].to(torch.float64 if a["bias"].dtype != torch.float64 else torch.float32)),
      "scop: bias must match"),
     ("knockoff_bias integer", change(knockoff_bias=lambda a: a["knockoff_bias"].long()), "scop: knockoff bias must match"),
-    ("all integer", lambda a: a.update({k: a[k].long() for k in ("input", "weight", "bias", "beta", "knockoff_bias")}), "not implemented for 'Long'"),
+    ("all integer", lambda a: a.update({k: a[k].long() for k in ("input", "weight", "bias", "beta", "knockoff_bias")}), "scop: input must be floating point, got Long"),
     ("all float16 on CPU", lambda a: a.update({k: a[k].half() for k in ("input", "weight", "bias", "beta", "knockoff_bias")}), "not implemented for 'Half'"),
     ("beta on meta", change(beta=lambda a: a["beta"].to("meta")), "must be on one device|no fake impl or Meta kernel"),
-    ("stride 0", change(stride=[0, 1]), "non-positive stride"),
-    ("stride negative", change(stride=[1, -4]), "non-positive stride"),
-    ("stride of 3", change(stride=[1, 1, 1]), "expected stride"),
-    ("padding negative", change(padding=[-1, 0]), "negative padding"),
-    ("dilation 0", change(dilation=[1, 0]), "non-positive dilation"),
+    ("stride 0", change(stride=[0, 1]), "scop: stride and dilation must be >= 1 and padding >= 0"),
+    ("stride negative", change(stride=[1, -4]), "scop: stride and dilation must be >= 1 and padding >= 0"),
+    ("stride of 3", change(stride=[1, 1, 1]), "scop: stride, padding and dilation must have 2 entries each"),
+    ("padding negative", change(padding=[-1, 0]), "scop: stride and dilation must be >= 1 and padding >= 0"),
+    ("dilation 0", change(dilation=[1, 0]), "scop: stride and dilation must be >= 1 and padding >= 0"),
     ("kernel larger than input", change(weight=lambda a: a["weight"].new_zeros(*a["weight"].shape[:2], 9, 9)), "Kernel size can't be greater"),
 ]
 MIX = [
@@ -389,7 +389,7 @@ MIX = [
     ("diff shape", lambda g, b, d: (g, b, d[:, :, 1:], True, False), "scop: diff must have shape"),
     ("diff batch", lambda g, b, d: (g, b, torch.cat([d, d.new_zeros(1, *d.shape[1:])]), True, True), "scop: diff must have shape"),
     ("diff dtype", lambda g, b, d: (g, b, d.to(torch.float64 if d.dtype != torch.float64 else torch.float32), True, True), "scop: diff must match"),
-    ("integer", lambda g, b, d: (g.long(), b, d.long(), True, True), "not implemented for 'Long'"),
+    ("integer", lambda g, b, d: (g.long(), b, d.long(), True, True), "scop: grad_out must be floating point, got Long"),
     ("beta on meta", lambda g, b, d: (g, b.to("meta"), d, True, True), "must be on one device|no fake impl or Meta kernel"),
 ]
 SAMPLE = [
