@@ -5,8 +5,11 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CUDA_HOME ?= $(shell tools/cuda_home.sh)
-# CUDA architectures built when nvcc is present; override for your GPU (e.g. "8.0;8.6").
-TORCH_CUDA_ARCH_LIST ?= 9.0
+# CUDA architectures built when nvcc is present: the visible GPU's own, otherwise Turing, Ampere
+# (its sm_80 cubin runs on 8.6 / 8.9 too) and Hopper, with Hopper's PTX for anything newer (the
+# driver compiles it there). Three at most: CI compiles them on 2 cores. Override as you like.
+GPU_CAPABILITY := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' \r' | grep -E '^[0-9]+\.[0-9]+$$')
+TORCH_CUDA_ARCH_LIST ?= $(or $(GPU_CAPABILITY),7.5;8.0;9.0+PTX)
 export MAX_JOBS ?= 2
 
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
@@ -72,4 +75,4 @@ gpu-check:
 	@PY=$(PY) tools/gpu_check.sh
 
 clean:
-	rm -rf build scop_ext/_C*.so *.egg-info
+	rm -rf build scop_ext/_C*.so scop_ext/_C_build.json *.egg-info

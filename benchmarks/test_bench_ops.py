@@ -28,7 +28,8 @@ from scop_ext.prune import PruningSpace, apply_plan, select  # noqa: E402
 from scop_ext.prune.importance import RandomImportance  # noqa: E402
 
 CUDA = torch.cuda.is_available() and scop_ext.build_info()["cuda"]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA build"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
+                                               pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA build")])]
 # (channels, pixels, real images N): CIFAR ResNet stages and one ImageNet ResNet stage
 SHAPES = [(16, 32, 32), (32, 16, 32), (64, 8, 32), (64, 56, 2)]
 torch._dynamo.config.recompile_limit = 64

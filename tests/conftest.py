@@ -25,12 +25,30 @@ def prune_args(baseline: str, out, *extra: str) -> list[str]:
             "--set", "latency=false", "--set", "bn_batches=2", "--quiet", "--out", str(out), *extra]
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA build"))]
+# Every GPU test carries the cuda marker (`make gpu-check` selects them with -m cuda;
+# tests/test_markers.py checks that none is left out).
+NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA build")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, NEEDS_CUDA])]
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _full_float32_on_cuda(request):
+    """cuDNN and cuBLAS round float32 operands to TF32 by default on Ampere and later (about 1e-3
+    relative), and CUDA tests hold float32 results to 1e-5: full float32 for them, restored after."""
+    if request.node.get_closest_marker("cuda") is None:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 // CUDA kernel of the Lemma 2 bias sampler: the same Philox stream as the CPU kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -27,6 +28,11 @@ __global__ void philox_normal_kernel(scalar_t* __restrict__ z, int64_t total, ui
 at::Tensor lemma2_sample_cuda(const at::Tensor& R, double gamma, int64_t n, const at::Tensor& seed) {
   check_lemma2_args(R, gamma, n, seed);
   const c10::cuda::CUDAGuard guard(R.device());
+  // The key is read on the host: a captured graph would replay this draw's key every time and
+  // repeat [b, b~] silently, so capture is refused rather than wrong.
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "scop: lemma2_sample cannot run during CUDA graph capture (its Philox key is read on the "
+              "host, so every replay would repeat the captured draw); draw the knockoff bias outside the graph");
   const uint64_t key = seed_from_tensor(seed);
   at::Tensor z = at::empty({n, 2, R.size(0)}, R.options());
   const int64_t total = z.numel();

@@ -77,6 +77,21 @@ void report_failure(const char* file, int line, const std::string& what) {
     if (!scop_thrown_) report_failure(__FILE__, __LINE__, std::string(label) + ": did not throw"); \
   } while (0)
 
+// A c10::Error whose message holds `part`: the check meant, not another one further down.
+#define EXPECT_THROWS_WITH(stmt, part, label)                                                   \
+  do {                                                                                        \
+    ++g_checks;                                                                               \
+    std::string scop_msg_;                                                                    \
+    try {                                                                                     \
+      stmt;                                                                                   \
+      scop_msg_ = "did not throw";                                                            \
+    } catch (const c10::Error& e) {                                                           \
+      const std::string what = e.what_without_backtrace();                                    \
+      if (what.find(part) == std::string::npos) scop_msg_ = "threw another error: " + what;  \
+    }                                                                                         \
+    if (!scop_msg_.empty()) report_failure(__FILE__, __LINE__, std::string(label) + ": " + scop_msg_); \
+  } while (0)
+
 // ------------------------------------------------------------------------------------------
 // The ops, through the dispatcher, typed by their schemas.
 // ------------------------------------------------------------------------------------------
@@ -402,6 +417,22 @@ void test_bad_inputs() {
   EXPECT_THROWS_C10(mix_backward_op().call(at::randn({4, 4, 2, 2}), beta, at::randn({2, 4, 3, 2}),
                                           true, true),
                    "dual_mix_backward with diff of the wrong shape");
+  // The checks ATen's own convolution would otherwise meet first, or not at all.
+  EXPECT_THROWS_WITH(conv_op().call(at::randn({4, 4, 8, 8}), at::randn({5, 2, 3, 3}), std::nullopt, at::rand({5}),
+                                    std::nullopt, one, zero, one, 2, false),
+                     "output channels are not divisible by groups=2", "dual_scaled_conv2d with C_out % groups != 0");
+  const std::vector<int64_t> three{1, 1, 1};
+  EXPECT_THROWS_WITH(conv_op().call(at::randn({4, 3, 8, 8}), w, std::nullopt, beta, std::nullopt, three, zero,
+                                    one, 1, false),
+                     "must have 2 entries each, got 3, 2 and 2", "dual_scaled_conv2d with 3 strides");
+  EXPECT_THROWS_WITH(conv_op().call(at::randn({4, 3, 8, 8}), w, std::nullopt, beta, std::nullopt, one, three,
+                                    one, 1, false),
+                     "must have 2 entries each, got 2, 3 and 2", "dual_scaled_conv2d with 3 paddings");
+  EXPECT_THROWS_WITH(conv_op().call(at::randn({4, 3, 8, 8}), w, std::nullopt, beta, std::nullopt, one, zero,
+                                    std::vector<int64_t>{1}, 1, false),
+                     "must have 2 entries each, got 2, 2 and 1", "dual_scaled_conv2d with 1 dilation");
+  EXPECT_THROWS_WITH(mix_backward_op().call(at::ones({4, 4, 2, 2}, at::kLong), beta, at::empty({0}), false, true),
+                     "grad_out must be floating point", "dual_mix_backward with an integer grad_out");
   const at::Tensor R = at::eye(3);
   EXPECT_THROWS_C10(lemma2_op().call(R, 1.0, c10::SymInt(2), at::tensor({1}, at::kInt)),
                    "lemma2_sample with an int32 seed");
@@ -421,6 +452,10 @@ void test_cuda_matches_cpu() {
     std::printf("  CUDA: skipped (%s)\n", has_kernel ? "no GPU visible" : "library built without CUDA");
     return;
   }
+  // cuDNN and cuBLAS round float32 to TF32 by default on Ampere and later (about 1e-3 relative):
+  // the comparison at 1e-4 needs full float32.
+  at::globalContext().setAllowTF32CuDNN(false);
+  at::globalContext().setAllowTF32CuBLAS(false);
   const auto cuda = at::Device(at::kCUDA, 0);
   for (const bool channels_last : {false, true}) {
     at::Tensor input = at::randn({6, 5, 9, 11});

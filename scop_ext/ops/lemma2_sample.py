@@ -59,7 +59,9 @@ def lemma2_sample(
     ``gamma`` from :func:`scop_ext.lemma2.solve` that is exactly (S.1).
 
     Normals come from Philox4x32-10 keyed on ``seed``; the same seed gives the same draws run to
-    run and on every device. Without ``seed`` a key is drawn from ``generator``.
+    run and on every device (the same Philox bits; CUDA's float64 log/sin/cos may differ from the
+    CPU's in the last ulp). Without ``seed`` a key is drawn from ``generator``. The key is read on
+    the host, so CUDA graph capture is refused: every replay would repeat the captured draw.
 
     Args:
         R: (C, C) floating point, on the device the result should be on.
@@ -80,6 +82,12 @@ def lemma2_sample(
         raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
     if not (is_int(n) or isinstance(n, torch.SymInt)) or (is_int(n) and n < 0):
         raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if R.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # The key is read on the host (and draw_seed syncs the GPU): a graph would replay one draw.
+        raise RuntimeError(
+            "lemma2_sample cannot run during CUDA graph capture: its Philox key is read on the host, "
+            "so every replay would repeat the captured [b, b~]; draw the knockoff bias outside the graph"
+        )
     if seed is None:
         seed = draw_seed(generator)
     elif is_int(seed):
@@ -112,7 +120,10 @@ def _lemma2_backward(ctx, grad):
     # With R = I and gamma = 0 the sampler returns [z2, -z2]: the same z2 as the forward drew.
     eye = torch.eye(c, dtype=grad.dtype, device=grad.device)
     z2 = torch.ops.scop.lemma2_sample.default(eye, 0.0, ctx.n, seed)[:, 0]
-    return (grad[:, 0] - grad[:, 1]).T @ z2, None, None, None
+    # In R's dtype, as the forward: a backward run inside an autocast region would do this
+    # matmul in 16 bits.
+    with torch.autocast(grad.device.type, enabled=False):
+        return (grad[:, 0] - grad[:, 1]).T @ z2, None, None, None
 
 
 torch.library.register_autograd("scop::lemma2_sample", _lemma2_backward, setup_context=_lemma2_setup_context)

@@ -7,7 +7,9 @@ incremental (make's dependency tracking and CONFIGURE_DEPENDS globs keep it on t
 sources); a lock serialises concurrent pytest sessions sharing the checkout.
 
 The CUDA variant (-DSCOP_WITH_CUDA=ON) takes ~4 minutes on 2 cores, so it is opt-in:
-``SCOP_TEST_CMAKE_CUDA=1 pytest tests/ops/test_cmake.py``.
+``SCOP_TEST_CMAKE_CUDA=1 pytest tests/ops/test_cmake.py`` (`make gpu-check` sets it). With a GPU
+visible its C++ test must compare the CUDA kernels with the CPU ones, not skip that part.
+MAX_JOBS sets the build's parallelism (default 2).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_ROOT = ROOT / "build"
-JOBS = "2"
+JOBS = os.environ.get("MAX_JOBS") or "2"
 
 
 def _env() -> dict[str, str]:
@@ -95,17 +97,19 @@ def _configure(build_dir: Path, with_cuda: bool) -> str:
     return proc.stdout
 
 
-def _build_and_ctest(with_cuda: bool) -> Path:
+def _build_and_ctest(with_cuda: bool) -> tuple[Path, str]:
+    """(build folder, CTest's output)."""
     build_dir = BUILD_ROOT / ("cmake-test-cuda" if with_cuda else "cmake-test")
     _configure(build_dir, with_cuda)
     proc, build_s = _run(["cmake", "--build", str(build_dir), "-j", JOBS], ROOT, timeout=1200)
     assert proc.returncode == 0, f"cmake --build failed:\n{_tail(proc.stdout)}"
-    proc, test_s = _run(["ctest", "--output-on-failure"], build_dir, timeout=600)
+    # -V for CUDA: the test's own output says whether it compared the CUDA kernels or skipped them
+    proc, test_s = _run(["ctest", "--output-on-failure"] + (["-V"] if with_cuda else []), build_dir, timeout=600)
     assert proc.returncode == 0, f"ctest failed:\n{_tail(proc.stdout, 150)}"
     assert "100% tests passed" in proc.stdout, proc.stdout
     assert "scop_ops_test" in proc.stdout, "scop_ops_test was not registered with CTest"
     print(f"cmake build {build_s:.1f}s, ctest {test_s:.1f}s")
-    return build_dir
+    return build_dir, proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +117,7 @@ def cmake_build_dir() -> Path:
     if shutil.which("cmake") is None:
         pytest.skip("cmake is not on PATH")
     with _locked(BUILD_ROOT / "cmake-test.lock"):
-        return _build_and_ctest(with_cuda=False)
+        return _build_and_ctest(with_cuda=False)[0]
 
 
 def test_cmake_build_and_ctest(cmake_build_dir: Path):
@@ -150,6 +154,7 @@ def test_cmake_library_loads_in_python(cmake_build_dir: Path):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), _tail(proc.stdout)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(os.environ.get("SCOP_TEST_CMAKE_CUDA") != "1",
                     reason="CUDA CMake build takes ~4 min on 2 cores; set SCOP_TEST_CMAKE_CUDA=1")
 def test_cmake_cuda_build_and_ctest():
@@ -160,4 +165,6 @@ def test_cmake_cuda_build_and_ctest():
     if torch.version.cuda is None:
         pytest.skip("the installed torch is a CPU-only build")
     with _locked(BUILD_ROOT / "cmake-test.lock"):
-        _build_and_ctest(with_cuda=True)
+        _, output = _build_and_ctest(with_cuda=True)
+    if torch.cuda.is_available():
+        assert "CUDA: compared with CPU" in output, f"the C++ test did not run its CUDA part:\n{_tail(output)}"

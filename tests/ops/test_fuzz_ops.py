@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import scop_ext
 from scop_ext.ops import reference
 from tests._helpers import layout
+from tests.conftest import NEEDS_CUDA
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,12 +59,14 @@ MAGNITUDES = {
     torch.float64: [(1.0, 1.0), (1e150, 1e150), (1e-160, 1e-160), (5e-309, 1.0)],
     torch.bfloat16: [(1.0, 1.0), (1e15, 1e15), (1e-15, 1e-15)],
 }
+# The same without subnormal products, for CUDA: cuDNN may flush subnormals to zero.
+NORMAL_MAGNITUDES = {torch.float32: [(1.0, 1.0), (1e15, 1e15), (1e30, 1e-30)], torch.float64: [(1.0, 1.0), (1e150, 1e150)]}
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 3e-2}
 LAYOUTS = ["contiguous", "channels_last", "strided", "transposed"]
 
 
 @st.composite
-def conv_cases(draw, dtypes=(torch.float32, torch.float64)):
+def conv_cases(draw, dtypes=(torch.float32, torch.float64), magnitudes=MAGNITUDES):
     """A valid configuration of the fused op with its tensors (built from a drawn torch seed)."""
     dtype = draw(st.sampled_from(dtypes))
     g = draw(st.sampled_from([1, 1, 2, 3]))
@@ -74,7 +77,7 @@ def conv_cases(draw, dtypes=(torch.float32, torch.float64)):
     dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     hw = [max(1, dilation[i] * (k[i] - 1) + 1 - 2 * padding[i]) + draw(st.integers(0, 8)) for i in (0, 1)]
     n = draw(st.integers(0, 3))
-    xs, ws = draw(st.sampled_from(MAGNITUDES[dtype]))
+    xs, ws = draw(st.sampled_from(magnitudes[dtype]))
     beta_kind = draw(st.sampled_from(["uniform", "zeros", "ones", "binary"]))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
     f64 = dict(dtype=torch.float64, generator=gen)
@@ -138,7 +141,7 @@ def _check_against_reference(args, conv, dtype, ref_dtype):
     with native_conv():
         want = reference.dual_scaled_conv2d(**ref_leaves, **conv)
         assert out.shape == want.shape and out.dtype == dtype
-        grad = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        grad = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(want.device)
         mags = _magnitudes(args, conv, grad, ref_dtype)
         want.backward(grad.to(ref_dtype))
     _assert_close(out, want, mags["forward"], dtype, "forward")
@@ -166,6 +169,18 @@ def test_fused_conv_bfloat16_close_to_float32(case):
     args, conv = case
     with native_conv():
         _check_against_reference(args, conv, torch.bfloat16, torch.float32)
+
+
+@pytest.mark.cuda
+@NEEDS_CUDA
+@fuzz(max_examples=200)
+@given(conv_cases(magnitudes=NORMAL_MAGNITUDES))
+def test_fused_conv_cuda_matches_reference(case):
+    """The CUDA kernels on the same kind of configurations, against the reference on the GPU in
+    the same dtype. Layouts come over as .to() keeps them: a strided view arrives contiguous."""
+    args, conv = case
+    args = {k: None if v is None else v.to("cuda") for k, v in args.items()}
+    _check_against_reference(args, conv, args["input"].dtype, args["input"].dtype)
 
 
 # ------------------------------------------------------------------------ invalid arguments
@@ -371,14 +386,14 @@ CONV = [
     ("bias dtype", change(bias=lambda a: a["bias"].to(torch.float64 if a["bias"].dtype != torch.float64 else torch.float32)),
      "scop: bias must match"),
     ("knockoff_bias integer", change(knockoff_bias=lambda a: a["knockoff_bias"].long()), "scop: knockoff bias must match"),
-    ("all integer", lambda a: a.update({k: a[k].long() for k in ("input", "weight", "bias", "beta", "knockoff_bias")}), "must be floating point, got Long"),
+    ("all integer", lambda a: a.update({k: a[k].long() for k in ("input", "weight", "bias", "beta", "knockoff_bias")}), "scop: input must be floating point, got Long"),
     ("all float16 on CPU", lambda a: a.update({k: a[k].half() for k in ("input", "weight", "bias", "beta", "knockoff_bias")}), "not implemented for 'Half'"),
     ("beta on meta", change(beta=lambda a: a["beta"].to("meta")), "must be on one device|no fake impl or Meta kernel"),
-    ("stride 0", change(stride=[0, 1]), "non-positive stride"),
-    ("stride negative", change(stride=[1, -4]), "non-positive stride"),
-    ("stride of 3", change(stride=[1, 1, 1]), "expected stride"),
-    ("padding negative", change(padding=[-1, 0]), "negative padding"),
-    ("dilation 0", change(dilation=[1, 0]), "non-positive dilation"),
+    ("stride 0", change(stride=[0, 1]), "scop: stride and dilation must be >= 1 and padding >= 0"),
+    ("stride negative", change(stride=[1, -4]), "scop: stride and dilation must be >= 1 and padding >= 0"),
+    ("stride of 3", change(stride=[1, 1, 1]), "scop: stride, padding and dilation must have 2 entries each"),
+    ("padding negative", change(padding=[-1, 0]), "scop: stride and dilation must be >= 1 and padding >= 0"),
+    ("dilation 0", change(dilation=[1, 0]), "scop: stride and dilation must be >= 1 and padding >= 0"),
     ("kernel larger than input", change(weight=lambda a: a["weight"].new_zeros(*a["weight"].shape[:2], 9, 9)), "Kernel size can't be greater"),
 ]
 MIX = [
@@ -389,7 +404,7 @@ MIX = [
     ("diff shape", lambda g, b, d: (g, b, d[:, :, 1:], True, False), "scop: diff must have shape"),
     ("diff batch", lambda g, b, d: (g, b, torch.cat([d, d.new_zeros(1, *d.shape[1:])]), True, True), "scop: diff must have shape"),
     ("diff dtype", lambda g, b, d: (g, b, d.to(torch.float64 if d.dtype != torch.float64 else torch.float32), True, True), "scop: diff must match"),
-    ("integer", lambda g, b, d: (g.long(), b, d.long(), True, True), "must be floating point, got Long"),
+    ("integer", lambda g, b, d: (g.long(), b, d.long(), True, True), "scop: grad_out must be floating point, got Long"),
     ("beta on meta", lambda g, b, d: (g, b.to("meta"), d, True, True), "must be on one device|no fake impl or Meta kernel"),
 ]
 SAMPLE = [
