@@ -11,6 +11,7 @@ script. :data:`RECIPES` holds each dataset's network and budgets.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
@@ -115,6 +116,11 @@ def baseline(model_name: str, dataset: str, seed: int, epochs: int, *, root: str
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
         os.replace(tmp, path)
     return model
+
+
+def log_line(*parts) -> None:
+    """A progress line on stderr (stdout carries the tables)."""
+    print(*parts, file=sys.stderr, flush=True)
 
 
 def mean_std(values) -> tuple[float, float]:
