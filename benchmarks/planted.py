@@ -239,8 +239,10 @@ def score_plan(plan: dict, labels: dict) -> dict:
 
 def run_seed(seed: int, args, log) -> list[dict]:
     """All criteria at both ratios for one seed; one row dict per (criterion, ratio)."""
-    train, _, test, _ = _baseline.datasets("digits")
-    base = _baseline.baseline("resnet_digits", "digits", seed, args.train_epochs, cache=args.cache, log=log)
+    recipe = _baseline.RECIPES[args.dataset]
+    train, _, test, _ = _baseline.datasets(args.dataset, args.data_root, subset=args.subset)
+    base = _baseline.baseline(recipe["model"], args.dataset, seed, args.train_epochs, root=args.data_root,
+                              cache=args.cache, batch_size=recipe["batch_size"], log=log)
     acc_base = _baseline.accuracy(base, test)
     model = copy.deepcopy(base)
     const = add_constant_channel(model)
@@ -269,7 +271,7 @@ def run_seed(seed: int, args, log) -> list[dict]:
         scop_model = convert(copy.deepcopy(model))
         if bias:
             fit_knockoff_biases(scop_model, DataLoader(pairs, batch_size=64), "cpu")
-        learn_scales(scop_model, make_loader(pairs, 64, shuffle=True, seed=seed), "cpu", epochs=args.scales_epochs,
+        learn_scales(scop_model, make_loader(pairs, recipe["batch_size"], shuffle=True, seed=seed), "cpu", epochs=args.scales_epochs,
                      use_knockoff_bias=bias, bn=args.bn, seed=seed, progress=False)
         scores[name] = make_importance("scop")(scop_model)
         if bias:
@@ -349,6 +351,10 @@ def stat_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"],
+                        help="digits: resnet_digits; fashion-mnist: resnet8 (its first two stages are planted)")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--subset", type=int, help="training images stage 2 and the planting statistics use")
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0, 1, ...)")
     parser.add_argument("--train-epochs", type=int, default=15, help="baseline epochs (as `scop train`)")
     parser.add_argument("--scales-epochs", type=int, default=10, help="SCOP stage-2 epochs (as `scop demo`)")
@@ -384,12 +390,15 @@ def main(argv=None) -> None:
     print(f"\n{seconds:.0f} s", file=sys.stderr)
     if args.write:
         body = "\n".join([
-            "## Planted redundancy: which criterion finds filters known to be useless?",
+            "## Planted redundancy: which criterion finds filters known to be useless?"
+            + ("" if args.dataset == "digits" else f" ({args.dataset})"),
             "",
             f"`{_report.command_line()}` at {_report.git_revision()}; {_report.machine()}; {load}; "
             f"{seconds / 60:.1f} min.",
             "",
-            f"`resnet_digits` on the bundled digits, {args.seeds} seeds (mean ± std); each seed trains a baseline "
+            f"`{_baseline.RECIPES[args.dataset]['model']}` on {args.dataset}"
+            + (f" ({args.subset} training images for stage 2 and the planting)" if args.subset else "")
+            + f", {args.seeds} seeds (mean ± std); each seed trains a baseline "
             f"({args.train_epochs} epochs, test top-1 {_baseline.pm(base, 100)}%), plants "
             f"{planted} filters in `layers.0.0.conv1` (16 → 22) and `layers.1.0.conv1` (32 → 44), one third of "
             f"each kind ({total} filters in the two layers), and runs SCOP stage 2 with Gaussian knockoffs "
@@ -423,7 +432,7 @@ def main(argv=None) -> None:
             "copy's scale is drawn from [1/2, 2], so one copy is often the smaller. Neither BN recalibration "
             "nor fine-tuning is applied before *top-1 after removal*.",
         ])
-        _report.write_section(args.write, "planted", body)
+        _report.write_section(args.write, "planted" + ("" if args.dataset == "digits" else f"-{args.dataset}"), body)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ class PlainDualConv2d(nn.Module):
         self.weight, self.bias = layer.weight, layer.bias
         self.beta = nn.Parameter(layer.beta.detach().clone())
         self.register_buffer("R", layer.knockoff_R.detach().clone())
-        self.gamma = float(layer._gamma)
+        self.gamma = float(layer.knockoff._gamma)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
 
     def forward(self, x):
