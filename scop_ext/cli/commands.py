@@ -229,7 +229,8 @@ def cmd_export(args) -> int:
     if missing and args.format == "onnx":
         raise ValueError(f"--format onnx: needs the {missing} package (pip install onnx onnxscript)")
     model, arch = load_model(args.model)
-    size = args.image_size or arch.get("image_size") or example_input(arch["model"]).shape[-1]
+    size = args.image_size if args.image_size is not None else (arch.get("image_size")
+                                                                 or example_input(arch["model"]).shape[-1])
     if not 1 <= size <= MAX_IMAGE_SIZE:
         raise ValueError(f"--image-size must be in 1..{MAX_IMAGE_SIZE}, got {size}")
     example = torch.randn(2, arch["in_channels"], size, size)  # batch 2: export keeps the batch axis dynamic

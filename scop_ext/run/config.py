@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..data import MAX_IMAGE_SIZE
 from .presets import PRESETS, with_preset
 
 __all__ = ["PruneConfig", "load_json", "load_yaml"]
@@ -185,7 +186,8 @@ class PruneConfig:
             (self.scales_lr > 0 and self.finetune_lr > 0, "scales_lr and finetune_lr must be > 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.bias_gamma is None or self.bias_gamma > 0, "bias_gamma must be > 0 (or null for the default)"),
-            (self.bn_batches >= 1 and self.image_size >= 1, "bn_batches and image_size must be >= 1"),
+            (self.bn_batches >= 1, "bn_batches must be >= 1"),
+            (1 <= self.image_size <= MAX_IMAGE_SIZE, f"image_size must be in 1..{MAX_IMAGE_SIZE}, got {self.image_size}"),
             (self.block_width in BLOCK_WIDTHS, f"block_width must be one of {', '.join(BLOCK_WIDTHS)}"),
             (self.preset is None or self.preset in PRESETS, f"preset must be one of {', '.join(sorted(PRESETS))} (or null)"),
             (self.fdr_scope in ("layer", "global"), "fdr_scope must be 'layer' or 'global'"),
