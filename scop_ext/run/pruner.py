@@ -258,7 +258,8 @@ class ScopPruner:
         pairs = self._pairs()
         if cfg.knockoff_bias:
             # every process measures s on the same images, so all hold the same Lemma 2 factors
-            calibration = DataLoader(pairs, batch_size=cfg.batch_size, shuffle=False)
+            # the global batch: the same images calibrate s whatever the number of processes
+            calibration = DataLoader(pairs, batch_size=cfg.batch_size * distributed.world_size(), shuffle=False)
             report = fit_knockoff_biases(self.model, calibration, self.device, gamma=cfg.bias_gamma)
             self.results["lemma2"] = {name: {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()}
                                       for name, r in report.items()}
