@@ -236,13 +236,8 @@ def learn_scales(
     layers = _check_scales_args(model, bn, epochs, compile)
     device = torch.device(device)
     model.to(device)
-    rank, world = distributed.rank(), distributed.world_size()
     restore = _train_betas_only(model, layers)
-    for name, layer in layers.items():
-        layer.enable_scop()
-        layer.use_knockoff_bias = use_knockoff_bias
-        layer.generator = torch.Generator(device="cpu").manual_seed(layer_seed(seed, name))
-        layer.knockoff.shard = (rank, world)
+    _key_layers(layers, use_knockoff_bias, seed)
     run_settings = {**(settings or {}), "lr": lr, "adam_betas": list(adam_betas), "knockoff_bias": use_knockoff_bias,
                     "bn": bn, "seed": seed, "layers": model_signature({name: (layer.out_channels,) for name, layer in layers.items()}),
                     "batches": len(pairs), "samples": len(pairs.dataset)}
@@ -255,13 +250,28 @@ def learn_scales(
         restore()
         for layer in layers.values():
             layer.knockoff.shard, layer.knockoff.key_ahead = (0, 1), None
-    loop.history.spread = beta_spread(torch.cat([layer.beta.detach().flatten().cpu() for layer in layers.values()]))
-    if loop.history.spread < MIN_SPREAD:
-        warnings.warn(f"learn_scales: after {epochs} epochs 90% of the filters still have |2 beta - 1| < "
-                      f"{loop.history.spread:.3f}: beta has barely left 0.5, so the importance scores cannot rank "
-                      "the filters yet and selection would be close to random; train longer (scales_epochs) or "
-                      "with a larger scales_lr", RuntimeWarning, stacklevel=2)
+    loop.history.spread = _warn_if_unseparated(layers, epochs)
     return loop.history
+
+
+def _key_layers(layers: dict, use_knockoff_bias: bool, seed: int) -> None:
+    """SCOP mode on, and each layer's bias draws keyed on its own stream and this process's shard."""
+    for name, layer in layers.items():
+        layer.enable_scop()
+        layer.use_knockoff_bias = use_knockoff_bias
+        layer.generator = torch.Generator(device="cpu").manual_seed(layer_seed(seed, name))
+        layer.knockoff.shard = (distributed.rank(), distributed.world_size())
+
+
+def _warn_if_unseparated(layers: dict, epochs: int) -> float:
+    """The final :func:`beta_spread`, with a warning when it is below :data:`MIN_SPREAD`."""
+    spread = beta_spread(torch.cat([layer.beta.detach().flatten().cpu() for layer in layers.values()]))
+    if spread < MIN_SPREAD:
+        warnings.warn(f"learn_scales: after {epochs} epochs 90% of the filters still have |2 beta - 1| < "
+                      f"{spread:.3f}: beta has barely left 0.5, so the importance scores cannot rank the filters "
+                      "yet and selection would be close to random; train longer (scales_epochs) or with a larger "
+                      "scales_lr", RuntimeWarning, stacklevel=3)
+    return spread
 
 
 class _ScaleLoop(EpochLoop):
