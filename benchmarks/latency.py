@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _baseline  # noqa: E402
 import _report  # noqa: E402
-from accuracy import _config, _finish, _generator, tp_pruned  # noqa: E402
+import accuracy  # noqa: E402
 
 from scop_ext.models import build_model, example_input  # noqa: E402
 from scop_ext.run import ScopPruner  # noqa: E402
@@ -180,70 +180,70 @@ def _bisect(prune_at, ratio_of, goal: float, lo: float, hi: float, steps: int):
 
 
 def accuracy_rows(task: dict, targets, repeats: int) -> list[dict]:
+    """Per seed and latency reduction: latency_target, flops_target and Torch-Pruning's magnitude
+    pruner at the same measured latency, scored as the accuracy benchmark scores (raw, after BN
+    recalibration, after fine-tuning). SCOP's stage 2 is the accuracy benchmark's, from its cache."""
     rows = []
+    data = _baseline.splits(task["dataset"], task["root"], subset=task["subset"])
+    x = data.train[0][0][None]
     for seed in task["seeds"]:
-        base = _baseline.baseline(task["model"], task["dataset"], seed, task["train_epochs"], cache=task["cache"],
-                                  log=log)
-        x = example_input(task["model"], 1)
+        base = _baseline.baseline(task["model"], task["dataset"], seed, task["train_epochs"], root=task["root"],
+                                  cache=task["cache"], batch_size=task["batch_size"], subset=task["subset"], log=log)
         base_flops = count_flops(base, x)
         ratio_of = lambda m: statistics.median(timed_ratio(base, m.eval(), x, 64, repeats))  # noqa: E731
         with tempfile.TemporaryDirectory() as tmp:
-            scorer = ScopPruner.from_config(_config(task, seed, "scop", "gaussian", True), os.path.join(tmp, "s"),
-                                model=copy.deepcopy(base), progress=False, log=lambda *a: None)
-            scorer.knockoffs = _generator(task, "gaussian", seed, scorer.train_set)
-            scorer.convert()
-            scorer.learn_scales()
+            scored = accuracy._scored(task, "scop", seed, base, data, tmp)
             for target in targets:
-                def pruner(cfg, model, name):
-                    return ScopPruner.from_config(cfg, os.path.join(tmp, f"{name}-{target}"), model=model, progress=False,
-                                      log=lambda *a: None)
-
-                cfg = _config(task, seed, "scop", "gaussian", True, target)
-                lat_cfg = dataclasses.replace(cfg, policy="latency_target", latency_reduction=target,
-                                              latency_cache=task["cache"])
-                lt = pruner(lat_cfg, copy.deepcopy(scorer.model), "latency")
-                try:
-                    lt.select()
-                except ValueError as exc:  # this seed's network cannot get that fast: a gap in the table
-                    log(f"  seed {seed} -{target:.0%}: {exc}")
-                    rows.append(dict(seed=seed, target=target, out_of_reach=True))
-                    continue
-                lt.prune()
-                goal = ratio_of(lt.model)
-                measured = {"latency_target": goal}
-
-                def flops_at(f):
-                    p = pruner(dataclasses.replace(cfg, flops_reduction=f), copy.deepcopy(scorer.model), "flops")
-                    p.select()
-                    return p.prune()
-
-                ft_model, measured["flops_target"] = _bisect(flops_at, ratio_of, goal, 0.0, 0.95, 7)
-                tp_model, measured["MagnitudePruner"] = _bisect(lambda r: tp_pruned(base, x, r),
-                                                                ratio_of, goal, 0.0, 0.95, 7)
-                for method, model in (("latency_target", lt.model), ("flops_target", ft_model),
-                                      ("MagnitudePruner", tp_model)):
-                    p = pruner(cfg, model, f"finish-{method}")
-                    row = _finish(p, base_flops, x, p.test_set)
-                    row.update(method=method, seed=seed, target=target, ratio=measured[method])
-                    rows.append(row)
-                    log(f"  seed {seed} -{target:.0%} {method}: latency x{measured[method]:.3f}, "
-                        f"top-1 {100 * row['raw']:.1f} / {100 * row['recal']:.1f} / {100 * row['final']:.1f}")
+                rows += _at_target(task, seed, target, base, scored, data, x, base_flops, ratio_of, tmp)
     return rows
 
 
-def accuracy_table(rows, targets) -> str:
+def _at_target(task, seed, target, base, scored, data, x, base_flops, ratio_of, tmp) -> list[dict]:
+    cfg = accuracy._config(task, "scop", seed, 0.5)
+    lat_cfg = dataclasses.replace(cfg, policy="latency_target", latency_reduction=target, latency_cache=task["cache"])
+    lt = accuracy._pruner(lat_cfg, copy.deepcopy(scored), data, os.path.join(tmp, f"latency-{target}"))
+    try:
+        lt.select()
+    except ValueError as exc:  # this seed's network cannot get that fast: a gap in the table
+        log(f"  seed {seed} -{target:.0%}: {exc}")
+        return [dict(seed=seed, target=target, out_of_reach=True)]
+    lt.prune()
+    goal = ratio_of(lt.model)
+    measured = {"latency_target": goal}
+
+    def flops_at(f):
+        p = accuracy._pruner(dataclasses.replace(cfg, flops_reduction=f), copy.deepcopy(scored), data,
+                             os.path.join(tmp, f"flops-{target}-{f}"))
+        p.select()
+        return p.prune()
+
+    ft_model, measured["flops_target"] = _bisect(flops_at, ratio_of, goal, 0.0, 0.95, 7)
+    tp_model, measured["tp-magnitude"] = _bisect(lambda r: accuracy.tp_pruned(base, x, "magnitude", r), ratio_of, goal,
+                                                 0.0, 0.95, 7)
+    rows = []
+    for method, model in (("latency_target", lt.model), ("flops_target", ft_model), ("tp-magnitude", tp_model)):
+        p = accuracy._pruner(cfg, model, data, os.path.join(tmp, f"finish-{method}-{target}"))
+        row = accuracy._finish(p, base_flops, x, data.test, task["device"])
+        row.update(method=method, seed=seed, target=target, ratio=measured[method])
+        rows.append(row)
+        log(f"  seed {seed} -{target:.0%} {method}: latency x{measured[method]:.3f}, "
+            f"top-1 {100 * row['raw']:.1f} / {100 * row['bn']:.1f} / {100 * row['finetuned']:.1f}")
+    return rows
+
+
+def accuracy_table(rows, targets, model: str) -> str:
     pm = _baseline.pm
     parts = []
     for target in targets:
         body = []
         missing = sum(1 for r in rows if r.get("out_of_reach") and r["target"] == target)
-        for method in ("latency_target", "flops_target", "MagnitudePruner"):
+        for method in ("latency_target", "flops_target", "tp-magnitude"):
             sel = [r for r in rows if r.get("method") == method and r["target"] == target]
-            body.append([method, pm((r["ratio"] for r in sel), 1, 3), pm((r["reduction"] for r in sel), 100, 1) + "%",
-                         pm((r["raw"] for r in sel), 100, 1), pm((r["recal"] for r in sel), 100, 1),
-                         f"**{pm((r['final'] for r in sel), 100, 2)}**"])
+            body.append([method, pm((r["ratio"] for r in sel), 1, 3), pm((r["flops_reduction"] for r in sel), 100, 1) + "%",
+                         pm((r["raw"] for r in sel), 100, 1), pm((r["bn"] for r in sel), 100, 1),
+                         f"**{pm((r['finetuned'] for r in sel), 100, 2)}**"])
         gap = f" ({missing} seed(s) left out: the target was out of reach)" if missing else ""
-        parts.append(f"**resnet_digits, latency_target at {100 * target:.0f}% less latency (batch 64, eager)**{gap}\n\n"
+        parts.append(f"**{model}, latency_target at {100 * target:.0f}% less latency (batch 64, eager)**{gap}\n\n"
                      + _report.markdown_table(["method", "measured latency ratio", "FLOPs ↓", "top-1 raw",
                                                "+ BN recalibration", "+ fine-tuning"], body))
     return "\n\n".join(parts)
@@ -261,9 +261,11 @@ def main(argv=None) -> None:
     parser.add_argument("--plans", type=int, default=8, help="random-width networks per case in the error part")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--accuracy-targets", default="0.5", help="latency reductions for the accuracy table")
-    parser.add_argument("--train-epochs", type=int, default=15)
-    parser.add_argument("--scales-epochs", type=int, default=10)
-    parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"], help="of the accuracy part")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--train-epochs", type=int, help="default: the dataset's recipe (benchmarks/_baseline.py)")
+    parser.add_argument("--scales-epochs", type=int)
+    parser.add_argument("--finetune-epochs", type=int)
     parser.add_argument("--repeats", type=int, default=5, help="dense/pruned timings (5 blocks each, in turns) per ratio")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", help="folder for baselines, latency tables and rows (default: a temporary folder)")
@@ -296,20 +298,22 @@ def main(argv=None) -> None:
             _emit(args.write, "latency-targets", body)
         if "accuracy" in parts:
             load, t = _baseline.load_line(), time.time()
-            task = dict(model="resnet_digits", dataset="digits", root=None, cache=cache, device="cpu", batch_size=64, bn="batch",
-                        seeds=list(range(args.seeds)), train_epochs=args.train_epochs,
-                        scales_epochs=args.scales_epochs, finetune_epochs=args.finetune_epochs, finetune_lr=0.02)
+            recipe = _baseline.RECIPES[args.dataset]
+            task = dict(recipe, dataset=args.dataset, root=args.data_root, cache=cache, device="cpu", subset=None,
+                        seeds=list(range(args.seeds)))
+            for key in ("train_epochs", "scales_epochs", "finetune_epochs"):
+                task[key] = getattr(args, key) if getattr(args, key) is not None else task[key]
             rows = accuracy_rows(task, acc_targets, args.repeats)
-            body = ["### Accuracy at equal measured latency", "", f"`{_report.command_line()}` at "
+            body = [f"### Accuracy at equal measured latency: {args.dataset}", "", f"`{_report.command_line()}` at "
                     f"{_report.git_revision()}; {_report.machine()}; {load}; {(time.time() - t) / 60:.1f} min, load "
-                    f"average at the end {_baseline.load_now()}.", "", accuracy_table(rows, acc_targets), "",
-                    f"{args.seeds} seeds (mean ± std); baseline {args.train_epochs} epochs, SCOP stage 2 "
-                    f"{args.scales_epochs} epochs (Gaussian knockoffs, Lemma 2 bias), BN recalibration on ≤ 50 "
-                    f"batches, {args.finetune_epochs} fine-tuning epochs, as in the accuracy section. The latency "
-                    "ratios are measured like the table above (batch 64, eager); flops_target and the "
-                    "MagnitudePruner are bisected to within 3% of latency_target's measured ratio (or the closest "
-                    "of 7 steps)."]
-            _emit(args.write, "latency-accuracy", body)
+                    f"average at the end {_baseline.load_now()}.", "", accuracy_table(rows, acc_targets, task["model"]),
+                    "", f"{args.seeds} seeds (mean ± std); baseline {task['train_epochs']} epochs, SCOP stage 2 "
+                    f"{task['scales_epochs']} epochs with scop's default settings (the accuracy benchmark's, from its "
+                    f"cache), BN recalibration on ≤ 50 batches, {task['finetune_epochs']} fine-tuning epochs at lr "
+                    f"{task['finetune_lr']}, as in the accuracy section. The latency ratios are measured like the table "
+                    "above (batch 64, eager); flops_target and Torch-Pruning's magnitude pruner are bisected to within "
+                    "3% of latency_target's measured ratio (or the closest of 7 steps)."]
+            _emit(args.write, "latency-accuracy" + ("" if args.dataset == "digits" else f"-{args.dataset}"), body)
 
 
 def _run_start() -> dict:
