@@ -47,8 +47,7 @@ import _baseline  # noqa: E402
 import _report  # noqa: E402
 import accuracy  # noqa: E402
 
-from scop_ext.models import build_model, example_input  # noqa: E402
-from scop_ext.run import ScopPruner  # noqa: E402
+from scop_ext.models import build_model  # noqa: E402
 from scop_ext.prune import LatencyModel, PruningSpace, RandomImportance, apply_plan, count_flops, select
 from scop_ext.train.timing import measure_latencies  # noqa: E402
 

@@ -31,7 +31,7 @@ import _baseline  # noqa: E402
 import _report  # noqa: E402
 
 from scop_ext.nn import convert, scop_layers  # noqa: E402
-from scop_ext.prune import PruningSpace, apply_plan, count_flops, make_importance, make_policy  # noqa: E402
+from scop_ext.prune import PruningSpace, apply_plan, make_importance, make_policy  # noqa: E402
 from scop_ext.run import PruneConfig, ScopPruner  # noqa: E402
 from scop_ext.scales import fit_knockoff_biases, learn_scales, pair_dataset  # noqa: E402
 from scop_ext.train import evaluate, make_loader, recalibrate_bn  # noqa: E402

@@ -126,8 +126,8 @@ def cmd_knockoffs_fit(args) -> int:
     if args.resume and not gan:
         raise ValueError(f"--resume: only --kind gan trains in steps that can be resumed, not {args.kind!r}")
     with RunLock(args.out):
-        claim(args.out, "knockoffs fit", {"kind": args.kind, "options": parse_key_values(args.option, "--option"),
-                                          "dataset": args.dataset, "data_root": args.data_root, "seed": args.seed})
+        # what the folder's generator is: another kind or data is refused; iterations may grow (--resume)
+        claim(args.out, "knockoffs fit", {"kind": args.kind, "dataset": args.dataset, "data_root": args.data_root})
         _fit_generator(gen, args, device)
     print(f"fitted {args.kind} knockoffs on {args.dataset} -> {os.path.join(args.out, 'knockoffs.pt')}")
     return 0

@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..train import checkpoint
+from ..train.metrics import EpochLog
 from .swap import hidden_bce, swap_blocks
 
 if TYPE_CHECKING:
@@ -144,11 +145,17 @@ class GANTrainer:
         """Train up to ``iterations``, checkpointing to ``checkpoint`` every ``checkpoint_every``
         iterations and at the end; ``callback(iteration, losses)`` after every iteration."""
         s = self.gan.settings
+        # a tenth of the run is the GAN's "epoch": one log line each, as the other stages log theirs
+        log = EpochLog("knockoffs", 10, unit="KnockoffGAN tenth")
+        log.start(self.start * 10 // s.iterations)
+        tenth = max(1, s.iterations // 10)
         with tqdm(total=s.iterations, initial=self.start, disable=not progress, desc="KnockoffGAN", leave=False) as bar:
             for it, x in zip(range(self.start, s.iterations), self.batches):
                 self.fingerprint += _fingerprint(x, it * s.batch_size)
                 losses = self.step(x)
                 done = it + 1
+                if done % tenth == 0 and done // tenth <= 10:
+                    log.epoch(done // tenth - 1, {"iteration": done, **losses})
                 if checkpoint is not None and (done % s.checkpoint_every == 0 or done == s.iterations):
                     self._save(checkpoint, done)
                 bar.update(1)

@@ -72,10 +72,12 @@ class EpochLog:
         epochs: how many epochs the stage runs (for the ETA).
         path: the metrics file (JSON lines, appended to, so a resumed run continues it); None
             writes none. TensorBoard events go to a ``tensorboard`` folder beside it.
+        unit: what one step of the record is called on its line ("epoch"; a KnockoffGAN, which
+            trains by iterations, logs each tenth of its run).
     """
 
-    def __init__(self, stage: str, epochs: int, path: str | None = None) -> None:
-        self.stage, self.epochs, self.path = stage, epochs, path
+    def __init__(self, stage: str, epochs: int, path: str | None = None, unit: str = "epoch") -> None:
+        self.stage, self.epochs, self.path, self.unit = stage, epochs, path, unit
         self.main = distributed.is_main()
         self._writer = self._tensorboard() if path and self.main else None
 
@@ -98,7 +100,7 @@ class EpochLog:
         if not self.main:
             return
         shown = "  ".join(_figure(k, v) for k, v in figures.items() if k != "epoch")
-        logger.info("[%s] epoch %d/%d  %s  %s, ETA %s", self.stage, epoch + 1, self.epochs, shown,
+        logger.info("[%s] %s %d/%d  %s  %s, ETA %s", self.stage, self.unit, epoch + 1, self.epochs, shown,
                     format_seconds(seconds), format_seconds(eta))
         record = {"stage": self.stage, "epoch": epoch, **{k: v for k, v in figures.items() if k != "epoch"},
                   "seconds": seconds, "time": datetime.datetime.now().isoformat(timespec="seconds")}

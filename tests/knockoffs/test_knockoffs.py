@@ -557,7 +557,7 @@ def test_check_writes_report(fitted, tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(report) == sorted(
         ["generator", "n", "shape", "seed", "grid", "resolution", "block", "exchangeability", "layers", "power", "leakage",
-         "swap_test", "s0", "figures"]
+         "swap_test", "s0", "figures", "verdict"]
     )
     assert report["generator"]["kind"] == "gaussian" and report["n"] == 300 and report["block"] == 2
     assert report["grid"] == [4, 4] and report["resolution"] == [1, 8, 8]  # digits: measured as they are

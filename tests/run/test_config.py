@@ -51,7 +51,7 @@ CONFIGS = [
     ("importance.yaml", "importance: scpo\n", "importance must be one of"),
     ("knockoffs.yaml", "knockoffs: diffusion\n", "knockoffs must be one of"),
     ("scope.yaml", "fdr_scope: network\n", "fdr_scope must be 'layer' or 'global'"),
-    ("device.yaml", "device: banana\n", "device must be a device name"),
+    ("device.yaml", "device: banana\n", "device must be auto or a device name"),
 ]
 
 

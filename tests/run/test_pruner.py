@@ -119,8 +119,7 @@ def test_progress_of_other_settings_is_refused_not_resumed(baseline, tmp_path):
     other = ScopPruner.from_config(PruneConfig(weights=baseline, **{**TINY, "scales_lr": 0.01}), tmp_path, progress=False)
     other.knockoffs = first.knockoffs
     other.convert()
-    with pytest.raises(CheckpointError, match=r"scales-progress.pt: progress of a run with other settings "
-                                              r"\(lr: 0.004 there, 0.01 now, scales_lr: 0.004 there, 0.01 now\)"):
+    with pytest.raises(ValueError, match=r"holds a run of other settings \(scales_lr\), which is never overwritten"):
         other.learn_scales()
     assert (tmp_path / "scales-progress.pt").read_bytes() == kept
     assert all(torch.equal(layer.beta, torch.full_like(layer.beta, 0.5)) for layer in scop_layers(other.model).values())
@@ -257,15 +256,28 @@ def test_knockoffs_fit_resumes_a_gan_on_the_given_device(tmp_path, monkeypatch, 
     assert "--resume: only --kind gan trains in steps that can be resumed, not 'gaussian'" in capsys.readouterr().err
 
 
-def test_pipeline_gan_checkpoints_in_the_run_folder(tmp_path):
+def test_pipeline_gan_checkpoints_in_the_run_folder(tmp_path, monkeypatch):
     """A killed stage 1 resumes from knockoffs-progress.pt: the same generator as an uninterrupted fit."""
-    def stage1(out, iterations):
-        config = PruneConfig(knockoffs="gan", knockoff_options={"iterations": iterations, "checkpoint_every": 5, "batch_size": 32, "width": 8}, **TINY)
+    from scop_ext.knockoffs.gan_trainer import GANTrainer
+
+    def stage1(out):
+        config = PruneConfig(knockoffs="gan", knockoff_options={"iterations": 20, "checkpoint_every": 5, "batch_size": 32, "width": 8}, **TINY)
         return ScopPruner.from_config(config, out, progress=False).fit_knockoffs()
 
-    stage1(tmp_path / "cut", 10)
+    real_step, steps = GANTrainer.step, []
+
+    def killed_after_10(self, x):
+        if len(steps) == 10:
+            raise KeyboardInterrupt  # the process dies here; the checkpoint after iteration 10 is on disk
+        steps.append(1)
+        return real_step(self, x)
+
+    with monkeypatch.context() as m:
+        m.setattr(GANTrainer, "step", killed_after_10)
+        with pytest.raises(KeyboardInterrupt):
+            stage1(tmp_path / "cut")
     assert (tmp_path / "cut" / "knockoffs-progress.pt").exists()
-    resumed, whole = stage1(tmp_path / "cut", 20), stage1(tmp_path / "whole", 20)
+    resumed, whole = stage1(tmp_path / "cut"), stage1(tmp_path / "whole")
     assert next(resumed.parameters()).device.type == "cpu"
     for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), key
@@ -472,7 +484,7 @@ def test_cli_reports_a_numerical_fault_in_one_line(monkeypatch, tmp_path, capsys
 
     monkeypatch.setattr(ScopPruner, "from_config", classmethod(lambda cls, *a, **k: object.__new__(cls)))
     monkeypatch.setattr(ScopPruner, "run", fail)
-    status, lines = cli(capsys, "prune", "--out", tmp_path)
+    status, lines = cli(capsys, "prune", "--weights", "w", "--out", tmp_path)
     assert status == 1 and len(lines) == 1
     assert "epoch 3, step 7" in lines[0] and "layer conv1" in lines[0] and "rerun with --resume" in lines[0]
 
