@@ -61,3 +61,13 @@ def write_section(path: str, name: str, body: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def publish(title: str, section: str, conditions: str, paragraphs: list[str], write: str | None) -> str:
+    """Print a section (its title, the command and revision that made it, ``conditions`` such as
+    the machine and its load, then ``paragraphs``) and, with ``write``, put it in that README."""
+    text = "\n\n".join([f"## {title}", f"`{command_line()}` at {git_revision()}; {conditions}.", *paragraphs])
+    print(text)
+    if write:
+        write_section(write, section, text)
+    return text

@@ -142,13 +142,9 @@ def main(argv=None) -> None:
                 row.append(f"{statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f}); {statistics.median(ms) / base:.2f}x")
             rows.append(row)
     table = _report.markdown_table(["step", "busy processes", *CONFIGS], rows)
-    text = "\n".join(["## Shared CPUs: OpenMP waiting under contention", "",
-                      f"`{_report.command_line()}` at {_report.git_revision()}; {load}.", "",
-                      "Milliseconds per step, median over rounds (range), and the ratio to `default` with no busy "
-                      "process. A busy process is a Python loop that never sleeps.", "", table])
-    print(text)
-    if args.write:
-        _report.write_section(args.write, "contention", text)
+    _report.publish("Shared CPUs: OpenMP waiting under contention", "contention", load,
+                    ["Milliseconds per step, median over rounds (range), and the ratio to `default` with no busy "
+                     "process. A busy process is a Python loop that never sleeps.", table], args.write)
 
 
 if __name__ == "__main__":

@@ -90,14 +90,10 @@ def main(argv=None) -> None:
              _baseline.pm([r["max_diff"] for r in rows if r["bn"] == bn], 1, 4)] for bn in MODES]
     table = _report.markdown_table(["stage-2 BN", "Spearman of beta, 1 vs 2 processes",
                                     "removed by both (50% uniform plan)", "largest |beta difference|"], body)
-    text = "\n".join(["## Stage 2 under torchrun: unsynchronised BatchNorm", "",
-                      f"`{_report.command_line()}` at {_report.git_revision()}; {_report.machine()}; {load}.", "",
-                      f"resnet_digits on digits, {args.seeds} seeds (mean ± std), {args.scales_epochs} stage-2 epochs, "
-                      f"global batch {args.batch}: one process against two (gloo, each {args.batch // 2} real images "
-                      "and their knockoffs).", "", table])
-    print(text)
-    if args.write:
-        _report.write_section(args.write, "ddp-bn", text)
+    _report.publish("Stage 2 under torchrun: unsynchronised BatchNorm", "ddp-bn", f"{_report.machine()}; {load}",
+                    [f"resnet_digits on digits, {args.seeds} seeds (mean ± std), {args.scales_epochs} stage-2 epochs, "
+                     f"global batch {args.batch}: one process against two (gloo, each {args.batch // 2} real images "
+                     "and their knockoffs).", table], args.write)
 
 
 if __name__ == "__main__":
